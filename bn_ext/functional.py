@@ -1,0 +1,235 @@
+"""bn_ext.batch_norm, the autograd.Function over the C++ ops, and the ops' fake kernels.
+
+The C++ ops (csrc/ops.cpp) are the maths, split so that SyncBatchNorm can put collectives between
+the phases:
+
+    batch_stats          per-channel mean and biased variance
+    running_stats_update running <- (1 - m) running + m batch (unbiased var), num_batches_tracked += 1
+    normalize            y = (x - mean) / sqrt(var + eps) * weight + bias
+    train_forward        batch_stats + normalize, fused
+    backward_reduce      sum(dy), sum(dy * (x - mean)), grad_weight, grad_bias
+    backward_input       grad_input, from those sums (training) or from the running stats (eval)
+    train_backward       backward_reduce + backward_input, fused
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers torch.ops.bn_ext)
+
+ops = torch.ops.bn_ext
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _param_dtype(input: Tensor, weight: Optional[Tensor]) -> torch.dtype:
+    return weight.dtype if weight is not None else _math_dtype(input.dtype)
+
+
+# ---- fake kernels: shapes, dtypes and strides, for torch.compile and meta tensors ------------
+
+def _channel_vector(input: Tensor, dtype: torch.dtype) -> Tensor:
+    return input.new_empty((input.shape[1],), dtype=dtype)
+
+
+@torch.library.register_fake("bn_ext::batch_stats")
+def _batch_stats_fake(input):
+    dt = _math_dtype(input.dtype)
+    return _channel_vector(input, dt), _channel_vector(input, dt)
+
+
+@torch.library.register_fake("bn_ext::normalize")
+def _normalize_fake(input, mean, var, weight, bias, eps):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("bn_ext::train_forward")
+def _train_forward_fake(input, weight, bias, eps):
+    dt = _math_dtype(input.dtype)
+    return torch.empty_like(input), _channel_vector(input, dt), _channel_vector(input, dt)
+
+
+@torch.library.register_fake("bn_ext::running_stats_update")
+def _running_stats_update_fake(running_mean, running_var, num_batches_tracked, mean, var, count,
+                               momentum):
+    return None
+
+
+@torch.library.register_fake("bn_ext::backward_reduce")
+def _backward_reduce_fake(grad_out, input, mean, var, weight, eps):
+    dt, pt = _math_dtype(input.dtype), _param_dtype(input, weight)
+    return (_channel_vector(input, dt), _channel_vector(input, dt),
+            _channel_vector(input, pt), _channel_vector(input, pt))
+
+
+@torch.library.register_fake("bn_ext::backward_input")
+def _backward_input_fake(grad_out, input, mean, var, weight, sum_dy, sum_dy_xmu, count, eps):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("bn_ext::train_backward")
+def _train_backward_fake(grad_out, input, mean, var, weight, eps):
+    pt = _param_dtype(input, weight)
+    return torch.empty_like(input), _channel_vector(input, pt), _channel_vector(input, pt)
+
+
+# ---- autograd ----------------------------------------------------------------------------
+
+def _per_channel(t: Tensor, ndim: int) -> Tensor:
+    """A [C] vector shaped to broadcast against an (N, C, *) tensor."""
+    return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _differentiable_backward(grad_out, input, weight, running_mean, running_var, training, eps):
+    """The backward in torch ops, so that autograd can differentiate it (double backward).
+
+    Training, with xhat = (x - mean) * invstd over the batch statistics, n values per channel:
+        grad_bias   = sum(dy)
+        grad_weight = sum(dy * xhat)
+        grad_input  = w * invstd / n * (n * dy - grad_bias - xhat * grad_weight)
+    The batch statistics are recomputed here from `input`, so their dependence on it is part of
+    the graph. Eval uses the running statistics, constants: grad_input = dy * w * invstd.
+    """
+    dims = [0] + list(range(2, input.dim()))
+    x = input.to(_math_dtype(input.dtype))
+    dy = grad_out.to(x.dtype)
+    if training:
+        mean = x.mean(dims, keepdim=True)
+        var = (x - mean).square().mean(dims, keepdim=True)
+    else:
+        mean = _per_channel(running_mean.to(x.dtype), x.dim())
+        var = _per_channel(running_var.to(x.dtype), x.dim())
+    invstd = (var + eps).rsqrt()
+    xhat = (x - mean) * invstd
+    w = _per_channel(weight.to(x.dtype), x.dim()) if weight is not None else None
+    grad_bias = dy.sum(dims)
+    grad_weight = (dy * xhat).sum(dims)
+    scale = invstd if w is None else w * invstd
+    if training:
+        n = x.numel() // x.shape[1] if x.numel() else 1
+        grad_input = scale / n * (n * dy - _per_channel(grad_bias, x.dim())
+                                  - xhat * _per_channel(grad_weight, x.dim()))
+    else:
+        grad_input = dy * scale
+    pt = _param_dtype(input, weight)
+    return grad_input.to(input.dtype), grad_weight.to(pt), grad_bias.to(pt)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Batch normalization over the bn_ext C++ ops.
+
+    apply(input, weight, bias, running_mean, running_var, training, eps)
+
+    Training returns (output, batch_mean, batch_var), the statistics being non-differentiable
+    math-type tensors for the caller's running-stats update; eval returns (output,) and normalizes
+    with running_mean/running_var. The first-order backward runs in C++; when a graph is being
+    built (create_graph=True) the backward is written in differentiable torch ops instead.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, eps):
+        if training:
+            out, mean, var = ops.train_forward(input, weight, bias, eps)
+        else:
+            mean, var = running_mean, running_var
+            out = ops.normalize(input, mean, var, weight, bias, eps)
+        ctx.save_for_backward(input, weight, mean, var)
+        ctx.training = training
+        ctx.eps = eps
+        if training:
+            ctx.mark_non_differentiable(mean, var)
+            return out, mean, var
+        return (out,)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused):
+        input, weight, mean, var = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_input = grad_weight = grad_bias = None
+        if torch.is_grad_enabled():
+            grad_input, grad_weight, grad_bias = _differentiable_backward(
+                grad_out, input, weight, mean, var, ctx.training, ctx.eps)
+        elif ctx.training and need_input:
+            grad_input, grad_weight, grad_bias = ops.train_backward(
+                grad_out, input, mean, var, weight, ctx.eps)
+        else:
+            if need_weight or need_bias:
+                _, _, grad_weight, grad_bias = ops.backward_reduce(
+                    grad_out, input, mean, var, weight, ctx.eps)
+            if need_input:
+                grad_input = ops.backward_input(grad_out, input, mean, var, weight,
+                                                None, None, None, ctx.eps)
+        return (grad_input if need_input else None,
+                grad_weight if need_weight else None,
+                grad_bias if need_bias else None,
+                None, None, None, None)
+
+
+# ---- the functional API ------------------------------------------------------------------
+
+def _verify_batch_size(input: Tensor) -> None:
+    size = input.size()
+    values = size[0]
+    for d in size[2:]:
+        values *= d
+    if values == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                momentum: Optional[float], eps: float,
+                num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """batch_norm, plus the module's num_batches_tracked and momentum=None (cumulative average).
+
+    Nothing is written before every check has passed: the ops check their arguments before they
+    touch a buffer, and the running-stats update (which also bumps num_batches_tracked) runs last.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"bn_ext.batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"bn_ext.batch_norm: expected input of shape (N, C, *) with at least "
+                         f"2 dimensions, got {input.dim()}D input")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bn_ext.batch_norm: running_mean and running_var must both be given "
+                         "or both be None")
+    if training:
+        _verify_batch_size(input)
+        out, mean, var = BatchNormFunction.apply(input, weight, bias, None, None, True, eps)
+        if running_mean is not None:
+            if input.numel() > 0:
+                count = torch.full((), input.numel() // input.shape[1], dtype=mean.dtype,
+                                   device=mean.device)
+                ops.running_stats_update(running_mean, running_var, num_batches_tracked,
+                                         mean, var, count, momentum)
+            elif num_batches_tracked is not None:
+                # torch counts an empty batch but leaves the statistics alone.
+                num_batches_tracked.add_(1)
+        return out
+    if running_mean is None:
+        raise ValueError("bn_ext.batch_norm: running_mean and running_var are required when "
+                         "training=False")
+    (out,) = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, eps)
+    return out
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Batch normalization with the signature and semantics of torch.nn.functional.batch_norm.
+
+    In training the batch statistics normalize the input and, when running_mean/running_var are
+    given, update them in place: running = (1 - momentum) * running + momentum * batch, with the
+    unbiased batch variance. Otherwise the running statistics normalize the input.
+    """
+    if momentum is None:
+        raise TypeError("bn_ext.batch_norm: momentum must be a float; the cumulative average "
+                        "(momentum=None) is available through the BatchNorm modules")
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, float(momentum),
+                       eps)

@@ -1,0 +1,79 @@
+"""Drop-in BatchNorm1d/2d/3d modules and convert_model.
+
+Each module subclasses the installed torch's own class, so the constructor, parameters, buffers,
+state_dict keys, _version, checkpoint loading (old ones without num_batches_tracked too) and
+input-rank checks are torch's; only forward runs on bn_ext's kernels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .functional import _batch_norm
+
+
+class _BatchNormForward:
+    """forward() of torch's _BatchNorm, on bn_ext.
+
+    torch increments num_batches_tracked before calling F.batch_norm and so counts a call that
+    then raises; here the increment is part of the running-stats update, after every check.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats
+        nbt = self.num_batches_tracked if tracking else None
+        momentum = self.momentum
+        if momentum is None and nbt is None:
+            momentum = 0.0  # as torch: no count to average over, the statistics stay put
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        return _batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight, self.bias, bn_training, momentum, self.eps,
+            num_batches_tracked=nbt)
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    __doc__ = "bn_ext drop-in for torch.nn.BatchNorm1d (input (N, C) or (N, C, L))."
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    __doc__ = "bn_ext drop-in for torch.nn.BatchNorm2d (input (N, C, H, W))."
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    __doc__ = "bn_ext drop-in for torch.nn.BatchNorm3d (input (N, C, D, H, W))."
+
+
+_REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+                 nn.BatchNorm3d: BatchNorm3d}
+
+
+def _swap(module: nn.Module, cls: type) -> nn.Module:
+    """A `cls` that holds the very same parameters, buffers, hooks and flags as `module`."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[key] = dict(module.__dict__[key])
+    return new
+
+
+def convert_model(module: nn.Module) -> nn.Module:
+    """Replace every torch.nn.BatchNorm1d/2d/3d in `module` (nested ones too) with bn_ext's.
+
+    The new layers hold the same Parameter and buffer objects, so an optimizer built before the
+    conversion keeps working; the training flag, device, dtype and hooks are kept. Subclasses of
+    torch's classes (bn_ext's own, for one) are left alone. Returns the converted module, which
+    is a new object only when `module` itself is a BatchNorm.
+    """
+    cls = _REPLACEMENTS.get(type(module))
+    if cls is not None:
+        return _swap(module, cls)
+    for name, child in module.named_children():
+        converted = convert_model(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

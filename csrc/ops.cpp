@@ -1,0 +1,400 @@
+// The one front door: op schemas, argument checks, layout choice and backend dispatch.
+//
+// Every op below checks all of its arguments before it allocates or writes anything, so a call
+// that raises leaves every buffer as it was. It then views the input as (N, C, S) in one of the
+// two kernel layouts (bn_ext.h), converts per-channel vectors to the math type, and calls the CPU
+// or CUDA kernel. Kernel files trust what they are given.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include "bn_ext.h"
+
+// Importing bn_ext._C only needs to run the TORCH_LIBRARY registrations below; the module itself
+// is empty (the extension-cpp pattern, which keeps us on the limited Python API).
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+
+namespace bn_ext {
+namespace {
+
+using c10::optional;
+
+#ifdef BN_EXT_WITH_CUDA
+#define BN_EXT_KERNEL(device, fn, ...) \
+  ((device).is_cuda() ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
+#else
+#define BN_EXT_KERNEL(device, fn, ...) cpu::fn(__VA_ARGS__)
+#endif
+
+// float64 input computes in float64; float32, bfloat16 and float16 in float32.
+at::ScalarType math_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_input(const char* op, const Tensor& input, const char* name = "input") {
+  TORCH_CHECK(input.dim() >= 2, "bn_ext.", op, ": expected ", name,
+              " of shape (N, C, *) with at least 2 dimensions, got ", input.dim(), "D");
+  TORCH_CHECK(is_supported_dtype(input.scalar_type()), "bn_ext.", op, ": ", name,
+              " has dtype ", input.scalar_type(),
+              "; supported are float64, float32, bfloat16 and float16");
+  TORCH_CHECK(input.layout() == at::kStrided, "bn_ext.", op, ": ", name,
+              " must be a strided (dense) tensor");
+}
+
+void check_same_device(const char* op, const Tensor& input, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), "bn_ext.", op, ": ", name, " is on ", t.device(),
+              " but input is on ", input.device(), "; all tensors must be on one device");
+}
+
+// A per-channel vector (weight, bias, running/batch statistics): C elements, on the input's
+// device, of the input's dtype or of float32 when the input is float16/bfloat16 (autocast), or of
+// the math type (statistics that our own ops returned).
+void check_channel_vector(const char* op, const Tensor& input, const Tensor& t,
+                          const char* name) {
+  const int64_t C = input.size(1);
+  check_same_device(op, input, t, name);
+  TORCH_CHECK(t.numel() == C, "bn_ext.", op, ": ", name, " should contain ", C,
+              " elements (one per channel of the input), got ", t.numel());
+  const auto dt = t.scalar_type();
+  const auto in = input.scalar_type();
+  TORCH_CHECK(dt == in || dt == math_type(in) ||
+                  ((in == at::kHalf || in == at::kBFloat16) && is_supported_dtype(dt) &&
+                   dt != at::kDouble),
+              "bn_ext.", op, ": ", name, " has dtype ", dt, " which cannot be used with ", in,
+              " input; expected ", in,
+              (in == at::kHalf || in == at::kBFloat16) ? " or float32" : "");
+}
+
+void check_optional_vector(const char* op, const Tensor& input, const optional<Tensor>& t,
+                           const char* name) {
+  if (t.has_value() && t->defined()) check_channel_vector(op, input, *t, name);
+}
+
+void check_grad_out(const char* op, const Tensor& input, const Tensor& grad_out) {
+  check_same_device(op, input, grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bn_ext.", op, ": grad_out has shape ",
+              grad_out.sizes(), " but input has shape ", input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "bn_ext.", op,
+              ": grad_out has dtype ", grad_out.scalar_type(), " but input has dtype ",
+              input.scalar_type());
+}
+
+void check_eps(const char* op, double eps) {
+  TORCH_CHECK(eps >= 0, "bn_ext.", op, ": eps must be non-negative, got ", eps);
+}
+
+// ---- layout --------------------------------------------------------------------------------
+
+// Channels-last in the general sense: dense with C innermost and the other dims in order. This is
+// memory_format=channels_last(_3d) for 4-D/5-D, a (N, L, C) tensor transposed to (N, C, L) for
+// 3-D, and any contiguous (N, C) tensor.
+bool is_channels_last_like(const Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
+
+int64_t spatial_size(const Tensor& t) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) s *= t.size(d);
+  return s;
+}
+
+// The layout a kernel can run on this tensor in place, if any.
+optional<Layout> layout_of(const Tensor& t) {
+  const int64_t S = spatial_size(t);
+  if (t.is_contiguous() && S > 1) return Layout::kContiguous;
+  if (is_channels_last_like(t)) return Layout::kChannelsLast;
+  if (t.is_contiguous()) return Layout::kContiguous;
+  return c10::nullopt;
+}
+
+// The same values in the given layout (no copy when already there).
+Tensor to_layout(const Tensor& t, Layout layout) {
+  if (layout == Layout::kContiguous) return t.contiguous();
+  return t.movedim(1, -1).contiguous().movedim(-1, 1);
+}
+
+Geometry geometry(const Tensor& t, Layout layout) {
+  return Geometry{t.size(0), t.size(1), spatial_size(t), layout};
+}
+
+// The layout a reduction reads the input in: its own, or contiguous after a copy.
+Layout read_layout(const Tensor& input) {
+  return layout_of(input).value_or(Layout::kContiguous);
+}
+
+// An output shaped like `input`, allocated as at::empty_like does (so that the fake kernels,
+// which call torch.empty_like, agree on strides), and the layout the kernel will write it in.
+// When empty_like keeps an odd dense permutation, the kernel writes a contiguous temporary that
+// finish_output copies over.
+struct Output {
+  Tensor result;   // what the op returns
+  Tensor target;   // what the kernel writes
+  Layout layout;
+};
+
+Output make_output(const Tensor& input) {
+  Tensor out = at::empty_like(input);
+  if (auto layout = layout_of(out)) return {out, out, *layout};
+  return {out, at::empty(input.sizes(), input.options()), Layout::kContiguous};
+}
+
+void finish_output(Output& o) {
+  if (!o.result.is_same(o.target)) o.result.copy_(o.target);
+}
+
+// A per-channel vector as the kernels want it: contiguous [C] in the math type.
+Tensor as_math_vector(const Tensor& t, at::ScalarType math) {
+  return t.reshape({-1}).to(math).contiguous();
+}
+
+Tensor as_math_vector(const optional<Tensor>& t, at::ScalarType math) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  return as_math_vector(*t, math);
+}
+
+at::ScalarType param_type(const Tensor& input, const optional<Tensor>& weight) {
+  if (weight.has_value() && weight->defined()) return weight->scalar_type();
+  return math_type(input.scalar_type());
+}
+
+Tensor math_zeros(const Tensor& input) {
+  return at::zeros({input.size(1)}, input.options().dtype(math_type(input.scalar_type())));
+}
+
+// ---- ops -----------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
+  check_input("batch_stats", input);
+  c10::DeviceGuard guard(input.device());
+  Tensor mean = math_zeros(input);
+  Tensor var = math_zeros(input);
+  if (input.numel() == 0) return {mean, var};  // an empty batch has mean 0 and variance 0
+  const Layout layout = read_layout(input);
+  const Tensor x = to_layout(input, layout);
+  BN_EXT_KERNEL(x, batch_stats, x, geometry(x, layout), mean, var);
+  return {mean, var};
+}
+
+Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& var,
+                 const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
+  const char* op = "normalize";
+  check_input(op, input);
+  check_channel_vector(op, input, mean, "mean");
+  check_channel_vector(op, input, var, "var");
+  check_optional_vector(op, input, weight, "weight");
+  check_optional_vector(op, input, bias, "bias");
+  check_eps(op, eps);
+  c10::DeviceGuard guard(input.device());
+  Output out = make_output(input);
+  if (input.numel() == 0) return out.result;
+  const auto math = math_type(input.scalar_type());
+  const Tensor x = to_layout(input, out.layout);
+  BN_EXT_KERNEL(x, normalize, x, geometry(x, out.layout), as_math_vector(mean, math),
+                as_math_vector(var, math), as_math_vector(weight, math),
+                as_math_vector(bias, math), eps, out.target);
+  finish_output(out);
+  return out.result;
+}
+
+std::tuple<Tensor, Tensor, Tensor> train_forward(const Tensor& input,
+                                                 const optional<Tensor>& weight,
+                                                 const optional<Tensor>& bias, double eps) {
+  const char* op = "train_forward";
+  check_input(op, input);
+  check_optional_vector(op, input, weight, "weight");
+  check_optional_vector(op, input, bias, "bias");
+  check_eps(op, eps);
+  c10::DeviceGuard guard(input.device());
+  Output out = make_output(input);
+  Tensor mean = math_zeros(input);
+  Tensor var = math_zeros(input);
+  if (input.numel() == 0) return {out.result, mean, var};
+  const auto math = math_type(input.scalar_type());
+  const Tensor x = to_layout(input, out.layout);
+  BN_EXT_KERNEL(x, train_forward, x, geometry(x, out.layout), as_math_vector(weight, math),
+                as_math_vector(bias, math), eps, out.target, mean, var);
+  finish_output(out);
+  return {out.result, mean, var};
+}
+
+void running_stats_update(Tensor& running_mean, Tensor& running_var,
+                          const optional<Tensor>& num_batches_tracked, const Tensor& mean,
+                          const Tensor& var, const Tensor& count, optional<double> momentum) {
+  const char* op = "running_stats_update";
+  TORCH_CHECK(mean.dim() == 1 && is_supported_dtype(mean.scalar_type()), "bn_ext.", op,
+              ": mean must be a 1-D floating tensor");
+  const int64_t C = mean.numel();
+  const Tensor* named[] = {&running_mean, &running_var, &var};
+  const char* names[] = {"running_mean", "running_var", "var"};
+  for (int i = 0; i < 3; ++i) {
+    check_same_device(op, mean, *named[i], names[i]);
+    TORCH_CHECK(named[i]->numel() == C, "bn_ext.", op, ": ", names[i], " should contain ", C,
+                " elements, got ", named[i]->numel());
+    TORCH_CHECK(is_supported_dtype(named[i]->scalar_type()), "bn_ext.", op, ": ", names[i],
+                " must be floating point, got ", named[i]->scalar_type());
+  }
+  check_same_device(op, mean, count, "count");
+  TORCH_CHECK(count.numel() == 1 && at::isFloatingType(count.scalar_type()), "bn_ext.", op,
+              ": count must be a floating tensor with one element");
+  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (has_nbt) {
+    check_same_device(op, mean, *num_batches_tracked, "num_batches_tracked");
+    TORCH_CHECK(num_batches_tracked->numel() == 1 &&
+                    num_batches_tracked->scalar_type() == at::kLong,
+                "bn_ext.", op, ": num_batches_tracked must be an int64 tensor with one element");
+  }
+  TORCH_CHECK(momentum.has_value() || has_nbt, "bn_ext.", op,
+              ": momentum=None (cumulative average) needs num_batches_tracked");
+  if (momentum.has_value()) {
+    TORCH_CHECK(*momentum >= 0 && *momentum <= 1, "bn_ext.", op,
+                ": momentum must be in [0, 1], got ", *momentum);
+  }
+  c10::DeviceGuard guard(mean.device());
+  const auto math = math_type(mean.scalar_type());
+  const auto as_math_buffer = [&](Tensor& t) {
+    return (t.scalar_type() == math && t.is_contiguous()) ? t.view({-1})
+                                                          : t.reshape({-1}).to(math).contiguous();
+  };
+  Tensor rm = as_math_buffer(running_mean);
+  Tensor rv = as_math_buffer(running_var);
+  BN_EXT_KERNEL(mean, running_stats_update, rm, rv, has_nbt ? *num_batches_tracked : Tensor(),
+                as_math_vector(mean, math), as_math_vector(var, math),
+                count.reshape({}).to(math), momentum);
+  if (!rm.is_alias_of(running_mean)) running_mean.copy_(rm.view_as(running_mean));
+  if (!rv.is_alias_of(running_var)) running_var.copy_(rv.view_as(running_var));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_reduce(const Tensor& grad_out,
+                                                           const Tensor& input,
+                                                           const Tensor& mean, const Tensor& var,
+                                                           const optional<Tensor>& weight,
+                                                           double eps) {
+  const char* op = "backward_reduce";
+  check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_channel_vector(op, input, mean, "mean");
+  check_channel_vector(op, input, var, "var");
+  check_optional_vector(op, input, weight, "weight");
+  check_eps(op, eps);
+  c10::DeviceGuard guard(input.device());
+  const auto math = math_type(input.scalar_type());
+  Tensor sum_dy = math_zeros(input), sum_dy_xmu = math_zeros(input);
+  Tensor grad_weight = math_zeros(input), grad_bias = math_zeros(input);
+  if (input.numel() > 0) {
+    const Layout layout = read_layout(input);
+    const Tensor x = to_layout(input, layout);
+    const Tensor dy = to_layout(grad_out, layout);
+    BN_EXT_KERNEL(x, backward_reduce, dy, x, geometry(x, layout), as_math_vector(mean, math),
+                  as_math_vector(var, math), eps, sum_dy, sum_dy_xmu, grad_weight, grad_bias);
+  }
+  const auto pt = param_type(input, weight);
+  return {sum_dy, sum_dy_xmu, grad_weight.to(pt), grad_bias.to(pt)};
+}
+
+Tensor backward_input(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                      const Tensor& var, const optional<Tensor>& weight,
+                      const optional<Tensor>& sum_dy, const optional<Tensor>& sum_dy_xmu,
+                      const optional<Tensor>& count, double eps) {
+  const char* op = "backward_input";
+  check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_channel_vector(op, input, mean, "mean");
+  check_channel_vector(op, input, var, "var");
+  check_optional_vector(op, input, weight, "weight");
+  check_optional_vector(op, input, sum_dy, "sum_dy");
+  check_optional_vector(op, input, sum_dy_xmu, "sum_dy_xmu");
+  check_eps(op, eps);
+  const bool training = sum_dy.has_value() && sum_dy->defined();
+  TORCH_CHECK(training == (sum_dy_xmu.has_value() && sum_dy_xmu->defined()) &&
+                  training == (count.has_value() && count->defined()),
+              "bn_ext.", op,
+              ": sum_dy, sum_dy_xmu and count come together (training) or not at all (eval)");
+  if (training) {
+    check_same_device(op, input, *count, "count");
+    TORCH_CHECK(count->numel() == 1 && at::isFloatingType(count->scalar_type()), "bn_ext.", op,
+                ": count must be a floating tensor with one element");
+  }
+  c10::DeviceGuard guard(input.device());
+  Output out = make_output(input);
+  if (input.numel() == 0) return out.result;
+  const auto math = math_type(input.scalar_type());
+  const Tensor x = to_layout(input, out.layout);
+  const Tensor dy = to_layout(grad_out, out.layout);
+  BN_EXT_KERNEL(x, backward_input, dy, x, geometry(x, out.layout), as_math_vector(mean, math),
+                as_math_vector(var, math), as_math_vector(weight, math),
+                as_math_vector(sum_dy, math), as_math_vector(sum_dy_xmu, math),
+                training ? count->reshape({}).to(math) : Tensor(), eps, out.target);
+  finish_output(out);
+  return out.result;
+}
+
+std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& grad_out, const Tensor& input,
+                                                  const Tensor& mean, const Tensor& var,
+                                                  const optional<Tensor>& weight, double eps) {
+  const char* op = "train_backward";
+  check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_channel_vector(op, input, mean, "mean");
+  check_channel_vector(op, input, var, "var");
+  check_optional_vector(op, input, weight, "weight");
+  check_eps(op, eps);
+  c10::DeviceGuard guard(input.device());
+  const auto math = math_type(input.scalar_type());
+  Output out = make_output(input);
+  Tensor grad_weight = math_zeros(input), grad_bias = math_zeros(input);
+  if (input.numel() > 0) {
+    const Tensor x = to_layout(input, out.layout);
+    const Tensor dy = to_layout(grad_out, out.layout);
+    BN_EXT_KERNEL(x, train_backward, dy, x, geometry(x, out.layout), as_math_vector(mean, math),
+                  as_math_vector(var, math), as_math_vector(weight, math), eps, out.target,
+                  grad_weight, grad_bias);
+    finish_output(out);
+  }
+  const auto pt = param_type(input, weight);
+  return {out.result, grad_weight.to(pt), grad_bias.to(pt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bn_ext, m) {
+  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("normalize(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
+        "float eps) -> Tensor");
+  m.def("train_forward(Tensor input, Tensor? weight, Tensor? bias, float eps) "
+        "-> (Tensor out, Tensor mean, Tensor var)");
+  m.def("running_stats_update(Tensor(a!) running_mean, Tensor(b!) running_var, "
+        "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, Tensor count, "
+        "float? momentum) -> ()");
+  m.def("backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+        "Tensor? weight, float eps) "
+        "-> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor grad_weight, Tensor grad_bias)");
+  m.def("backward_input(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+        "Tensor? weight, Tensor? sum_dy, Tensor? sum_dy_xmu, Tensor? count, float eps) -> Tensor");
+  m.def("train_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+        "Tensor? weight, float eps) -> (Tensor grad_input, Tensor grad_weight, "
+        "Tensor grad_bias)");
+}
+
+#define BN_EXT_REGISTER_IMPLS(m)                              \
+  m.impl("batch_stats", &batch_stats);                        \
+  m.impl("normalize", &normalize);                            \
+  m.impl("train_forward", &train_forward);                    \
+  m.impl("running_stats_update", &running_stats_update);      \
+  m.impl("backward_reduce", &backward_reduce);                \
+  m.impl("backward_input", &backward_input);                  \
+  m.impl("train_backward", &train_backward);
+
+TORCH_LIBRARY_IMPL(bn_ext, CPU, m) { BN_EXT_REGISTER_IMPLS(m) }
+
+#ifdef BN_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) { BN_EXT_REGISTER_IMPLS(m) }
+#endif
+
+}  // namespace bn_ext

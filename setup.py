@@ -1,0 +1,129 @@
+"""Build script for bn_ext.
+
+CPU kernels are always built. CUDA kernels are added when the installed torch has CUDA and nvcc is
+found, unless BN_EXT_FORCE_CPU=1. See README.md, "Build options", for every switch.
+"""
+import glob
+import os
+import platform
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_home():
+    """nvcc's toolkit root: CUDA_HOME if set, else the conventional root, else the PATH's nvcc."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return os.path.realpath(root)
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # A wrapper script on the PATH hides the real root; resolve symlinks at least.
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return None
+
+
+def _want_cuda():
+    if _flag("BN_EXT_FORCE_CPU"):
+        return False, "BN_EXT_FORCE_CPU is set"
+    import torch
+
+    if torch.version.cuda is None:
+        return False, "the installed torch has no CUDA"
+    home = _cuda_home()
+    if home is None:
+        return False, "nvcc was not found (set CUDA_HOME)"
+    os.environ["CUDA_HOME"] = home
+    cpp_extension.CUDA_HOME = home  # torch read its guess at import time
+    return True, f"CUDA toolkit at {home}"
+
+
+def _cpu_isa_flags():
+    """Vector ISA for the CPU kernels.
+
+    ATen's Vectorized<T> picks its implementation from CPU_CAPABILITY_* macros, so the extension
+    must be compiled for a concrete ISA. Default: AVX2+FMA when the build machine has it (pip builds
+    from source on the machine that runs it). BN_EXT_CPU_ISA=default|avx2|avx512 overrides.
+    """
+    isa = os.environ.get("BN_EXT_CPU_ISA", "").strip().lower()
+    if not isa:
+        isa = "default"
+        if platform.machine() in ("x86_64", "AMD64"):
+            try:
+                with open("/proc/cpuinfo") as f:
+                    flags = f.read()
+                if " avx2" in flags and " fma" in flags and " f16c" in flags:
+                    isa = "avx2"
+            except OSError:
+                pass
+    if isa == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    if isa == "avx512":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if isa != "default":
+        raise SystemExit(f"BN_EXT_CPU_ISA must be default, avx2 or avx512, not {isa!r}")
+    return []
+
+
+def _default_arch_list():
+    """With no GPU to detect, build for Ampere and Hopper, plus PTX so newer GPUs can JIT."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return  # torch detects the visible GPUs itself
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+
+
+def extensions():
+    use_cuda, why = _want_cuda()
+    print(f"bn_ext: building {'CPU + CUDA' if use_cuda else 'CPU-only'} kernels ({why})")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"] + _cpu_isa_flags()
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    if not use_cuda:
+        return [cpp_extension.CppExtension(
+            "bn_ext._C", sources, extra_compile_args={"cxx": cxx},
+            define_macros=define_macros, py_limited_api=True)]
+    _default_arch_list()
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+            "-DBN_EXT_WITH_CUDA"]
+    extra_include = []
+    # ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers; with pip's CUDA torch they live in
+    # the nvidia wheels rather than in the toolkit.
+    try:
+        import nvidia  # noqa: F401
+
+        for base in nvidia.__path__:
+            extra_include += glob.glob(os.path.join(base, "cu*", "include"))
+            extra_include += glob.glob(os.path.join(base, "*", "include"))
+    except ImportError:
+        pass
+    return [cpp_extension.CUDAExtension(
+        "bn_ext._C", sources, include_dirs=extra_include,
+        extra_compile_args={"cxx": cxx + ["-DBN_EXT_WITH_CUDA"], "nvcc": nvcc},
+        define_macros=define_macros, py_limited_api=True)]
+
+
+setup(
+    name="bn_ext",
+    version="0.1.0",
+    description="BatchNorm for PyTorch on hand-written C++ and CUDA kernels",
+    packages=find_packages(include=["bn_ext", "bn_ext.*"]),
+    package_data={"bn_ext": ["*.pyi", "py.typed"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+)
