@@ -124,6 +124,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    entry_points={"console_scripts": ["bn-ext-check = bn_ext.__main__:main"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
 )

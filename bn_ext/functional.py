@@ -18,7 +18,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers torch.ops.bn_ext)
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.bn_ext)
+except ImportError as e:  # pragma: no cover - an install problem, not a code path
+    raise ImportError(
+        "bn_ext's compiled extension (bn_ext._C) could not be imported. Build it with "
+        "`pip install --no-build-isolation .` (or `-e .` to work in the source tree); if you did, "
+        "you may be importing the source folder from the repository root instead of the "
+        f"installed package. Original error: {e}") from e
 
 ops = torch.ops.bn_ext
 
@@ -37,6 +44,18 @@ def _channel_vector(input: Tensor, dtype: torch.dtype) -> Tensor:
     return input.new_empty((input.shape[1],), dtype=dtype)
 
 
+def _fake_check_devices(op: str, input: Tensor, **tensors) -> None:
+    """Device agreement, checked in the fake kernels too.
+
+    A meta tensor among CPU ones sends the call to the Meta kernel, that is to these functions,
+    so without this a mixed-device call would return uninitialised memory instead of raising.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"bn_ext.{op}: {name} is on {t.device} but input is on "
+                               f"{input.device}; all tensors must be on one device")
+
+
 @torch.library.register_fake("bn_ext::batch_stats")
 def _batch_stats_fake(input):
     dt = _math_dtype(input.dtype)
@@ -45,11 +64,13 @@ def _batch_stats_fake(input):
 
 @torch.library.register_fake("bn_ext::normalize")
 def _normalize_fake(input, mean, var, weight, bias, eps):
+    _fake_check_devices("normalize", input, mean=mean, var=var, weight=weight, bias=bias)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("bn_ext::train_forward")
 def _train_forward_fake(input, weight, bias, eps):
+    _fake_check_devices("train_forward", input, weight=weight, bias=bias)
     dt = _math_dtype(input.dtype)
     return torch.empty_like(input), _channel_vector(input, dt), _channel_vector(input, dt)
 
@@ -57,11 +78,16 @@ def _train_forward_fake(input, weight, bias, eps):
 @torch.library.register_fake("bn_ext::running_stats_update")
 def _running_stats_update_fake(running_mean, running_var, num_batches_tracked, mean, var, count,
                                momentum):
+    _fake_check_devices("running_stats_update", mean, running_mean=running_mean,
+                        running_var=running_var, num_batches_tracked=num_batches_tracked,
+                        var=var, count=count)
     return None
 
 
 @torch.library.register_fake("bn_ext::backward_reduce")
 def _backward_reduce_fake(grad_out, input, mean, var, weight, eps):
+    _fake_check_devices("backward_reduce", input, grad_out=grad_out, mean=mean, var=var,
+                        weight=weight)
     dt, pt = _math_dtype(input.dtype), _param_dtype(input, weight)
     return (_channel_vector(input, dt), _channel_vector(input, dt),
             _channel_vector(input, pt), _channel_vector(input, pt))
@@ -69,11 +95,15 @@ def _backward_reduce_fake(grad_out, input, mean, var, weight, eps):
 
 @torch.library.register_fake("bn_ext::backward_input")
 def _backward_input_fake(grad_out, input, mean, var, weight, sum_dy, sum_dy_xmu, count, eps):
+    _fake_check_devices("backward_input", input, grad_out=grad_out, mean=mean, var=var,
+                        weight=weight, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, count=count)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("bn_ext::train_backward")
 def _train_backward_fake(grad_out, input, mean, var, weight, eps):
+    _fake_check_devices("train_backward", input, grad_out=grad_out, mean=mean, var=var,
+                        weight=weight)
     pt = _param_dtype(input, weight)
     return torch.empty_like(input), _channel_vector(input, pt), _channel_vector(input, pt)
 
@@ -199,6 +229,17 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if (running_mean is None) != (running_var is None):
         raise ValueError("bn_ext.batch_norm: running_mean and running_var must both be given "
                          "or both be None")
+    if running_mean is not None:
+        # The ops check everything again, but under their own argument names (mean, var); these
+        # are the caller's names, and in training they fail before any work is done.
+        C = input.shape[1]
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t.numel() != C:
+                raise RuntimeError(f"bn_ext.batch_norm: {name} should contain {C} elements (one "
+                                   f"per channel of the input), got {t.numel()}")
+            if t.device != input.device:
+                raise RuntimeError(f"bn_ext.batch_norm: {name} is on {t.device} but input is on "
+                                   f"{input.device}; all tensors must be on one device")
     if training:
         _verify_batch_size(input)
         out, mean, var = BatchNormFunction.apply(input, weight, bias, None, None, True, eps)

@@ -43,7 +43,7 @@ bool is_supported_dtype(at::ScalarType t) {
 void check_input(const char* op, const Tensor& input, const char* name = "input") {
   TORCH_CHECK(input.dim() >= 2, "bn_ext.", op, ": expected ", name,
               " of shape (N, C, *) with at least 2 dimensions, got ", input.dim(), "D");
-  TORCH_CHECK(is_supported_dtype(input.scalar_type()), "bn_ext.", op, ": ", name,
+  TORCH_CHECK_NOT_IMPLEMENTED(is_supported_dtype(input.scalar_type()), "bn_ext.", op, ": ", name,
               " has dtype ", input.scalar_type(),
               "; supported are float64, float32, bfloat16 and float16");
   TORCH_CHECK(input.layout() == at::kStrided, "bn_ext.", op, ": ", name,

@@ -1,0 +1,143 @@
+"""Bad input: torch's exception types and wording, names in messages, and no buffer touched."""
+import pytest
+import torch
+
+import bn_ext
+from conftest import DEVICES
+
+
+def _snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _assert_unchanged(m, before):
+    after = m.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed by a call that raised"
+
+
+def _trained(cls, C, device, **kw):
+    m = cls(C, device=device, **kw)
+    shape = {bn_ext.BatchNorm1d: (4, C), bn_ext.BatchNorm2d: (4, C, 3, 3),
+             bn_ext.BatchNorm3d: (4, C, 2, 2, 2)}[cls]
+    m(torch.randn(shape, device=device))
+    return m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls,bad_shape,message", [
+    (bn_ext.BatchNorm2d, (2, 3, 4), "expected 4D input (got 3D input)"),
+    (bn_ext.BatchNorm2d, (2, 3, 4, 4, 4), "expected 4D input (got 5D input)"),
+    (bn_ext.BatchNorm1d, (2, 3, 4, 4), "expected 2D or 3D input (got 4D input)"),
+    (bn_ext.BatchNorm3d, (2, 3, 4, 4), "expected 5D input (got 4D input)"),
+])
+def test_wrong_rank(device, cls, bad_shape, message):
+    m = _trained(cls, 3, device)
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        m(torch.randn(bad_shape, device=device))
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1), (1, 3, 1)])
+def test_one_value_per_channel(device, shape):
+    cls = {2: bn_ext.BatchNorm1d, 3: bn_ext.BatchNorm1d, 4: bn_ext.BatchNorm2d}[len(shape)]
+    m = _trained(cls, 3, device, momentum=None)
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training, "
+                                         r"got input size torch.Size\(\[1, 3"):
+        m(torch.randn(shape, device=device))
+    _assert_unchanged(m, before)
+    # torch raises the same error, but only after it has counted the batch
+    ref = torch.nn.BatchNorm2d(3) if len(shape) == 4 else torch.nn.BatchNorm1d(3)
+    with pytest.raises(ValueError):
+        ref(torch.randn(shape))
+    assert ref.num_batches_tracked.item() == 1
+    # eval accepts a single value per channel
+    m.eval()
+    assert m(torch.randn(shape, device=device)).shape == shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_channel_mismatch_names_argument(device, training):
+    m = _trained(bn_ext.BatchNorm2d, 3, device)
+    m.train(training)
+    before = _snapshot(m)
+    with pytest.raises(RuntimeError, match=r"(weight|running_mean|mean) should contain 4 "
+                                           r"elements.*got 3"):
+        m(torch.randn(2, 4, 3, 3, device=device))
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_functional_bad_per_channel_tensors(device):
+    x = torch.randn(4, 3, 2, 2, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    for kwargs, name in [(dict(weight=torch.ones(5, device=device)), "weight"),
+                         (dict(bias=torch.ones(2, device=device)), "bias")]:
+        with pytest.raises(RuntimeError, match=f"{name} should contain 3 elements"):
+            bn_ext.batch_norm(x, rm, rv, training=True, **kwargs)
+    with pytest.raises(RuntimeError, match="running_mean should contain 3 elements"):
+        bn_ext.batch_norm(x, torch.zeros(4, device=device), rv, training=True)
+    with pytest.raises(RuntimeError, match="running_var should contain 3 elements"):
+        bn_ext.batch_norm(x, rm, torch.ones(2, device=device), training=False)
+    assert torch.equal(rm, torch.zeros(3, device=device))
+    assert torch.equal(rv, torch.ones(3, device=device))
+    with pytest.raises(ValueError, match="both"):
+        bn_ext.batch_norm(x, rm, None, training=True)
+    with pytest.raises(TypeError, match="momentum"):
+        bn_ext.batch_norm(x, rm, rv, training=True, momentum=None)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        bn_ext.batch_norm(torch.randn(3, device=device), None, None, training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unsupported_dtypes(device):
+    m = _trained(bn_ext.BatchNorm2d, 3, device)
+    before = _snapshot(m)
+    with pytest.raises(NotImplementedError, match="input has dtype Int"):
+        m(torch.ones(2, 3, 2, 2, dtype=torch.int32, device=device))
+    # float64 input with float32 parameters: torch refuses mixed dtypes, so do we, by name
+    with pytest.raises(RuntimeError, match="weight has dtype Float which cannot be used with "
+                                           "Double input"):
+        m(torch.randn(2, 3, 2, 2, dtype=torch.float64, device=device))
+    _assert_unchanged(m, before)
+    m.eval()
+    with pytest.raises(RuntimeError, match="cannot be used with Double input"):
+        m(torch.randn(2, 3, 2, 2, dtype=torch.float64, device=device))
+
+
+def test_mixed_devices_names_argument():
+    # A meta tensor stands in for a second device, so this runs without a GPU.
+    x = torch.randn(4, 3, 2, 2)
+    w = torch.ones(3, device="meta")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="weight is on meta but input is on cpu"):
+        bn_ext.batch_norm(x, rm, rv, w, None, True)
+    with pytest.raises(RuntimeError, match="running_mean is on meta but input is on cpu|"
+                                           "running_mean is on meta"):
+        bn_ext.batch_norm(x, torch.zeros(3, device="meta"), rv, None, None, True)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_cpu_cuda_devices():
+    m = bn_ext.BatchNorm2d(3).cuda()
+    before = _snapshot(m)
+    with pytest.raises(RuntimeError, match="is on cuda"):
+        m(torch.randn(2, 3, 2, 2))
+    _assert_unchanged(m, before)
+
+
+def test_input_never_modified_and_output_is_new():
+    x = torch.randn(4, 3, 5, 5)
+    x_copy = x.clone()
+    m = bn_ext.BatchNorm2d(3, affine=False)
+    for train in (True, False):
+        m.train(train)
+        y = m(x)
+        assert y.data_ptr() != x.data_ptr()
+        assert torch.equal(x, x_copy)

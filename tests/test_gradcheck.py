@@ -1,0 +1,69 @@
+"""gradcheck and gradgradcheck in float64, training and eval, through the public API."""
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import bn_ext
+from conftest import DEVICES, make_input
+
+
+def _inputs(shape, layout, device, affine):
+    x = make_input(shape, torch.float64, device, layout).requires_grad_()
+    C = shape[1]
+    w = (torch.rand(C, dtype=torch.float64, device=device) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(C, dtype=torch.float64, device=device).requires_grad_() if affine else None
+    return x, w, b
+
+
+def _fn(training, device, C):
+    rm = torch.randn(C, dtype=torch.float64, device=device)
+    rv = torch.rand(C, dtype=torch.float64, device=device) + 0.5
+
+    def f(x, w, b):
+        # Fresh copies: training updates the running statistics in place.
+        return bn_ext.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
+    return f
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("shape", [(4, 3, 3, 2), (5, 2), (3, 2, 4), (2, 2, 2, 2, 3)])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_gradcheck(device, training, layout, shape, affine):
+    x, w, b = _inputs(shape, layout, device, affine)
+    f = _fn(training, device, shape[1])
+    args = (x, w, b)
+    assert gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 3, 2, 2), (6, 2)])
+def test_gradgradcheck(device, training, layout, shape):
+    x, w, b = _inputs(shape, layout, device, True)
+    f = _fn(training, device, shape[1])
+    assert gradgradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_gradcheck(device):
+    m = bn_ext.BatchNorm2d(3, device=device, dtype=torch.float64)
+    x = make_input((4, 3, 2, 3), torch.float64, device).requires_grad_()
+    assert gradcheck(lambda t: m(t), (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_runs_in_cpp(device, monkeypatch):
+    """First-order backward uses the C++ ops; the torch-op formula is for double backward only."""
+    import bn_ext.functional as F
+
+    def fail(*a, **k):
+        raise AssertionError("differentiable fallback used in first-order backward")
+    monkeypatch.setattr(F, "_differentiable_backward", fail)
+    x, w, b = _inputs((4, 3, 2, 2), "contiguous", device, True)
+    for training in (True, False):
+        y = _fn(training, device, 3)(x, w, b)
+        y.sum().backward()
+        assert x.grad is not None and w.grad is not None and b.grad is not None

@@ -1,0 +1,158 @@
+"""torch.library.opcheck on every op, the op split against references, and torch.compile."""
+import pytest
+import torch
+
+import bn_ext
+from conftest import DEVICES, make_input
+
+ops = torch.ops.bn_ext
+
+
+def _case(device, dtype, layout, shape=(4, 3, 5, 6), param_dtype=None):
+    x = make_input(shape, dtype, device, layout)
+    C = shape[1]
+    pd = param_dtype or dtype
+    md = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(C, device=device, dtype=pd) + 0.5
+    b = torch.randn(C, device=device, dtype=pd)
+    mean = torch.randn(C, device=device, dtype=md)
+    var = torch.rand(C, device=device, dtype=md) + 0.5
+    g = make_input(shape, dtype, device, "contiguous", seed=3)
+    return x, w, b, mean, var, g
+
+
+def _op_samples(device, dtype, layout):
+    x, w, b, mean, var, g = _case(device, dtype, layout)
+    md = mean.dtype
+    count = torch.tensor(float(x.numel() // x.shape[1]), device=device, dtype=md)
+    nbt = torch.tensor(3, device=device)
+    return [
+        (ops.batch_stats, (x,)),
+        (ops.normalize, (x, mean, var, w, b, 1e-5)),
+        (ops.normalize, (x, mean, var, None, None, 1e-5)),
+        (ops.train_forward, (x, w, b, 1e-5)),
+        (ops.running_stats_update, (mean.clone(), var.clone(), nbt, mean, var, count, 0.1)),
+        (ops.running_stats_update, (mean.clone(), var.clone(), nbt.clone(), mean, var, count, None)),
+        (ops.backward_reduce, (g, x, mean, var, w, 1e-5)),
+        (ops.backward_input, (g, x, mean, var, w, mean, var, count, 1e-5)),
+        (ops.backward_input, (g, x, mean, var, None, None, None, None, 1e-5)),
+        (ops.train_backward, (g, x, mean, var, w, 1e-5)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_opcheck(device, dtype, layout):
+    for op, args in _op_samples(device, dtype, layout):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ops_against_float64_reference(device, layout):
+    x, w, b, _, _, g = _case(device, torch.float32, layout)
+    xd, gd, wd, bd = x.double(), g.double(), w.double(), b.double()
+    dims = [0, 2, 3]
+    n = x.numel() // x.shape[1]
+
+    def pc(t):
+        return t.view(1, -1, 1, 1)
+    mean, var = ops.batch_stats(x)
+    torch.testing.assert_close(mean.double(), xd.mean(dims), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), xd.var(dims, unbiased=False), rtol=1e-5, atol=1e-6)
+    y = ops.normalize(x, mean, var, w, b, 1e-5)
+    yd = (xd - pc(mean.double())) / (pc(var.double()) + 1e-5).sqrt() * pc(wd) + pc(bd)
+    torch.testing.assert_close(y.double(), yd, rtol=1e-5, atol=1e-5)
+    assert y.stride() == x.stride()
+    sum_dy, sum_dy_xmu, gw, gb = ops.backward_reduce(g, x, mean, var, w, 1e-5)
+    xmu = xd - pc(mean.double())
+    torch.testing.assert_close(sum_dy.double(), gd.sum(dims), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum_dy_xmu.double(), (gd * xmu).sum(dims), rtol=1e-5, atol=1e-4)
+    invstd = (var.double() + 1e-5).rsqrt()
+    torch.testing.assert_close(gw.double(), (gd * xmu).sum(dims) * invstd, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gb, sum_dy)
+    count = torch.tensor(float(n), device=device)
+    dx = ops.backward_input(g, x, mean, var, w, sum_dy, sum_dy_xmu, count, 1e-5)
+    dxd = pc(wd * invstd) * (gd - pc(sum_dy.double()) / n
+                             - xmu * pc(invstd ** 2 * sum_dy_xmu.double()) / n)
+    torch.testing.assert_close(dx.double(), dxd, rtol=1e-5, atol=1e-5)
+    dx2, gw2, gb2 = ops.train_backward(g, x, mean, var, w, 1e-5)
+    assert torch.equal(dx2, dx) and torch.equal(gw2, gw) and torch.equal(gb2, gb)
+    y2, mean2, var2 = ops.train_forward(x, w, b, 1e-5)
+    assert torch.equal(mean2, mean) and torch.equal(var2, var) and torch.equal(y2, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_stats_update_semantics(device):
+    mean = torch.tensor([1.0, 2.0], device=device)
+    var = torch.tensor([4.0, 8.0], device=device)
+    count = torch.tensor(5.0, device=device)
+    rm, rv = torch.zeros(2, device=device), torch.ones(2, device=device)
+    nbt = torch.tensor(0, device=device)
+    ops.running_stats_update(rm, rv, nbt, mean, var, count, 0.25)
+    torch.testing.assert_close(rm, 0.25 * mean)
+    torch.testing.assert_close(rv, 0.75 + 0.25 * var * 5 / 4)
+    assert nbt.item() == 1
+    # momentum=None: cumulative average, factor 1 / num_batches_tracked after the increment
+    ops.running_stats_update(rm, rv, nbt, mean * 3, var, count, None)
+    assert nbt.item() == 2
+    torch.testing.assert_close(rm, 0.5 * (0.25 * mean) + 0.5 * mean * 3)
+    # bfloat16 buffers are updated in their own dtype
+    rmb = torch.zeros(2, device=device, dtype=torch.bfloat16)
+    rvb = torch.ones(2, device=device, dtype=torch.bfloat16)
+    ops.running_stats_update(rmb, rvb, None, mean, var, count, 1.0)
+    assert rmb.dtype == torch.bfloat16
+    torch.testing.assert_close(rmb.float(), mean)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = bn_ext.BatchNorm2d(8)
+        self.bn1 = bn_ext.BatchNorm1d(8, momentum=None)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.bn1(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_no_graph_break(device):
+    torch.manual_seed(0)
+    eager = _Net().to(device)
+    compiled_model = _Net().to(device)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        x = torch.randn(4, 3, 6, 6, device=device)
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye)
+        ye.square().sum().backward()
+        yc.square().sum().backward()
+        for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+        for (name, b), c in zip(eager.named_buffers(), compiled_model.buffers()):
+            torch.testing.assert_close(c, b, msg=name)
+    eager.eval()
+    compiled_model.eval()
+    x = torch.randn(4, 3, 6, 6, device=device)
+    torch.testing.assert_close(compiled(x), eager(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_inductor(device):
+    """The default backend, as users run it; also counts graph breaks explicitly."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = _Net().to(device)
+    explanation = torch._dynamo.explain(model)(torch.randn(4, 3, 6, 6, device=device))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    ref = _Net().to(device)
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 6, 6, device=device)
+    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.bn.running_var, ref.bn.running_var)

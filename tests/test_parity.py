@@ -1,0 +1,287 @@
+"""Parity with torch.nn.BatchNorm1d/2d/3d over several training steps and an eval step.
+
+Compared after every step: outputs, input and parameter gradients, running statistics and
+num_batches_tracked.
+"""
+import copy
+
+import pytest
+import torch
+
+import bn_ext
+from conftest import DEVICES, TOL, assert_close, make_input
+
+TORCH_CLS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+             5: torch.nn.BatchNorm3d}
+OURS_CLS = {2: bn_ext.BatchNorm1d, 3: bn_ext.BatchNorm1d, 4: bn_ext.BatchNorm2d,
+            5: bn_ext.BatchNorm3d}
+SHAPES = {2: (16, 5), 3: (4, 6, 9), 4: (3, 5, 7, 6), 5: (2, 4, 3, 5, 6)}
+# Each option set: (affine, track_running_stats, momentum)
+OPTIONS = [(True, True, 0.1), (False, True, None), (True, False, 0.1), (False, False, 0.3)]
+
+
+def make_pair(ndim, dtype, device, affine, track, momentum, param_dtype=None):
+    C = SHAPES[ndim][1]
+    ref = TORCH_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
+                          device=device, dtype=param_dtype or dtype)
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1)) \
+                if device == "cpu" else ref.weight.copy_(torch.rand(C).add_(0.5))
+            ref.bias.copy_(torch.linspace(-1, 1, C))
+    ours = OURS_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
+                          device=device, dtype=param_dtype or dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def run_steps(ref, ours, shape, dtype, device, layout, steps=3, train=True):
+    ref.train(train)
+    ours.train(train)
+    for step in range(steps):
+        x = make_input(shape, dtype, device, layout, seed=10 + step, mean=0.5 * step)
+        xr = x.clone().requires_grad_()
+        xo = x.clone().requires_grad_()
+        x_before = x.clone()
+        yr, yo = ref(xr), ours(xo)
+        assert yo.dtype == yr.dtype and yo.shape == yr.shape
+        assert_close(yo, yr, dtype, msg=f"output, step {step}")
+        g = make_input(shape, dtype, device, "contiguous", seed=100 + step)
+        yr.backward(g)
+        yo.backward(g)
+        assert_close(xo.grad, xr.grad, dtype, msg=f"grad_input, step {step}")
+        if ref.affine:
+            # Parameter gradients sum n products of input-dtype values: the input's dtype bounds
+            # their precision even with float32 parameters (torch rounds some to bfloat16).
+            assert ours.weight.grad.dtype == ref.weight.grad.dtype
+            assert_close(ours.weight.grad, ref.weight.grad, dtype, msg=f"grad_weight, step {step}")
+            if ref.bias is not None:
+                assert_close(ours.bias.grad, ref.bias.grad, dtype, msg=f"grad_bias, step {step}")
+            else:
+                assert ours.bias is None
+            ref.zero_grad()
+            ours.zero_grad()
+        assert torch.equal(x, x_before), "the input was modified"
+        if ref.track_running_stats:
+            rdt = ref.running_mean.dtype
+            assert ours.running_mean.dtype == rdt
+            assert_close(ours.running_mean, ref.running_mean, dtype)
+            assert_close(ours.running_var, ref.running_var, dtype)
+            assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+        else:
+            assert ours.running_mean is None and ours.num_batches_tracked is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed"])
+@pytest.mark.parametrize("ndim", [2, 3, 4, 5])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "affine{}-track{}-m{}".format(*o))
+def test_train_then_eval_matches_torch(device, dtype, layout, ndim, options):
+    if ndim == 2 and layout == "transposed":
+        pytest.skip("a 2D input has no spatial dims to transpose")
+    affine, track, momentum = options
+    ref, ours = make_pair(ndim, dtype, device, affine, track, momentum)
+    run_steps(ref, ours, SHAPES[ndim], dtype, device, layout, steps=3, train=True)
+    run_steps(ref, ours, SHAPES[ndim], dtype, device, layout, steps=1, train=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_low_precision_input_with_float32_params(device, dtype, layout):
+    """As under autocast: half/bf16 activations with float32 weights and running stats."""
+    if device == "cpu" and dtype == torch.float16:
+        # torch's CPU batch_norm rejects float16 input with float32 params; compare against a
+        # float32 computation instead.
+        ref, ours = make_pair(4, torch.float32, device, True, True, 0.1)
+        x = make_input(SHAPES[4], dtype, device, layout)
+        y = ours(x)
+        assert y.dtype == dtype and ours.running_mean.dtype == torch.float32
+        assert_close(y, ref(x.float()).to(dtype), dtype)
+        assert_close(ours.running_var, ref.running_var, torch.float32)
+        return
+    ref, ours = make_pair(4, dtype, device, True, True, 0.1, param_dtype=torch.float32)
+    run_steps(ref, ours, SHAPES[4], dtype, device, layout, steps=2, train=True)
+    run_steps(ref, ours, SHAPES[4], dtype, device, layout, steps=1, train=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_functional_matches_torch(device):
+    x = make_input((6, 4, 5, 5), torch.float64, device)
+    w = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    b = torch.randn(4, dtype=torch.float64, device=device)
+    for training in (True, False):
+        rm_r = torch.randn(4, dtype=torch.float64, device=device)
+        rv_r = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+        rm_o, rv_o = rm_r.clone(), rv_r.clone()
+        yr = torch.nn.functional.batch_norm(x, rm_r, rv_r, w, b, training, 0.2, 1e-3)
+        yo = bn_ext.batch_norm(x, rm_o, rv_o, w, b, training, 0.2, 1e-3)
+        assert_close(yo, yr, torch.float64)
+        assert_close(rm_o, rm_r, torch.float64)
+        assert_close(rv_o, rv_r, torch.float64)
+    # training without running statistics
+    yr = torch.nn.functional.batch_norm(x, None, None, w, b, True)
+    yo = bn_ext.batch_norm(x, None, None, w, b, True)
+    assert_close(yo, yr, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    ref, ours = make_pair(4, torch.float32, device, True, True, 0.1)
+    x = torch.randn(0, 5, 7, 6, device=device)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yo = ref(xr), ours(xo)
+    assert yo.shape == yr.shape == x.shape
+    yo.sum().backward()
+    yr.sum().backward()
+    assert xo.grad.shape == x.shape
+    torch.testing.assert_close(ours.weight.grad, torch.zeros_like(ours.weight))
+    torch.testing.assert_close(ours.bias.grad, torch.zeros_like(ours.bias))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nan_stays_in_its_channel(device, layout):
+    x = make_input((4, 3, 5, 5), torch.float32, device, layout).clone()
+    x[1, 1, 2, 2] = float("nan")
+    m = bn_ext.BatchNorm2d(3, device=device)
+    y = m(x)
+    assert torch.isnan(y[:, 1]).all()
+    assert torch.isfinite(y[:, 0]).all() and torch.isfinite(y[:, 2]).all()
+    assert torch.isfinite(m.running_mean[[0, 2]]).all()
+    assert torch.isnan(m.running_mean[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_mean_small_std_no_worse_than_torch(device, layout):
+    """Per-channel mean 1e4, std 1, float32: error against a float64 reference vs torch's."""
+    shape = (32, 8, 24, 24)
+    x64 = make_input(shape, torch.float64, device, layout, mean=1e4, std=1.0)
+    x = x64.float()
+    ref64 = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    ours = bn_ext.batch_norm(x, None, None, training=True)
+    torch_out = torch.nn.functional.batch_norm(x, None, None, training=True)
+    err_ours = (ours.double() - ref64).abs().max().item()
+    err_torch = (torch_out.double() - ref64).abs().max().item()
+    assert err_ours <= err_torch, (err_ours, err_torch)
+    assert err_ours < 1e-3
+
+    rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
+    bn_ext.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    dims = [0, 2, 3]
+    torch.testing.assert_close(rv.double(), x.double().var(dims), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rm.double(), x.double().mean(dims), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(8, 64, 9, 9), (64, 3, 5, 5), (2, 2, 40, 40)])
+def test_bitwise_deterministic(device, layout, shape):
+    x = make_input(shape, torch.float32, device, layout).requires_grad_()
+    g = make_input(shape, torch.float32, device, layout, seed=5)
+    results = []
+    for _ in range(3):
+        m = bn_ext.BatchNorm2d(shape[1], device=device)
+        y = m(x)
+        (gx,) = torch.autograd.grad(y, x, g)
+        results.append((y, gx, m.running_mean, m.running_var))
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
+
+
+def test_thread_count_does_not_change_bits():
+    x = make_input((8, 6, 33, 17), torch.float32, "cpu")
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(bn_ext.batch_norm(x, None, None, training=True))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_state_dict_both_ways_and_old_checkpoints():
+    ref = torch.nn.BatchNorm2d(7)
+    ref.train()(torch.randn(4, 7, 3, 3))
+    ours = bn_ext.BatchNorm2d(7)
+    assert list(ours.state_dict().keys()) == list(ref.state_dict().keys())
+    assert ours._version == ref._version
+    ours.load_state_dict(ref.state_dict())
+    back = torch.nn.BatchNorm2d(7)
+    back.load_state_dict(ours.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    # A checkpoint from before num_batches_tracked existed (version 1 metadata) still loads.
+    old = copy.deepcopy(ref.state_dict())
+    del old["num_batches_tracked"]
+    old._metadata = {"": {"version": 1}}
+    fresh = bn_ext.BatchNorm2d(7)
+    fresh.load_state_dict(old)
+    assert fresh.num_batches_tracked.item() == 0
+    assert torch.equal(fresh.running_mean, ref.running_mean)
+
+
+def test_constructor_matches_torch():
+    for cls, tcls in [(bn_ext.BatchNorm1d, torch.nn.BatchNorm1d),
+                      (bn_ext.BatchNorm2d, torch.nn.BatchNorm2d),
+                      (bn_ext.BatchNorm3d, torch.nn.BatchNorm3d)]:
+        for kwargs in [dict(), dict(affine=False), dict(track_running_stats=False),
+                       dict(momentum=None, eps=1e-3), dict(bias=False),
+                       dict(dtype=torch.float64)]:
+            a, b = cls(5, **kwargs), tcls(5, **kwargs)
+            assert isinstance(a, tcls)
+            assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+            assert [n for n, _ in a.named_buffers()] == [n for n, _ in b.named_buffers()]
+            assert repr(a).replace("bn_ext.", "") == repr(b)
+            for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+                assert p.dtype == q.dtype and p.shape == q.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_false_matches_torch(device):
+    ref = torch.nn.BatchNorm2d(5, bias=False, device=device)
+    ours = bn_ext.BatchNorm2d(5, bias=False, device=device)
+    ours.load_state_dict(ref.state_dict())
+    run_steps(ref, ours, SHAPES[4], torch.float32, device, "contiguous", steps=2)
+
+
+def test_track_running_stats_none():
+    ref = torch.nn.BatchNorm2d(5, track_running_stats=None)
+    ours = bn_ext.BatchNorm2d(5, track_running_stats=None)
+    run_steps(ref, ours, SHAPES[4], torch.float32, "cpu", "contiguous", steps=2, train=True)
+    run_steps(ref, ours, SHAPES[4], torch.float32, "cpu", "contiguous", steps=1, train=False)
+
+
+def test_convert_model_nested():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+        torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.BatchNorm1d(8 * 6 * 6, affine=False)),
+        torch.nn.ModuleDict({"bn3": torch.nn.BatchNorm3d(2, momentum=None)}),
+    ).double()
+    model[:3](torch.randn(4, 3, 8, 8, dtype=torch.float64))  # give the buffers something to keep
+    model.eval()
+    weight = model[1].weight
+    state = copy.deepcopy(model.state_dict())
+    converted = bn_ext.convert_model(model)
+    assert converted is model
+    assert type(model[1]) is bn_ext.BatchNorm2d
+    assert type(model[2][1]) is bn_ext.BatchNorm1d
+    assert type(model[3]["bn3"]) is bn_ext.BatchNorm3d
+    assert model[1].weight is weight  # the same Parameter: optimizers keep working
+    assert not model[1].training and model[3]["bn3"].momentum is None
+    assert model[1].weight.dtype == torch.float64
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # converting again changes nothing; a bare BatchNorm is returned converted
+    assert bn_ext.convert_model(model) is model and type(model[1]) is bn_ext.BatchNorm2d
+    bn = torch.nn.BatchNorm2d(4)
+    assert type(bn_ext.convert_model(bn)) is bn_ext.BatchNorm2d
