@@ -92,6 +92,18 @@ void check_eps(const char* op, double eps) {
   TORCH_CHECK(eps >= 0, "bn_ext.", op, ": eps must be non-negative, got ", eps);
 }
 
+// The arguments every backward op shares.
+void check_backward_args(const char* op, const Tensor& grad_out, const Tensor& input,
+                         const Tensor& mean, const Tensor& var, const optional<Tensor>& weight,
+                         double eps) {
+  check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_channel_vector(op, input, mean, "mean");
+  check_channel_vector(op, input, var, "var");
+  check_optional_vector(op, input, weight, "weight");
+  check_eps(op, eps);
+}
+
 // ---- layout --------------------------------------------------------------------------------
 
 // Channels-last in the general sense: dense with C innermost and the other dims in order. This is
@@ -277,12 +289,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_reduce(const Tensor& grad_ou
                                                            const optional<Tensor>& weight,
                                                            double eps) {
   const char* op = "backward_reduce";
-  check_input(op, input);
-  check_grad_out(op, input, grad_out);
-  check_channel_vector(op, input, mean, "mean");
-  check_channel_vector(op, input, var, "var");
-  check_optional_vector(op, input, weight, "weight");
-  check_eps(op, eps);
+  check_backward_args(op, grad_out, input, mean, var, weight, eps);
   c10::DeviceGuard guard(input.device());
   const auto math = math_type(input.scalar_type());
   Tensor sum_dy = math_zeros(input), sum_dy_xmu = math_zeros(input);
@@ -303,14 +310,9 @@ Tensor backward_input(const Tensor& grad_out, const Tensor& input, const Tensor&
                       const optional<Tensor>& sum_dy, const optional<Tensor>& sum_dy_xmu,
                       const optional<Tensor>& count, double eps) {
   const char* op = "backward_input";
-  check_input(op, input);
-  check_grad_out(op, input, grad_out);
-  check_channel_vector(op, input, mean, "mean");
-  check_channel_vector(op, input, var, "var");
-  check_optional_vector(op, input, weight, "weight");
+  check_backward_args(op, grad_out, input, mean, var, weight, eps);
   check_optional_vector(op, input, sum_dy, "sum_dy");
   check_optional_vector(op, input, sum_dy_xmu, "sum_dy_xmu");
-  check_eps(op, eps);
   const bool training = sum_dy.has_value() && sum_dy->defined();
   TORCH_CHECK(training == (sum_dy_xmu.has_value() && sum_dy_xmu->defined()) &&
                   training == (count.has_value() && count->defined()),
@@ -339,12 +341,7 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& grad_out, const 
                                                   const Tensor& mean, const Tensor& var,
                                                   const optional<Tensor>& weight, double eps) {
   const char* op = "train_backward";
-  check_input(op, input);
-  check_grad_out(op, input, grad_out);
-  check_channel_vector(op, input, mean, "mean");
-  check_channel_vector(op, input, var, "var");
-  check_optional_vector(op, input, weight, "weight");
-  check_eps(op, eps);
+  check_backward_args(op, grad_out, input, mean, var, weight, eps);
   c10::DeviceGuard guard(input.device());
   const auto math = math_type(input.scalar_type());
   Output out = make_output(input);

@@ -75,35 +75,49 @@ double hsum(const Vectorized<M>& v) {
 
 // ---- reductions over one contiguous run -----------------------------------------------------
 
+// Two sums over the n elements of a run, accumulated in vector blocks of at most kFlushEvery
+// steps that are flushed into the double totals s1, s2. `step(i, a1, b1, a2, b2)` adds elements
+// [i, i + kWidth) to the four vector accumulators; `tail(i, s1, s2)` adds element i.
+template <typename T, typename Step, typename Tail>
+void two_sums_run(int64_t n, const Step& step, const Tail& tail, double& s1, double& s2) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  const int64_t vec_end = n - n % IO::kWidth;
+  int64_t i = 0;
+  while (i < vec_end) {
+    const int64_t block_end = std::min(vec_end, i + kFlushEvery * IO::kWidth);
+    V a1(0), a2(0), b1(0), b2(0);
+    for (; i < block_end; i += IO::kWidth) step(i, a1, b1, a2, b2);
+    s1 += hsum(a1 + b1);
+    s2 += hsum(a2 + b2);
+  }
+  for (; i < n; ++i) tail(i, s1, s2);
+}
+
 // s1 += sum(x - k), s2 += sum((x - k)^2) over x[0, n).
 template <typename T>
 void shifted_moments_run(const T* x, int64_t n, math_t<T> k, double& s1, double& s2) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   const V kv(k);
-  const int64_t vec_end = n - n % IO::kWidth;
-  int64_t i = 0;
-  while (i < vec_end) {
-    const int64_t block_end = std::min(vec_end, i + kFlushEvery * IO::kWidth);
-    V a1(0), a2(0), b1(0), b2(0);
-    for (; i < block_end; i += IO::kWidth) {
-      V a, b;
-      IO::load(x + i, a, b);
-      a = a - kv;
-      b = b - kv;
-      a1 = a1 + a;
-      b1 = b1 + b;
-      a2 = at::vec::fmadd(a, a, a2);
-      b2 = at::vec::fmadd(b, b, b2);
-    }
-    s1 += hsum(a1 + b1);
-    s2 += hsum(a2 + b2);
-  }
-  for (; i < n; ++i) {
-    const math_t<T> d = static_cast<math_t<T>>(x[i]) - k;
-    s1 += d;
-    s2 += static_cast<double>(d) * d;
-  }
+  two_sums_run<T>(
+      n,
+      [&](int64_t i, V& a1, V& b1, V& a2, V& b2) {
+        V a, b;
+        IO::load(x + i, a, b);
+        a = a - kv;
+        b = b - kv;
+        a1 = a1 + a;
+        b1 = b1 + b;
+        a2 = at::vec::fmadd(a, a, a2);
+        b2 = at::vec::fmadd(b, b, b2);
+      },
+      [&](int64_t i, double& t1, double& t2) {
+        const math_t<T> d = static_cast<math_t<T>>(x[i]) - k;
+        t1 += d;
+        t2 += static_cast<double>(d) * d;
+      },
+      s1, s2);
 }
 
 // s1 += sum(dy), s2 += sum(dy * (x - mu)) over [0, n).
@@ -113,28 +127,23 @@ void centered_dot_run(const T* dy, const T* x, int64_t n, math_t<T> mu, double& 
   using IO = VecIO<T>;
   using V = typename IO::V;
   const V muv(mu);
-  const int64_t vec_end = n - n % IO::kWidth;
-  int64_t i = 0;
-  while (i < vec_end) {
-    const int64_t block_end = std::min(vec_end, i + kFlushEvery * IO::kWidth);
-    V a1(0), a2(0), b1(0), b2(0);
-    for (; i < block_end; i += IO::kWidth) {
-      V ga, gb, xa, xb;
-      IO::load(dy + i, ga, gb);
-      IO::load(x + i, xa, xb);
-      a1 = a1 + ga;
-      b1 = b1 + gb;
-      a2 = at::vec::fmadd(ga, xa - muv, a2);
-      b2 = at::vec::fmadd(gb, xb - muv, b2);
-    }
-    s1 += hsum(a1 + b1);
-    s2 += hsum(a2 + b2);
-  }
-  for (; i < n; ++i) {
-    const math_t<T> g = static_cast<math_t<T>>(dy[i]);
-    s1 += g;
-    s2 += static_cast<double>(g) * (static_cast<math_t<T>>(x[i]) - mu);
-  }
+  two_sums_run<T>(
+      n,
+      [&](int64_t i, V& a1, V& b1, V& a2, V& b2) {
+        V ga, gb, xa, xb;
+        IO::load(dy + i, ga, gb);
+        IO::load(x + i, xa, xb);
+        a1 = a1 + ga;
+        b1 = b1 + gb;
+        a2 = at::vec::fmadd(ga, xa - muv, a2);
+        b2 = at::vec::fmadd(gb, xb - muv, b2);
+      },
+      [&](int64_t i, double& t1, double& t2) {
+        const math_t<T> g = static_cast<math_t<T>>(dy[i]);
+        t1 += g;
+        t2 += static_cast<double>(g) * (static_cast<math_t<T>>(x[i]) - mu);
+      },
+      s1, s2);
 }
 
 // ---- elementwise over one contiguous run ----------------------------------------------------
