@@ -3,16 +3,18 @@
     bn_ext.batch_norm            mirrors torch.nn.functional.batch_norm
     bn_ext.BatchNorm1d/2d/3d     drop-in for torch.nn.BatchNorm1d/2d/3d
     bn_ext.convert_model         swaps a model's torch BatchNorm layers for bn_ext's
+    bn_ext.SyncBatchNorm         drop-in for torch.nn.SyncBatchNorm (any torch.distributed backend)
     bn_ext.BatchNormFunction     the autograd.Function over the C++ ops
     bn_ext.ops                   torch.ops.bn_ext, the raw ops
 """
 from .functional import BatchNormFunction, batch_norm, ops
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .sync_batchnorm import SyncBatchNorm, SyncBatchNormFunction
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "batch_norm",
-           "convert_model", "ops", "has_cuda_kernels"]
+           "SyncBatchNorm", "SyncBatchNormFunction", "convert_model", "ops", "has_cuda_kernels"]
 
 
 def has_cuda_kernels() -> bool:
