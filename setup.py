@@ -88,12 +88,13 @@ def extensions():
     use_cuda, why = _want_cuda()
     print(f"bn_ext: building {'CPU + CUDA' if use_cuda else 'CPU-only'} kernels ({why})")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"] + _cpu_isa_flags()
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    # Only ops.cpp touches Python (an empty module init), so the limited API suffices; it is a
+    # host-compiler flag (nvcc never sees Python.h).
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-DPy_LIMITED_API=0x03090000"]
+    cxx += _cpu_isa_flags()
     if not use_cuda:
         return [cpp_extension.CppExtension(
-            "bn_ext._C", sources, extra_compile_args={"cxx": cxx},
-            define_macros=define_macros, py_limited_api=True)]
+            "bn_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)]
     _default_arch_list()
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
@@ -112,7 +113,7 @@ def extensions():
     return [cpp_extension.CUDAExtension(
         "bn_ext._C", sources, include_dirs=extra_include,
         extra_compile_args={"cxx": cxx + ["-DBN_EXT_WITH_CUDA"], "nvcc": nvcc},
-        define_macros=define_macros, py_limited_api=True)]
+        py_limited_api=True)]
 
 
 setup(

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Compile and link bn_ext's CUDA kernels on a machine with no GPU, so that a CUDA compile or link
+# error fails CI (../shared/ENGINEERING.md section 5 has the recipe).
+#
+#   1. a virtual environment with the CUDA build of torch (created once, reused: $BN_EXT_CUDA_VENV,
+#      default .venv-cuda, which .gitignore covers);
+#   2. a copy of the tracked and untracked-not-ignored files in build/cuda-ci (ignored), so that
+#      the CPU build's bn_ext/_C*.so in the source tree is never touched. The copy keeps its
+#      build/ folder and the files' times, so ninja recompiles only what changed;
+#   3. pip install --no-build-isolation of that copy, with CUDA_HOME and
+#      TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" (sm_80 and sm_90 machine code, compute_90 PTX);
+#   4. checks: the import works with no GPU, bn_ext.has_cuda_kernels() is True, the CPU kernels
+#      of this CUDA-enabled build run, and (when cuobjdump is found) the fat binary holds
+#      sm_80, sm_90 and PTX.
+# Set BN_EXT_CUDA_TESTS=1 to also run the whole test suite in that environment (CUDA tests skip).
+# Any failure exits non-zero with the end of the build log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${BN_EXT_CUDA_VENV:-$ROOT/.venv-cuda}
+TORCH_SPEC=${BN_EXT_CUDA_TORCH:-torch===2.13.0}  # '===' pins the registry's CUDA 13.0 build
+STAGE=$ROOT/build/cuda-ci
+LOG=$ROOT/build/cuda-ci.log
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
+
+log() { printf '\n--- cuda_build: %s (%s) ---\n' "$*" "$(date -u +%H:%M:%S)"; }
+die() { echo "cuda_build: FAILED: $*" >&2; exit 1; }
+start=$(date +%s)
+
+[ -x "$CUDA_HOME/bin/nvcc" ] || die "no nvcc at $CUDA_HOME/bin/nvcc (set CUDA_HOME)"
+
+log "environment $VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+PY=$VENV/bin/python
+if ! "$PY" -c "import torch, ninja, setuptools, sys; sys.exit(0 if torch.version.cuda else 1)" \
+    >/dev/null 2>&1; then
+  "$PY" -m pip install -q "$TORCH_SPEC" ninja numpy setuptools
+fi
+"$PY" -c "import torch; assert torch.version.cuda, 'torch in $VENV has no CUDA'; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+"$CUDA_HOME/bin/nvcc" --version | tail -n 1
+
+log "copy of the tree in $STAGE"
+mkdir -p "$STAGE"
+find "$STAGE" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
+    | (cd "$ROOT" && tar --null -cf - -T -) | tar -xf - -C "$STAGE"
+else
+  tar -cf - --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude='*.so' \
+      --exclude='*.egg-info' . | tar -xf - -C "$STAGE"
+fi
+ls "$STAGE"/csrc/cuda/*.cu >/dev/null 2>&1 || die "no csrc/cuda/*.cu in the tree"
+
+log "build (CUDA_HOME=$CUDA_HOME, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+if ! (cd "$STAGE" && "$PY" -m pip install --no-build-isolation --no-deps -v . ) >"$LOG" 2>&1; then
+  echo "----- compiler errors -----" >&2
+  grep -nE "error|Error" "$LOG" | grep -v "Werror" | head -n 60 >&2 || true
+  echo "----- end of $LOG -----" >&2
+  tail -n 60 "$LOG" >&2
+  die "the CUDA build did not compile or link (full log: $LOG)"
+fi
+grep -q "building CPU + CUDA kernels" "$LOG" || die "setup.py did not build the CUDA kernels: \
+$(grep -m1 'bn_ext: building' "$LOG" || echo 'no build line')"
+
+log "checks"
+(cd /tmp && "$PY" - <<'EOF'
+import os
+import torch
+import bn_ext
+print("bn_ext from", os.path.dirname(bn_ext.__file__))
+assert bn_ext.has_cuda_kernels(), "bn_ext.has_cuda_kernels() is False"
+# The CPU kernels of the CUDA-enabled build still work.
+x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+m = bn_ext.BatchNorm2d(3, dtype=torch.float64)
+ref = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+torch.testing.assert_close(m(x), ref(x))
+print("has_cuda_kernels: True; CPU smoke test passed; GPU visible:", torch.cuda.is_available())
+EOF
+) || die "the built extension failed its checks"
+
+SO=$(cd /tmp && "$PY" -c "import bn_ext._C as c; print(c.__file__)")
+OBJDUMP=""
+for cand in "$CUDA_HOME/bin/cuobjdump" "$(command -v cuobjdump || true)" \
+    "$("$PY" -c 'import triton, os; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null || true)"; do
+  if [ -n "$cand" ] && [ -x "$cand" ]; then OBJDUMP=$cand; break; fi
+done
+if [ -n "$OBJDUMP" ]; then
+  elves=$("$OBJDUMP" -lelf "$SO")
+  ptx=$("$OBJDUMP" -lptx "$SO")
+  echo "$elves" | grep -q "sm_80" || die "no sm_80 code in $SO"
+  echo "$elves" | grep -q "sm_90" || die "no sm_90 code in $SO"
+  echo "$ptx" | grep -q "sm_90" || die "no compute_90 PTX in $SO"
+  echo "fat binary: $(echo "$elves" | wc -l) cubins (sm_80, sm_90) and $(echo "$ptx" | wc -l) PTX"
+else
+  echo "cuobjdump not found: architecture check skipped"
+fi
+
+if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ]; then
+  log "test suite in the CUDA environment"
+  (cd /tmp && "$PY" -m pytest "$STAGE/tests" -q -p no:cacheprovider)
+fi
+
+log "passed in $(( $(date +%s) - start )) s"

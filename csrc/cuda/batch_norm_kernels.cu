@@ -1,0 +1,90 @@
+// CUDA entry points (bn_ext.h, namespace cuda): each op as a short sequence of launches on the
+// current stream, with no host synchronisation and no host reads of device values, so every op
+// can be captured in a CUDA graph. Temporaries come from the caching allocator (at::empty).
+//
+//   batch_stats        reduce [+ finalize]
+//   normalize          forward_coefs, elementwise
+//   train_forward      reduce [+ finalize] (which also write the coefficients), elementwise
+//   backward_reduce    reduce [+ finalize]
+//   backward_input     backward_coefs (count read on the device), elementwise
+//   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise
+//   running_stats_update  one single-block kernel
+//
+// The kernels are described in reduce_kernels.cu and elementwise_kernels.cu; the reduction value
+// and its merge in reduce.cuh.
+#include "common.cuh"
+
+namespace bn_ext {
+namespace cuda {
+
+using detail::Elementwise;
+
+namespace {
+
+Tensor coef_buffer(const Tensor& like, const Geometry& g, int rows) {
+  return at::empty({rows * g.C}, like.options());
+}
+
+}  // namespace
+
+void batch_stats(const Tensor& x, const Geometry& g, Tensor& mean, Tensor& var) {
+  c10::cuda::CUDAGuard guard(x.device());
+  detail::launch_batch_stats(x, g, Tensor(), Tensor(), 0.0, mean, var, Tensor());
+}
+
+void normalize(const Tensor& x, const Geometry& g, const Tensor& mean, const Tensor& var,
+               const Tensor& weight, const Tensor& bias, double eps, Tensor& y) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const Tensor coef = coef_buffer(mean, g, 3);
+  detail::launch_forward_coefs(mean, var, weight, bias, eps, coef);
+  detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);
+}
+
+void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight, const Tensor& bias,
+                   double eps, Tensor& y, Tensor& mean, Tensor& var) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const Tensor coef = coef_buffer(mean, g, 3);
+  detail::launch_batch_stats(x, g, weight, bias, eps, mean, var, coef);
+  detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);
+}
+
+void backward_reduce(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
+                     const Tensor& var, double eps, Tensor& sum_dy, Tensor& sum_dy_xmu,
+                     Tensor& grad_weight, Tensor& grad_bias) {
+  c10::cuda::CUDAGuard guard(x.device());
+  detail::launch_grad_sums(dy, x, g, mean, var, Tensor(), eps, sum_dy, sum_dy_xmu, grad_weight,
+                           grad_bias, Tensor());
+}
+
+void backward_input(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
+                    const Tensor& var, const Tensor& weight, const Tensor& sum_dy,
+                    const Tensor& sum_dy_xmu, const Tensor& count, double eps, Tensor& dx) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const bool training = sum_dy.defined();
+  const Tensor coef = coef_buffer(mean, g, 4);
+  detail::launch_backward_coefs(mean, var, weight, sum_dy, sum_dy_xmu, count, eps, coef);
+  detail::launch_elementwise(training ? Elementwise::kBackwardTrain : Elementwise::kBackwardEval,
+                             x, dy, g, coef, dx);
+}
+
+void train_backward(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
+                    const Tensor& var, const Tensor& weight, double eps, Tensor& dx,
+                    Tensor& grad_weight, Tensor& grad_bias) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const Tensor coef = coef_buffer(mean, g, 4);
+  detail::launch_grad_sums(dy, x, g, mean, var, weight, eps, Tensor(), Tensor(), grad_weight,
+                           grad_bias, coef);
+  detail::launch_elementwise(Elementwise::kBackwardTrain, x, dy, g, coef, dx);
+}
+
+void running_stats_update(Tensor& running_mean, Tensor& running_var,
+                          const Tensor& num_batches_tracked, const Tensor& mean,
+                          const Tensor& var, const Tensor& count,
+                          c10::optional<double> momentum) {
+  c10::cuda::CUDAGuard guard(mean.device());
+  detail::launch_running_stats_update(running_mean, running_var, num_batches_tracked, mean, var,
+                                      count, momentum);
+}
+
+}  // namespace cuda
+}  // namespace bn_ext

@@ -1,0 +1,150 @@
+// Shared pieces of the CUDA kernels: math types, 128-bit vector I/O, the index-type and vector-width
+// dispatch, launch geometry, and the launchers that batch_norm_kernels.cu strings together.
+//
+// The entry points (bn_ext.h) live in batch_norm_kernels.cu; the reductions in
+// reduce_kernels.cu and the elementwise/per-channel kernels in elementwise_kernels.cu, so that the
+// three translation units compile in parallel.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../bn_ext.h"
+
+namespace bn_ext {
+namespace cuda {
+namespace detail {
+
+// float for float16/bfloat16/float32 input, double for float64: every sum and every per-channel
+// coefficient is held in this type.
+template <typename T>
+using math_t = at::opmath_type<T>;
+
+// Threads per block of every kernel.
+constexpr int kThreads = 256;
+
+// Elements of T in one 128-bit access.
+template <typename T>
+constexpr int kMaxVec = 16 / static_cast<int>(sizeof(T));
+
+// V elements moved as one access: 128 bits when V == kMaxVec<T> (and the address is 16-aligned).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+__device__ __forceinline__ float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fmadd(double a, double b, double c) { return fma(a, b, c); }
+
+inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// Streaming multiprocessors of the current device (cached by ATen; no device synchronisation).
+inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Blocks of kThreads that fill every SM once at full occupancy.
+inline int64_t full_wave_blocks() { return sm_count() * (2048 / kThreads); }
+
+// Index type: unsigned 32-bit when every element index fits in 31 bits (fast division with
+// at::cuda::detail::IntDivider, cheaper address arithmetic), 64-bit otherwise. Loop counters may
+// run up to one grid stride past the end, which unsigned 32-bit still holds.
+template <typename F>
+void dispatch_index(int64_t numel, const F& f) {
+  if (numel < (int64_t(1) << 31)) {
+    f(uint32_t{0});
+  } else {
+    f(uint64_t{0});
+  }
+}
+
+// Vector width: kMaxVec<T> (128-bit accesses) when `vectorize`, else scalar.
+template <typename T, typename F>
+void dispatch_vec(bool vectorize, const F& f) {
+  if (vectorize) {
+    f(std::integral_constant<int, kMaxVec<T>>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+#define BN_EXT_CUDA_DISPATCH(scalar_type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scalar_type, name, __VA_ARGS__)
+
+template <typename M>
+const M* opt_ptr(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<M>() : nullptr;
+}
+
+template <typename M>
+M* opt_mutable_ptr(const Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<M>() : nullptr;
+}
+
+// ---- launchers (all on the current stream; per-channel tensors are contiguous math-type [C]) ---
+
+// Per-channel mean and biased variance of x. When `coef` is defined ([3C]) the same finishing
+// step also writes the forward coefficients (mu | alpha = w * invstd | beta = b), with `weight`
+// and `bias` (either may be undefined) and eps.
+void launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight,
+                        const Tensor& bias, double eps, const Tensor& mean, const Tensor& var,
+                        const Tensor& coef);
+
+// sum_dy, sum_dy_xmu (either may be undefined: not stored), grad_bias = sum_dy and
+// grad_weight = sum_dy_xmu * invstd. When `coef` is defined ([4C]) also the training backward's
+// coefficients (mu | a | b | d, see elementwise_kernels.cu) with n = g.count() and `weight`.
+void launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
+                      const Tensor& var, const Tensor& weight, double eps, const Tensor& sum_dy,
+                      const Tensor& sum_dy_xmu, const Tensor& grad_weight,
+                      const Tensor& grad_bias, const Tensor& coef);
+
+// coef[3C] = (mean | w * invstd | b) from given statistics.
+void launch_forward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
+                          const Tensor& bias, double eps, const Tensor& coef);
+
+// coef[4C] = (mean | a | b | d) for the backward elementwise kernel; training when sum_dy is
+// defined (count, a 0-d device tensor, is read on the device), eval otherwise.
+void launch_backward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
+                           const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& count,
+                           double eps, const Tensor& coef);
+
+enum class Elementwise { kForward, kBackwardTrain, kBackwardEval };
+
+// out = f(x, dy) elementwise with per-channel coefficients from one of the two coef launchers
+// above (or the reductions that write them).
+void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const Geometry& g,
+                        const Tensor& coef, const Tensor& out);
+
+void launch_running_stats_update(const Tensor& running_mean, const Tensor& running_var,
+                                 const Tensor& num_batches_tracked, const Tensor& mean,
+                                 const Tensor& var, const Tensor& count,
+                                 c10::optional<double> momentum);
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace bn_ext

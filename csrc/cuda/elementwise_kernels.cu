@@ -1,0 +1,250 @@
+// Elementwise kernels (forward normalize, backward input) and the small per-channel kernels
+// (coefficients, running-statistics update).
+//
+// Elementwise: a flat grid-stride loop over the tensor in vectors of V elements (128 bits when
+// every pointer is 16-byte aligned, else 1), 1-D blocks of kThreads, at most 32 blocks per SM.
+// The channel of flat element e is (e / run) % C with run = S (contiguous) or 1 (channels-last),
+// found once per vector with fast 32-bit division; within the vector the position is stepped, so
+// a vector may straddle runs and any S or C vectorizes. Coefficients are reloaded (from L1) only
+// when the channel changes. The last numel % V elements are done by the first threads, scalar.
+//
+// Per-channel coefficients, computed once per channel in double and rounded to the math type:
+//   forward  (mu | alpha | beta):  y  = (x - mu) * alpha + beta,  alpha = w * invstd, beta = b.
+//            The centred form keeps mean * alpha from rounding at a large magnitude.
+//   backward (mu | a | b | d):     dx = dy * a + ((x - mu) * b + d)   (training)
+//                                  dx = dy * a                        (eval; x is not read)
+#include "common.cuh"
+
+namespace bn_ext {
+namespace cuda {
+namespace detail {
+namespace {
+
+template <typename T, Elementwise kOp, typename I, int W>
+__device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
+                                               const T* __restrict__ dy, T* __restrict__ out,
+                                               const math_t<T>* __restrict__ coef, I C,
+                                               const at::cuda::detail::IntDivider<I>& per_run,
+                                               const at::cuda::detail::IntDivider<I>& per_c) {
+  using M = math_t<T>;
+  constexpr bool kReadsX = kOp != Elementwise::kBackwardEval;
+  constexpr bool kReadsDy = kOp != Elementwise::kForward;
+  const auto qr = per_run.divmod(e);
+  I s = qr.mod;
+  I c = per_c.mod(qr.div);
+  const I run = per_run.divisor;
+  Vec<T, W> xv, gv, ov;
+  if constexpr (kReadsX) xv = load_vec<W>(x + e);
+  if constexpr (kReadsDy) gv = load_vec<W>(dy + e);
+  I cached = C;  // no channel
+  M mu = 0, p1 = 0, p2 = 0, p3 = 0;
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    if (c != cached) {
+      cached = c;
+      p1 = coef[C + c];
+      if constexpr (kOp != Elementwise::kBackwardEval) {
+        mu = coef[c];
+        p2 = coef[2 * C + c];
+      }
+      if constexpr (kOp == Elementwise::kBackwardTrain) p3 = coef[3 * C + c];
+    }
+    if constexpr (kOp == Elementwise::kForward) {
+      ov.v[w] = static_cast<T>(fmadd(static_cast<M>(xv.v[w]) - mu, p1, p2));
+    } else if constexpr (kOp == Elementwise::kBackwardTrain) {
+      ov.v[w] = static_cast<T>(
+          fmadd(static_cast<M>(gv.v[w]), p1, fmadd(static_cast<M>(xv.v[w]) - mu, p2, p3)));
+    } else {
+      ov.v[w] = static_cast<T>(static_cast<M>(gv.v[w]) * p1);
+    }
+    if (++s == run) {
+      s = 0;
+      c = c + 1 == C ? I(0) : c + 1;
+    }
+  }
+  store_vec<W>(out + e, ov);
+}
+
+template <typename T, Elementwise kOp, typename I, int V>
+__global__ void __launch_bounds__(kThreads)
+    elementwise_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
+                       const math_t<T>* __restrict__ coef, I numel, I C,
+                       at::cuda::detail::IntDivider<I> per_run,
+                       at::cuda::detail::IntDivider<I> per_c) {
+  const I nv = numel / V;
+  const I tid = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x;
+  const I step = static_cast<I>(gridDim.x) * kThreads;
+  for (I i = tid; i < nv; i += step) {
+    elementwise_at<T, kOp, I, V>(i * V, x, dy, out, coef, C, per_run, per_c);
+  }
+  if constexpr (V > 1) {
+    const I done = nv * V;
+    if (tid < numel - done) {
+      elementwise_at<T, kOp, I, 1>(done + tid, x, dy, out, coef, C, per_run, per_c);
+    }
+  }
+}
+
+template <typename M>
+__global__ void __launch_bounds__(kThreads)
+    forward_coefs_kernel(const M* __restrict__ mean, const M* __restrict__ var,
+                         const M* __restrict__ weight, const M* __restrict__ bias, double eps,
+                         int64_t C, M* __restrict__ coef) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= C) return;
+  const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
+  coef[c] = mean[c];
+  coef[C + c] = static_cast<M>(w * (1.0 / sqrt(static_cast<double>(var[c]) + eps)));
+  coef[2 * C + c] = bias != nullptr ? bias[c] : M(0);
+}
+
+// Training (sum_dy != nullptr): a = w * invstd, b = -a * invstd^2 * sum_dy_xmu / n,
+// d = -a * sum_dy / n, with n = *count read here on the device. Eval: a = w * invstd, b = d = 0.
+template <typename M>
+__global__ void __launch_bounds__(kThreads)
+    backward_coefs_kernel(const M* __restrict__ mean, const M* __restrict__ var,
+                          const M* __restrict__ weight, const M* __restrict__ sum_dy,
+                          const M* __restrict__ sum_dy_xmu, const M* __restrict__ count,
+                          double eps, int64_t C, M* __restrict__ coef) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= C) return;
+  const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
+  const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
+  const double a = w * invstd;
+  coef[c] = mean[c];
+  coef[C + c] = static_cast<M>(a);
+  if (sum_dy != nullptr) {
+    const double n = static_cast<double>(*count);
+    coef[2 * C + c] = static_cast<M>(-a * invstd * invstd * static_cast<double>(sum_dy_xmu[c]) / n);
+    coef[3 * C + c] = static_cast<M>(-a * static_cast<double>(sum_dy[c]) / n);
+  } else {
+    coef[2 * C + c] = 0;
+    coef[3 * C + c] = 0;
+  }
+}
+
+// One block. num_batches_tracked += 1 (when given) and the momentum m = 1 / num_batches_tracked
+// (momentum None) are both done here, so nothing is read back to the host: every thread reads the
+// old count, the block synchronises, and then thread 0 writes the new one.
+//   running_mean = (1 - m) * running_mean + m * mean
+//   running_var  = (1 - m) * running_var  + m * var * n / (n - 1),  n = *count
+template <typename M>
+__global__ void __launch_bounds__(kThreads)
+    running_stats_kernel(M* __restrict__ running_mean, M* __restrict__ running_var,
+                         int64_t* __restrict__ num_batches_tracked, const M* __restrict__ mean,
+                         const M* __restrict__ var, const M* __restrict__ count, bool has_momentum,
+                         double momentum, int64_t C) {
+  int64_t tracked = 1;
+  if (num_batches_tracked != nullptr) tracked = *num_batches_tracked + 1;
+  __syncthreads();
+  if (num_batches_tracked != nullptr && threadIdx.x == 0) *num_batches_tracked = tracked;
+  const double m = has_momentum ? momentum : 1.0 / static_cast<double>(tracked);
+  const double n = static_cast<double>(*count);
+  const double unbias = n / (n - 1);  // n == 1: inf/nan, as in torch
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    running_mean[c] = static_cast<M>((1 - m) * static_cast<double>(running_mean[c]) +
+                                     m * static_cast<double>(mean[c]));
+    running_var[c] = static_cast<M>((1 - m) * static_cast<double>(running_var[c]) +
+                                    m * unbias * static_cast<double>(var[c]));
+  }
+}
+
+#define BN_EXT_CUDA_DISPATCH_MATH(scalar_type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES(scalar_type, name, __VA_ARGS__)
+
+}  // namespace
+
+void launch_forward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
+                          const Tensor& bias, double eps, const Tensor& coef) {
+  const int64_t C = mean.numel();
+  if (C == 0) return;
+  BN_EXT_CUDA_DISPATCH_MATH(mean.scalar_type(), "bn_ext::cuda::forward_coefs", [&] {
+    forward_coefs_kernel<scalar_t>
+        <<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0,
+           at::cuda::getCurrentCUDAStream()>>>(
+            mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(),
+            opt_ptr<scalar_t>(weight), opt_ptr<scalar_t>(bias), eps, C,
+            coef.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_backward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
+                           const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& count,
+                           double eps, const Tensor& coef) {
+  const int64_t C = mean.numel();
+  if (C == 0) return;
+  BN_EXT_CUDA_DISPATCH_MATH(mean.scalar_type(), "bn_ext::cuda::backward_coefs", [&] {
+    backward_coefs_kernel<scalar_t>
+        <<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0,
+           at::cuda::getCurrentCUDAStream()>>>(
+            mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(),
+            opt_ptr<scalar_t>(weight), opt_ptr<scalar_t>(sum_dy), opt_ptr<scalar_t>(sum_dy_xmu),
+            sum_dy.defined() ? count.const_data_ptr<scalar_t>() : nullptr, eps, C,
+            coef.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const Geometry& g,
+                        const Tensor& coef, const Tensor& out) {
+  const int64_t numel = out.numel();
+  if (numel == 0) return;
+  BN_EXT_CUDA_DISPATCH(out.scalar_type(), "bn_ext::cuda::elementwise", [&] {
+    using T = scalar_t;
+    using M = math_t<T>;
+    const T* xp = op != Elementwise::kBackwardEval ? x.const_data_ptr<T>() : nullptr;
+    const T* dyp = op != Elementwise::kForward ? dy.const_data_ptr<T>() : nullptr;
+    T* outp = out.mutable_data_ptr<T>();
+    const bool aligned = is_aligned16(outp) && (xp == nullptr || is_aligned16(xp)) &&
+                         (dyp == nullptr || is_aligned16(dyp));
+    const int64_t run = g.layout == Layout::kContiguous ? g.S : 1;
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch_index(numel, [&](auto itag) {
+      using I = decltype(itag);
+      dispatch_vec<T>(aligned, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        const int64_t nv = numel / V;
+        const int64_t blocks =
+            std::max<int64_t>(1, std::min(ceil_div(nv, kThreads), sm_count() * 32));
+        const auto launch = [&](auto kernel) {
+          kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+              xp, dyp, outp, coef.const_data_ptr<M>(), static_cast<I>(numel),
+              static_cast<I>(g.C), at::cuda::detail::IntDivider<I>(static_cast<I>(run)),
+              at::cuda::detail::IntDivider<I>(static_cast<I>(g.C)));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        switch (op) {
+          case Elementwise::kForward:
+            launch(elementwise_kernel<T, Elementwise::kForward, I, V>);
+            break;
+          case Elementwise::kBackwardTrain:
+            launch(elementwise_kernel<T, Elementwise::kBackwardTrain, I, V>);
+            break;
+          case Elementwise::kBackwardEval:
+            launch(elementwise_kernel<T, Elementwise::kBackwardEval, I, V>);
+            break;
+        }
+      });
+    });
+  });
+}
+
+void launch_running_stats_update(const Tensor& running_mean, const Tensor& running_var,
+                                 const Tensor& num_batches_tracked, const Tensor& mean,
+                                 const Tensor& var, const Tensor& count,
+                                 c10::optional<double> momentum) {
+  const int64_t C = mean.numel();
+  BN_EXT_CUDA_DISPATCH_MATH(mean.scalar_type(), "bn_ext::cuda::running_stats_update", [&] {
+    running_stats_kernel<scalar_t><<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>(),
+        opt_mutable_ptr<int64_t>(num_batches_tracked), mean.const_data_ptr<scalar_t>(),
+        var.const_data_ptr<scalar_t>(), count.const_data_ptr<scalar_t>(), momentum.has_value(),
+        momentum.value_or(0.0), C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace bn_ext

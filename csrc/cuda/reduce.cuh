@@ -1,0 +1,78 @@
+// The per-channel reduction's value type and its merge, used at every level of every reduction:
+// a thread's vector lanes, the threads of a block (cub::BlockReduce), the rows of a channels-last
+// tile (column_merge), and the blocks of the grid (the finalize pass over staged partials).
+//
+// Both reductions are pairs of plain sums with one fixed shift per channel:
+//   statistics: s1 = sum(x - k), s2 = sum((x - k)^2), k = the channel's first element, so that
+//               mean = k + s1/n and var = s2/n - (s1/n)^2 cancel nothing when |mean| >> std;
+//   backward:   s1 = sum(dy),    s2 = sum(dy * (x - mean)).
+// With a common shift, merging two partial results is adding them (Welford's merge reduces to this
+// when every part is centred on the same k), and it is cheaper than Welford's division per merge.
+//
+// Determinism: every partial is owned by a fixed set of elements (fixed by the launch geometry,
+// which depends only on the shape, dtype, alignment and device), and partials are merged in a fixed
+// tree. There are no atomics, so the bits are the same from run to run.
+#pragma once
+
+#include <cub/block/block_reduce.cuh>
+
+#include "common.cuh"
+
+namespace bn_ext {
+namespace cuda {
+namespace detail {
+
+template <typename M>
+struct Sums {
+  M s1;
+  M s2;
+};
+
+template <typename M>
+__device__ __forceinline__ Sums<M> merge(const Sums<M>& a, const Sums<M>& b) {
+  return {a.s1 + b.s1, a.s2 + b.s2};
+}
+
+struct Merge {
+  template <typename M>
+  __device__ __forceinline__ Sums<M> operator()(const Sums<M>& a, const Sums<M>& b) const {
+    return merge(a, b);
+  }
+};
+
+template <typename M>
+using BlockMerge = cub::BlockReduce<Sums<M>, kThreads, cub::BLOCK_REDUCE_WARP_REDUCTIONS>;
+
+// All kThreads threads of a 1-D block to one value, valid in thread 0. The warp-reductions
+// algorithm combines in a fixed order (shuffle tree per warp, then warps in order).
+template <typename M>
+__device__ __forceinline__ Sums<M> block_merge(const Sums<M>& v,
+                                               typename BlockMerge<M>::TempStorage& tmp) {
+  return BlockMerge<M>(tmp).Reduce(v, Merge());
+}
+
+// Merges W values per thread down the y dimension of a (bx, by) block, by a power of two, as a
+// fixed binary tree: afterwards the threads with threadIdx.y == 0 hold their column's result.
+// `smem` holds (by / 2) * bx * W values. Every thread of the block must call it.
+template <typename M, int W>
+__device__ __forceinline__ void column_merge(Sums<M> (&v)[W], Sums<M>* smem) {
+  const int bx = blockDim.x;
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  for (int half = blockDim.y / 2; half > 0; half /= 2) {
+    if (ty >= half && ty < 2 * half) {
+#pragma unroll
+      for (int w = 0; w < W; ++w) smem[((ty - half) * bx + tx) * W + w] = v[w];
+    }
+    __syncthreads();
+    if (ty < half) {
+#pragma unroll
+      for (int w = 0; w < W; ++w) v[w] = merge(v[w], smem[(ty * bx + tx) * W + w]);
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace bn_ext

@@ -1,0 +1,377 @@
+// Per-channel reductions: the batch statistics and the backward's sums.
+//
+// Two kernels read the input, one per layout, and each block reduces its share of one or more
+// channels to a (s1, s2) pair (reduce.cuh). When a channel is split over G > 1 blocks along the
+// grid's y axis, the blocks stage their pairs in a [2][G][C] partials buffer and a second kernel
+// (finalize_kernel) merges the G pairs of each channel in a fixed order: a two-stage grid reduction
+// with no atomics. The pass that merges the last level (the reduction kernel itself when G == 1)
+// runs the op's finish() step, which writes the per-channel outputs, including the coefficients
+// the elementwise kernel needs next.
+//
+// Contiguous (N, C, S): grid (C, G), 1-D blocks of kThreads. The channel's N runs of S elements
+// are cut into vectors of V elements (V = 128 bits when S % V == 0 and the pointers are 16-byte
+// aligned, else 1); vector j of the channel is run j / (S/V), offset j % (S/V), and the blocks of
+// the channel stride over j together, so consecutive threads read consecutive addresses.
+// Each thread keeps V lane accumulators (shorter float chains), merges them, then the block merges
+// with cub::BlockReduce.
+//
+// Channels-last (N*S rows of C): 2-D blocks (bx, by), bx * by = kThreads. A thread owns V
+// consecutive channels (128 bits of a row) and walks rows by * G apart; a warp reads whole row
+// segments. The block merges down its by rows with column_merge, and the G row-blocks of a channel
+// tile merge in the finalize pass.
+#include "reduce.cuh"
+
+namespace bn_ext {
+namespace cuda {
+namespace detail {
+namespace {
+
+// Statistics: s1 = sum(x - k), s2 = sum((x - k)^2), k = the channel's first element.
+template <typename T>
+struct StatsOp {
+  using M = math_t<T>;
+  static constexpr bool kNeedsDy = false;
+
+  const T* x;
+  int64_t shift_stride;  // the channel's first element is x[c * shift_stride]
+  int64_t C;
+  double n;
+  double eps;
+  const M* weight;  // nullable
+  const M* bias;    // nullable
+  M* mean;
+  M* var;
+  M* coef;  // nullable: (mu | alpha | beta) for the forward elementwise kernel
+
+  __device__ __forceinline__ M center(int64_t c) const {
+    return static_cast<M>(x[c * shift_stride]);
+  }
+
+  __device__ __forceinline__ static void accumulate(M xv, M /*dy*/, M k, M& a1, M& a2) {
+    const M d = xv - k;
+    a1 += d;
+    a2 = fmadd(d, d, a2);
+  }
+
+  // mean = k + s1/n, var = s2/n - (s1/n)^2 (biased), in double, rounded once; a negative
+  // rounding residue is clamped to 0 while NaN is kept (NaN stays in its channel).
+  __device__ void finish(int64_t c, M s1, M s2) const {
+    const double k = static_cast<double>(center(c));
+    const double m1 = static_cast<double>(s1) / n;
+    double v = static_cast<double>(s2) / n - m1 * m1;
+    v = v < 0 ? 0.0 : v;
+    const M mu = static_cast<M>(k + m1);
+    const M vm = static_cast<M>(v);
+    mean[c] = mu;
+    var[c] = vm;
+    if (coef != nullptr) {
+      const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
+      coef[c] = mu;
+      coef[C + c] = static_cast<M>(w * (1.0 / sqrt(static_cast<double>(vm) + eps)));
+      coef[2 * C + c] = bias != nullptr ? bias[c] : M(0);
+    }
+  }
+};
+
+// Backward: s1 = sum(dy), s2 = sum(dy * (x - mean)).
+template <typename T>
+struct GradOp {
+  using M = math_t<T>;
+  static constexpr bool kNeedsDy = true;
+
+  const M* mean;
+  const M* var;
+  const M* weight;  // nullable
+  int64_t C;
+  double n;
+  double eps;
+  M* sum_dy;      // nullable
+  M* sum_dy_xmu;  // nullable
+  M* grad_weight;
+  M* grad_bias;
+  M* coef;  // nullable: (mu | a | b | d) for the training backward elementwise kernel
+
+  __device__ __forceinline__ M center(int64_t c) const { return mean[c]; }
+
+  __device__ __forceinline__ static void accumulate(M xv, M dy, M mu, M& a1, M& a2) {
+    a1 += dy;
+    a2 = fmadd(dy, xv - mu, a2);
+  }
+
+  // grad_bias = sum_dy, grad_weight = sum_dy_xmu * invstd; and, with w' = w * invstd,
+  //   dx = w' * (dy - sum_dy/n - (x - mean) * invstd^2 * sum_dy_xmu/n)
+  //      = dy * a + (x - mean) * b + d,  a = w',  b = -w' invstd^2 sum_dy_xmu / n,  d = -w' sum_dy / n.
+  __device__ void finish(int64_t c, M s1, M s2) const {
+    const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
+    if (sum_dy != nullptr) sum_dy[c] = s1;
+    if (sum_dy_xmu != nullptr) sum_dy_xmu[c] = s2;
+    grad_bias[c] = s1;
+    grad_weight[c] = static_cast<M>(static_cast<double>(s2) * invstd);
+    if (coef != nullptr) {
+      const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
+      const double a = w * invstd;
+      coef[c] = mean[c];
+      coef[C + c] = static_cast<M>(a);
+      coef[2 * C + c] = static_cast<M>(-a * invstd * invstd * static_cast<double>(s2) / n);
+      coef[3 * C + c] = static_cast<M>(-a * static_cast<double>(s1) / n);
+    }
+  }
+};
+
+template <typename Op, int V, typename T, typename M>
+__device__ __forceinline__ void accumulate_vec(const Vec<T, V>& xv, const Vec<T, V>& dv,
+                                               const M (&k)[V], M (&a1)[V], M (&a2)[V]) {
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    Op::accumulate(static_cast<M>(xv.v[w]), Op::kNeedsDy ? static_cast<M>(dv.v[w]) : M(0), k[w],
+                   a1[w], a2[w]);
+  }
+}
+
+template <typename M>
+__device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t g, int64_t c,
+                                              const Sums<M>& s) {
+  partial[g * C + c] = s.s1;
+  partial[(static_cast<int64_t>(gridDim.y) + g) * C + c] = s.s2;
+}
+
+template <typename T, typename Op, typename I, int V>
+__global__ void __launch_bounds__(kThreads)
+    reduce_contiguous_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy, I C,
+                             I S, at::cuda::detail::IntDivider<I> per_run, I nv,
+                             math_t<T>* __restrict__ partial) {
+  using M = math_t<T>;
+  const I c = blockIdx.x;
+  const M k0 = op.center(c);
+  M k[V], a1[V], a2[V];
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    k[w] = k0;
+    a1[w] = 0;
+    a2[w] = 0;
+  }
+  const auto offset = [&](I j) {
+    const auto qr = per_run.divmod(j);  // (n, vector within the run)
+    return (qr.div * C + c) * S + qr.mod * V;
+  };
+  const I step = static_cast<I>(gridDim.y) * kThreads;
+  I j = static_cast<I>(blockIdx.y) * kThreads + threadIdx.x;
+  // Two independent vectors in flight per iteration.
+  for (; j + step < nv; j += 2 * step) {
+    const I o0 = offset(j), o1 = offset(j + step);
+    const Vec<T, V> x0 = load_vec<V>(x + o0), x1 = load_vec<V>(x + o1);
+    Vec<T, V> d0 = x0, d1 = x1;
+    if constexpr (Op::kNeedsDy) {
+      d0 = load_vec<V>(dy + o0);
+      d1 = load_vec<V>(dy + o1);
+    }
+    accumulate_vec<Op, V>(x0, d0, k, a1, a2);
+    accumulate_vec<Op, V>(x1, d1, k, a1, a2);
+  }
+  if (j < nv) {
+    const I o0 = offset(j);
+    const Vec<T, V> x0 = load_vec<V>(x + o0);
+    Vec<T, V> d0 = x0;
+    if constexpr (Op::kNeedsDy) d0 = load_vec<V>(dy + o0);
+    accumulate_vec<Op, V>(x0, d0, k, a1, a2);
+  }
+  Sums<M> t{a1[0], a2[0]};
+#pragma unroll
+  for (int w = 1; w < V; ++w) t = merge(t, Sums<M>{a1[w], a2[w]});
+  __shared__ typename BlockMerge<M>::TempStorage tmp;
+  t = block_merge<M>(t, tmp);
+  if (threadIdx.x == 0) {
+    if (gridDim.y == 1) {
+      op.finish(c, t.s1, t.s2);
+    } else {
+      store_partial(partial, static_cast<int64_t>(C), blockIdx.y, static_cast<int64_t>(c), t);
+    }
+  }
+}
+
+template <typename T, typename Op, typename I, int V>
+__global__ void __launch_bounds__(kThreads)
+    reduce_channels_last_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy,
+                                I rows, I C, math_t<T>* __restrict__ partial) {
+  using M = math_t<T>;
+  const I c0 = (static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  const bool active = c0 < C;  // V divides C, so a thread's channels are all in or all out
+  M k[V], a1[V], a2[V];
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    k[w] = active ? op.center(c0 + w) : M(0);
+    a1[w] = 0;
+    a2[w] = 0;
+  }
+  if (active) {
+    const I step = static_cast<I>(gridDim.y) * blockDim.y;
+    I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y;
+    for (; r + step < rows; r += 2 * step) {
+      const I o0 = r * C + c0, o1 = (r + step) * C + c0;
+      const Vec<T, V> x0 = load_vec<V>(x + o0), x1 = load_vec<V>(x + o1);
+      Vec<T, V> d0 = x0, d1 = x1;
+      if constexpr (Op::kNeedsDy) {
+        d0 = load_vec<V>(dy + o0);
+        d1 = load_vec<V>(dy + o1);
+      }
+      accumulate_vec<Op, V>(x0, d0, k, a1, a2);
+      accumulate_vec<Op, V>(x1, d1, k, a1, a2);
+    }
+    if (r < rows) {
+      const I o0 = r * C + c0;
+      const Vec<T, V> x0 = load_vec<V>(x + o0);
+      Vec<T, V> d0 = x0;
+      if constexpr (Op::kNeedsDy) d0 = load_vec<V>(dy + o0);
+      accumulate_vec<Op, V>(x0, d0, k, a1, a2);
+    }
+  }
+  Sums<M> v[V];
+#pragma unroll
+  for (int w = 0; w < V; ++w) v[w] = Sums<M>{a1[w], a2[w]};
+  __shared__ Sums<M> smem[kThreads / 2 * V];
+  column_merge<M, V>(v, smem);
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int w = 0; w < V; ++w) {
+      const int64_t c = static_cast<int64_t>(c0) + w;
+      if (gridDim.y == 1) {
+        op.finish(c, v[w].s1, v[w].s2);
+      } else {
+        store_partial(partial, static_cast<int64_t>(C), blockIdx.y, c, v[w]);
+      }
+    }
+  }
+}
+
+// Second stage: merges the G partial pairs of each channel (g ascending per thread, then a fixed
+// tree over the block's rows) and finishes. Blocks (bx, by): bx channels, by partials at a time.
+template <typename Op>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const Op op, const typename Op::M* __restrict__ partial, int64_t C,
+                    int64_t G) {
+  using M = typename Op::M;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  Sums<M> v[1] = {Sums<M>{0, 0}};
+  if (c < C) {
+    for (int64_t g = threadIdx.y; g < G; g += blockDim.y) {
+      v[0] = merge(v[0], Sums<M>{partial[g * C + c], partial[(G + g) * C + c]});
+    }
+  }
+  __shared__ Sums<M> smem[kThreads / 2];
+  column_merge<M, 1>(v, smem);
+  if (threadIdx.y == 0 && c < C) op.finish(c, v[0].s1, v[0].s2);
+}
+
+// Blocks along the grid's y axis per channel (tile): enough blocks in all to fill the device
+// once, but at least `min_per_thread` vectors per thread.
+int64_t split_count(int64_t tiles, int64_t work_per_tile, int64_t threads_per_tile,
+                    int64_t min_per_thread) {
+  int64_t G = ceil_div(full_wave_blocks(), tiles);
+  G = std::min(G, ceil_div(work_per_tile, threads_per_tile * min_per_thread));
+  return std::max<int64_t>(1, std::min<int64_t>(G, 65535));
+}
+
+template <typename T, typename Op>
+void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) {
+  using M = math_t<T>;
+  constexpr int VM = kMaxVec<T>;
+  const T* xp = x.const_data_ptr<T>();
+  const T* dyp = Op::kNeedsDy ? dy.const_data_ptr<T>() : nullptr;
+  const bool aligned = is_aligned16(xp) && (dyp == nullptr || is_aligned16(dyp));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<M>::value);
+  const int64_t C = g.C;
+  int64_t G = 1;
+  Tensor partial;
+
+  dispatch_index(x.numel(), [&](auto itag) {
+    using I = decltype(itag);
+    if (g.layout == Layout::kContiguous) {
+      dispatch_vec<T>(aligned && g.S % VM == 0, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        const int64_t per_run = g.S / V;
+        const int64_t nv = g.N * per_run;
+        G = split_count(C, nv, kThreads, 4);
+        if (G > 1) partial = at::empty({2 * G * C}, opts);
+        reduce_contiguous_kernel<T, Op, I, V>
+            <<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(G)), kThreads, 0, stream>>>(
+                op, xp, dyp, static_cast<I>(C), static_cast<I>(g.S),
+                at::cuda::detail::IntDivider<I>(static_cast<I>(per_run)), static_cast<I>(nv),
+                G > 1 ? partial.mutable_data_ptr<M>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else {
+      dispatch_vec<T>(aligned && C % VM == 0, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        const int64_t cv = C / V;  // channel vectors per row
+        const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cv)));
+        const int by = kThreads / bx;
+        const int64_t blocks_x = ceil_div(cv, bx);
+        const int64_t rows = g.N * g.S;
+        G = split_count(blocks_x, rows, by, 8);
+        if (G > 1) partial = at::empty({2 * G * C}, opts);
+        reduce_channels_last_kernel<T, Op, I, V>
+            <<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(G)), dim3(bx, by), 0,
+               stream>>>(op, xp, dyp, static_cast<I>(rows), static_cast<I>(C),
+                         G > 1 ? partial.mutable_data_ptr<M>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+  });
+
+  if (G > 1) {
+    const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(C)));
+    const int by = kThreads / bx;
+    finalize_kernel<Op><<<static_cast<unsigned>(ceil_div(C, bx)), dim3(bx, by), 0, stream>>>(
+        op, partial.const_data_ptr<M>(), C, G);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+void launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight,
+                        const Tensor& bias, double eps, const Tensor& mean, const Tensor& var,
+                        const Tensor& coef) {
+  BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::batch_stats", [&] {
+    using M = math_t<scalar_t>;
+    StatsOp<scalar_t> op;
+    op.x = x.const_data_ptr<scalar_t>();
+    op.shift_stride = g.layout == Layout::kContiguous ? g.S : 1;
+    op.C = g.C;
+    op.n = static_cast<double>(g.count());
+    op.eps = eps;
+    op.weight = opt_ptr<M>(weight);
+    op.bias = opt_ptr<M>(bias);
+    op.mean = mean.mutable_data_ptr<M>();
+    op.var = var.mutable_data_ptr<M>();
+    op.coef = opt_mutable_ptr<M>(coef);
+    reduce<scalar_t>(op, x, Tensor(), g);
+  });
+}
+
+void launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
+                      const Tensor& var, const Tensor& weight, double eps, const Tensor& sum_dy,
+                      const Tensor& sum_dy_xmu, const Tensor& grad_weight,
+                      const Tensor& grad_bias, const Tensor& coef) {
+  BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::backward_reduce", [&] {
+    using M = math_t<scalar_t>;
+    GradOp<scalar_t> op;
+    op.mean = mean.const_data_ptr<M>();
+    op.var = var.const_data_ptr<M>();
+    op.weight = opt_ptr<M>(weight);
+    op.C = g.C;
+    op.n = static_cast<double>(g.count());
+    op.eps = eps;
+    op.sum_dy = opt_mutable_ptr<M>(sum_dy);
+    op.sum_dy_xmu = opt_mutable_ptr<M>(sum_dy_xmu);
+    op.grad_weight = grad_weight.mutable_data_ptr<M>();
+    op.grad_bias = grad_bias.mutable_data_ptr<M>();
+    op.coef = opt_mutable_ptr<M>(coef);
+    reduce<scalar_t>(op, x, dy, g);
+  });
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace bn_ext

@@ -1,0 +1,528 @@
+"""CUDA-only tests of bn_ext's own CUDA kernels (csrc/cuda). Skipped where there is no GPU.
+
+Covered here, beyond the device-parametrized suites:
+  * parity with torch.nn.BatchNorm1d/2d/3d, cuDNN on and off, on every layout and dtype, with
+    shapes that reach every kernel variant (vectorized and scalar, one block per channel and the
+    two-stage grid reduction, both layouts);
+  * every raw op against the CPU kernels, misaligned and odd-sized inputs included;
+  * gradcheck / gradgradcheck in float64 on the GPU;
+  * bit-identical repeat runs, CUDA graph capture and replay, a non-default stream, a non-default
+    device, no host synchronisation (torch.cuda.set_sync_debug_mode("error"));
+  * a bfloat16 input of more than 2^31 elements (64-bit indexing), marked slow.
+"""
+import copy
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import bn_ext
+from conftest import TOL, assert_close, make_input
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ops = torch.ops.bn_ext
+DEV = "cuda"
+
+TORCH_CLS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+             5: torch.nn.BatchNorm3d}
+OURS_CLS = {2: bn_ext.BatchNorm1d, 3: bn_ext.BatchNorm1d, 4: bn_ext.BatchNorm2d,
+            5: bn_ext.BatchNorm3d}
+
+# (input dtype, parameter dtype)
+DTYPES = [
+    (torch.float64, torch.float64),
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+]
+DTYPE_IDS = ["fp64", "fp32", "fp16", "bf16", "fp16-fp32params", "bf16-fp32params"]
+
+LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed"]
+
+# Shapes chosen to reach each kernel variant:
+#   (64, 40)          2-D: channels-last rows, C % 8 == 0
+#   (300, 6)          2-D: C not a multiple of any vector width
+#   (8, 12, 100)      3-D
+#   (4, 16, 33, 31)   odd spatial size: scalar contiguous reduction, vectors straddling runs
+#   (8, 32, 28, 28)   S % 8 == 0: vectorized everywhere
+#   (2, 3, 128, 128)  few channels, large N*S: two-stage grid reduction
+#   (2, 8, 6, 10, 12) 5-D
+SHAPES = [(64, 40), (300, 6), (8, 12, 100), (4, 16, 33, 31), (8, 32, 28, 28), (2, 3, 128, 128),
+          (2, 8, 6, 10, 12)]
+
+
+def _ids(shape):
+    return "x".join(map(str, shape))
+
+
+def _param_tol(dtype, param_dtype):
+    return dtype if param_dtype == dtype else param_dtype
+
+
+def test_build_has_cuda_kernels():
+    assert bn_ext.has_cuda_kernels(), "a GPU is visible but bn_ext was built without CUDA kernels"
+
+
+# ---- parity with torch.nn, cuDNN on and off --------------------------------------------------
+
+def _make_pair(ndim, C, param_dtype, affine=True, track=True, momentum=0.1):
+    ref = TORCH_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
+                          device=DEV, dtype=param_dtype)
+    if affine:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            ref.weight.copy_(torch.rand(C, generator=g) + 0.5)
+            ref.bias.copy_(torch.linspace(-1, 1, C))
+    ours = OURS_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
+                          device=DEV, dtype=param_dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _check_steps(ref, ours, shape, dtype, param_dtype, layout, steps, train, seed=0):
+    ref.train(train)
+    ours.train(train)
+    ptol = _param_tol(dtype, param_dtype)
+    for step in range(steps):
+        x = make_input(shape, dtype, DEV, layout, seed=seed + step)
+        x_before = x.clone()
+        xr = x.detach().clone().requires_grad_()
+        xo = x.detach().clone().requires_grad_()
+        yr = ref(xr)
+        yo = ours(xo)
+        assert yo.dtype == yr.dtype and yo.shape == yr.shape
+        assert_close(yo, yr, dtype, msg=f"output, step {step}")
+        gy = make_input(shape, dtype, DEV, "contiguous", seed=100 + step)
+        yr.backward(gy)
+        yo.backward(gy)
+        assert_close(xo.grad, xr.grad, dtype, msg=f"grad_input, step {step}")
+        if ref.affine:
+            assert ours.weight.grad.dtype == ref.weight.grad.dtype
+            assert_close(ours.weight.grad, ref.weight.grad, ptol, msg="grad_weight")
+            assert_close(ours.bias.grad, ref.bias.grad, ptol, msg="grad_bias")
+            ref.zero_grad()
+            ours.zero_grad()
+        assert torch.equal(x, x_before), "the input was modified"
+        if ref.track_running_stats:
+            assert_close(ours.running_mean, ref.running_mean, ptol, msg="running_mean")
+            assert_close(ours.running_var, ref.running_var, ptol, msg="running_var")
+            assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
+
+
+@pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn", "native"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_parity_with_torch(cudnn, dtypes, layout, shape):
+    if len(shape) == 2 and layout == "transposed":
+        pytest.skip("a 2D input has no spatial dims to transpose")
+    dtype, param_dtype = dtypes
+    with torch.backends.cudnn.flags(enabled=cudnn):
+        ref, ours = _make_pair(len(shape), shape[1], param_dtype)
+        _check_steps(ref, ours, shape, dtype, param_dtype, layout, steps=2, train=True)
+        _check_steps(ref, ours, shape, dtype, param_dtype, layout, steps=1, train=False)
+
+
+@pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn", "native"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("options", [(False, True, None), (True, False, 0.1), (False, False, 0.3)],
+                         ids=["plain-cumulative", "affine-untracked", "plain-untracked"])
+def test_parity_options(cudnn, layout, options):
+    affine, track, momentum = options
+    shape = (6, 24, 10, 9)
+    with torch.backends.cudnn.flags(enabled=cudnn):
+        ref, ours = _make_pair(4, shape[1], torch.float32, affine, track, momentum)
+        _check_steps(ref, ours, shape, torch.float32, torch.float32, layout, steps=3, train=True)
+        _check_steps(ref, ours, shape, torch.float32, torch.float32, layout, steps=1, train=False)
+
+
+def test_functional_and_convert_model():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                              torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1),
+                              torch.nn.BatchNorm2d(8, momentum=None)).to(DEV)
+    ours = bn_ext.convert_model(copy.deepcopy(net))
+    assert isinstance(ours[1], bn_ext.BatchNorm2d) and isinstance(ours[4], bn_ext.BatchNorm2d)
+    for step in range(3):
+        x = make_input((4, 3, 12, 12), torch.float32, DEV, "channels_last", seed=step)
+        assert_close(ours(x), net(x), torch.float32)
+    sd_ref, sd_ours = net.state_dict(), ours.state_dict()
+    for k in sd_ref:
+        assert_close(sd_ours[k].float(), sd_ref[k].float(), torch.float32, msg=k)
+    x = make_input((4, 6, 7, 5), torch.float32, DEV)
+    rm, rv = torch.randn(6, device=DEV), torch.rand(6, device=DEV) + 0.5
+    w, b = torch.rand(6, device=DEV) + 0.5, torch.randn(6, device=DEV)
+    for training in (True, False):
+        r1, r2 = rm.clone(), rv.clone()
+        expected = torch.nn.functional.batch_norm(x, r1, r2, w, b, training, 0.2, 1e-3)
+        o1, o2 = rm.clone(), rv.clone()
+        actual = bn_ext.batch_norm(x, o1, o2, w, b, training, 0.2, 1e-3)
+        assert_close(actual, expected, torch.float32)
+        assert_close(o1, r1, torch.float32)
+        assert_close(o2, r2, torch.float32)
+
+
+# ---- every raw op against the CPU kernels --------------------------------------------------
+
+def _misaligned(x):
+    """The same values at a storage offset of one element: not 16-byte aligned."""
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    y = flat[1:].view(x.shape)
+    y.copy_(x)
+    return y
+
+
+OP_CASES = [
+    ((8, 32, 28, 28), "contiguous"),
+    ((8, 32, 28, 28), "channels_last"),
+    ((4, 16, 33, 31), "contiguous"),
+    ((4, 6, 33, 31), "channels_last"),
+    ((2, 3, 128, 128), "contiguous"),
+    ((2048, 24), "channels_last"),
+    ((4096, 3), "channels_last"),
+    ((3, 5, 7), "transposed"),
+    ((2, 4, 5, 6), "sliced"),
+    ((16, 64, 2, 2), "misaligned"),
+    ((16, 64, 2, 2), "misaligned_cl"),
+]
+
+
+def _case_input(shape, layout, dtype, seed):
+    if layout == "misaligned":
+        return _misaligned(make_input(shape, dtype, DEV, "contiguous", seed=seed))
+    if layout == "misaligned_cl":
+        x = make_input(shape, dtype, DEV, "channels_last", seed=seed)
+        return _misaligned(x.movedim(1, -1).contiguous()).movedim(-1, 1)
+    return make_input(shape, dtype, DEV, layout, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp64", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", OP_CASES, ids=lambda c: f"{_ids(c[0])}-{c[1]}")
+def test_ops_match_cpu(dtype, case):
+    shape, layout = case
+    C = shape[1]
+    eps = 1e-4
+    x = _case_input(shape, layout, dtype, seed=3)
+    dy = _case_input(shape, layout, dtype, seed=4)
+    w = torch.rand(C, device=DEV, dtype=dtype) + 0.5
+    b = torch.randn(C, device=DEV, dtype=dtype)
+    cpu = [t.cpu() for t in (x, dy, w, b)]
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def both(fn, *args):
+        return fn(x, dy, w, b, *args), fn(*cpu, *args)
+
+    def check(got, want, what):
+        for i, (g_, w_) in enumerate(zip(got, want)):
+            assert g_.device.type == "cuda" and g_.dtype == w_.dtype and g_.shape == w_.shape
+            tol = dtype if g_.dtype == dtype else mt
+            assert_close(g_.cpu(), w_, tol, msg=f"{what}[{i}]")
+
+    got, want = both(lambda x, dy, w, b: ops.batch_stats(x))
+    check(got, want, "batch_stats")
+    mean, var = got
+    got, want = both(lambda x, dy, w, b: ops.train_forward(x, w, b, eps))
+    check(got, want, "train_forward")
+    for wb in (True, False):
+        got, want = both(lambda x, dy, w, b: (ops.normalize(x, mean.to(x.device), var.to(x.device),
+                                                            w if wb else None, b if wb else None,
+                                                            eps),))
+        check(got, want, f"normalize(affine={wb})")
+    got, want = both(lambda x, dy, w, b: ops.backward_reduce(dy, x, mean.to(x.device),
+                                                             var.to(x.device), w, eps))
+    check(got, want, "backward_reduce")
+    sum_dy, sum_dy_xmu = got[0], got[1]
+    n = x.numel() // C
+    got, want = both(lambda x, dy, w, b: (ops.backward_input(
+        dy, x, mean.to(x.device), var.to(x.device), w, sum_dy.to(x.device),
+        sum_dy_xmu.to(x.device), torch.tensor(float(n), device=x.device, dtype=mt), eps),))
+    check(got, want, "backward_input(train)")
+    got, want = both(lambda x, dy, w, b: (ops.backward_input(
+        dy, x, mean.to(x.device), var.to(x.device), w, None, None, None, eps),))
+    check(got, want, "backward_input(eval)")
+    got, want = both(lambda x, dy, w, b: ops.train_backward(dy, x, mean.to(x.device),
+                                                            var.to(x.device), w, eps))
+    check(got, want, "train_backward")
+    got, want = both(lambda x, dy, w, b: ops.train_backward(dy, x, mean.to(x.device),
+                                                            var.to(x.device), None, eps))
+    check(got, want, "train_backward(no weight)")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("mt", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_running_stats_update_matches_cpu(momentum, mt):
+    C = 1000
+    g = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(C, generator=g, dtype=mt), torch.rand(C, generator=g, dtype=mt)
+    state = [torch.randn(C, generator=g, dtype=mt), torch.rand(C, generator=g, dtype=mt) + 1,
+             torch.tensor(4)]
+    gpu = [t.to(DEV) for t in state]
+    for step in range(3):
+        count = torch.tensor(7.0 + step, dtype=mt)
+        ops.running_stats_update(*state, mean, var, count, momentum)
+        ops.running_stats_update(*gpu, mean.to(DEV), var.to(DEV), count.to(DEV), momentum)
+    assert gpu[2].item() == state[2].item() == 7
+    torch.testing.assert_close(gpu[0].cpu(), state[0])
+    torch.testing.assert_close(gpu[1].cpu(), state[1])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 2, 1 << 22), (4096, 2, 1, 256), (1 << 20, 4)], ids=_ids)
+def test_grid_reduction_against_float64(layout, shape):
+    """Channels with millions of values: the two-stage grid reduction, float32 accumulation."""
+    x = make_input(shape, torch.float32, DEV, layout, mean=3.0, std=0.5)
+    mean, var = ops.batch_stats(x)
+    dims = [0] + list(range(2, x.dim()))
+    vr, mr = torch.var_mean(x.double(), dims, correction=0)
+    torch.testing.assert_close(mean.double(), mr, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), vr, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_mean_small_std(layout):
+    x = make_input((16, 8, 32, 32), torch.float32, DEV, layout, mean=1e4, std=1.0)
+    mean, var = ops.batch_stats(x)
+    dims = [0, 2, 3]
+    vr, mr = torch.var_mean(x.double(), dims, correction=0)
+    torch.testing.assert_close(var.double(), vr, rtol=1e-4, atol=0)
+    y = ops.normalize(x, mean, var, None, None, 0.0)
+    yr = (x.double() - mr[None, :, None, None]) / vr[None, :, None, None].sqrt()
+    torch.testing.assert_close(y.double(), yr, rtol=0, atol=1e-3)
+
+
+def test_nan_stays_in_its_channel():
+    x = make_input((4, 3, 8, 8), torch.float32, DEV)
+    x[1, 1, 2, 3] = float("nan")
+    y, mean, var = ops.train_forward(x, None, None, 1e-5)
+    assert torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, [0, 2]]).any()
+    assert torch.isnan(mean[1]) and not torch.isnan(mean[[0, 2]]).any()
+
+
+# ---- gradcheck / gradgradcheck on the GPU ---------------------------------------------------
+
+def _grad_fn(training, C):
+    rm = torch.randn(C, dtype=torch.float64, device=DEV)
+    rv = torch.rand(C, dtype=torch.float64, device=DEV) + 0.5
+
+    def f(x, w, b):
+        return bn_ext.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
+    return f
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 4), (6, 4), (3, 2, 5)], ids=_ids)
+def test_gradcheck_cuda(training, layout, shape):
+    x = _case_input(shape, layout, torch.float64, seed=5).requires_grad_()
+    C = shape[1]
+    w = (torch.rand(C, dtype=torch.float64, device=DEV) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=torch.float64, device=DEV).requires_grad_()
+    f = _grad_fn(training, C)
+    assert gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradgradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# ---- determinism, graphs, streams, devices, synchronisation --------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 256, 256), (32, 64, 14, 14), (4096, 32)], ids=_ids)
+def test_bitwise_deterministic(dtype, layout, shape):
+    x = make_input(shape, dtype, DEV, layout, seed=7)
+    dy = make_input(shape, dtype, DEV, layout, seed=8)
+    C = shape[1]
+    w = torch.rand(C, device=DEV) + 0.5
+    b = torch.randn(C, device=DEV)
+
+    def run():
+        y, mean, var = ops.train_forward(x, w, b, 1e-5)
+        s = ops.backward_reduce(dy, x, mean, var, w, 1e-5)
+        dx, gw, gb = ops.train_backward(dy, x, mean, var, w, 1e-5)
+        return (y, mean, var, dx, gw, gb) + tuple(s)
+
+    first = run()
+    for _ in range(3):
+        again = run()
+        for a, b_ in zip(first, again):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_graph_capture_and_replay(layout):
+    torch.manual_seed(0)
+    shape = (8, 16, 12, 10)
+    model = bn_ext.BatchNorm2d(16, momentum=None, device=DEV)  # momentum None: 1/nbt on device
+    model2 = bn_ext.BatchNorm2d(16, momentum=0.1, device=DEV)
+    with torch.no_grad():
+        model.weight.uniform_(0.5, 1.5)
+        model.bias.uniform_(-1, 1)
+    static_x = make_input(shape, torch.float32, DEV, layout).requires_grad_()
+    static_gy = make_input(shape, torch.float32, DEV, layout, seed=1)
+
+    def step(m1, m2, x, gy):
+        y = m2(m1(x))
+        y.backward(gy)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up, as torch.cuda.graph asks
+            step(model, model2, static_x, static_gy)
+    torch.cuda.current_stream().wait_stream(side)
+    for m in (model, model2):
+        m.zero_grad(set_to_none=True)
+    static_x.grad = None
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step(model, model2, static_x, static_gy)
+
+    ref, ref2 = copy.deepcopy(model), copy.deepcopy(model2)  # capture ran nothing
+    for i in range(4):
+        x = make_input(shape, torch.float32, DEV, layout, seed=10 + i)
+        gy = make_input(shape, torch.float32, DEV, layout, seed=20 + i)
+        with torch.no_grad():
+            static_x.copy_(x)
+            static_gy.copy_(gy)
+        graph.replay()
+        xr = x.clone().requires_grad_()
+        ref.zero_grad(set_to_none=True)
+        ref2.zero_grad(set_to_none=True)
+        yr = step(ref, ref2, xr, gy)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_y, yr)
+        torch.testing.assert_close(static_x.grad, xr.grad)
+        torch.testing.assert_close(model.weight.grad, ref.weight.grad)
+        torch.testing.assert_close(model.bias.grad, ref.bias.grad)
+        for m, r in ((model, ref), (model2, ref2)):
+            torch.testing.assert_close(m.running_mean, r.running_mean)
+            torch.testing.assert_close(m.running_var, r.running_var)
+            assert torch.equal(m.num_batches_tracked, r.num_batches_tracked)
+    assert model.num_batches_tracked.item() == 3 + 4
+
+
+def test_eval_forward_in_cuda_graph():
+    model = bn_ext.BatchNorm2d(8, device=DEV).eval()
+    with torch.no_grad():
+        model.running_mean.uniform_(-1, 1)
+        model.running_var.uniform_(0.5, 2)
+    static_x = make_input((4, 8, 9, 9), torch.float16, DEV)
+    model.half()
+    with torch.no_grad():
+        model(static_x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = model(static_x)
+        x = make_input((4, 8, 9, 9), torch.float16, DEV, seed=3)
+        static_x.copy_(x)
+        graph.replay()
+        torch.testing.assert_close(static_y, model(x))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_non_default_stream(layout):
+    """Every kernel must run on the current stream: the input is written on a side stream after a
+    long sleep, so a kernel on any other stream would read it too early."""
+    shape = (16, 32, 24, 24)
+    src = make_input(shape, torch.float32, DEV, layout)
+    gsrc = make_input(shape, torch.float32, DEV, layout, seed=1)
+    w = torch.rand(32, device=DEV) + 0.5
+    b = torch.randn(32, device=DEV)
+    expected = ops.train_forward(src, w, b, 1e-5)
+    expected_bwd = ops.train_backward(gsrc, src, expected[1], expected[2], w, 1e-5)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    x = torch.zeros_like(src)
+    gy = torch.zeros_like(gsrc)
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(200_000_000)
+        x.copy_(src)
+        gy.copy_(gsrc)
+        got = ops.train_forward(x, w, b, 1e-5)
+        got_bwd = ops.train_backward(gy, x, got[1], got[2], w, 1e-5)
+    s.synchronize()
+    for a, e in zip(got + got_bwd, expected + expected_bwd):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_non_default_device():
+    x = make_input((4, 6, 10, 10), torch.float32, "cuda:1", "channels_last")
+    m = bn_ext.BatchNorm2d(6, device="cuda:1")
+    ref = torch.nn.BatchNorm2d(6)
+    with torch.cuda.device(0):
+        xo = x.clone().requires_grad_()
+        y = m(xo)
+        y.sum().backward()
+    assert y.device == torch.device("cuda:1") and xo.grad.device == torch.device("cuda:1")
+    xr = x.cpu().requires_grad_()
+    yr = ref(xr)
+    yr.sum().backward()
+    assert_close(y.cpu(), yr, torch.float32)
+    assert_close(xo.grad.cpu(), xr.grad, torch.float32)
+    assert_close(m.running_var.cpu(), ref.running_var, torch.float32)
+
+
+def test_no_host_synchronisation():
+    """torch raises on any synchronising CUDA call (e.g. .item()) under sync debug mode."""
+    m = bn_ext.BatchNorm2d(16, momentum=None, device=DEV)
+    x = make_input((8, 16, 10, 10), torch.float32, DEV).requires_grad_()
+    gy = make_input((8, 16, 10, 10), torch.float32, DEV, seed=1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for train in (True, False):
+            m.train(train)
+            y = m(x)
+            y.backward(gy)
+            mean, var = ops.batch_stats(x.detach())
+            ops.backward_reduce(gy, x.detach(), mean, var, m.weight.detach(), 1e-5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- 64-bit indexing -----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_more_than_2_31_elements_bf16(layout):
+    """2^31 + 2^7 bfloat16 elements (about 4.3 GB per tensor): the 64-bit index path."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 30 * 2**30:
+        pytest.skip("needs about 30 GB of free GPU memory")
+    N, C, S = 4, 2, (1 << 28) + 16
+    g = torch.Generator(device=DEV).manual_seed(0)
+    if layout == "contiguous":
+        x = torch.randn((N, C, S), device=DEV, dtype=torch.bfloat16, generator=g)
+    else:
+        x = torch.randn((N, S, C), device=DEV, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    assert x.numel() > 2**31
+    x.mul_(2).add_(1)
+    w = torch.tensor([0.5, 2.0], device=DEV)
+    b = torch.tensor([1.0, -1.0], device=DEV)
+    y, mean, var = ops.train_forward(x, w, b, 1e-5)
+    for c in range(C):
+        xc = x[:, c].float()
+        vr, mr = torch.var_mean(xc, correction=0)
+        torch.testing.assert_close(mean[c], mr, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(var[c], vr, rtol=1e-4, atol=1e-4)
+        del xc
+    invstd = (var + 1e-5).rsqrt()
+    # The last elements sit beyond index 2^31: check the tail and a head slice of each channel.
+    for sl in (slice(0, 4096), slice(S - 4096, S)):
+        xs = x[:, :, sl].float()
+        yr = (xs - mean[None, :, None]) * (w * invstd)[None, :, None] + b[None, :, None]
+        torch.testing.assert_close(y[:, :, sl].float(), yr, rtol=2e-2, atol=3e-2)
+    del y
+    dy = torch.ones_like(x)
+    dx, gw, gb = ops.train_backward(dy, x, mean, var, w, 1e-5)
+    torch.testing.assert_close(gb, torch.full((C,), float(N * S), device=DEV), rtol=1e-4, atol=0)
+    # dy constant: dx = 0 exactly up to rounding of the coefficients.
+    assert dx[:, :, -4096:].float().abs().max().item() < 1e-2
+    assert dx[:, :, :4096].float().abs().max().item() < 1e-2
