@@ -154,7 +154,25 @@ def test_nan_stays_in_its_channel(device, layout):
     assert torch.isnan(y[:, 1]).all()
     assert torch.isfinite(y[:, 0]).all() and torch.isfinite(y[:, 2]).all()
     assert torch.isfinite(m.running_mean[[0, 2]]).all()
-    assert torch.isnan(m.running_mean[1])
+    assert torch.isnan(m.running_mean[1]) and torch.isnan(m.running_var[1])
+    assert torch.isfinite(m.running_var[[0, 2]]).all()
+    mean, var = torch.ops.bn_ext.batch_stats(x)
+    assert torch.isnan(mean[1]) and torch.isnan(var[1])
+    assert torch.isfinite(var[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_backward_does_not_read_input(device):
+    """Eval grad_input is dy * w * invstd: an inf in x must not make it NaN (as in torch)."""
+    x = torch.randn(4, 3, 5, 5, device=device)
+    x[0, 0, 0, 0] = float("inf")
+    ref = torch.nn.BatchNorm2d(3, device=device).eval()
+    ours = bn_ext.BatchNorm2d(3, device=device).eval()
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xr).sum().backward()
+    ours(xo).sum().backward()
+    assert torch.isfinite(xo.grad).all()
+    torch.testing.assert_close(xo.grad, xr.grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)

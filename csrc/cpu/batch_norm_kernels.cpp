@@ -195,7 +195,8 @@ struct Moments {
 
 Moments moments_from_shifted(double k, double s1, double s2, int64_t n) {
   const double m1 = s1 / n;
-  return {k + m1, std::max(0.0, s2 / n - m1 * m1)};
+  const double v = s2 / n - m1 * m1;
+  return {k + m1, v < 0 ? 0.0 : v};  // clamps rounding residue; a NaN stays NaN (not max())
 }
 
 inline double invstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
@@ -588,28 +589,28 @@ void affine2_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
 template <typename T>
 void backward_input_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
                          const Tensor& mean, const Tensor& var, const Tensor& weight,
-                         const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& count,
-                         double eps, Tensor& dxt) {
+                         const Tensor& sum_dy, const Tensor& sum_dy_xmu, double n, double eps,
+                         Tensor& dxt) {
   using M = math_t<T>;
   const int64_t C = g.C;
   std::vector<M> a(C), mu(C), b(C), d(C);
   const bool training = sum_dy.defined();
-  const double n = training ? static_cast<double>(count.item<M>()) : 0.0;
+  if (!training) {
+    // Eval: dx = dy * w * invstd, which is normalize() applied to dy with mean 0 and no bias.
+    // x is not read, so an inf in x cannot turn into a NaN gradient (as in torch).
+    normalize_impl<T>(dyt, g, normalize_coefs<M>(at::zeros_like(mean), var, weight, Tensor(), eps),
+                      dxt);
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     const double w = opt_at<M>(weight, c, 1);
     const double invstd = invstd_of(var.data_ptr<M>()[c], eps);
     mu[c] = mean.data_ptr<M>()[c];
-    if (training) {
-      const BackwardCoefs k = backward_coefs(w, invstd, sum_dy.data_ptr<M>()[c],
-                                             sum_dy_xmu.data_ptr<M>()[c], n);
-      a[c] = static_cast<M>(k.a);
-      b[c] = static_cast<M>(k.b);
-      d[c] = static_cast<M>(k.d);
-    } else {
-      a[c] = static_cast<M>(w * invstd);
-      b[c] = 0;
-      d[c] = 0;
-    }
+    const BackwardCoefs k = backward_coefs(w, invstd, sum_dy.data_ptr<M>()[c],
+                                           sum_dy_xmu.data_ptr<M>()[c], n);
+    a[c] = static_cast<M>(k.a);
+    b[c] = static_cast<M>(k.b);
+    d[c] = static_cast<M>(k.d);
   }
   affine2_impl<T>(dyt, xt, g, a, mu, b, d, dxt);
 }
@@ -660,8 +661,8 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
     gb[c] = sum_dy.data_ptr<M>()[c];
     gw[c] = static_cast<M>(sum_dy_xmu.data_ptr<M>()[c] * invstd_of(vp[c], eps));
   }
-  const Tensor count = at::scalar_tensor(static_cast<double>(g.count()), mean.options());
-  backward_input_impl<T>(dyt, xt, g, mean, var, weight, sum_dy, sum_dy_xmu, count, eps, dxt);
+  backward_input_impl<T>(dyt, xt, g, mean, var, weight, sum_dy, sum_dy_xmu,
+                         static_cast<double>(g.count()), eps, dxt);
 }
 
 #define BN_EXT_DISPATCH(x, name, ...) \
@@ -707,8 +708,8 @@ void backward_input(const Tensor& dy, const Tensor& x, const Geometry& g, const 
                     const Tensor& var, const Tensor& weight, const Tensor& sum_dy,
                     const Tensor& sum_dy_xmu, const Tensor& count, double eps, Tensor& dx) {
   BN_EXT_DISPATCH(x, "bn_ext::backward_input", [&] {
-    backward_input_impl<scalar_t>(dy, x, g, mean, var, weight, sum_dy, sum_dy_xmu, count, eps,
-                                  dx);
+    const double n = sum_dy.defined() ? count.item<double>() : 0.0;
+    backward_input_impl<scalar_t>(dy, x, g, mean, var, weight, sum_dy, sum_dy_xmu, n, eps, dx);
   });
 }
 

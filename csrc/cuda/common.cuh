@@ -59,9 +59,10 @@ inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The smallest power of two >= v, saturating at 2^30 (callers want at most 32).
 inline int next_pow2(int64_t v) {
   int p = 1;
-  while (p < v) p *= 2;
+  while (p < v && p < (1 << 30)) p *= 2;
   return p;
 }
 

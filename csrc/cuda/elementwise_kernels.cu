@@ -200,7 +200,8 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
                          (dyp == nullptr || is_aligned16(dyp));
     const int64_t run = g.layout == Layout::kContiguous ? g.S : 1;
     const auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch_index(numel, [&](auto itag) {
+    // The index type must also hold the coefficient offsets, up to 4 * C.
+    dispatch_index(std::max<int64_t>(numel, 4 * g.C), [&](auto itag) {
       using I = decltype(itag);
       dispatch_vec<T>(aligned, [&](auto vtag) {
         constexpr int V = decltype(vtag)::value;
