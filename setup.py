@@ -92,9 +92,15 @@ def extensions():
     # host-compiler flag (nvcc never sees Python.h).
     cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-DPy_LIMITED_API=0x03090000"]
     cxx += _cpu_isa_flags()
+    # at::parallel_for is a header template whose OpenMP backend is `#pragma omp parallel`: without
+    # -fopenmp it silently runs on one thread. The link records libgomp.so.1, which resolves to the
+    # copy torch has already loaded (same soname), so the extension shares torch's thread pool.
+    cxx += ["-fopenmp"]
+    link = ["-fopenmp"]
     if not use_cuda:
         return [cpp_extension.CppExtension(
-            "bn_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)]
+            "bn_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+            py_limited_api=True)]
     _default_arch_list()
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
@@ -113,7 +119,7 @@ def extensions():
     return [cpp_extension.CUDAExtension(
         "bn_ext._C", sources, include_dirs=extra_include,
         extra_compile_args={"cxx": cxx + ["-DBN_EXT_WITH_CUDA"], "nvcc": nvcc},
-        py_limited_api=True)]
+        extra_link_args=link, py_limited_api=True)]
 
 
 setup(
