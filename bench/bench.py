@@ -1,0 +1,895 @@
+#!/usr/bin/env python
+"""Benchmark bn_ext's BatchNorm against torch eager, cuDNN and torch.compile.
+
+    python bench/bench.py --device cpu  --dtype fp32,bf16 --layout nchw,nhwc \
+                          --pass fwd,bwd,eval,fwdbwd [--quick] [--max-mb 256] --out bench/results
+    python bench/bench.py --device cuda --dtype fp32,bf16,fp16
+
+Peers, timed interleaved in one process on the very same input tensors:
+    cpu:  bn_ext | torch eager | torch.compile(nn.BatchNorm*)
+    cuda: bn_ext | eager with cuDNN | eager native (cuDNN disabled) | torch.compile(nn.BatchNorm*)
+
+For every row (shape, layout, dtype, pass) the peers are timed round-robin for --rounds rounds
+(the starting peer rotates); each round gives one median per peer, and a peer's time is the
+median of its round medians. Speedups are ratios of those times.
+
+Writes <out>/<device-slug>[-quick].md, .json and .png, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shapes as shapes_mod  # noqa: E402  (bench/shapes.py)
+
+try:
+    from tqdm import tqdm
+except ImportError:  # degrade to a plain progress line
+    tqdm = None
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICE_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
+LAYOUTS = ("nchw", "nhwc")
+PASSES = ("fwd", "bwd", "eval", "fwdbwd")
+# Passes over the tensor (numel * itemsize each), the "usual" counts of ENGINEERING.md section 4.
+PASS_COUNTS = {"fwd": 3, "bwd": 5, "eval": 2, "fwdbwd": 8}
+PASS_DESC = {
+    "fwd": "training forward (grad enabled, running stats updated)",
+    "bwd": "training backward only: autograd.grad(y, (x, weight, bias), dy, retain_graph=True) "
+           "on a graph built once; the forward is not in the time",
+    "eval": "eval forward under torch.no_grad()",
+    "fwdbwd": "training forward + autograd.grad(y, (x, weight, bias), dy)",
+}
+BW_BAR = {"cpu": 70.0, "cuda": 80.0}  # issue 4: % of copy bandwidth for out-of-cache tensors
+MB = 1e6
+
+
+# =============================================================================================
+# Device information
+# =============================================================================================
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cache_bytes(device: str) -> int:
+    """Last-level cache size: L3 (or the largest listed) on the CPU, L2 on the GPU."""
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20))
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for idx in os.listdir(base):
+            with open(os.path.join(base, idx, "size")) as f:
+                s = f.read().strip()
+            units = {"K": 2**10, "M": 2**20, "G": 2**30}
+            n = int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
+            best = max(best, n)
+    except (OSError, ValueError, KeyError):
+        best = 32 * 2**20
+    return best
+
+
+def slugify(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_model()} ({cpu_count()} cores)"
+
+
+def device_slug(device: str) -> str:
+    if device == "cuda":
+        return "cuda-" + slugify(torch.cuda.get_device_name(0))
+    return f"cpu-{slugify(cpu_model())}-{cpu_count()}c"
+
+
+def git_rev() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "bn_ext"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+        return (rev or "unknown") + ("+dirty (csrc/ or bn_ext/ modified)" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def bn_ext_build() -> str:
+    """Which compiled bn_ext ran: the extension's sha256 prefix and modification time."""
+    import hashlib
+    import bn_ext
+    path = getattr(bn_ext._C, "__file__", None) if hasattr(bn_ext, "_C") else None
+    if not path:
+        return "unknown build"
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    built = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
+    return f"{os.path.basename(path)} sha256 {digest}, built {built:%Y-%m-%d %H:%M UTC}"
+
+
+# =============================================================================================
+# Timing
+# =============================================================================================
+
+class CpuTimer:
+    """torch.utils.benchmark.Timer at torch's thread count; blocked_autorange median, seconds."""
+
+    label = "torch.utils.benchmark.Timer.blocked_autorange, median"
+
+    def __init__(self, min_run_time: float):
+        from torch.utils import benchmark
+        self._benchmark = benchmark
+        self.min_run_time = min_run_time
+        self.threads = torch.get_num_threads()
+
+    def __call__(self, fn: Callable) -> float:
+        t = self._benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=self.threads)
+        return t.blocked_autorange(min_run_time=self.min_run_time).median
+
+
+class CudaTimer:
+    """triton.testing.do_bench (median; flushes L2 between calls) when importable and not
+    disabled, else CUDA events: median over samples of a block of calls (one call per sample,
+    after an L2 flush, with --l2-flush)."""
+
+    def __init__(self, quick: bool, use_triton: bool, l2_flush: bool):
+        self.rep_ms = 30 if quick else 100
+        self.warmup_ms = 10 if quick else 25
+        self.samples = 20 if quick else 50
+        self.l2_flush = l2_flush
+        self.do_bench = None
+        if use_triton:
+            try:
+                from triton.testing import do_bench
+                self.do_bench = do_bench
+            except ImportError:
+                pass
+        self._flush_buf = None
+        if self.do_bench is not None:
+            self.label = f"triton.testing.do_bench (warmup {self.warmup_ms} ms, rep " \
+                         f"{self.rep_ms} ms, L2 flushed), median"
+        else:
+            self.label = f"CUDA events, {self.samples} samples, median" + \
+                         (", L2 flushed before each call" if l2_flush else ", no L2 flush")
+
+    def __call__(self, fn: Callable) -> float:
+        if self.do_bench is not None:
+            try:
+                ms = self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                   return_mode="median")
+            except TypeError:  # older triton: no return_mode
+                ms = self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                   quantiles=[0.5])
+                ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+            return float(ms) / 1e3
+        return self._events(fn)
+
+    def _events(self, fn: Callable) -> float:
+        if self.l2_flush and self._flush_buf is None:
+            self._flush_buf = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        one = start.elapsed_time(end) / 1e3
+        # Without a flush, put enough calls in a block to make the event overhead negligible.
+        number = 1 if self.l2_flush else max(1, min(1000, int(1e-3 / max(one, 1e-7))))
+        pairs = []
+        for _ in range(self.samples):
+            if self.l2_flush:
+                self._flush_buf.zero_()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(number):
+                fn()
+            e.record()
+            pairs.append((s, e))
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in pairs) / 1e3 / number
+
+
+def interleaved(fns: dict, timer: Callable, rounds: int) -> dict:
+    """Round-robin over the peers, rotating who goes first; per peer the median of its round
+    medians plus the spread (max/min of the round medians - 1)."""
+    names = list(fns)
+    samples = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            samples[n].append(timer(fns[n]))
+    return {n: (statistics.median(v), max(v) / min(v) - 1.0) for n, v in samples.items()}
+
+
+def copy_bandwidth(device: str, timer: Callable) -> float:
+    """Bytes/s of dst.copy_(src) on a 256 MB buffer, counting read + write (2 * bytes)."""
+    n = 256 * 2**20 // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+
+    def fn():
+        dst.copy_(src)
+    fn()
+    times = [timer(fn) for _ in range(3)]
+    return 2 * n * 4 / statistics.median(times)
+
+
+# =============================================================================================
+# Peers
+# =============================================================================================
+
+@dataclass
+class Peer:
+    name: str                      # column name
+    kind: str                      # "bn_ext" | "eager" | "compile"
+    cudnn: Optional[bool] = None   # cuda only: torch.backends.cudnn.enabled while it runs
+
+
+def peers_for(device: str) -> list:
+    if device == "cuda":
+        return [Peer("bn_ext", "bn_ext"), Peer("cudnn", "eager", cudnn=True),
+                Peer("native", "eager", cudnn=False), Peer("compile", "compile")]
+    return [Peer("bn_ext", "bn_ext"), Peer("eager", "eager"), Peer("compile", "compile")]
+
+
+@contextlib.contextmanager
+def cudnn_enabled(flag: Optional[bool]):
+    if flag is None:
+        yield
+        return
+    old = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = flag
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = old
+
+
+class Instance:
+    """A peer's module for one (shape, layout, dtype): same weights as every other peer."""
+
+    def __init__(self, peer: Peer, ndim: int, channels: int, device: str,
+                 weight: torch.Tensor, bias: torch.Tensor, compile_mode: str):
+        import bn_ext
+        self.peer = peer
+        self.error = None           # why this peer is n/a for the whole group
+        self.compile_s = 0.0
+        ours = {2: bn_ext.BatchNorm1d, 4: bn_ext.BatchNorm2d, 5: bn_ext.BatchNorm3d}
+        theirs = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+        cls = (ours if peer.kind == "bn_ext" else theirs)[ndim]
+        # Parameters stay fp32 for every input dtype (mixed precision, as under autocast).
+        self.module = cls(channels, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            self.module.weight.copy_(weight)
+            self.module.bias.copy_(bias)
+        self.call = self.module
+        if peer.kind == "compile":
+            self.call = torch.compile(self.module, mode=compile_mode, dynamic=False)
+
+    def context(self):
+        return cudnn_enabled(self.peer.cudnn)
+
+    def set_running_stats(self, mean: torch.Tensor, var: torch.Tensor):
+        """The same running stats in every peer before each pass: the training passes update
+        them a different number of times per peer, and eval reads them."""
+        with torch.no_grad():
+            self.module.running_mean.copy_(mean)
+            self.module.running_var.copy_(var)
+
+
+def make_workload(pas: str, inst: Instance, x: torch.Tensor, dy: torch.Tensor) -> Callable:
+    """The callable that one timing sample runs, for pass `pas`, with the module in the mode
+    that pass needs. For 'bwd' the forward graph is built here, once."""
+    call, mod, ctx = inst.call, inst.module, inst.context
+    params = (mod.weight, mod.bias)
+    if pas == "eval":
+        mod.eval()
+
+        def fn():
+            with ctx(), torch.no_grad():
+                return call(x)
+        return fn
+    mod.train()
+    xg = x.detach().requires_grad_(True)
+    if pas == "fwd":
+        def fn():
+            with ctx():
+                return call(xg)
+    elif pas == "fwdbwd":
+        def fn():
+            with ctx():
+                return torch.autograd.grad(call(xg), (xg,) + params, dy)
+    elif pas == "bwd":
+        with ctx():
+            y = call(xg)
+
+        def fn():
+            with ctx():
+                return torch.autograd.grad(y, (xg,) + params, dy, retain_graph=True)
+    else:
+        raise ValueError(pas)
+    return fn
+
+
+def max_rel_err(a, b) -> float:
+    a = a if isinstance(a, (tuple, list)) else (a,)
+    b = b if isinstance(b, (tuple, list)) else (b,)
+    worst = 0.0
+    for u, v in zip(a, b):
+        u, v = u.detach().float(), v.detach().float()
+        scale = max(v.abs().max().item(), 1e-6)
+        worst = max(worst, (u - v).abs().max().item() / scale)
+    return worst
+
+
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+# =============================================================================================
+# The run
+# =============================================================================================
+
+@dataclass
+class Row:
+    shape: str
+    note: str
+    group: str
+    layout: str
+    dtype: str
+    pas: str
+    mb: float                                   # input tensor size, MB (1e6 bytes)
+    bytes_moved: int = 0
+    status: str = "ok"                          # "ok" | "skipped: ..." | "error: ..."
+    times: dict = field(default_factory=dict)   # peer -> seconds (None: n/a)
+    spread: dict = field(default_factory=dict)  # peer -> max/min of round medians - 1
+    na: dict = field(default_factory=dict)      # peer -> reason it is n/a
+    rel_err: Optional[float] = None             # bn_ext vs the first torch peer, first call
+    wall_s: float = 0.0                         # seconds this row took (warm-up + rounds)
+
+    def speedup(self, peer: str) -> Optional[float]:
+        ours, theirs = self.times.get("bn_ext"), self.times.get(peer)
+        return theirs / ours if ours and theirs else None
+
+    def best_speedup(self, peers: list) -> Optional[float]:
+        s = [self.speedup(p) for p in peers if self.speedup(p) is not None]
+        return min(s) if s else None
+
+
+def run(args, plan: list, peers: list, timer: Callable, log: Callable) -> tuple:
+    device = args.device
+    rows, compile_total = [], 0.0
+    nrows = len(plan) * len(args.dtypes) * len(args.passes)
+    bar = progress(nrows)
+    for knob in ("recompile_limit", "cache_size_limit"):  # the name differs across versions
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    for shape, layout in plan:
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            size = shape.numel * torch.empty((), dtype=dtype).element_size()
+            group_rows = [Row(shape.label, shape.note, shape.group, layout, dname, p, size / MB,
+                              bytes_moved=PASS_COUNTS[p] * size) for p in args.passes]
+            if args.max_mb is not None and size / MB > args.max_mb:
+                for r in group_rows:
+                    r.status = f"skipped: {size / MB:.0f} MB > --max-mb {args.max_mb:g}"
+                rows += group_rows
+                bar.update(len(group_rows))
+                continue
+            try:
+                compile_total += run_group(args, shape, layout, dtype, peers, group_rows, timer,
+                                           bar, log)
+            except Exception as e:  # noqa: BLE001  (an OOM or a bn_ext failure: keep the row)
+                msg = f"error: {type(e).__name__}: {first_line(e)}"
+                for r in group_rows:
+                    if r.status == "ok" and not r.times:
+                        r.status = msg
+                        bar.update(1)
+                log(f"{shape.label} {layout} {dname}: {msg}")
+            rows += group_rows
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    bar.close()
+    return rows, compile_total
+
+
+def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log) -> float:
+    """Time every pass of one (shape, layout, dtype); returns seconds spent compiling."""
+    device = args.device
+    torch._dynamo.reset()  # fresh compile per shape; keeps the recompile count low
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    c = shape.dims[1]
+    x = torch.randn(shape.dims, generator=gen).to(device=device, dtype=dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape.dims, generator=gen).to(device=device, dtype=dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else dy
+    weight = torch.rand(c, generator=gen) + 0.5
+    bias = torch.randn(c, generator=gen)
+    run_mean = 0.1 * torch.randn(c, generator=gen)
+    run_var = torch.rand(c, generator=gen) + 0.5
+    insts = []
+    for p in peers:
+        inst = Instance(p, len(shape.dims), c, device, weight, bias, args.compile_mode)
+        insts.append(inst)
+    compile_s = 0.0
+    ref_name = next(p.name for p in peers if p.kind == "eager")
+    for row in group_rows:
+        bar.set_postfix_str(f"{row.shape} {row.layout} {row.dtype} {row.pas}")
+        t_row = time.perf_counter()
+        fns, first_out = {}, {}
+        for inst in insts:
+            name = inst.peer.name
+            if inst.error:
+                row.na[name] = inst.error
+                continue
+            inst.set_running_stats(run_mean, run_var)
+            t0 = time.perf_counter()
+            try:
+                fn = make_workload(row.pas, inst, x, dy)
+                first_out[name] = fn()      # warm-up; compiles the compile peer
+                for _ in range(args.warmup - 1):
+                    fn()
+                sync(device)
+            except Exception as e:  # noqa: BLE001
+                if inst.peer.kind == "bn_ext":
+                    raise
+                reason = f"{type(e).__name__}: {first_line(e)}"
+                row.na[name] = reason
+                if inst.peer.kind == "compile":
+                    inst.error = reason     # don't retry a failed compile for the other passes
+                log(f"{row.shape} {row.layout} {row.dtype} {row.pas}: {name} n/a ({reason})")
+                continue
+            if inst.peer.kind == "compile":
+                compile_s += time.perf_counter() - t0
+            fns[name] = fn
+        if ref_name in first_out:
+            row.rel_err = max_rel_err(first_out["bn_ext"], first_out[ref_name])
+        del first_out
+        res = interleaved(fns, timer, args.rounds)
+        for inst in insts:
+            name = inst.peer.name
+            row.times[name] = res[name][0] if name in res else None
+            row.spread[name] = res[name][1] if name in res else None
+        del fns, res
+        row.wall_s = time.perf_counter() - t_row
+        bar.update(1)
+    return compile_s
+
+
+def sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else "")[:160]
+
+
+class _PlainBar:
+    """What the run shows without tqdm: one line per row on stderr."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0, self.postfix = total, 0, time.time(), ""
+
+    def set_postfix_str(self, s: str):
+        self.postfix = s
+
+    def update(self, k: int = 1):
+        self.n += k
+        el = time.time() - self.t0
+        eta = el / self.n * (self.total - self.n) if self.n else 0
+        print(f"[{self.n}/{self.total}] {el:5.0f}s elapsed, ~{eta:4.0f}s left  {self.postfix}",
+              file=sys.stderr, flush=True)
+
+    def write(self, s: str):
+        print(s, file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+_BAR = None
+
+
+def progress(total: int):
+    global _BAR
+    _BAR = tqdm(total=total, unit="row", dynamic_ncols=True) if tqdm else _PlainBar(total)
+    return _BAR
+
+
+def log(msg: str):
+    if _BAR is not None:
+        _BAR.write(msg)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# =============================================================================================
+# Report
+# =============================================================================================
+
+def fmt_ms(t: Optional[float]) -> str:
+    if t is None:
+        return "n/a"
+    ms = t * 1e3
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def fmt_x(s: Optional[float]) -> str:
+    if s is None:
+        return "n/a"
+    return f"**{s:.2f}x**" if s < 1.0 else f"{s:.2f}x"
+
+
+def geomean(v: list) -> Optional[float]:
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else None
+
+
+def header(args, meta: dict) -> list:
+    lines = [f"# bn_ext benchmark: {meta['device_name']}", ""]
+    lines += [f"- device: {meta['device_name']}",
+              f"- torch {meta['torch']}, CUDA {meta['cuda']}"
+              + (f", cuDNN {meta['cudnn']}" if meta.get("cudnn") else "")
+              + f", bn_ext {meta['bn_ext']} (repo {meta['git']}; {meta['build']})",
+              f"- threads: {meta['threads']}; date: {meta['date']}",
+              f"- command: `{meta['command']}`",
+              f"- timing: {meta['timer']}; peers interleaved round-robin in one process on the "
+              f"same tensors, {args.rounds} rounds, each peer's time = median of its round "
+              f"medians; speedup = peer time / bn_ext time (>1: bn_ext faster; **bold** < 1)",
+              f"- copy bandwidth (dst.copy_(src), 256 MB, read+write counted): "
+              f"{meta['copy_gbs']:.1f} GB/s (the higher of {meta['copy_gbs_start']:.1f} at the "
+              f"start and {meta['copy_gbs_end']:.1f} at the end); last-level cache "
+              f"{meta['cache_mb']:.0f} MB",
+              "- GB/s is bn_ext's, counting passes of numel*itemsize over the tensor "
+              "(ENGINEERING.md section 4, usual counts): "
+              + ", ".join(f"{p} {PASS_COUNTS[p]}" for p in PASSES) + "; "
+              "% copy = GB/s / copy bandwidth",
+              "- passes: " + "; ".join(f"**{p}** = {PASS_DESC[p]}" for p in PASSES),
+              "- parameters (weight, bias, running stats) are fp32 for every input dtype "
+              "(mixed precision, as under autocast); MB = input tensor size (1e6 bytes)",
+              ]
+    if args.device == "cuda":
+        lines.append("- peers: cudnn = eager with torch.backends.cudnn.enabled=True (torch "
+                     "never picks cuDNN for bf16, so there it runs native), native = eager "
+                     "with cuDNN disabled, compile = torch.compile(nn.BatchNorm*, mode="
+                     f"{args.compile_mode!r}, dynamic=False)")
+    else:
+        lines.append("- peers: eager = torch.nn.BatchNorm*, compile = torch.compile(nn."
+                     f"BatchNorm*, mode={args.compile_mode!r}, dynamic=False), compiled once "
+                     f"per (shape, layout, dtype); compile time in total {meta['compile_s']:.0f} s")
+    if args.max_mb is not None:
+        lines.append(f"- rows whose input exceeds --max-mb {args.max_mb:g} are listed as "
+                     "skipped, not timed")
+    return lines
+
+
+def table(rows: list, peers: list) -> list:
+    others = [p.name for p in peers if p.kind != "bn_ext"]
+    head = (["shape", "set", "layout", "dtype", "pass", "MB", "bn_ext ms"]
+            + [f"{p} ms" for p in others] + [f"vs {p}" for p in others]
+            + ["vs best", "GB/s", "% copy"])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.shape, r.note, r.layout, r.dtype, r.pas, f"{r.mb:.1f}"]
+        if r.status != "ok":
+            cells += [r.status] + [""] * (len(head) - len(cells) - 1)
+        else:
+            t = r.times.get("bn_ext")
+            gbs = r.bytes_moved / t / 1e9 if t else None
+            cells += [fmt_ms(t)] + [fmt_ms(r.times.get(p)) for p in others]
+            cells += [fmt_x(r.speedup(p)) for p in others] + [fmt_x(r.best_speedup(others))]
+            cells += [f"{gbs:.1f}" if gbs else "n/a",
+                      f"{100 * gbs / META['copy_gbs']:.0f}%" if gbs else "n/a"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def summary(rows: list, peers: list, args) -> list:
+    others = [p.name for p in peers if p.kind != "bn_ext"]
+    ok = [r for r in rows if r.status == "ok" and r.times.get("bn_ext")]
+    if not ok:
+        return ["## Summary", "", f"No timed rows ({len(rows)} planned; see the statuses above)."]
+    lines = ["## Summary", "",
+             "Geometric-mean speedup of bn_ext over each peer (rows where both were timed; "
+             "n = rows).", "",
+             "| dtype | pass | n | " + " | ".join(f"vs {p}" for p in others) + " | vs best |",
+             "|" + "---|" * (4 + len(others))]
+    for dname in args.dtypes + ["all"]:
+        for pas in args.passes:
+            sel = [r for r in ok if r.pas == pas and (dname == "all" or r.dtype == dname)]
+            if not sel:
+                continue
+            cells = [dname, pas, str(len(sel))]
+            for p in others:
+                cells.append(fmt_x(geomean([r.speedup(p) for r in sel if r.speedup(p)])))
+            cells.append(fmt_x(geomean([r.best_speedup(others) for r in sel
+                                        if r.best_speedup(others)])))
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    losers = [r for r in ok if any((r.speedup(p) or 1.0) < 1.0 for p in others)]
+    lines.append(f"**Rows below 1.0x against at least one peer: {len(losers)} of {len(ok)}**"
+                 + (" (bn_ext ms; each peer: speedup, ms):" if losers else "."))
+    if losers:
+        lines.append("")
+        for r in losers:
+            vs = ", ".join(f"{r.speedup(p):.2f}x vs {p} {fmt_ms(r.times[p])}" for p in others
+                           if r.speedup(p) is not None)
+            lines.append(f"- {r.shape} {r.layout} {r.dtype} {r.pas}: bn_ext "
+                         f"{fmt_ms(r.times['bn_ext'])}; {vs}")
+    lines.append("")
+    # Bandwidth of out-of-cache rows, against the issue's bar.
+    bar = BW_BAR[args.device]
+    big = [r for r in ok if r.mb * MB > META["cache_mb"] * MB]
+    lines += [f"Out-of-cache rows (input > {META['cache_mb']:.0f} MB cache): bn_ext's % of "
+              f"copy bandwidth, and how many fall below the {bar:.0f}% bar.", "",
+              "| dtype | pass | n | median % copy | min % copy | below bar |",
+              "|---|---|---|---|---|---|"]
+    for dname in args.dtypes:
+        for pas in args.passes:
+            sel = [r for r in big if r.dtype == dname and r.pas == pas]
+            if not sel:
+                continue
+            pct = [100 * r.bytes_moved / r.times["bn_ext"] / 1e9 / META["copy_gbs"] for r in sel]
+            lines.append(f"| {dname} | {pas} | {len(sel)} | {statistics.median(pct):.0f}% | "
+                         f"{min(pct):.0f}% | {sum(p < bar for p in pct)} |")
+    lines.append("")
+    skipped = [r for r in rows if r.status.startswith("skipped")]
+    errors = [r for r in rows if r.status.startswith("error")]
+    lines.append(f"Rows: {len(rows)} planned, {len(ok)} timed, {len(skipped)} skipped "
+                 f"(--max-mb), {len(errors)} errors.")
+    for r in errors:
+        lines.append(f"- error: {r.shape} {r.layout} {r.dtype} {r.pas}: {r.status}")
+    na = {}
+    for r in rows:
+        for p, why in r.na.items():
+            na.setdefault((p, why), []).append(f"{r.shape} {r.layout} {r.dtype} {r.pas}")
+    for (p, why), where in na.items():
+        lines.append(f"- {p} n/a on {len(where)} rows ({why}), e.g. {where[0]}")
+    bad = [r for r in ok if r.rel_err is not None
+           and r.rel_err > TOLERANCE[DTYPES[r.dtype]]]
+    lines.append(f"- correctness spot check (bn_ext vs torch eager, first call, max error "
+                 f"relative to the output's max): {len(bad)} rows over tolerance"
+                 + "".join(f"\n  - {r.shape} {r.layout} {r.dtype} {r.pas}: {r.rel_err:.2e}"
+                           for r in bad))
+    noisy = [r for r in ok if (r.spread.get("bn_ext") or 0) > 0.10]
+    lines.append(f"- noise: {len(noisy)} rows where bn_ext's round medians spread by more than "
+                 "10% (max/min); see the .json for every peer's spread")
+    return lines
+
+
+def plot(rows: list, peers: list, args, path: str) -> Optional[str]:
+    """Dot plot: one panel per pass, one line per (shape, layout, dtype), one dot per peer."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no PNG written (pip install matplotlib)"
+    others = [p.name for p in peers if p.kind != "bn_ext"]
+    keys = []
+    for r in rows:
+        k = (r.shape, r.layout, r.dtype)
+        if k not in keys:
+            keys.append(k)
+    index = {k: i for i, k in enumerate(keys)}
+    passes = [p for p in args.passes if any(r.pas == p for r in rows)]
+    fig, axes = plt.subplots(1, len(passes), sharey=True, squeeze=False,
+                             figsize=(3.2 * len(passes) + 3, 0.18 * len(keys) + 1.8))
+    markers = ["o", "s", "^", "D"]
+    for ax, pas in zip(axes[0], passes):
+        for j, peer in enumerate(others):
+            pts = [(r.speedup(peer), index[(r.shape, r.layout, r.dtype)]) for r in rows
+                   if r.pas == pas and r.speedup(peer)]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, marker=markers[j % 4],
+                           label=f"vs {peer}", alpha=0.8)
+        for r in rows:
+            if r.pas == pas and r.status != "ok":
+                ax.annotate(r.status.split(":")[0], (1.0, index[(r.shape, r.layout, r.dtype)]),
+                            fontsize=6, color="gray", va="center", ha="center")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(f"{pas} ({PASS_COUNTS[pas]} passes)")
+        ax.set_xlabel("speedup of bn_ext (x)")
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[0][0].set_yticks(range(len(keys)))
+    axes[0][0].set_yticklabels([" ".join(k) for k in keys], fontsize=6)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"bn_ext speedup, {META['device_name']}, torch {META['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# =============================================================================================
+# CLI
+# =============================================================================================
+
+META: dict = {}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", default=None,
+                    help="comma list of fp32,bf16,fp16 (default: all the device's: cpu "
+                         "fp32,bf16; cuda fp32,bf16,fp16)")
+    ap.add_argument("--layout", default="nchw,nhwc", help="comma list of nchw,nhwc")
+    ap.add_argument("--pass", dest="passes", default=",".join(PASSES),
+                    help="comma list of fwd,bwd,eval,fwdbwd")
+    ap.add_argument("--quick", action="store_true",
+                    help="the engineering notes' 4 rows + BatchNorm1d 4096x1024, fewer repeats")
+    ap.add_argument("--max-mb", type=float, default=None,
+                    help="skip (and list as skipped) rows whose input tensor exceeds this many "
+                         "MB; default 256 on the CPU, no limit on the GPU; <=0 for no limit")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds per row (default 3)")
+    ap.add_argument("--min-run-time", type=float, default=None,
+                    help="CPU: blocked_autorange min_run_time per round, s (default 0.05)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed calls per peer and row before the rounds (the first one "
+                         "compiles the compile peer and feeds the correctness spot check)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode")
+    ap.add_argument("--no-triton", action="store_true",
+                    help="cuda: time with CUDA events even if triton is importable")
+    ap.add_argument("--l2-flush", action="store_true",
+                    help="cuda, events timer: flush L2 before every call (do_bench always does)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results"))
+    ap.add_argument("--plan", action="store_true",
+                    help="print the planned rows (and which --max-mb skips) and exit")
+    ap.add_argument("--name", default=None,
+                    help="file stem (default: device slug, plus -quick with --quick)")
+    args = ap.parse_args(argv)
+
+    args.dtypes = split(args.dtype or ",".join(DEVICE_DTYPES[args.device]), DTYPES)
+    bad = [d for d in args.dtypes if d not in DEVICE_DTYPES[args.device]]
+    if bad:
+        ap.error(f"dtype {bad} is not benchmarked on {args.device}")
+    args.layouts = split(args.layout, LAYOUTS)
+    args.passes = split(args.passes, PASSES)
+    if args.max_mb is None:
+        args.max_mb = 256.0 if args.device == "cpu" else None
+    elif args.max_mb <= 0:
+        args.max_mb = None
+    if args.rounds is None:
+        args.rounds = 3
+    if args.min_run_time is None:
+        args.min_run_time = 0.05
+    args.warmup = max(1, args.warmup)
+    return args, ap
+
+
+def split(s: str, allowed) -> list:
+    items = [t.strip().lower() for t in s.split(",") if t.strip()]
+    for t in items:
+        if t not in allowed:
+            raise SystemExit(f"unknown value {t!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def print_plan(args, plan: list):
+    n = skipped = 0
+    for shape, layout in plan:
+        for dname in args.dtypes:
+            mb = shape.numel * DTYPES[dname].itemsize / MB
+            skip = args.max_mb is not None and mb > args.max_mb
+            n += len(args.passes)
+            skipped += len(args.passes) * skip
+            print(f"{shape.label:>16} {layout:>4} {dname} {mb:8.1f} MB  {shape.note}"
+                  + ("  SKIPPED (--max-mb)" if skip else ""))
+    print(f"{n} rows ({len(args.passes)} passes each), {skipped} skipped by --max-mb "
+          f"{args.max_mb}")
+
+
+def main(argv=None):
+    args, ap = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch.cuda.is_available() is False")
+        import bn_ext
+        if not bn_ext.has_cuda_kernels():
+            ap.error("--device cuda: this bn_ext build has no CUDA kernels")
+        timer = CudaTimer(args.quick, not args.no_triton, args.l2_flush)
+    else:
+        timer = CpuTimer(args.min_run_time)
+        timer.label = (f"{CpuTimer.label}, num_threads={timer.threads}, "
+                       f"min_run_time={args.min_run_time:g} s per round")
+    import bn_ext
+
+    plan = (shapes_mod.quick_plan if args.quick else shapes_mod.full_plan)(args.layouts)
+    peers = peers_for(args.device)
+    if args.plan:
+        print_plan(args, plan)
+        return
+    t_start = time.time()
+    print(f"measuring copy bandwidth on {args.device} ...", file=sys.stderr, flush=True)
+    copy_bps = copy_bandwidth(args.device, timer)
+    META.update(
+        device_name=device_name(args.device), torch=torch.__version__,
+        cuda=torch.version.cuda or "none (CPU build)",
+        cudnn=(str(torch.backends.cudnn.version()) if args.device == "cuda" else None),
+        bn_ext=getattr(bn_ext, "__version__", "?"), git=git_rev(), build=bn_ext_build(),
+        threads=torch.get_num_threads(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        timer=timer.label, copy_gbs=copy_bps / 1e9, cache_mb=cache_bytes(args.device) / MB)
+
+    rows, compile_s = run(args, plan, peers, timer, log)
+    META["compile_s"] = compile_s
+    # Measured again at the end; the higher of the two is the reference (a loaded machine
+    # only ever makes the copy slower).
+    META["copy_gbs_start"] = META["copy_gbs"]
+    META["copy_gbs_end"] = copy_bandwidth(args.device, timer) / 1e9
+    META["copy_gbs"] = max(META["copy_gbs_start"], META["copy_gbs_end"])
+    META["wall_s"] = time.time() - t_start
+
+    md = header(args, META) + [f"- wall time of this run: {META['wall_s']:.0f} s", "",
+                               "## Results", ""] + table(rows, peers) + [""] + \
+        summary(rows, peers, args)
+    text = "\n".join(md) + "\n"
+    print(text)
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = args.name or (device_slug(args.device) + ("-quick" if args.quick else ""))
+    base = os.path.join(args.out, stem)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": META, "args": {k: v for k, v in vars(args).items()},
+                   "pass_counts": PASS_COUNTS,
+                   "rows": [r.__dict__ for r in rows]}, f, indent=1, default=str)
+    why_not = plot(rows, peers, args, base + ".png")
+    written = [base + ".md", base + ".json"] + ([] if why_not else [base + ".png"])
+    if why_not:
+        print(why_not, file=sys.stderr)
+    print("wrote " + ", ".join(os.path.relpath(p) for p in written)
+          + f" in {META['wall_s']:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
