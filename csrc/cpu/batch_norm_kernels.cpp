@@ -128,8 +128,8 @@ struct CenteredDot {
 
 // ---- elementwise over one contiguous run ----------------------------------------------------
 
-// y = (x - mu) * alpha + beta
-template <typename T>
+// y = (x - mu) * alpha + beta; with kCentered false, mu is 0 (folded into beta by the caller).
+template <bool kCentered, typename T>
 void affine_run(const T* x, T* y, int64_t n, math_t<T> mu, math_t<T> alpha, math_t<T> beta) {
   using IO = VecIO<T>;
   using V = typename IO::V;
@@ -138,7 +138,11 @@ void affine_run(const T* x, T* y, int64_t n, math_t<T> mu, math_t<T> alpha, math
   for (int64_t i = 0; i < vec_end; i += IO::kWidth) {
     V a, b;
     IO::load(x + i, a, b);
-    IO::store(y + i, at::vec::fmadd(a - muv, av, bv), at::vec::fmadd(b - muv, av, bv));
+    if constexpr (kCentered) {
+      a = a - muv;
+      b = b - muv;
+    }
+    IO::store(y + i, at::vec::fmadd(a, av, bv), at::vec::fmadd(b, av, bv));
   }
   for (int64_t i = vec_end; i < n; ++i) {
     y[i] = static_cast<T>((static_cast<math_t<T>>(x[i]) - mu) * alpha + beta);
@@ -389,10 +393,12 @@ void channels_last_reduce(const R& red, int64_t rows, int64_t C, const math_t<T>
 template <typename M>
 struct ChannelCoefs {
   std::vector<M> mu, a, b, d;  // out = in * a + (x - mu) * b + d, or (in - mu) * a + d
+  bool centered = true;        // false: mu is all zeros, folded into d
 };
 
-// y[r, c] = (x[r, c] - mu[c]) * a[c] + d[c]  (normalize; eval backward with mu = d = 0)
-template <typename T>
+// y[r, c] = (x[r, c] - mu[c]) * a[c] + d[c]  (normalize; eval backward with mu = d = 0);
+// with kCentered false, mu is 0 (folded into d by normalize_coefs).
+template <bool kCentered, typename T>
 void affine_rows(const T* x, T* y, int64_t rows, int64_t C, const ChannelCoefs<math_t<T>>& k) {
   using IO = VecIO<T>;
   using V = typename IO::V;
@@ -403,14 +409,18 @@ void affine_rows(const T* x, T* y, int64_t rows, int64_t C, const ChannelCoefs<m
     for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
       const int64_t t1 = std::min(r1, t0 + kTileRows);
       for (int64_t c = 0; c < vec_end; c += IO::kWidth) {
-        const V mu0 = V::loadu(&k.mu[c]), mu1 = V::loadu(&k.mu[c + h]);
+        const V mu0 = kCentered ? V::loadu(&k.mu[c]) : V(0);
+        const V mu1 = kCentered ? V::loadu(&k.mu[c + h]) : V(0);
         const V a0 = V::loadu(&k.a[c]), a1 = V::loadu(&k.a[c + h]);
         const V d0 = V::loadu(&k.d[c]), d1 = V::loadu(&k.d[c + h]);
         for (int64_t r = t0; r < t1; ++r) {
           V v0, v1;
           IO::load(x + r * C + c, v0, v1);
-          IO::store(y + r * C + c, at::vec::fmadd(v0 - mu0, a0, d0),
-                    at::vec::fmadd(v1 - mu1, a1, d1));
+          if constexpr (kCentered) {
+            v0 = v0 - mu0;
+            v1 = v1 - mu1;
+          }
+          IO::store(y + r * C + c, at::vec::fmadd(v0, a0, d0), at::vec::fmadd(v1, a1, d1));
         }
       }
       for (int64_t r = t0; r < t1; ++r) {
@@ -466,11 +476,27 @@ ChannelCoefs<M> normalize_coefs(const Tensor& mean, const Tensor& var, const Ten
                                 const Tensor& bias, double eps) {
   const int64_t C = mean.numel();
   ChannelCoefs<M> k{std::vector<M>(C), std::vector<M>(C), std::vector<M>(), std::vector<M>(C)};
+  // (x - mean) * a + b rounds once at the output's scale; the folded x * a + (b - mean * a)
+  // saves a load and a subtraction per vector but rounds x * a at the scale of |mean * a|, which
+  // costs up to ~1e-3 in float32 when |mean| / std reaches 1e4. Fold only while |mean * a| stays
+  // within kFoldLimit of the output's own scale max(1, |b|): then both forms err by a few ulp.
+  constexpr double kFoldLimit = 4.0;
+  bool fold = true;
   for (int64_t c = 0; c < C; ++c) {
     k.mu[c] = mean.data_ptr<M>()[c];
     k.a[c] = static_cast<M>(opt_at<M>(weight, c, 1) * invstd_of(var.data_ptr<M>()[c], eps));
     k.d[c] = opt_at<M>(bias, c, 0);
+    const double shift = static_cast<double>(k.mu[c]) * k.a[c];
+    const double scale = std::max(1.0, std::abs(static_cast<double>(k.d[c])));
+    fold = fold && std::abs(shift) <= kFoldLimit * scale;  // false for NaN too
   }
+  if (fold) {
+    for (int64_t c = 0; c < C; ++c) {
+      k.d[c] = static_cast<M>(static_cast<double>(k.d[c]) - static_cast<double>(k.mu[c]) * k.a[c]);
+      k.mu[c] = 0;
+    }
+  }
+  k.centered = !fold;
   return k;
 }
 
@@ -508,12 +534,20 @@ void normalize_impl(const Tensor& xt, const Geometry& g, const ChannelCoefs<math
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
     at::parallel_for(0, g.N * g.C, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0, c = i0 % g.C; i < i1; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
-        affine_run(x + i * g.S, y + i * g.S, g.S, k.mu[c], k.a[c], k.d[c]);
+        if (k.centered) {
+          affine_run<true>(x + i * g.S, y + i * g.S, g.S, k.mu[c], k.a[c], k.d[c]);
+        } else {
+          affine_run<false>(x + i * g.S, y + i * g.S, g.S, k.mu[c], k.a[c], k.d[c]);
+        }
       }
     });
     return;
   }
-  affine_rows(x, y, g.N * g.S, g.C, k);
+  if (k.centered) {
+    affine_rows<true>(x, y, g.N * g.S, g.C, k);
+  } else {
+    affine_rows<false>(x, y, g.N * g.S, g.C, k);
+  }
 }
 
 // Statistics, then the elementwise pass: three passes over x. A fused variant (a thread owning a
