@@ -35,11 +35,13 @@ using at::vec::Vectorized;
 template <typename T>
 using math_t = at::opmath_type<T>;  // float for float16/bfloat16/float32, double for float64
 
-// Loads and stores `kWidth` elements of T as two Vectorized<math_t<T>>.
+// Loads and stores `kWidth` elements of T as two Vectorized<math_t<T>>, or kHalf = kWidth / 2 of
+// them as one (load1/store1: the tail of a run, which matters for 7x7 maps: 49 = 32 + 16 + 1).
 template <typename T, typename = void>
 struct VecIO {
   using V = Vectorized<T>;
   static constexpr int64_t kWidth = 2 * V::size();
+  static constexpr int64_t kHalf = V::size();
   static void load(const T* p, V& a, V& b) {
     a = V::loadu(p);
     b = V::loadu(p + V::size());
@@ -48,18 +50,27 @@ struct VecIO {
     a.store(p);
     b.store(p + V::size());
   }
+  static V load1(const T* p) { return V::loadu(p); }
+  static void store1(T* p, const V& a) { a.store(p); }
 };
 
 template <typename T>
 struct VecIO<T, std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>> {
   using V = Vectorized<float>;
   static constexpr int64_t kWidth = Vectorized<T>::size();  // == 2 * V::size()
+  static constexpr int64_t kHalf = V::size();
   static void load(const T* p, V& a, V& b) {
     std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
   }
   static void store(T* p, const V& a, const V& b) {
     at::vec::convert_from_float<T>(a, b).store(p);
   }
+  static V load1(const T* p) {
+    V a;
+    at::vec::load_to_float<T>(p, a);
+    return a;
+  }
+  static void store1(T* p, const V& a) { at::vec::convert_from_float<T>(a, a).store(p, kHalf); }
 };
 
 // Vector iterations between flushes of a float accumulator into double: keeps the relative
@@ -97,6 +108,11 @@ struct ShiftedMoments {
     a2 = at::vec::fmadd(a, a, a2);
     b2 = at::vec::fmadd(b, b, b2);
   }
+  void half_step(int64_t i, const V& kv, V& a1, V& a2) const {
+    const V a = IO::load1(x + i) - kv;
+    a1 = a1 + a;
+    a2 = at::vec::fmadd(a, a, a2);
+  }
   void scalar(int64_t i, math_t<T> k, double& s1, double& s2) const {
     const math_t<T> d = static_cast<math_t<T>>(x[i]) - k;
     s1 += d;
@@ -118,6 +134,11 @@ struct CenteredDot {
     b1 = b1 + gb;
     a2 = at::vec::fmadd(ga, xa - mu0, a2);
     b2 = at::vec::fmadd(gb, xb - mu1, b2);
+  }
+  void half_step(int64_t i, const V& muv, V& a1, V& a2) const {
+    const V ga = IO::load1(dy + i);
+    a1 = a1 + ga;
+    a2 = at::vec::fmadd(ga, IO::load1(x + i) - muv, a2);
   }
   void scalar(int64_t i, math_t<T> mu, double& s1, double& s2) const {
     const math_t<T> g = static_cast<math_t<T>>(dy[i]);
@@ -144,7 +165,14 @@ void affine_run(const T* x, T* y, int64_t n, math_t<T> mu, math_t<T> alpha, math
     }
     IO::store(y + i, at::vec::fmadd(a, av, bv), at::vec::fmadd(b, av, bv));
   }
-  for (int64_t i = vec_end; i < n; ++i) {
+  int64_t i = vec_end;
+  if (n - i >= IO::kHalf) {
+    V a = IO::load1(x + i);
+    if constexpr (kCentered) a = a - muv;
+    IO::store1(y + i, at::vec::fmadd(a, av, bv));
+    i += IO::kHalf;
+  }
+  for (; i < n; ++i) {
     y[i] = static_cast<T>((static_cast<math_t<T>>(x[i]) - mu) * alpha + beta);
   }
 }
@@ -164,7 +192,13 @@ void affine2_run(const T* dy, const T* x, T* dx, int64_t n, math_t<T> a, math_t<
     IO::store(dx + i, at::vec::fmadd(g0, av, at::vec::fmadd(x0 - muv, bv, dv)),
               at::vec::fmadd(g1, av, at::vec::fmadd(x1 - muv, bv, dv)));
   }
-  for (int64_t i = vec_end; i < n; ++i) {
+  int64_t i = vec_end;
+  if (n - i >= IO::kHalf) {
+    const V g0 = IO::load1(dy + i), x0 = IO::load1(x + i);
+    IO::store1(dx + i, at::vec::fmadd(g0, av, at::vec::fmadd(x0 - muv, bv, dv)));
+    i += IO::kHalf;
+  }
+  for (; i < n; ++i) {
     const math_t<T> g = static_cast<math_t<T>>(dy[i]);
     dx[i] = static_cast<T>(g * a + ((static_cast<math_t<T>>(x[i]) - mu) * b + d));
   }
@@ -246,7 +280,18 @@ void chunk_sums(const R& red, const Geometry& g, int64_t c, int64_t n0, int64_t 
         steps = 0;
       }
     }
-    for (int64_t i = vec_end; i < g.S; ++i) red.scalar(base + i, k, s1, s2);
+    int64_t i = vec_end;
+    if (g.S - i >= IO::kHalf) {
+      red.half_step(base + i, kv, a1, a2);
+      i += IO::kHalf;
+      if (++steps == kFlushEvery) {
+        s1 += hsum(a1 + b1);
+        s2 += hsum(a2 + b2);
+        a1 = a2 = b1 = b2 = V(0);
+        steps = 0;
+      }
+    }
+    for (; i < g.S; ++i) red.scalar(base + i, k, s1, s2);
   }
   s1 += hsum(a1 + b1);
   s2 += hsum(a2 + b2);
