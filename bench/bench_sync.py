@@ -101,7 +101,6 @@ class TorchProtocolSyncBN(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world):
         x = x.contiguous()
         C = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # torch's CPU stats kernel
         invstd = (var + eps).rsqrt()
         count = torch.full((1,), x.numel() // C, dtype=x.dtype)
@@ -186,7 +185,7 @@ def _worker(rank, world, store, shapes, reps, warmup, threads, queue):
 
     results = []
     for dims in shapes:
-        N, C = dims[0], dims[1]
+        C = dims[1]
         torch.manual_seed(rank)
         x = (torch.randn(dims) * 2 + 1).requires_grad_()
         gy = torch.randn(dims)

@@ -6,7 +6,6 @@ input-rank checks are torch's; only forward runs on bn_ext's kernels.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .functional import _batch_norm

@@ -60,6 +60,70 @@ def make_input(shape, dtype, device, layout="contiguous", seed=0, mean=0.5, std=
     return x
 
 
+TORCH_CLS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+             5: torch.nn.BatchNorm3d}
+OURS_CLS = {2: bn_ext.BatchNorm1d, 3: bn_ext.BatchNorm1d, 4: bn_ext.BatchNorm2d,
+            5: bn_ext.BatchNorm3d}
+
+
+def make_pair(ndim, C, device, param_dtype, affine=True, track=True, momentum=0.1):
+    """torch's BatchNorm for an ndim-D input and bn_ext's, with the same non-trivial state."""
+    ref = TORCH_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
+                          device=device, dtype=param_dtype)
+    if affine:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            ref.weight.copy_(torch.rand(C, generator=g) + 0.5)
+            ref.bias.copy_(torch.linspace(-1, 1, C))
+    ours = OURS_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
+                          device=device, dtype=param_dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def run_steps(ref, ours, shape, dtype, device, layout, steps=3, train=True, param_tol=None):
+    """`steps` calls of both modules on fresh inputs (a drifting mean), comparing after each:
+    outputs, input and parameter gradients, running statistics, num_batches_tracked, and that
+    the input is untouched.
+
+    Parameter gradients and running statistics are compared at the tolerance of `param_tol`,
+    by default the input's dtype: they sum n products of input-dtype values, so the input's
+    dtype bounds their precision even with float32 parameters (torch rounds some to bfloat16).
+    """
+    ptol = param_tol or dtype
+    ref.train(train)
+    ours.train(train)
+    for step in range(steps):
+        x = make_input(shape, dtype, device, layout, seed=10 + step, mean=0.5 * step)
+        xr = x.clone().requires_grad_()
+        xo = x.clone().requires_grad_()
+        x_before = x.clone()
+        yr, yo = ref(xr), ours(xo)
+        assert yo.dtype == yr.dtype and yo.shape == yr.shape
+        assert_close(yo, yr, dtype, msg=f"output, step {step}")
+        g = make_input(shape, dtype, device, "contiguous", seed=100 + step)
+        yr.backward(g)
+        yo.backward(g)
+        assert_close(xo.grad, xr.grad, dtype, msg=f"grad_input, step {step}")
+        if ref.affine:
+            assert ours.weight.grad.dtype == ref.weight.grad.dtype
+            assert_close(ours.weight.grad, ref.weight.grad, ptol, msg=f"grad_weight, step {step}")
+            if ref.bias is not None:
+                assert_close(ours.bias.grad, ref.bias.grad, ptol, msg=f"grad_bias, step {step}")
+            else:
+                assert ours.bias is None
+            ref.zero_grad()
+            ours.zero_grad()
+        assert torch.equal(x, x_before), "the input was modified"
+        if ref.track_running_stats:
+            assert ours.running_mean.dtype == ref.running_mean.dtype
+            assert_close(ours.running_mean, ref.running_mean, ptol)
+            assert_close(ours.running_var, ref.running_var, ptol)
+            assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+        else:
+            assert ours.running_mean is None and ours.num_batches_tracked is None
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
 

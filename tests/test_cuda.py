@@ -17,17 +17,12 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import bn_ext
-from conftest import TOL, assert_close, make_input
+from conftest import assert_close, make_input, make_pair, run_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 ops = torch.ops.bn_ext
 DEV = "cuda"
-
-TORCH_CLS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-             5: torch.nn.BatchNorm3d}
-OURS_CLS = {2: bn_ext.BatchNorm1d, 3: bn_ext.BatchNorm1d, 4: bn_ext.BatchNorm2d,
-            5: bn_ext.BatchNorm3d}
 
 # (input dtype, parameter dtype)
 DTYPES = [
@@ -58,59 +53,11 @@ def _ids(shape):
     return "x".join(map(str, shape))
 
 
-def _param_tol(dtype, param_dtype):
-    return dtype if param_dtype == dtype else param_dtype
-
-
 def test_build_has_cuda_kernels():
     assert bn_ext.has_cuda_kernels(), "a GPU is visible but bn_ext was built without CUDA kernels"
 
 
 # ---- parity with torch.nn, cuDNN on and off --------------------------------------------------
-
-def _make_pair(ndim, C, param_dtype, affine=True, track=True, momentum=0.1):
-    ref = TORCH_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
-                          device=DEV, dtype=param_dtype)
-    if affine:
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            ref.weight.copy_(torch.rand(C, generator=g) + 0.5)
-            ref.bias.copy_(torch.linspace(-1, 1, C))
-    ours = OURS_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
-                          device=DEV, dtype=param_dtype)
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
-
-
-def _check_steps(ref, ours, shape, dtype, param_dtype, layout, steps, train, seed=0):
-    ref.train(train)
-    ours.train(train)
-    ptol = _param_tol(dtype, param_dtype)
-    for step in range(steps):
-        x = make_input(shape, dtype, DEV, layout, seed=seed + step)
-        x_before = x.clone()
-        xr = x.detach().clone().requires_grad_()
-        xo = x.detach().clone().requires_grad_()
-        yr = ref(xr)
-        yo = ours(xo)
-        assert yo.dtype == yr.dtype and yo.shape == yr.shape
-        assert_close(yo, yr, dtype, msg=f"output, step {step}")
-        gy = make_input(shape, dtype, DEV, "contiguous", seed=100 + step)
-        yr.backward(gy)
-        yo.backward(gy)
-        assert_close(xo.grad, xr.grad, dtype, msg=f"grad_input, step {step}")
-        if ref.affine:
-            assert ours.weight.grad.dtype == ref.weight.grad.dtype
-            assert_close(ours.weight.grad, ref.weight.grad, ptol, msg="grad_weight")
-            assert_close(ours.bias.grad, ref.bias.grad, ptol, msg="grad_bias")
-            ref.zero_grad()
-            ours.zero_grad()
-        assert torch.equal(x, x_before), "the input was modified"
-        if ref.track_running_stats:
-            assert_close(ours.running_mean, ref.running_mean, ptol, msg="running_mean")
-            assert_close(ours.running_var, ref.running_var, ptol, msg="running_var")
-            assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
-
 
 @pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn", "native"])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
@@ -121,9 +68,9 @@ def test_parity_with_torch(cudnn, dtypes, layout, shape):
         pytest.skip("a 2D input has no spatial dims to transpose")
     dtype, param_dtype = dtypes
     with torch.backends.cudnn.flags(enabled=cudnn):
-        ref, ours = _make_pair(len(shape), shape[1], param_dtype)
-        _check_steps(ref, ours, shape, dtype, param_dtype, layout, steps=2, train=True)
-        _check_steps(ref, ours, shape, dtype, param_dtype, layout, steps=1, train=False)
+        ref, ours = make_pair(len(shape), shape[1], DEV, param_dtype)
+        run_steps(ref, ours, shape, dtype, DEV, layout, steps=2, train=True, param_tol=param_dtype)
+        run_steps(ref, ours, shape, dtype, DEV, layout, steps=1, train=False, param_tol=param_dtype)
 
 
 @pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn", "native"])
@@ -134,9 +81,9 @@ def test_parity_options(cudnn, layout, options):
     affine, track, momentum = options
     shape = (6, 24, 10, 9)
     with torch.backends.cudnn.flags(enabled=cudnn):
-        ref, ours = _make_pair(4, shape[1], torch.float32, affine, track, momentum)
-        _check_steps(ref, ours, shape, torch.float32, torch.float32, layout, steps=3, train=True)
-        _check_steps(ref, ours, shape, torch.float32, torch.float32, layout, steps=1, train=False)
+        ref, ours = make_pair(4, shape[1], DEV, torch.float32, affine, track, momentum)
+        run_steps(ref, ours, shape, torch.float32, DEV, layout, steps=3, train=True)
+        run_steps(ref, ours, shape, torch.float32, DEV, layout, steps=1, train=False)
 
 
 def test_functional_and_convert_model():

@@ -9,67 +9,11 @@ import pytest
 import torch
 
 import bn_ext
-from conftest import DEVICES, TOL, assert_close, make_input
+from conftest import DEVICES, assert_close, make_input, make_pair, run_steps
 
-TORCH_CLS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-             5: torch.nn.BatchNorm3d}
-OURS_CLS = {2: bn_ext.BatchNorm1d, 3: bn_ext.BatchNorm1d, 4: bn_ext.BatchNorm2d,
-            5: bn_ext.BatchNorm3d}
 SHAPES = {2: (16, 5), 3: (4, 6, 9), 4: (3, 5, 7, 6), 5: (2, 4, 3, 5, 6)}
 # Each option set: (affine, track_running_stats, momentum)
 OPTIONS = [(True, True, 0.1), (False, True, None), (True, False, 0.1), (False, False, 0.3)]
-
-
-def make_pair(ndim, dtype, device, affine, track, momentum, param_dtype=None):
-    C = SHAPES[ndim][1]
-    ref = TORCH_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
-                          device=device, dtype=param_dtype or dtype)
-    if affine:
-        with torch.no_grad():
-            ref.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1)) \
-                if device == "cpu" else ref.weight.copy_(torch.rand(C).add_(0.5))
-            ref.bias.copy_(torch.linspace(-1, 1, C))
-    ours = OURS_CLS[ndim](C, momentum=momentum, affine=affine, track_running_stats=track,
-                          device=device, dtype=param_dtype or dtype)
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
-
-
-def run_steps(ref, ours, shape, dtype, device, layout, steps=3, train=True):
-    ref.train(train)
-    ours.train(train)
-    for step in range(steps):
-        x = make_input(shape, dtype, device, layout, seed=10 + step, mean=0.5 * step)
-        xr = x.clone().requires_grad_()
-        xo = x.clone().requires_grad_()
-        x_before = x.clone()
-        yr, yo = ref(xr), ours(xo)
-        assert yo.dtype == yr.dtype and yo.shape == yr.shape
-        assert_close(yo, yr, dtype, msg=f"output, step {step}")
-        g = make_input(shape, dtype, device, "contiguous", seed=100 + step)
-        yr.backward(g)
-        yo.backward(g)
-        assert_close(xo.grad, xr.grad, dtype, msg=f"grad_input, step {step}")
-        if ref.affine:
-            # Parameter gradients sum n products of input-dtype values: the input's dtype bounds
-            # their precision even with float32 parameters (torch rounds some to bfloat16).
-            assert ours.weight.grad.dtype == ref.weight.grad.dtype
-            assert_close(ours.weight.grad, ref.weight.grad, dtype, msg=f"grad_weight, step {step}")
-            if ref.bias is not None:
-                assert_close(ours.bias.grad, ref.bias.grad, dtype, msg=f"grad_bias, step {step}")
-            else:
-                assert ours.bias is None
-            ref.zero_grad()
-            ours.zero_grad()
-        assert torch.equal(x, x_before), "the input was modified"
-        if ref.track_running_stats:
-            rdt = ref.running_mean.dtype
-            assert ours.running_mean.dtype == rdt
-            assert_close(ours.running_mean, ref.running_mean, dtype)
-            assert_close(ours.running_var, ref.running_var, dtype)
-            assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
-        else:
-            assert ours.running_mean is None and ours.num_batches_tracked is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -82,7 +26,7 @@ def test_train_then_eval_matches_torch(device, dtype, layout, ndim, options):
     if ndim == 2 and layout == "transposed":
         pytest.skip("a 2D input has no spatial dims to transpose")
     affine, track, momentum = options
-    ref, ours = make_pair(ndim, dtype, device, affine, track, momentum)
+    ref, ours = make_pair(ndim, SHAPES[ndim][1], device, dtype, affine, track, momentum)
     run_steps(ref, ours, SHAPES[ndim], dtype, device, layout, steps=3, train=True)
     run_steps(ref, ours, SHAPES[ndim], dtype, device, layout, steps=1, train=False)
 
@@ -95,14 +39,14 @@ def test_low_precision_input_with_float32_params(device, dtype, layout):
     if device == "cpu" and dtype == torch.float16:
         # torch's CPU batch_norm rejects float16 input with float32 params; compare against a
         # float32 computation instead.
-        ref, ours = make_pair(4, torch.float32, device, True, True, 0.1)
+        ref, ours = make_pair(4, SHAPES[4][1], device, torch.float32)
         x = make_input(SHAPES[4], dtype, device, layout)
         y = ours(x)
         assert y.dtype == dtype and ours.running_mean.dtype == torch.float32
         assert_close(y, ref(x.float()).to(dtype), dtype)
         assert_close(ours.running_var, ref.running_var, torch.float32)
         return
-    ref, ours = make_pair(4, dtype, device, True, True, 0.1, param_dtype=torch.float32)
+    ref, ours = make_pair(4, SHAPES[4][1], device, torch.float32)
     run_steps(ref, ours, SHAPES[4], dtype, device, layout, steps=2, train=True)
     run_steps(ref, ours, SHAPES[4], dtype, device, layout, steps=1, train=False)
 
@@ -129,7 +73,7 @@ def test_functional_matches_torch(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
-    ref, ours = make_pair(4, torch.float32, device, True, True, 0.1)
+    ref, ours = make_pair(4, SHAPES[4][1], device, torch.float32)
     x = torch.randn(0, 5, 7, 6, device=device)
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
     yr, yo = ref(xr), ours(xo)
