@@ -360,17 +360,15 @@ void contiguous_reduce(const R& red, const Geometry& g, const Shift& shift, cons
 
 // ---- channels-last layout: runs of C per row (n, s) --------------------------------------------
 //
-// Rows are processed in tiles of kTileRows: for each kWidth-wide group of channels, the
-// per-channel vectors (accumulators, or coefficients) are loaded once and applied to every row of
-// the tile. Measured on the 2-core EPYC (Zen 4): tiles of 8 or 32 rows ran 1.5-2.5x slower than
-// single rows (for C = 1024 the rows are 4 KiB apart, so loads and stores alias; and the
-// per-channel vectors come from L1 anyway), hence 1.
+// Rows stream one at a time, the per-channel vectors (accumulators or coefficients) being
+// reloaded from L1 for each row. Reusing them across tiles of 8 or 32 rows measured 1.5-2.5x
+// slower on the 2-core EPYC (Zen 4): for C = 1024 the rows are 4 KiB apart, so loads and stores
+// alias.
 //
 // Reductions split the rows into fixed blocks of kRowsPerBlock; a block accumulates in float
 // (at most kRowsPerBlock values per lane) and leaves a double partial per channel; partials are
 // added in block order.
 
-constexpr int64_t kTileRows = 1;
 constexpr int64_t kRowsPerBlock = kFlushEvery;
 
 template <typename T, typename R>
@@ -380,13 +378,12 @@ void channels_last_block_sums(const R& red, int64_t r0, int64_t r1, int64_t C,
   using V = typename IO::V;
   constexpr int64_t h = V::size();
   const int64_t vec_end = C - C % IO::kWidth;
-  for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
-    const int64_t t1 = std::min(r1, t0 + kTileRows);
+  for (int64_t r = r0; r < r1; ++r) {
     for (int64_t c = 0; c < vec_end; c += IO::kWidth) {
       const V k0 = V::loadu(k + c), k1 = V::loadu(k + c + h);
       V a1 = V::loadu(acc1 + c), b1 = V::loadu(acc1 + c + h);
       V a2 = V::loadu(acc2 + c), b2 = V::loadu(acc2 + c + h);
-      for (int64_t r = t0; r < t1; ++r) red.step(r * C + c, k0, k1, a1, b1, a2, b2);
+      red.step(r * C + c, k0, k1, a1, b1, a2, b2);
       a1.store(acc1 + c);
       b1.store(acc1 + c + h);
       a2.store(acc2 + c);
@@ -449,30 +446,23 @@ void affine_rows(const T* x, T* y, int64_t rows, int64_t C, const ChannelCoefs<m
   using V = typename IO::V;
   constexpr int64_t h = V::size();
   const int64_t vec_end = C - C % IO::kWidth;
-  const int64_t grain = std::max<int64_t>(kTileRows, 32768 / std::max<int64_t>(C, 1));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
-      const int64_t t1 = std::min(r1, t0 + kTileRows);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * C;
+      T* yr = y + r * C;
       for (int64_t c = 0; c < vec_end; c += IO::kWidth) {
-        const V mu0 = kCentered ? V::loadu(&k.mu[c]) : V(0);
-        const V mu1 = kCentered ? V::loadu(&k.mu[c + h]) : V(0);
-        const V a0 = V::loadu(&k.a[c]), a1 = V::loadu(&k.a[c + h]);
-        const V d0 = V::loadu(&k.d[c]), d1 = V::loadu(&k.d[c + h]);
-        for (int64_t r = t0; r < t1; ++r) {
-          V v0, v1;
-          IO::load(x + r * C + c, v0, v1);
-          if constexpr (kCentered) {
-            v0 = v0 - mu0;
-            v1 = v1 - mu1;
-          }
-          IO::store(y + r * C + c, at::vec::fmadd(v0, a0, d0), at::vec::fmadd(v1, a1, d1));
+        V v0, v1;
+        IO::load(xr + c, v0, v1);
+        if constexpr (kCentered) {
+          v0 = v0 - V::loadu(&k.mu[c]);
+          v1 = v1 - V::loadu(&k.mu[c + h]);
         }
+        IO::store(yr + c, at::vec::fmadd(v0, V::loadu(&k.a[c]), V::loadu(&k.d[c])),
+                  at::vec::fmadd(v1, V::loadu(&k.a[c + h]), V::loadu(&k.d[c + h])));
       }
-      for (int64_t r = t0; r < t1; ++r) {
-        for (int64_t c = vec_end; c < C; ++c) {
-          y[r * C + c] =
-              static_cast<T>((static_cast<math_t<T>>(x[r * C + c]) - k.mu[c]) * k.a[c] + k.d[c]);
-        }
+      for (int64_t c = vec_end; c < C; ++c) {
+        yr[c] = static_cast<T>((static_cast<math_t<T>>(xr[c]) - k.mu[c]) * k.a[c] + k.d[c]);
       }
     }
   });
@@ -486,29 +476,29 @@ void affine2_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
   using V = typename IO::V;
   constexpr int64_t h = V::size();
   const int64_t vec_end = C - C % IO::kWidth;
-  const int64_t grain = std::max<int64_t>(kTileRows, 16384 / std::max<int64_t>(C, 1));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
-      const int64_t t1 = std::min(r1, t0 + kTileRows);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gr = dy + r * C;
+      const T* xr = x + r * C;
+      T* dr = dx + r * C;
       for (int64_t c = 0; c < vec_end; c += IO::kWidth) {
-        const V mu0 = V::loadu(&k.mu[c]), mu1 = V::loadu(&k.mu[c + h]);
-        const V a0 = V::loadu(&k.a[c]), a1 = V::loadu(&k.a[c + h]);
-        const V b0 = V::loadu(&k.b[c]), b1 = V::loadu(&k.b[c + h]);
-        const V d0 = V::loadu(&k.d[c]), d1 = V::loadu(&k.d[c + h]);
-        for (int64_t r = t0; r < t1; ++r) {
-          V g0, g1, x0, x1;
-          IO::load(dy + r * C + c, g0, g1);
-          IO::load(x + r * C + c, x0, x1);
-          IO::store(dx + r * C + c, at::vec::fmadd(g0, a0, at::vec::fmadd(x0 - mu0, b0, d0)),
-                    at::vec::fmadd(g1, a1, at::vec::fmadd(x1 - mu1, b1, d1)));
-        }
+        V g0, g1, x0, x1;
+        IO::load(gr + c, g0, g1);
+        IO::load(xr + c, x0, x1);
+        const V o0 = at::vec::fmadd(
+            g0, V::loadu(&k.a[c]),
+            at::vec::fmadd(x0 - V::loadu(&k.mu[c]), V::loadu(&k.b[c]), V::loadu(&k.d[c])));
+        const V o1 = at::vec::fmadd(
+            g1, V::loadu(&k.a[c + h]),
+            at::vec::fmadd(x1 - V::loadu(&k.mu[c + h]), V::loadu(&k.b[c + h]),
+                           V::loadu(&k.d[c + h])));
+        IO::store(dr + c, o0, o1);
       }
-      for (int64_t r = t0; r < t1; ++r) {
-        for (int64_t c = vec_end; c < C; ++c) {
-          const math_t<T> gv = static_cast<math_t<T>>(dy[r * C + c]);
-          const math_t<T> xv = static_cast<math_t<T>>(x[r * C + c]);
-          dx[r * C + c] = static_cast<T>(gv * k.a[c] + ((xv - k.mu[c]) * k.b[c] + k.d[c]));
-        }
+      for (int64_t c = vec_end; c < C; ++c) {
+        const math_t<T> gv = static_cast<math_t<T>>(gr[c]);
+        const math_t<T> xv = static_cast<math_t<T>>(xr[c]);
+        dr[c] = static_cast<T>(gv * k.a[c] + ((xv - k.mu[c]) * k.b[c] + k.d[c]));
       }
     }
   });
@@ -608,15 +598,21 @@ void train_forward_impl(const Tensor& xt, const Geometry& g, const Tensor& weigh
 }
 
 template <typename T>
+// sum_dy, sum_dy_xmu, and from them grad_bias = sum_dy, grad_weight = sum_dy_xmu * invstd.
 void backward_reduce_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
-                          const Tensor& mean, Tensor& sum_dy, Tensor& sum_dy_xmu) {
+                          const Tensor& mean, const Tensor& var, double eps, Tensor& sum_dy,
+                          Tensor& sum_dy_xmu, Tensor& grad_weight, Tensor& grad_bias) {
   using M = math_t<T>;
   const M* mu = mean.const_data_ptr<M>();
+  const M* vp = var.const_data_ptr<M>();
   M* s1p = sum_dy.data_ptr<M>();
   M* s2p = sum_dy_xmu.data_ptr<M>();
+  M* gw = grad_weight.data_ptr<M>();
+  M* gb = grad_bias.data_ptr<M>();
   const auto store = [&](int64_t c, double s1, double s2) {
-    s1p[c] = static_cast<M>(s1);
+    s1p[c] = gb[c] = static_cast<M>(s1);
     s2p[c] = static_cast<M>(s2);
+    gw[c] = static_cast<M>(s2p[c] * invstd_of(vp[c], eps));
   };
   const CenteredDot<T> red{dyt.const_data_ptr<T>(), xt.const_data_ptr<T>()};
   if (g.layout == Layout::kContiguous) {
@@ -711,11 +707,7 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
     return;
   }
   Tensor sum_dy = at::empty_like(grad_bias), sum_dy_xmu = at::empty_like(grad_weight);
-  backward_reduce_impl<T>(dyt, xt, g, mean, sum_dy, sum_dy_xmu);
-  for (int64_t c = 0; c < g.C; ++c) {
-    gb[c] = sum_dy.data_ptr<M>()[c];
-    gw[c] = static_cast<M>(sum_dy_xmu.data_ptr<M>()[c] * invstd_of(vp[c], eps));
-  }
+  backward_reduce_impl<T>(dyt, xt, g, mean, var, eps, sum_dy, sum_dy_xmu, grad_weight, grad_bias);
   backward_input_impl<T>(dyt, xt, g, mean, var, weight, sum_dy, sum_dy_xmu,
                          static_cast<double>(g.count()), eps, dxt);
 }
@@ -749,13 +741,8 @@ void backward_reduce(const Tensor& dy, const Tensor& x, const Geometry& g, const
                      const Tensor& var, double eps, Tensor& sum_dy, Tensor& sum_dy_xmu,
                      Tensor& grad_weight, Tensor& grad_bias) {
   BN_EXT_DISPATCH(x, "bn_ext::backward_reduce", [&] {
-    using M = math_t<scalar_t>;
-    backward_reduce_impl<scalar_t>(dy, x, g, mean, sum_dy, sum_dy_xmu);
-    for (int64_t c = 0; c < g.C; ++c) {
-      grad_bias.data_ptr<M>()[c] = sum_dy.data_ptr<M>()[c];
-      grad_weight.data_ptr<M>()[c] =
-          static_cast<M>(sum_dy_xmu.data_ptr<M>()[c] * invstd_of(var.data_ptr<M>()[c], eps));
-    }
+    backward_reduce_impl<scalar_t>(dy, x, g, mean, var, eps, sum_dy, sum_dy_xmu, grad_weight,
+                                   grad_bias);
   });
 }
 

@@ -128,6 +128,17 @@ __device__ __forceinline__ void accumulate_vec(const Vec<T, V>& xv, const Vec<T,
   }
 }
 
+// Loads V elements of x (and of dy, for reductions that read it) at offset o and adds them to
+// the per-lane sums.
+template <typename Op, int V, typename T, typename I, typename M>
+__device__ __forceinline__ void accumulate_at(const T* __restrict__ x, const T* __restrict__ dy,
+                                              I o, const M (&k)[V], M (&a1)[V], M (&a2)[V]) {
+  const Vec<T, V> xv = load_vec<V>(x + o);
+  Vec<T, V> dv = xv;
+  if constexpr (Op::kNeedsDy) dv = load_vec<V>(dy + o);
+  accumulate_vec<Op, V>(xv, dv, k, a1, a2);
+}
+
 template <typename M>
 __device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t g, int64_t c,
                                               const Sums<M>& s) {
@@ -158,23 +169,10 @@ __global__ void __launch_bounds__(kThreads)
   I j = static_cast<I>(blockIdx.y) * kThreads + threadIdx.x;
   // Two independent vectors in flight per iteration.
   for (; j + step < nv; j += 2 * step) {
-    const I o0 = offset(j), o1 = offset(j + step);
-    const Vec<T, V> x0 = load_vec<V>(x + o0), x1 = load_vec<V>(x + o1);
-    Vec<T, V> d0 = x0, d1 = x1;
-    if constexpr (Op::kNeedsDy) {
-      d0 = load_vec<V>(dy + o0);
-      d1 = load_vec<V>(dy + o1);
-    }
-    accumulate_vec<Op, V>(x0, d0, k, a1, a2);
-    accumulate_vec<Op, V>(x1, d1, k, a1, a2);
+    accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
+    accumulate_at<Op, V>(x, dy, offset(j + step), k, a1, a2);
   }
-  if (j < nv) {
-    const I o0 = offset(j);
-    const Vec<T, V> x0 = load_vec<V>(x + o0);
-    Vec<T, V> d0 = x0;
-    if constexpr (Op::kNeedsDy) d0 = load_vec<V>(dy + o0);
-    accumulate_vec<Op, V>(x0, d0, k, a1, a2);
-  }
+  if (j < nv) accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
   Sums<M> t{a1[0], a2[0]};
 #pragma unroll
   for (int w = 1; w < V; ++w) t = merge(t, Sums<M>{a1[w], a2[w]});
@@ -207,23 +205,10 @@ __global__ void __launch_bounds__(kThreads)
     const I step = static_cast<I>(gridDim.y) * blockDim.y;
     I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y;
     for (; r + step < rows; r += 2 * step) {
-      const I o0 = r * C + c0, o1 = (r + step) * C + c0;
-      const Vec<T, V> x0 = load_vec<V>(x + o0), x1 = load_vec<V>(x + o1);
-      Vec<T, V> d0 = x0, d1 = x1;
-      if constexpr (Op::kNeedsDy) {
-        d0 = load_vec<V>(dy + o0);
-        d1 = load_vec<V>(dy + o1);
-      }
-      accumulate_vec<Op, V>(x0, d0, k, a1, a2);
-      accumulate_vec<Op, V>(x1, d1, k, a1, a2);
+      accumulate_at<Op, V>(x, dy, r * C + c0, k, a1, a2);
+      accumulate_at<Op, V>(x, dy, (r + step) * C + c0, k, a1, a2);
     }
-    if (r < rows) {
-      const I o0 = r * C + c0;
-      const Vec<T, V> x0 = load_vec<V>(x + o0);
-      Vec<T, V> d0 = x0;
-      if constexpr (Op::kNeedsDy) d0 = load_vec<V>(dy + o0);
-      accumulate_vec<Op, V>(x0, d0, k, a1, a2);
-    }
+    if (r < rows) accumulate_at<Op, V>(x, dy, r * C + c0, k, a1, a2);
   }
   Sums<M> v[V];
 #pragma unroll
