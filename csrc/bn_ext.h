@@ -63,6 +63,8 @@ struct Geometry {
 
 namespace cpu {
 BN_EXT_DECLARE_KERNELS
+// Called on a freshly allocated output before any kernel writes it (huge_pages.cpp).
+void advise_huge_pages(const Tensor& fresh);
 }  // namespace cpu
 
 #ifdef BN_EXT_WITH_CUDA

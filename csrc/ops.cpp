@@ -153,8 +153,11 @@ struct Output {
 
 Output make_output(const Tensor& input) {
   Tensor out = at::empty_like(input);
+  if (out.is_cpu()) cpu::advise_huge_pages(out);
   if (auto layout = layout_of(out)) return {out, out, *layout};
-  return {out, at::empty(input.sizes(), input.options()), Layout::kContiguous};
+  Tensor target = at::empty(input.sizes(), input.options());
+  if (target.is_cpu()) cpu::advise_huge_pages(target);
+  return {out, target, Layout::kContiguous};
 }
 
 void finish_output(Output& o) {
