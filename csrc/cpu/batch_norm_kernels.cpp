@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 #include "../bn_ext.h"
@@ -98,6 +99,7 @@ struct ShiftedMoments {
   using IO = VecIO<T>;
   using V = typename IO::V;
   const T* x;
+  ShiftedMoments advanced(int64_t i) const { return {x + i}; }
   void step(int64_t i, const V& kv0, const V& kv1, V& a1, V& b1, V& a2, V& b2) const {
     V a, b;
     IO::load(x + i, a, b);
@@ -126,6 +128,7 @@ struct CenteredDot {
   using V = typename IO::V;
   const T* dy;
   const T* x;
+  CenteredDot advanced(int64_t i) const { return {dy + i, x + i}; }
   void step(int64_t i, const V& mu0, const V& mu1, V& a1, V& b1, V& a2, V& b2) const {
     V ga, gb, xa, xb;
     IO::load(dy + i, ga, gb);
@@ -371,10 +374,9 @@ void contiguous_reduce(const R& red, const Geometry& g, const Shift& shift, cons
 
 constexpr int64_t kRowsPerBlock = kFlushEvery;
 
-#ifndef BN_EXT_CL_TILE
-#define BN_EXT_CL_TILE 8
-#endif
-constexpr int64_t kTileRows = BN_EXT_CL_TILE;
+// Rows per register tile: 8 measured best of 4, 8, 16 and 64 (64: one strip runs down the whole
+// block, 64 strided streams that the prefetchers lose).
+constexpr int64_t kTileRows = 8;
 
 template <typename T, typename R>
 void channels_last_block_sums(const R& red, int64_t r0, int64_t r1, int64_t C,
@@ -416,10 +418,32 @@ void channels_last_block_sums(const R& red, int64_t r0, int64_t r1, int64_t C,
   }
 }
 
-// finish(c, s1, s2) for every channel.
-template <typename T, typename R, typename Finish>
-void channels_last_reduce(const R& red, int64_t rows, int64_t C, const math_t<T>* k,
-                          const Finish& finish) {
+// Few channels. A row of C < kWidth elements (C = 3: RGB input) would run entirely in the scalar
+// tail. Instead the tensor is read as a flat array cut into period rows of P = lcm(C, kWidth)
+// elements: element j of every period row belongs to channel j % C, so per-channel vectors
+// replicated to length P turn it into a channels-last tensor of P "channels" with no tail. What
+// is left over after the last whole period row (fewer than P / C rows) runs scalar.
+constexpr int64_t kMaxPeriod = 1024;
+
+template <typename T>
+int64_t flat_period(int64_t rows, int64_t C) {
+  using IO = VecIO<T>;
+  if (C % IO::kHalf == 0) return 0;
+  const int64_t P = std::lcm(C, IO::kWidth);
+  return (P <= kMaxPeriod && rows * C >= P) ? P : 0;
+}
+
+template <typename M>
+std::vector<M> replicate(const M* v, int64_t C, int64_t P) {
+  std::vector<M> out(P);
+  for (int64_t j = 0; j < P; ++j) out[j] = v[j % C];
+  return out;
+}
+
+// s1[c], s2[c] for every channel, from fixed blocks of rows combined in block order.
+template <typename T, typename R>
+void channels_last_row_sums(const R& red, int64_t rows, int64_t C, const math_t<T>* k,
+                            double* s1, double* s2) {
   using M = math_t<T>;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<double> partial(static_cast<size_t>(blocks) * 2 * C);
@@ -437,14 +461,38 @@ void channels_last_reduce(const R& red, int64_t rows, int64_t C, const math_t<T>
   });
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      double s1 = 0, s2 = 0;
+      double t1 = 0, t2 = 0;
       for (int64_t b = 0; b < blocks; ++b) {
-        s1 += partial[b * 2 * C + c];
-        s2 += partial[b * 2 * C + C + c];
+        t1 += partial[b * 2 * C + c];
+        t2 += partial[b * 2 * C + C + c];
       }
-      finish(c, s1, s2);
+      s1[c] = t1;
+      s2[c] = t2;
     }
   });
+}
+
+// finish(c, s1, s2) for every channel.
+template <typename T, typename R, typename Finish>
+void channels_last_reduce(const R& red, int64_t rows, int64_t C, const math_t<T>* k,
+                          const Finish& finish) {
+  std::vector<double> s1(C), s2(C);
+  const int64_t P = flat_period<T>(rows, C);
+  if (P == 0) {
+    channels_last_row_sums<T>(red, rows, C, k, s1.data(), s2.data());
+  } else {
+    const int64_t period_rows = rows * C / P, done = period_rows * P / C;
+    std::vector<double> p1(P), p2(P);
+    channels_last_row_sums<T>(red, period_rows, P, replicate(k, C, P).data(), p1.data(),
+                              p2.data());
+    // The left-over rows, as plain rows of C: red's indices are flat, so offset its pointers.
+    channels_last_row_sums<T>(red.advanced(done * C), rows - done, C, k, s1.data(), s2.data());
+    for (int64_t j = 0; j < P; ++j) {
+      s1[j % C] += p1[j];
+      s2[j % C] += p2[j];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) finish(c, s1[c], s2[c]);
 }
 
 // Per-channel coefficients of an elementwise map, in the math type.
@@ -457,7 +505,8 @@ struct ChannelCoefs {
 // y[r, c] = (x[r, c] - mu[c]) * a[c] + d[c]  (normalize; eval backward with mu = d = 0);
 // with kCentered false, mu is 0 (folded into d by normalize_coefs).
 template <bool kCentered, typename T>
-void affine_rows(const T* x, T* y, int64_t rows, int64_t C, const ChannelCoefs<math_t<T>>& k) {
+void affine_rows_vec(const T* x, T* y, int64_t rows, int64_t C,
+                     const ChannelCoefs<math_t<T>>& k) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t h = V::size();
@@ -486,8 +535,8 @@ void affine_rows(const T* x, T* y, int64_t rows, int64_t C, const ChannelCoefs<m
 
 // dx[r, c] = dy[r, c] * a[c] + (x[r, c] - mu[c]) * b[c] + d[c]  (training backward)
 template <typename T>
-void affine2_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
-                  const ChannelCoefs<math_t<T>>& k) {
+void affine2_rows_vec(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
+                      const ChannelCoefs<math_t<T>>& k) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t h = V::size();
@@ -518,6 +567,34 @@ void affine2_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
       }
     }
   });
+}
+
+template <typename M>
+ChannelCoefs<M> replicate(const ChannelCoefs<M>& k, int64_t C, int64_t P) {
+  const auto rep = [&](const std::vector<M>& v) {
+    return v.empty() ? v : replicate(v.data(), C, P);
+  };
+  return {rep(k.mu), rep(k.a), rep(k.b), rep(k.d), k.centered};
+}
+
+// The elementwise maps over channels-last rows, through period rows when C is small (above).
+template <bool kCentered, typename T>
+void affine_rows(const T* x, T* y, int64_t rows, int64_t C, const ChannelCoefs<math_t<T>>& k) {
+  const int64_t P = flat_period<T>(rows, C);
+  if (P == 0) return affine_rows_vec<kCentered>(x, y, rows, C, k);
+  const int64_t period_rows = rows * C / P, off = period_rows * P;
+  affine_rows_vec<kCentered>(x, y, period_rows, P, replicate(k, C, P));
+  affine_rows_vec<kCentered>(x + off, y + off, rows - off / C, C, k);
+}
+
+template <typename T>
+void affine2_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
+                  const ChannelCoefs<math_t<T>>& k) {
+  const int64_t P = flat_period<T>(rows, C);
+  if (P == 0) return affine2_rows_vec(dy, x, dx, rows, C, k);
+  const int64_t period_rows = rows * C / P, off = period_rows * P;
+  affine2_rows_vec(dy, x, dx, period_rows, P, replicate(k, C, P));
+  affine2_rows_vec(dy + off, x + off, dx + off, rows - off / C, C, k);
 }
 
 // ---- whole-tensor kernels ---------------------------------------------------------------------
