@@ -402,9 +402,11 @@ constexpr int64_t kRowsPerBlock = kFlushEvery;
 // Rows per register tile: 8 measured best of 4, 8, 16 and 64 (64: one strip runs down the whole
 // block, 64 strided streams that the prefetchers lose).
 constexpr int64_t kTileRows = 8;
+// How far ahead the reductions prefetch, in elements: at least this, and at least one tile.
+constexpr int64_t kPrefetchElems = 2048;
 
 template <typename T, typename R>
-void channels_last_block_sums(const R& red, int64_t r0, int64_t r1, int64_t C,
+void channels_last_block_sums(const R& red, int64_t r0, int64_t r1, int64_t rows, int64_t C,
                               const math_t<T>* k, math_t<T>* acc1, math_t<T>* acc2) {
   using IO = VecIO<T>;
   using V = typename IO::V;
@@ -414,8 +416,16 @@ void channels_last_block_sums(const R& red, int64_t r0, int64_t r1, int64_t C,
   std::fill(acc2, acc2 + C, M(0));
   for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
     const int64_t t1 = std::min(r1, t0 + kTileRows);
+    // The tile is read strip by strip, down its rows, an order the hardware prefetchers follow
+    // poorly; so while one strip is summed, ask for the matching 1/strips of the next tile (the
+    // next kTileRows * C elements, contiguous), kTileRows kWidth steps of it.
+    const int64_t ahead_row = t0 + std::max<int64_t>(1, kPrefetchElems / (kTileRows * C)) * kTileRows;
+    const int64_t ahead = (ahead_row + kTileRows <= rows) ? ahead_row * C : -1;
     int64_t c = 0;
     for (; c + IO::kWidth <= C; c += IO::kWidth) {
+      if (ahead >= 0) {
+        for (int64_t m = 0; m < kTileRows; ++m) red.prefetch(ahead + kTileRows * c + m * IO::kWidth);
+      }
       const V k0 = V::loadu(k + c), k1 = V::loadu(k + c + h);
       V a1 = V::loadu(acc1 + c), b1 = V::loadu(acc1 + c + h);
       V a2 = V::loadu(acc2 + c), b2 = V::loadu(acc2 + c + h);
@@ -476,7 +486,7 @@ void channels_last_row_sums(const R& red, int64_t rows, int64_t C, const math_t<
     std::vector<M> acc1(C), acc2(C);
     for (int64_t b = b0; b < b1; ++b) {
       channels_last_block_sums<T>(red, b * kRowsPerBlock, std::min(rows, (b + 1) * kRowsPerBlock),
-                                  C, k, acc1.data(), acc2.data());
+                                  rows, C, k, acc1.data(), acc2.data());
       double* p = partial.data() + b * 2 * C;
       for (int64_t c = 0; c < C; ++c) {
         p[c] = acc1[c];
