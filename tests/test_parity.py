@@ -172,6 +172,29 @@ def test_thread_count_does_not_change_bits(layout):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels", [3, 16, 40, 48, 100, 1000])
+def test_channels_last_kernel_paths_match_float64(channels, dtype):
+    """Each channels-last code path over many row blocks and prefetch tiles: period rows of
+    lcm(C, width) elements for C = 3, 40 and 100, whole vector strips (16), strips plus a
+    half-width strip (48), strips plus a scalar tail (1000: its period would be 4000)."""
+    shape = (4, channels, 33, 17) if channels < 1000 else (4, channels, 9, 9)
+    x = make_input(shape, dtype, "cpu", "channels_last").requires_grad_()
+    g = make_input(shape, dtype, "cpu", "channels_last", seed=7)
+    w = (torch.rand(channels, dtype=torch.float32) + 0.5).requires_grad_()
+    b = torch.randn(channels, dtype=torch.float32).requires_grad_()
+    y = bn_ext.batch_norm(x, None, None, w, b, training=True)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, b64, training=True)
+    gx64, gw64, gb64 = torch.autograd.grad(y64, (x64, w64, b64), g.double())
+    assert_close(y, y64.to(dtype), dtype)
+    assert_close(gx, gx64.to(dtype), dtype)
+    assert_close(gw, gw64.float(), torch.float32 if dtype == torch.float32 else dtype)
+    assert_close(gb, gb64.float(), torch.float32 if dtype == torch.float32 else dtype)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_output_above_huge_page_threshold(layout):
     """Outputs of 32 MiB and more get huge-page advice (csrc/cpu/huge_pages.cpp) before they are
