@@ -563,6 +563,24 @@ def geomean(v: list) -> Optional[float]:
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else None
 
 
+def allocation_settings(device: str) -> Optional[str]:
+    """How fresh CPU outputs get their memory, which decides out-of-cache times: bn_ext advises
+    huge pages for its outputs of 32 MiB and more (BN_EXT_HUGE_PAGES=0 turns that off); torch's
+    allocator does so for all of its blocks only under THP_MEM_ALLOC_ENABLE=1."""
+    if device != "cpu":
+        return None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().strip()
+    except OSError:
+        thp = "unknown"
+    ours = "off" if os.environ.get("BN_EXT_HUGE_PAGES") == "0" else "on"
+    theirs = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    return (f"kernel THP mode `{thp}`; bn_ext huge-page advice for outputs >= 32 MiB: {ours}; "
+            f"torch THP_MEM_ALLOC_ENABLE: {theirs} (torch's own outputs use 4 KiB pages "
+            f"unless it is 1)")
+
+
 def header(args, meta: dict) -> list:
     lines = [f"# bn_ext benchmark: {meta['device_name']}", ""]
     lines += [f"- device: {meta['device_name']}",
@@ -586,6 +604,8 @@ def header(args, meta: dict) -> list:
               "- parameters (weight, bias, running stats) are fp32 for every input dtype "
               "(mixed precision, as under autocast); MB = input tensor size (1e6 bytes)",
               ]
+    if meta.get("allocation"):
+        lines.append(f"- allocation: {meta['allocation']}")
     if args.device == "cuda":
         lines.append("- peers: cudnn = eager with torch.backends.cudnn.enabled=True (torch "
                      "never picks cuDNN for bf16, so there it runs native), native = eager "
@@ -878,7 +898,8 @@ def main(argv=None):
         threads=torch.get_num_threads(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        timer=timer.label, copy_gbs=copy_bps / 1e9, cache_mb=cache_bytes(args.device) / MB)
+        timer=timer.label, copy_gbs=copy_bps / 1e9, cache_mb=cache_bytes(args.device) / MB,
+        allocation=allocation_settings(args.device))
 
     rows, compile_s = run(args, plan, peers, timer, log)
     META["compile_s"] = compile_s
