@@ -159,17 +159,20 @@ def test_bitwise_deterministic(device, layout, shape):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_thread_count_does_not_change_bits(layout):
-    x = make_input((8, 40, 33, 17), torch.float32, "cpu", layout)
+@pytest.mark.parametrize("channels", [40, 64])
+def test_thread_count_does_not_change_bits(layout, channels):
+    x = make_input((8, channels, 33, 17), torch.float32, "cpu", layout).requires_grad_()
+    g = make_input((8, channels, 33, 17), torch.float32, "cpu", layout, seed=2)
     old = torch.get_num_threads()
     try:
         outs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append(bn_ext.batch_norm(x, None, None, training=True))
+            y = bn_ext.batch_norm(x, None, None, training=True)
+            outs.append((y, torch.autograd.grad(y, x, g)[0]))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
