@@ -419,12 +419,15 @@ void channels_last_block_sums(const R& red, int64_t r0, int64_t r1, int64_t rows
     // The tile is read strip by strip, down its rows, an order the hardware prefetchers follow
     // poorly; so while one strip is summed, ask for the matching 1/strips of the next tile (the
     // next kTileRows * C elements, contiguous), kTileRows kWidth steps of it.
-    const int64_t ahead_row = t0 + std::max<int64_t>(1, kPrefetchElems / (kTileRows * C)) * kTileRows;
+    const int64_t tiles_ahead = std::max<int64_t>(1, kPrefetchElems / (kTileRows * C));
+    const int64_t ahead_row = t0 + tiles_ahead * kTileRows;
     const int64_t ahead = (ahead_row + kTileRows <= rows) ? ahead_row * C : -1;
     int64_t c = 0;
     for (; c + IO::kWidth <= C; c += IO::kWidth) {
       if (ahead >= 0) {
-        for (int64_t m = 0; m < kTileRows; ++m) red.prefetch(ahead + kTileRows * c + m * IO::kWidth);
+        for (int64_t m = 0; m < kTileRows; ++m) {
+          red.prefetch(ahead + kTileRows * c + m * IO::kWidth);
+        }
       }
       const V k0 = V::loadu(k + c), k1 = V::loadu(k + c + h);
       V a1 = V::loadu(acc1 + c), b1 = V::loadu(acc1 + c + h);
@@ -456,8 +459,8 @@ void channels_last_block_sums(const R& red, int64_t r0, int64_t r1, int64_t rows
 // Few channels. A row of C < kWidth elements (C = 3: RGB input) would run entirely in the scalar
 // tail. Instead the tensor is read as a flat array cut into period rows of P = lcm(C, kWidth)
 // elements: element j of every period row belongs to channel j % C, so per-channel vectors
-// replicated to length P turn it into a channels-last tensor of P "channels" with no tail. What
-// is left over after the last whole period row (fewer than P / C rows) runs scalar.
+// replicated to length P turn it into a channels-last tensor of P "channels" with no tail. The
+// rows left over after the last whole period row (fewer than P / C) run as plain rows of C.
 constexpr int64_t kMaxPeriod = 1024;
 
 template <typename T>
