@@ -153,10 +153,10 @@ struct Output {
 
 Output make_output(const Tensor& input) {
   Tensor out = at::empty_like(input);
-  if (out.is_cpu()) cpu::advise_huge_pages(out);
+  cpu::advise_huge_pages(out);  // no-op for CUDA tensors and small ones
   if (auto layout = layout_of(out)) return {out, out, *layout};
   Tensor target = at::empty(input.sizes(), input.options());
-  if (target.is_cpu()) cpu::advise_huge_pages(target);
+  cpu::advise_huge_pages(target);
   return {out, target, Layout::kContiguous};
 }
 
