@@ -6,8 +6,8 @@ for tensors larger than malloc's mmap threshold that output is a new mapping whi
 in and zeroes page by page. The copy reference writes into a buffer that already exists, so it
 pays none of that. This script removes the difference: it re-executes itself with glibc told to
 keep freed blocks (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), so outputs come back from
-the heap already mapped, and then compares each pass with the copy in one process, interleaved,
-minimum over rounds.
+the heap already mapped, and then times each pass beside the copy with bench.py's own timer,
+workloads and interleaving.
 
     python bench/kernel_bandwidth.py [--shape 32x256x56x56] [--layout nchw|nhwc] [--rounds 5]
 """
@@ -16,76 +16,67 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 _ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
         "MALLOC_TOP_PAD_": str(1 << 29)}
 
-if any(os.environ.get(k) != v for k, v in _ENV.items()):  # glibc reads these at startup only
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_ENV})
 
-import torch  # noqa: E402
-
-import bn_ext  # noqa: E402
-
-
-def best_of(fn, calls: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="32x256x56x56", help="N x C x H x W")
+    ap.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"])
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (>= 1)")
+    ap.add_argument("--min-run-time", type=float, default=0.1,
+                    help="blocked_autorange min_run_time per round, s")
+    args = ap.parse_args()
+    try:
+        args.shape = tuple(int(s) for s in args.shape.lower().split("x"))
+    except ValueError:
+        ap.error(f"--shape must look like 32x256x56x56, got {args.shape!r}")
+    if len(args.shape) != 4 or min(args.shape) < 1:
+        ap.error(f"--shape must be 4 positive sizes N x C x H x W, got {args.shape}")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    return args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="32x256x56x56")
-    ap.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--calls", type=int, default=10, help="calls per peer and round")
-    args = ap.parse_args()
+    args = parse_args()  # before the re-exec, so that bad arguments fail once and plainly
+    if any(os.environ.get(k) != v for k, v in _ENV.items()):  # glibc reads these at startup
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_ENV})
 
-    shape = tuple(int(s) for s in args.shape.split("x"))
-    x = torch.randn(shape)
+    import torch
+
+    import bench  # bench/bench.py, beside this file
+
+    x = torch.randn(args.shape)
     if args.layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
-    C = shape[1]
-    dst = torch.empty_like(x)
     dy = torch.randn_like(x)
-    ours, ref = bn_ext.BatchNorm2d(C), torch.nn.BatchNorm2d(C)
-    ours_eval, ref_eval = bn_ext.BatchNorm2d(C).eval(), torch.nn.BatchNorm2d(C).eval()
-    xg = x.detach().clone().requires_grad_()
-    y_ours, y_ref = ours(xg), ref(xg)
-
-    def backward(y):
-        return lambda: torch.autograd.grad(y, xg, dy, retain_graph=True)
-
-    # (name, passes over the tensor: ENGINEERING.md section 4's usual counts, fn)
-    peers = [("copy_", 2, lambda: dst.copy_(x))]
-    with torch.no_grad():
-        peers += [("bn_ext eval", 2, lambda: ours_eval(x)), ("torch eval", 2, lambda: ref_eval(x))]
-    peers += [("bn_ext fwd", 3, lambda: ours(x)), ("torch fwd", 3, lambda: ref(x)),
-              ("bn_ext bwd", 5, backward(y_ours)), ("torch bwd", 5, backward(y_ref))]
-    best = {name: float("inf") for name, _, _ in peers}
-    for _ in range(args.rounds):
-        for name, _, fn in peers:
-            if "eval" in name:
-                with torch.no_grad():
-                    best[name] = min(best[name], best_of(fn, args.calls))
-            else:
-                best[name] = min(best[name], best_of(fn, args.calls))
+    dst = torch.empty_like(x)
+    C = args.shape[1]
+    weight, bias = torch.rand(C) + 0.5, torch.randn(C)
+    peers = [bench.Peer("bn_ext", "bn_ext"), bench.Peer("torch", "eager")]
+    passes = ("eval", "fwd", "bwd")
+    fns = {"copy_": lambda: dst.copy_(x)}
+    for peer in peers:
+        for pas in passes:
+            inst = bench.Instance(peer, 4, C, "cpu", weight, bias, "default")
+            fns[f"{peer.name} {pas}"] = bench.make_workload(pas, inst, x, dy)
+    timer = bench.CpuTimer(args.min_run_time)
+    times = bench.interleaved(fns, timer, args.rounds)
 
     gb = x.numel() * x.element_size() / 1e9
-    copy_gbs = 2 * gb / best["copy_"]
-    print(f"# {args.shape} {args.layout} fp32, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; outputs recycled by malloc (no page faults); best of "
-          f"{args.rounds} rounds x {args.calls} calls")
+    copy_gbs = 2 * gb / times["copy_"][0]
+    print(f"# {'x'.join(map(str, args.shape))} {args.layout} fp32, {timer.threads} threads, "
+          f"torch {torch.__version__}; outputs recycled by malloc (no page faults); "
+          f"{timer.label}, median of {args.rounds} interleaved rounds; passes counted as in "
+          f"bench.py ({', '.join(f'{p} {bench.PASS_COUNTS[p]}' for p in passes)}), copy 2")
     print(f"{'peer':12s} {'ms':>8s} {'GB/s':>7s} {'% copy':>7s}")
-    for name, passes, _ in peers:
-        gbs = passes * gb / best[name]
-        print(f"{name:12s} {best[name] * 1e3:8.2f} {gbs:7.1f} {100 * gbs / copy_gbs:6.0f}%")
+    for name, (t, _) in times.items():
+        passes_over = 2 if name == "copy_" else bench.PASS_COUNTS[name.split()[-1]]
+        gbs = passes_over * gb / t
+        print(f"{name:12s} {t * 1e3:8.2f} {gbs:7.1f} {100 * gbs / copy_gbs:6.0f}%")
 
 
 if __name__ == "__main__":
