@@ -6,15 +6,19 @@
     bn_ext.SyncBatchNorm         drop-in for torch.nn.SyncBatchNorm (any torch.distributed backend)
     bn_ext.BatchNormFunction     the autograd.Function over the C++ ops
     bn_ext.ops                   torch.ops.bn_ext, the raw ops
+    bn_ext.empty_cpu_cache       gives back the CPU output cache's blocks (bn_ext/memory.py)
+    bn_ext.cpu_cache_stats       that cache's size, limit, hits and misses
 """
 from .functional import BatchNormFunction, batch_norm, ops
+from .memory import cpu_cache_stats, empty_cpu_cache
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 from .sync_batchnorm import SyncBatchNorm, SyncBatchNormFunction
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "batch_norm",
-           "SyncBatchNorm", "SyncBatchNormFunction", "convert_model", "ops", "has_cuda_kernels"]
+           "SyncBatchNorm", "SyncBatchNormFunction", "convert_model", "ops", "has_cuda_kernels",
+           "cpu_cache_stats", "empty_cpu_cache"]
 
 
 def has_cuda_kernels() -> bool:

@@ -63,8 +63,12 @@ struct Geometry {
 
 namespace cpu {
 BN_EXT_DECLARE_KERNELS
-// Called on a freshly allocated output before any kernel writes it (huge_pages.cpp).
-void advise_huge_pages(const Tensor& fresh);
+// An uninitialized CPU tensor for a kernel to fill, large ones from the block cache
+// (output_cache.cpp); and that cache's controls: give every cached block back, and
+// {cached bytes, cached blocks, limit in bytes, hits, misses}.
+Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype);
+void empty_output_cache();
+std::vector<int64_t> output_cache_stats();
 }  // namespace cpu
 
 #ifdef BN_EXT_WITH_CUDA

@@ -141,23 +141,41 @@ Layout read_layout(const Tensor& input) {
   return layout_of(input).value_or(Layout::kContiguous);
 }
 
-// An output shaped like `input`, allocated as at::empty_like does (so that the fake kernels,
-// which call torch.empty_like, agree on strides), and the layout the kernel will write it in.
-// When empty_like keeps an odd dense permutation, the kernel writes a contiguous temporary that
-// finish_output copies over.
+// An output shaped like `input`, with the strides at::empty_like gives it (so that the fake
+// kernels, which call torch.empty_like, agree): the input's own when they are dense and
+// non-overlapping, else contiguous in its suggested memory format. When that is an odd dense
+// permutation, the kernel writes a contiguous temporary that finish_output copies over.
 struct Output {
   Tensor result;   // what the op returns
   Tensor target;   // what the kernel writes
   Layout layout;
 };
 
+Tensor empty_output_like(const Tensor& input, c10::MemoryFormat format) {
+  if (!input.is_cpu()) return at::empty_like(input, format);
+  if (format == c10::MemoryFormat::Preserve) {
+    if (input.is_non_overlapping_and_dense()) {
+      return cpu::empty_output(input.sizes(), input.strides(), input.scalar_type());
+    }
+    format = input.suggest_memory_format();
+  }
+  std::vector<int64_t> strides(input.dim(), 1);
+  if (format == c10::MemoryFormat::ChannelsLast) {
+    strides = c10::get_channels_last_strides_2d(input.sizes());
+  } else if (format == c10::MemoryFormat::ChannelsLast3d) {
+    strides = c10::get_channels_last_strides_3d(input.sizes());
+  } else {
+    for (int64_t d = input.dim() - 2; d >= 0; --d) {
+      strides[d] = strides[d + 1] * std::max<int64_t>(input.size(d + 1), 1);
+    }
+  }
+  return cpu::empty_output(input.sizes(), strides, input.scalar_type());
+}
+
 Output make_output(const Tensor& input) {
-  Tensor out = at::empty_like(input);
-  cpu::advise_huge_pages(out);  // no-op for CUDA tensors and small ones
+  Tensor out = empty_output_like(input, c10::MemoryFormat::Preserve);
   if (auto layout = layout_of(out)) return {out, out, *layout};
-  Tensor target = at::empty(input.sizes(), input.options());
-  cpu::advise_huge_pages(target);
-  return {out, target, Layout::kContiguous};
+  return {out, empty_output_like(input, c10::MemoryFormat::Contiguous), Layout::kContiguous};
 }
 
 void finish_output(Output& o) {
@@ -361,6 +379,10 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& grad_out, const 
   return {out.result, grad_weight.to(pt), grad_bias.to(pt)};
 }
 
+void empty_cpu_cache() { cpu::empty_output_cache(); }
+
+std::vector<int64_t> cpu_cache_stats() { return cpu::output_cache_stats(); }
+
 }  // namespace
 
 TORCH_LIBRARY(bn_ext, m) {
@@ -380,6 +402,9 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def("train_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
         "Tensor? weight, float eps) -> (Tensor grad_input, Tensor grad_weight, "
         "Tensor grad_bias)");
+  // The CPU output cache (cpu/output_cache.cpp); no tensors in or out, so one kernel for all keys.
+  m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
+  m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
 }
 
 #define BN_EXT_REGISTER_IMPLS(m)                              \

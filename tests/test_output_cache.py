@@ -1,0 +1,155 @@
+"""The CPU output cache (csrc/cpu/output_cache.cpp, bn_ext/memory.py).
+
+Large CPU outputs come from blocks that earlier outputs freed. These tests check that blocks are
+reused, that the limit and the switch hold, that outputs keep torch.empty_like's strides and stay
+resizable, and that blocks freed on other threads come back safely.
+"""
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import bn_ext
+from conftest import assert_close, make_input
+
+ops = torch.ops.bn_ext
+MiB = 1 << 20
+
+
+def _normalize(x):
+    C = x.shape[1]
+    return ops.normalize(x, torch.zeros(C), torch.ones(C), None, None, 1e-5)
+
+
+def test_freed_output_block_is_reused():
+    bn_ext.empty_cpu_cache()
+    x = torch.randn(4, 8, 128, 128)  # 2 MiB
+    y = _normalize(x)
+    ptr = y.data_ptr()
+    assert ptr % (2 * MiB) == 0  # blocks are 2 MiB-aligned
+    before = bn_ext.cpu_cache_stats()
+    del y
+    mid = bn_ext.cpu_cache_stats()
+    assert mid["cached_bytes"] == before["cached_bytes"] + 2 * MiB
+    y = _normalize(x)
+    after = bn_ext.cpu_cache_stats()
+    assert y.data_ptr() == ptr
+    assert after["hits"] == mid["hits"] + 1 and after["cached_bytes"] == before["cached_bytes"]
+    assert_close(y, x / (1 + 1e-5) ** 0.5, torch.float32)
+
+
+def test_small_outputs_bypass_the_cache():
+    bn_ext.empty_cpu_cache()
+    before = bn_ext.cpu_cache_stats()
+    y = _normalize(torch.randn(2, 4, 8, 8))
+    del y
+    after = bn_ext.cpu_cache_stats()
+    assert (after["hits"], after["misses"], after["cached_bytes"]) == (
+        before["hits"], before["misses"], 0)
+
+
+def test_empty_cpu_cache_gives_blocks_back():
+    y = _normalize(torch.randn(4, 8, 128, 128))
+    del y
+    assert bn_ext.cpu_cache_stats()["cached_bytes"] > 0
+    bn_ext.empty_cpu_cache()
+    stats = bn_ext.cpu_cache_stats()
+    assert stats["cached_bytes"] == 0 and stats["cached_blocks"] == 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced"])
+def test_cached_outputs_have_empty_like_strides(layout):
+    x = make_input((4, 8, 130, 126), torch.float32, "cpu", layout)
+    ref = torch.empty_like(x)
+    y = _normalize(x)
+    assert y.nbytes >= MiB
+    assert y.shape == ref.shape and y.stride() == ref.stride()
+    assert_close(y, x.double().div((1 + 1e-5) ** 0.5).float(), torch.float32)
+    y_bwd = ops.backward_input(x, x, torch.zeros(8), torch.ones(8), None, None, None, None, 1e-5)
+    assert y_bwd.stride() == ref.stride()
+
+
+def test_cached_output_can_be_resized_and_freed():
+    with torch.no_grad():
+        y = _normalize(torch.randn(4, 8, 128, 128))
+    head = y.flatten()[:1000].clone()
+    y.resize_(8, 8, 128, 128)
+    assert torch.equal(y.flatten()[:1000], head)
+    y.fill_(3.0)
+    assert y.sum().item() == 3.0 * y.numel()
+    del y
+    bn_ext.empty_cpu_cache()
+
+
+def test_outputs_freed_on_other_threads():
+    x = torch.randn(4, 8, 128, 128)
+    expected = _normalize(x)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                y = _normalize(x)
+                if not torch.equal(y, expected):
+                    errors.append("mismatch")
+                del y
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    outs = [_normalize(x) for _ in range(8)]
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    threads.append(threading.Thread(target=outs.clear))  # frees eight blocks meanwhile
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    stats = bn_ext.cpu_cache_stats()
+    assert stats["cached_bytes"] <= stats["limit_bytes"]
+
+
+def _run(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=120)
+
+
+_PROBE = """
+import torch, bn_ext
+C = 8
+def out(h):
+    x = torch.randn(4, C, h, 128)
+    return torch.ops.bn_ext.normalize(x, torch.zeros(C), torch.ones(C), None, None, 1e-5)
+y = out(512); del y       # 8 MiB
+z = out(128); del z       # 2 MiB
+s = bn_ext.cpu_cache_stats()
+print(s["limit_bytes"], s["cached_bytes"], s["cached_blocks"])
+"""
+
+
+def test_limit_drops_blocks_that_do_not_fit():
+    r = _run(_PROBE, BN_EXT_CPU_CACHE_MB="4")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(4 * MiB), str(2 * MiB), "1"]
+
+
+def test_limit_drops_oldest_blocks_first():
+    r = _run(_PROBE, BN_EXT_CPU_CACHE_MB="9")
+    assert r.returncode == 0, r.stderr
+    # 8 MiB cached first, then 2 MiB: 10 > 9, so the older 8 MiB block goes.
+    assert r.stdout.split() == [str(9 * MiB), str(2 * MiB), "1"]
+
+
+def test_cache_can_be_switched_off():
+    r = _run(_PROBE, BN_EXT_CPU_CACHE_MB="0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0", "0"]
+
+
+def test_bad_limit_is_a_clear_error():
+    r = _run(_PROBE, BN_EXT_CPU_CACHE_MB="lots")
+    assert r.returncode != 0
+    assert "BN_EXT_CPU_CACHE_MB must be a whole number of MiB" in r.stderr
