@@ -11,6 +11,8 @@ import torch
 import bn_ext
 from conftest import DEVICES, assert_close, make_input, make_pair, run_steps
 
+ops = torch.ops.bn_ext
+
 SHAPES = {2: (16, 5), 3: (4, 6, 9), 4: (3, 5, 7, 6), 5: (2, 4, 3, 5, 6)}
 # Each option set: (affine, track_running_stats, momentum)
 OPTIONS = [(True, True, 0.1), (False, True, None), (True, False, 0.1), (False, False, 0.3)]
@@ -198,9 +200,52 @@ def test_channels_last_kernel_paths_match_float64(channels, dtype):
     assert_close(gb, gb64.float(), torch.float32 if dtype == torch.float32 else dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("spatial", [(2, 8), (4, 8), (1, 33), (7, 7), (14, 14), (17, 33)])
+@pytest.mark.parametrize("centered", [False, True], ids=["folded", "centered"])
+def test_contiguous_elementwise_stream_matches_float64(spatial, dtype, centered):
+    """The NCHW elementwise maps walk a chunk of runs as one stream of vector steps, a step that
+    straddles two runs mixing two channels' coefficients (for_each_step_of_runs). Spatial sizes
+    below, at and above one step, on 2 threads so that chunks start mid-step; normalize with mean
+    folded into the bias and centered (|mean| >> std), and the training backward_input map."""
+    N, C = 5, 7
+    shape = (N, C) + spatial
+    x = make_input(shape, dtype, "cpu", seed=11)
+    g = make_input(shape, dtype, "cpu", seed=12)
+    md = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(5)
+    mean = torch.randn(C, generator=gen, dtype=md) * (1e3 if centered else 0.5)
+    var = torch.rand(C, generator=gen, dtype=md) + 0.5
+    w = torch.rand(C, generator=gen, dtype=md) + 0.5
+    b = torch.randn(C, generator=gen, dtype=md)
+    sum_dy = torch.randn(C, generator=gen, dtype=md) * 10
+    sum_dy_xmu = torch.randn(C, generator=gen, dtype=md) * 10
+    n = N * spatial[0] * spatial[1]
+    count = torch.tensor(float(n), dtype=md)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = ops.normalize(x, mean, var, w, b, 1e-5)
+        dx = ops.backward_input(g, x, mean, var, w, sum_dy, sum_dy_xmu, count, 1e-5)
+    finally:
+        torch.set_num_threads(old)
+
+    def pc(t):
+        return t.double().view(1, C, 1, 1)
+
+    xd, gd = x.double(), g.double()
+    invstd = 1 / (pc(var) + 1e-5).sqrt()
+    y_ref = (xd - pc(mean)) * invstd * pc(w) + pc(b)
+    dx_ref = pc(w) * invstd * (gd - pc(sum_dy) / n
+                               - (xd - pc(mean)) * invstd ** 2 * pc(sum_dy_xmu) / n)
+    assert_close(y, y_ref.to(dtype), dtype)
+    assert_close(dx, dx_ref.to(dtype), dtype)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_output_above_huge_page_threshold(layout):
-    """Outputs of 32 MiB and more get huge-page advice (csrc/cpu/huge_pages.cpp) before they are
+    """Outputs of 32 MiB and more get huge-page advice (csrc/cpu/output_cache.cpp) before they are
     written; the results must not change. The reference is float64: over 2^20 rows torch's own
     float32 channels-last statistics drift by ~5e-4 here (ours by ~4e-7)."""
     shape = (4, 9, 512, 512)  # 37.7 MB in float32

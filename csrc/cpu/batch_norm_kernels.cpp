@@ -21,8 +21,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../bn_ext.h"
@@ -53,6 +55,9 @@ struct VecIO {
   }
   static V load1(const T* p) { return V::loadu(p); }
   static void store1(T* p, const V& a) { a.store(p); }
+  // The first n < kHalf elements (masked loads and stores where the ISA has them).
+  static V load_part(const T* p, int64_t n) { return V::loadu(p, n); }
+  static void store_part(T* p, const V& a, int64_t n) { a.store(p, n); }
 };
 
 template <typename T>
@@ -72,7 +77,37 @@ struct VecIO<T, std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>> {
     return a;
   }
   static void store1(T* p, const V& a) { at::vec::convert_from_float<T>(a, a).store(p, kHalf); }
+  static V load_part(const T* p, int64_t n) {
+    return std::get<0>(at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n)));
+  }
+  static void store_part(T* p, const V& a, int64_t n) {
+    at::vec::convert_from_float<T>(a, a).store(p, n);
+  }
 };
+
+// The first n < kWidth elements of a step (masked where the ISA has masks).
+template <typename T>
+void load_n(const T* p, int64_t n, typename VecIO<T>::V& a, typename VecIO<T>::V& b) {
+  using IO = VecIO<T>;
+  if (n >= IO::kHalf) {
+    a = IO::load1(p);
+    b = n > IO::kHalf ? IO::load_part(p + IO::kHalf, n - IO::kHalf) : typename IO::V(0);
+  } else {
+    a = IO::load_part(p, n);
+    b = typename IO::V(0);
+  }
+}
+
+template <typename T>
+void store_n(T* p, const typename VecIO<T>::V& a, const typename VecIO<T>::V& b, int64_t n) {
+  using IO = VecIO<T>;
+  if (n >= IO::kHalf) {
+    IO::store1(p, a);
+    if (n > IO::kHalf) IO::store_part(p + IO::kHalf, b, n - IO::kHalf);
+  } else if (n > 0) {
+    IO::store_part(p, a, n);
+  }
+}
 
 // Vector iterations between flushes of a float accumulator into double: keeps the relative
 // rounding error of a block sum below ~64 ulp whatever the run length.
@@ -188,8 +223,10 @@ void affine_run(const T* x, T* y, int64_t n, math_t<T> mu, math_t<T> alpha, math
     IO::store1(y + i, at::vec::fmadd(a, av, bv));
     i += IO::kHalf;
   }
-  for (; i < n; ++i) {
-    y[i] = static_cast<T>((static_cast<math_t<T>>(x[i]) - mu) * alpha + beta);
+  if (i < n) {  // one masked step rather than up to kHalf - 1 scalar ones
+    V a = IO::load_part(x + i, n - i);
+    if constexpr (kCentered) a = a - muv;
+    IO::store_part(y + i, at::vec::fmadd(a, av, bv), n - i);
   }
 }
 
@@ -214,10 +251,122 @@ void affine2_run(const T* dy, const T* x, T* dx, int64_t n, math_t<T> a, math_t<
     IO::store1(dx + i, at::vec::fmadd(g0, av, at::vec::fmadd(x0 - muv, bv, dv)));
     i += IO::kHalf;
   }
-  for (; i < n; ++i) {
-    const math_t<T> g = static_cast<math_t<T>>(dy[i]);
-    dx[i] = static_cast<T>(g * a + ((static_cast<math_t<T>>(x[i]) - mu) * b + d));
+  if (i < n) {
+    const V g0 = IO::load_part(dy + i, n - i), x0 = IO::load_part(x + i, n - i);
+    IO::store_part(dx + i, at::vec::fmadd(g0, av, at::vec::fmadd(x0 - muv, bv, dv)), n - i);
   }
+}
+
+// ---- the elementwise maps over NCHW runs, as one stream ----------------------------------------
+//
+// Runs r0..r1 of an NCHW tensor lie back to back: run r is channel r % C, S elements long. Walked
+// run by run, every run ends in a partial step, and out of cache those cost ~10 ns each
+// (32x1024x14x14 eval, one thread: 1.28-1.38 ms run by run, 1.04-1.07 ms as one stream, torch
+// 1.06-1.10 ms; the same map over one flat run, the floor, 1.00 ms).
+// So the runs are walked as one stream of kWidth steps, and a step that straddles two runs takes
+// the coefficients of its first lanes from one channel and the rest from the next. S >= kWidth,
+// so that a step straddles at most two runs. step(full, pos, n, lo, hi) maps elements
+// [pos, pos + n), with coefficients lo for the first kHalf lanes and hi for the rest;
+// n == kWidth whenever `full` is std::true_type.
+template <typename T, size_t K, typename Step>
+void for_each_step_of_runs(int64_t r0, int64_t r1, int64_t S, int64_t C,
+                           const std::array<const math_t<T>*, K>& coef, const Step& step) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  using Coefs = std::array<V, K>;
+  constexpr int64_t W = IO::kWidth, h = IO::kHalf;
+  const auto of_channel = [&](int64_t c) {
+    Coefs v;
+    for (size_t j = 0; j < K; ++j) v[j] = V(coef[j][c]);
+    return v;
+  };
+  // Lanes [0, m) from a, the rest from b.
+  const auto mix = [](const Coefs& a, const Coefs& b, int64_t m) {
+    Coefs v;
+    for (size_t j = 0; j < K; ++j) v[j] = m <= 0 ? b[j] : m >= h ? a[j] : V::set(b[j], a[j], m);
+    return v;
+  };
+  int64_t c = r0 % C;
+  Coefs cur = of_channel(c);
+  int64_t pos = r0 * S;
+  const int64_t end = r1 * S;
+  for (int64_t run_end = pos + S;; run_end += S) {
+    for (; pos + W <= run_end; pos += W) step(std::true_type{}, pos, W, cur, cur);
+    if (run_end == end) {
+      if (pos < end) step(std::false_type{}, pos, end - pos, cur, cur);
+      return;
+    }
+    c = (c + 1 == C) ? 0 : c + 1;
+    const Coefs next = of_channel(c);
+    const int64_t m = run_end - pos;  // lanes left in this run; the rest are the next run's
+    if (m > 0) {
+      const Coefs lo = mix(cur, next, m), hi = mix(cur, next, m - h);
+      if (pos + W > end) {
+        step(std::false_type{}, pos, end - pos, lo, hi);
+        return;
+      }
+      step(std::true_type{}, pos, W, lo, hi);
+      pos += W;
+    }
+    cur = next;
+  }
+}
+
+// y = (x - mu) * a + d over runs r0..r1 (mu = 0 when !kCentered).
+template <bool kCentered, typename T>
+void affine_runs(const T* x, T* y, int64_t r0, int64_t r1, int64_t S, int64_t C,
+                 const math_t<T>* mu, const math_t<T>* a, const math_t<T>* d) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  for_each_step_of_runs<T, 3>(r0, r1, S, C, {mu, a, d}, [&](auto full, int64_t p, int64_t n,
+                                                            const std::array<V, 3>& lo,
+                                                            const std::array<V, 3>& hi) {
+    V v0, v1;
+    if constexpr (decltype(full)::value) {
+      IO::load(x + p, v0, v1);
+    } else {
+      load_n(x + p, n, v0, v1);
+    }
+    if constexpr (kCentered) {
+      v0 = v0 - lo[0];
+      v1 = v1 - hi[0];
+    }
+    v0 = at::vec::fmadd(v0, lo[1], lo[2]);
+    v1 = at::vec::fmadd(v1, hi[1], hi[2]);
+    if constexpr (decltype(full)::value) {
+      IO::store(y + p, v0, v1);
+    } else {
+      store_n(y + p, v0, v1, n);
+    }
+  });
+}
+
+// dx = dy * a + (x - mu) * b + d over runs r0..r1.
+template <typename T>
+void affine2_runs(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t S, int64_t C,
+                  const math_t<T>* a, const math_t<T>* mu, const math_t<T>* b,
+                  const math_t<T>* d) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  for_each_step_of_runs<T, 4>(r0, r1, S, C, {a, mu, b, d}, [&](auto full, int64_t p, int64_t n,
+                                                               const std::array<V, 4>& lo,
+                                                               const std::array<V, 4>& hi) {
+    V g0, g1, x0, x1;
+    if constexpr (decltype(full)::value) {
+      IO::load(dy + p, g0, g1);
+      IO::load(x + p, x0, x1);
+    } else {
+      load_n(dy + p, n, g0, g1);
+      load_n(x + p, n, x0, x1);
+    }
+    const V o0 = at::vec::fmadd(g0, lo[0], at::vec::fmadd(x0 - lo[1], lo[2], lo[3]));
+    const V o1 = at::vec::fmadd(g1, hi[0], at::vec::fmadd(x1 - hi[1], hi[2], hi[3]));
+    if constexpr (decltype(full)::value) {
+      IO::store(dx + p, o0, o1);
+    } else {
+      store_n(dx + p, o0, o1, n);
+    }
+  });
 }
 
 // ---- per-channel coefficients (double, then rounded once to the math type) --------------------
@@ -705,6 +854,15 @@ void normalize_impl(const Tensor& xt, const Geometry& g, const ChannelCoefs<math
   if (g.layout == Layout::kContiguous) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
     at::parallel_for(0, g.N * g.C, grain, [&](int64_t i0, int64_t i1) {
+      if (g.S >= VecIO<T>::kWidth) {
+        const auto* mu = k.mu.data();
+        if (k.centered) {
+          affine_runs<true>(x, y, i0, i1, g.S, g.C, mu, k.a.data(), k.d.data());
+        } else {
+          affine_runs<false>(x, y, i0, i1, g.S, g.C, mu, k.a.data(), k.d.data());
+        }
+        return;
+      }
       for (int64_t i = i0, c = i0 % g.C; i < i1; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
         if (k.centered) {
           affine_run<true>(x + i * g.S, y + i * g.S, g.S, k.mu[c], k.a[c], k.d[c]);
@@ -769,6 +927,11 @@ void affine2_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
   if (g.layout == Layout::kContiguous) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.S, 1));
     at::parallel_for(0, g.N * g.C, grain, [&](int64_t i0, int64_t i1) {
+      if (g.S >= VecIO<T>::kWidth) {
+        affine2_runs(dy, x, dx, i0, i1, g.S, g.C, k.a.data(), k.mu.data(), k.b.data(),
+                     k.d.data());
+        return;
+      }
       for (int64_t i = i0, c = i0 % g.C; i < i1; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
         affine2_run(dy + i * g.S, x + i * g.S, dx + i * g.S, g.S, k.a[c], k.mu[c], k.b[c], k.d[c]);
       }
