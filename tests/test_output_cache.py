@@ -7,6 +7,7 @@ resizable, and that blocks freed on other threads come back safely.
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -112,9 +113,13 @@ def test_outputs_freed_on_other_threads():
 
 
 def _run(code, **env):
-    full_env = {**os.environ, **env}
+    # The child must import the bn_ext this process imported: `python -c` puts its working
+    # directory first on sys.path, and from the repository root that is the unbuilt source folder.
+    home = os.path.dirname(os.path.dirname(os.path.abspath(bn_ext.__file__)))
+    path = os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, **env}
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=tempfile.gettempdir())
 
 
 _PROBE = """
