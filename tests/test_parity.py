@@ -200,6 +200,74 @@ def test_channels_last_kernel_paths_match_float64(channels, dtype):
     assert_close(gb, gb64.float(), torch.float32 if dtype == torch.float32 else dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 37, 7, 7), (400, 16, 7, 7), (5, 100, 2, 3), (4, 21, 14, 14),
+                                   (64, 9, 33, 17), (2, 300, 1, 5)])
+def test_contiguous_channel_tiles_match_float64(shape, dtype):
+    """NCHW reductions walk tiles of adjacent channels run by run (tile_chunk_sums): tiles of up to
+    16 channels for short runs, ragged last tiles (37, 100, 21, 300 channels), several chunks of
+    runs (400x7x7, 64x33x17), one channel per tile for long runs. batch_stats and backward_reduce
+    against float64, on 2 threads, and the same bits on 1 thread."""
+    C = shape[1]
+    x = make_input(shape, dtype, "cpu", seed=3) * 3 + 1
+    g = make_input(shape, dtype, "cpu", seed=4)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            mean, var = ops.batch_stats(x)
+            sums = ops.backward_reduce(g, x, mean, var, None, 1e-5)
+            outs.append((mean, var) + tuple(sums))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    mean, var, sum_dy, sum_dy_xmu = outs[0][:4]
+    xd, gd = x.double(), g.double()
+    dims = [0, 2, 3]
+
+    def assert_sum_close(got, terms):
+        # float32 sums of signed terms: the error scales with the sum of |terms|, not the result.
+        err = (got.double() - terms.sum(dims)).abs()
+        assert (err <= 1e-6 * terms.abs().sum(dims) + 1e-30).all(), err.max()
+
+    n = x.numel() // C
+    assert_sum_close(mean, xd / n)
+    assert_sum_close(var, (xd - xd.mean(dims, keepdim=True)) ** 2 / n)
+    assert_sum_close(sum_dy, gd)
+    assert_sum_close(sum_dy_xmu, gd * (xd - mean.double().view(1, C, 1, 1)))
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 8, 32, 40), torch.float32),
+                                         ((4, 9, 1, 1030), torch.float32),
+                                         ((2, 12, 48, 48), torch.bfloat16),
+                                         ((3, 10, 16, 40), torch.float64)],
+                         ids=["fp32", "fp32-tail", "bf16", "fp64"])
+def test_fused_backward_matches_split_and_float64(shape, dtype):
+    """NCHW runs of 4 KiB and more take the fused train_backward (a channel reduced, then its dx
+    written while in cache). Its sums must be the split path's bits (backward_reduce), its dx
+    backward_input's, and both must match float64."""
+    C = shape[1]
+    x = make_input(shape, dtype, "cpu", seed=8) * 2 + 1
+    g = make_input(shape, dtype, "cpu", seed=9)
+    md = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(C, dtype=md) + 0.5
+    mean, var = ops.batch_stats(x)
+    dx, gw, gb = ops.train_backward(g, x, mean, var, w, 1e-5)
+    sum_dy, sum_dy_xmu, gw_split, gb_split = ops.backward_reduce(g, x, mean, var, w, 1e-5)
+    count = torch.tensor(float(x.numel() // C), dtype=md)
+    dx_split = ops.backward_input(g, x, mean, var, w, sum_dy, sum_dy_xmu, count, 1e-5)
+    assert torch.equal(gw, gw_split) and torch.equal(gb, gb_split)
+    assert torch.equal(dx, dx_split)
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, None, training=True)
+    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), g.double())
+    assert_close(dx, gx64.to(dtype), dtype)
+    assert_close(gw, gw64.to(md), md if dtype != torch.bfloat16 else dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("spatial", [(2, 8), (4, 8), (1, 33), (7, 7), (14, 14), (17, 33)])

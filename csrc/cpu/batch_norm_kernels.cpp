@@ -18,12 +18,12 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <fstream>
 #include <numeric>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -430,72 +430,106 @@ int64_t chunks_per_channel(const Geometry& g) {
   return (g.N + r - 1) / r;
 }
 
-// s1, s2 of channel c over runs [n0, n1), for a reduction R (ShiftedMoments or CenteredDot)
-// with per-channel shift `k`.
+// One channel's running sums within a chunk: vector accumulators, flushed into double every
+// kFlushEvery steps.
+template <typename T>
+struct ChunkAcc {
+  using V = typename VecIO<T>::V;
+  V a1{0}, b1{0}, a2{0}, b2{0};
+  int64_t steps = 0;
+  double s1 = 0, s2 = 0;
+};
+
+// Adds one run of S elements at offset `base`, shifted by k, to acc. `next` >= 0: the offset of
+// a run to prefetch, step for step, while this one streams.
 template <typename T, typename R>
-void chunk_sums(const R& red, const Geometry& g, int64_t c, int64_t n0, int64_t n1, math_t<T> k,
-                double& s1, double& s2) {
+void add_run(const R& red, int64_t base, int64_t S, int64_t next, math_t<T> k, ChunkAcc<T>& acc) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   const V kv(k);
-  const int64_t vec_end = g.S - g.S % IO::kWidth;
-  V a1(0), a2(0), b1(0), b2(0);
-  int64_t steps = 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t base = (n * g.C + c) * g.S;
-    // The channel's next run lies C * S elements on; the hardware prefetchers do not jump there
-    // (nor across 4 KiB pages), so each run would start on cold misses. Ask for the next run
-    // while streaming this one, step for step.
-    const int64_t next = (n + 1 < g.N) ? base + g.C * g.S : -1;
-    for (int64_t i = 0; i < vec_end; i += IO::kWidth) {
-      if (next >= 0) red.prefetch(next + i);
-      red.step(base + i, kv, kv, a1, b1, a2, b2);
-      if (++steps == kFlushEvery) {
-        s1 += hsum(a1 + b1);
-        s2 += hsum(a2 + b2);
-        a1 = a2 = b1 = b2 = V(0);
-        steps = 0;
-      }
+  V a1 = acc.a1, b1 = acc.b1, a2 = acc.a2, b2 = acc.b2;
+  int64_t steps = acc.steps;
+  const auto tick = [&] {
+    if (++steps == kFlushEvery) {
+      acc.s1 += hsum(a1 + b1);
+      acc.s2 += hsum(a2 + b2);
+      a1 = a2 = b1 = b2 = V(0);
+      steps = 0;
     }
-    int64_t i = vec_end;
-    if (g.S - i >= IO::kHalf) {
-      red.half_step(base + i, kv, a1, a2);
-      i += IO::kHalf;
-      if (++steps == kFlushEvery) {
-        s1 += hsum(a1 + b1);
-        s2 += hsum(a2 + b2);
-        a1 = a2 = b1 = b2 = V(0);
-        steps = 0;
-      }
-    }
-    for (; i < g.S; ++i) red.scalar(base + i, k, s1, s2);
+  };
+  const int64_t vec_end = S - S % IO::kWidth;
+  for (int64_t i = 0; i < vec_end; i += IO::kWidth) {
+    if (next >= 0) red.prefetch(next + i);
+    red.step(base + i, kv, kv, a1, b1, a2, b2);
+    tick();
   }
-  s1 += hsum(a1 + b1);
-  s2 += hsum(a2 + b2);
+  int64_t i = vec_end;
+  if (S - i >= IO::kHalf) {
+    red.half_step(base + i, kv, a1, a2);
+    i += IO::kHalf;
+    tick();
+  }
+  for (; i < S; ++i) red.scalar(base + i, k, acc.s1, acc.s2);
+  acc.a1 = a1;
+  acc.b1 = b1;
+  acc.a2 = a2;
+  acc.b2 = b2;
+  acc.steps = steps;
 }
 
+// Channels are reduced in tiles of adjacent channels, interleaved run by run: for n, for c in the
+// tile. With short runs (7x7: 196 bytes) a channel's runs, C * S elements apart, each start a
+// fresh page (a TLB miss, and a cold start for the prefetchers); a tile's runs of one n lie back
+// to back, about kTileBytes in a row. Each channel still adds its own steps in its own order, so
+// its sums do not depend on the tile.
+constexpr int64_t kTileBytes = 4096;
+constexpr int64_t kMaxTile = 16;
+
+int64_t channels_per_tile(const Geometry& g, int64_t itemsize) {
+  const int64_t run_bytes = std::max<int64_t>(g.S, 1) * itemsize;
+  return std::clamp<int64_t>(kTileBytes / run_bytes, 1, std::min(kMaxTile, g.C));
+}
+
+// s1, s2 of channels [c0, c1) (c1 - c0 <= kMaxTile) over runs [n0, n1), for a reduction R
+// (ShiftedMoments or CenteredDot) with per-channel shift k[c - c0].
 template <typename T, typename R>
-void channel_sums(const R& red, const Geometry& g, int64_t c, math_t<T> k, double& s1,
-                  double& s2) {
-  const int64_t r = runs_per_chunk(g);
-  for (int64_t n0 = 0; n0 < g.N; n0 += r) {
-    double t1 = 0, t2 = 0;
-    chunk_sums<T>(red, g, c, n0, std::min(g.N, n0 + r), k, t1, t2);
-    s1 += t1;
-    s2 += t2;
+void tile_chunk_sums(const R& red, const Geometry& g, int64_t c0, int64_t c1, int64_t n0,
+                     int64_t n1, const math_t<T>* k, double* s1, double* s2) {
+  std::array<ChunkAcc<T>, kMaxTile> acc;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t base = (n * g.C + c) * g.S;
+      // The channel's next run lies C * S elements on; the hardware prefetchers do not jump
+      // there (nor across 4 KiB pages). Ask for it while streaming this one.
+      const int64_t next = (n + 1 < g.N) ? base + g.C * g.S : -1;
+      add_run<T>(red, base, g.S, next, k[c - c0], acc[c - c0]);
+    }
+  }
+  for (int64_t j = 0; j < c1 - c0; ++j) {
+    s1[j] = acc[j].s1 + hsum(acc[j].a1 + acc[j].b1);
+    s2[j] = acc[j].s2 + hsum(acc[j].a2 + acc[j].b2);
   }
 }
 
-int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return l3 > 0 ? static_cast<int64_t>(l3) : int64_t{8} << 20;
-  }();
-  return bytes;
+// s1, s2 of channels [c0, c1) over all runs: chunk partials added in chunk order.
+template <typename T, typename R>
+void tile_sums(const R& red, const Geometry& g, int64_t c0, int64_t c1, const math_t<T>* k,
+               double* s1, double* s2) {
+  const int64_t r = runs_per_chunk(g), G = c1 - c0;
+  std::fill(s1, s1 + G, 0.0);
+  std::fill(s2, s2 + G, 0.0);
+  std::array<double, kMaxTile> t1, t2;
+  for (int64_t n0 = 0; n0 < g.N; n0 += r) {
+    tile_chunk_sums<T>(red, g, c0, c1, n0, std::min(g.N, n0 + r), k, t1.data(), t2.data());
+    for (int64_t j = 0; j < G; ++j) {
+      s1[j] += t1[j];
+      s2[j] += t2[j];
+    }
+  }
 }
 
-// Whole channels per thread when there are enough of them; then a channel's second visit (the
-// elementwise pass of a fused op) finds its runs in cache: two passes over memory, not three.
+// Whole channels (tiles of them) per thread when there are enough of them; else a few channels'
+// chunks spread over the threads.
 bool parallel_over_channels(const Geometry& g) {
   return g.C >= 4 * static_cast<int64_t>(at::get_num_threads());
 }
@@ -503,12 +537,17 @@ bool parallel_over_channels(const Geometry& g) {
 // finish(c, s1, s2) for every channel. shift(c) gives the channel's k.
 template <typename T, typename R, typename Shift, typename Finish>
 void contiguous_reduce(const R& red, const Geometry& g, const Shift& shift, const Finish& finish) {
+  using M = math_t<T>;
   if (parallel_over_channels(g)) {
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double s1 = 0, s2 = 0;
-        channel_sums<T>(red, g, c, shift(c), s1, s2);
-        finish(c, s1, s2);
+    const int64_t G = channels_per_tile(g, sizeof(T)), tiles = (g.C + G - 1) / G;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::array<M, kMaxTile> k;
+      std::array<double, kMaxTile> s1, s2;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = t * G, c1 = std::min(g.C, c0 + G);
+        for (int64_t c = c0; c < c1; ++c) k[c - c0] = shift(c);
+        tile_sums<T>(red, g, c0, c1, k.data(), s1.data(), s2.data());
+        for (int64_t c = c0; c < c1; ++c) finish(c, s1[c - c0], s2[c - c0]);
       }
     });
     return;
@@ -519,10 +558,9 @@ void contiguous_reduce(const R& red, const Geometry& g, const Shift& shift, cons
   at::parallel_for(0, g.C * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c = i / chunks, n0 = (i % chunks) * r;
-      double t1 = 0, t2 = 0;
-      chunk_sums<T>(red, g, c, n0, std::min(g.N, n0 + r), shift(c), t1, t2);
-      partial[2 * i] = t1;
-      partial[2 * i + 1] = t2;
+      const M k = shift(c);
+      tile_chunk_sums<T>(red, g, c, c + 1, n0, std::min(g.N, n0 + r), &k, &partial[2 * i],
+                         &partial[2 * i + 1]);
     }
   });
   for (int64_t c = 0; c < g.C; ++c) {
@@ -970,49 +1008,83 @@ void backward_input_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
   affine2_impl<T>(dyt, xt, g, k, dxt);
 }
 
+// Runs of at least this many bytes are long: the fused backward streams whole pages of them.
+constexpr int64_t kLongRunBytes = 4096;
+
+// The largest cache that cpu0 lists in sysfs: its last level, as one core sees it. Not
+// sysconf(_SC_LEVEL3_CACHE_SIZE): on the 2-core EPYC VM glibc reports the whole package's L3
+// there, 384 MiB, where the core sees 32 MiB.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int i = 0; i < 16; ++i) {
+      std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/size");
+      int64_t v = 0;
+      char unit = 0;
+      if (!(f >> v)) continue;
+      f >> unit;
+      const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+      best = std::max(best, v << shift);
+    }
+    return best > 0 ? best : int64_t{8} << 20;
+  }();
+  return bytes;
+}
+
+// Fused: a thread reduces one channel's runs, then writes its dx while they are still in cache
+// (L2 or the last level), so dy and x come from memory once: three passes, not five. Worth it
+// for long runs while every thread's channel fits in half the last-level cache (2 threads,
+// 32 MiB: 32x256x56x56 14.5 -> 10.0 ms, 32x64x112x112 13.1 -> 9.3, 256x64x56x56 21.9 -> 19.7,
+// 8x32x256x256 7.5 -> 5.3). With short runs a channel's dx is written in scattered 7x7 pieces,
+// each starting on cold lines, and the split path was faster (32x2048x7x7: 2.37 vs 1.62 ms;
+// 14x14 and 28x28 even).
+bool fused_backward(const Geometry& g, int64_t itemsize) {
+  const int64_t channel_bytes = 2 * g.N * g.S * itemsize;  // dy and x
+  return g.layout == Layout::kContiguous && parallel_over_channels(g) &&
+         g.S * itemsize >= kLongRunBytes &&
+         channel_bytes * at::get_num_threads() <= last_level_cache_bytes() / 2;
+}
+
 template <typename T>
 void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
                          const Tensor& mean, const Tensor& var, const Tensor& weight, double eps,
                          Tensor& dxt, Tensor& grad_weight, Tensor& grad_bias) {
   using M = math_t<T>;
+  if (!fused_backward(g, sizeof(T))) {
+    Tensor sum_dy = at::empty_like(grad_bias), sum_dy_xmu = at::empty_like(grad_weight);
+    backward_reduce_impl<T>(dyt, xt, g, mean, var, eps, sum_dy, sum_dy_xmu, grad_weight,
+                            grad_bias);
+    backward_input_impl<T>(dyt, xt, g, mean, var, weight, sum_dy, sum_dy_xmu,
+                           static_cast<double>(g.count()), eps, dxt);
+    return;
+  }
   const M* mu = mean.const_data_ptr<M>();
   const M* vp = var.const_data_ptr<M>();
   M* gw = grad_weight.data_ptr<M>();
   M* gb = grad_bias.data_ptr<M>();
   const M* wp = ptr_or_null<M>(weight);
-  if (g.layout == Layout::kContiguous && parallel_over_channels(g) &&
-      2 * xt.nbytes() <= last_level_cache_bytes()) {
-    // One thread owns a channel: reduce its runs, then write dx while they are in cache. Measured
-    // faster than the split path while x and dy fit in the last-level cache (32x64x56x56: 2.9 vs
-    // 3.3 ms; 32x256x28x28: 2.9 vs 3.5 ms) and slower beyond it (32x256x56x56: 22 vs 18 ms).
-    const T* dy = dyt.const_data_ptr<T>();
-    const T* x = xt.const_data_ptr<T>();
-    T* dx = dxt.data_ptr<T>();
-    const CenteredDot<T> red{dy, x};
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double s1 = 0, s2 = 0;
-        channel_sums<T>(red, g, c, mu[c], s1, s2);
-        // Round the sums as backward_reduce stores them, so both paths give the same bits.
-        const double sum_dy = static_cast<M>(s1), sum_dy_xmu = static_cast<M>(s2);
-        const double invstd = invstd_of(vp[c], eps);
-        gb[c] = static_cast<M>(sum_dy);
-        gw[c] = static_cast<M>(sum_dy_xmu * invstd);
-        const BackwardCoefs k =
-            backward_coefs(opt_at<M>(wp, c, 1), invstd, sum_dy, sum_dy_xmu, g.count());
-        for (int64_t n = 0; n < g.N; ++n) {
-          const int64_t off = (n * g.C + c) * g.S;
-          affine2_run(dy + off, x + off, dx + off, g.S, static_cast<M>(k.a), mu[c],
-                      static_cast<M>(k.b), static_cast<M>(k.d));
-        }
+  const T* dy = dyt.const_data_ptr<T>();
+  const T* x = xt.const_data_ptr<T>();
+  T* dx = dxt.data_ptr<T>();
+  const CenteredDot<T> red{dy, x};
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double s1 = 0, s2 = 0;
+      tile_sums<T>(red, g, c, c + 1, mu + c, &s1, &s2);
+      // Round the sums as backward_reduce stores them, so both paths give the same bits.
+      const double sum_dy = static_cast<M>(s1), sum_dy_xmu = static_cast<M>(s2);
+      const double invstd = invstd_of(vp[c], eps);
+      gb[c] = static_cast<M>(sum_dy);
+      gw[c] = static_cast<M>(sum_dy_xmu * invstd);
+      const BackwardCoefs k =
+          backward_coefs(opt_at<M>(wp, c, 1), invstd, sum_dy, sum_dy_xmu, g.count());
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t off = (n * g.C + c) * g.S;
+        affine2_run(dy + off, x + off, dx + off, g.S, static_cast<M>(k.a), mu[c],
+                    static_cast<M>(k.b), static_cast<M>(k.d));
       }
-    });
-    return;
-  }
-  Tensor sum_dy = at::empty_like(grad_bias), sum_dy_xmu = at::empty_like(grad_weight);
-  backward_reduce_impl<T>(dyt, xt, g, mean, var, eps, sum_dy, sum_dy_xmu, grad_weight, grad_bias);
-  backward_input_impl<T>(dyt, xt, g, mean, var, weight, sum_dy, sum_dy_xmu,
-                         static_cast<double>(g.count()), eps, dxt);
+    }
+  });
 }
 
 #define BN_EXT_DISPATCH(x, name, ...) \
