@@ -13,7 +13,7 @@ For every row (shape, layout, dtype, pass) the peers are timed round-robin for -
 (the starting peer rotates); each round gives one median per peer, and a peer's time is the
 median of its round medians. Speedups are ratios of those times.
 
-Writes <out>/<device-slug>[-quick].md, .json and .png, and prints the table.
+Writes <out>/<device-slug>[-quick][-recheck].md, .json and .png, and prints the table.
 """
 from __future__ import annotations
 
@@ -104,10 +104,46 @@ def slugify(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
 
 
+def cpu_signature() -> str:
+    """CPU family/model and cache sizes: cloud VMs of one model name run on different
+    generations (the 2-core "AMD EPYC" has been both Zen 4 and Zen 5), and ratios differ."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+    except OSError:
+        pass
+    caches = []
+    for i in range(8):
+        base = f"/sys/devices/system/cpu/cpu0/cache/index{i}/"
+        try:
+            with open(base + "level") as f:
+                level = f.read().strip()
+            with open(base + "type") as f:
+                kind = f.read().strip()
+            with open(base + "size") as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    parts = []
+    if fields:
+        parts.append(f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}")
+    if caches:
+        parts.append(", ".join(caches))
+    return "; ".join(parts)
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    return f"{cpu_model()} ({cpu_count()} cores)"
+    sig = cpu_signature()
+    return f"{cpu_model()} ({cpu_count()} cores{'; ' + sig if sig else ''})"
 
 
 def device_slug(device: str) -> str:
@@ -238,17 +274,25 @@ def interleaved(fns: dict, timer: Callable, rounds: int) -> dict:
     return {n: (statistics.median(v), max(v) / min(v) - 1.0) for n, v in samples.items()}
 
 
-def copy_bandwidth(device: str, timer: Callable) -> float:
-    """Bytes/s of dst.copy_(src) on a 256 MB buffer, counting read + write (2 * bytes)."""
-    n = 256 * 2**20 // 4
-    src = torch.rand(n, device=device)
+COPY_BYTES = 256 * 2**20
+
+
+def copy_workload(device: str) -> Callable:
+    """dst.copy_(src) on a 256 MB buffer: the device's copy, read + write = 2 * COPY_BYTES."""
+    src = torch.rand(COPY_BYTES // 4, device=device)
     dst = torch.empty_like(src)
 
     def fn():
         dst.copy_(src)
     fn()
+    return fn
+
+
+def copy_bandwidth(device: str, timer: Callable) -> float:
+    """Bytes/s of the 256 MB copy, counting read + write."""
+    fn = copy_workload(device)
     times = [timer(fn) for _ in range(3)]
-    return 2 * n * 4 / statistics.median(times)
+    return 2 * COPY_BYTES / statistics.median(times)
 
 
 # =============================================================================================
@@ -382,6 +426,15 @@ class Row:
     na: dict = field(default_factory=dict)      # peer -> reason it is n/a
     rel_err: Optional[float] = None             # bn_ext vs the first torch peer, first call
     wall_s: float = 0.0                         # seconds this row took (warm-up + rounds)
+    copy_gbs: Optional[float] = None            # out-of-cache rows: the 256 MB copy, timed
+                                                # in the same rounds as the peers
+
+    def pct_copy(self) -> Optional[float]:
+        """bn_ext's GB/s as % of the copy timed beside it (else the run's copy figure)."""
+        t = self.times.get("bn_ext")
+        if not t:
+            return None
+        return 100 * self.bytes_moved / t / 1e9 / (self.copy_gbs or META["copy_gbs"])
 
     def speedup(self, peer: str) -> Optional[float]:
         ours, theirs = self.times.get("bn_ext"), self.times.get(peer)
@@ -397,6 +450,10 @@ def run(args, plan: list, peers: list, timer: Callable, log: Callable) -> tuple:
     rows, compile_total = [], 0.0
     nrows = len(plan) * len(args.dtypes) * len(args.passes)
     bar = progress(nrows)
+    # Host memory bandwidth drifts within a run on a shared VM (a 256 MB copy measured 46.6 GB/s
+    # at the start of one run and 77.3 at its end), so out-of-cache rows time the copy as one
+    # more peer in their own rounds, and their % copy is against that.
+    copy_fn = copy_workload(device)
     for knob in ("recompile_limit", "cache_size_limit"):  # the name differs across versions
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
@@ -414,7 +471,8 @@ def run(args, plan: list, peers: list, timer: Callable, log: Callable) -> tuple:
                 continue
             try:
                 compile_total += run_group(args, shape, layout, dtype, peers, group_rows, timer,
-                                           bar, log)
+                                           bar, log, copy_fn if size > META["cache_mb"] * MB
+                                           else None)
             except Exception as e:  # noqa: BLE001  (an OOM or a bn_ext failure: keep the row)
                 msg = f"error: {type(e).__name__}: {first_line(e)}"
                 for r in group_rows:
@@ -429,7 +487,8 @@ def run(args, plan: list, peers: list, timer: Callable, log: Callable) -> tuple:
     return rows, compile_total
 
 
-def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log) -> float:
+def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
+              copy_fn: Optional[Callable] = None) -> float:
     """Time every pass of one (shape, layout, dtype); returns seconds spent compiling."""
     device = args.device
     torch._dynamo.reset()  # fresh compile per shape; keeps the recompile count low
@@ -482,7 +541,11 @@ def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log) ->
         if ref_name in first_out:
             row.rel_err = max_rel_err(first_out["bn_ext"], first_out[ref_name])
         del first_out
+        if copy_fn is not None:
+            fns["copy"] = copy_fn
         res = interleaved(fns, timer, args.rounds)
+        if "copy" in res:
+            row.copy_gbs = 2 * COPY_BYTES / res["copy"][0] / 1e9
         for inst in insts:
             name = inst.peer.name
             row.times[name] = res[name][0] if name in res else None
@@ -606,7 +669,9 @@ def header(args, meta: dict) -> list:
               "- GB/s is bn_ext's, counting passes of numel*itemsize over the tensor "
               "(ENGINEERING.md section 4, usual counts): "
               + ", ".join(f"{p} {PASS_COUNTS[p]}" for p in PASSES) + "; "
-              "% copy = GB/s / copy bandwidth",
+              "% copy = GB/s / copy bandwidth; on rows larger than the last-level cache, the "
+              "256 MB copy is timed as one more peer in the row's own rounds and % copy is "
+              "against that (the .json keeps it as copy_gbs)",
               "- passes: " + "; ".join(f"**{p}** = {PASS_DESC[p]}" for p in PASSES),
               "- parameters (weight, bias, running stats) are fp32 for every input dtype "
               "(mixed precision, as under autocast); MB = input tensor size (1e6 bytes)",
@@ -644,7 +709,7 @@ def table(rows: list, peers: list) -> list:
             cells += [fmt_ms(t)] + [fmt_ms(r.times.get(p)) for p in others]
             cells += [fmt_x(r.speedup(p)) for p in others] + [fmt_x(r.best_speedup(others))]
             cells += [f"{gbs:.1f}" if gbs else "n/a",
-                      f"{100 * gbs / META['copy_gbs']:.0f}%" if gbs else "n/a"]
+                      f"{r.pct_copy():.0f}%" if gbs else "n/a"]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -694,7 +759,7 @@ def summary(rows: list, peers: list, args) -> list:
             sel = [r for r in big if r.dtype == dname and r.pas == pas]
             if not sel:
                 continue
-            pct = [100 * r.bytes_moved / r.times["bn_ext"] / 1e9 / META["copy_gbs"] for r in sel]
+            pct = [r.pct_copy() for r in sel]
             lines.append(f"| {dname} | {pas} | {len(sel)} | {statistics.median(pct):.0f}% | "
                          f"{min(pct):.0f}% | {sum(p < bar for p in pct)} |")
     lines.append("")
@@ -789,6 +854,9 @@ def parse_args(argv=None):
     ap.add_argument("--layout", default="nchw,nhwc", help="comma list of nchw,nhwc")
     ap.add_argument("--pass", dest="passes", default=",".join(PASSES),
                     help="comma list of fwd,bwd,eval,fwdbwd")
+    ap.add_argument("--shape", dest="shapes", default=None,
+                    help="comma list of shape labels from the plan (e.g. 32x512x7x7,256x1000): "
+                         "time only those, to recheck rows with more --rounds")
     ap.add_argument("--quick", action="store_true",
                     help="the engineering notes' 4 rows + BatchNorm1d 4096x1024, fewer repeats")
     ap.add_argument("--max-mb", type=float, default=None,
@@ -812,7 +880,8 @@ def parse_args(argv=None):
     ap.add_argument("--plan", action="store_true",
                     help="print the planned rows (and which --max-mb skips) and exit")
     ap.add_argument("--name", default=None,
-                    help="file stem (default: device slug, plus -quick with --quick)")
+                    help="file stem (default: device slug, plus -quick with --quick and "
+                         "-recheck with --shape)")
     ap.add_argument("--replot", metavar="JSON", default=None,
                     help="redraw the PNG beside a saved results JSON, and exit (no timing)")
     args = ap.parse_args(argv)
@@ -890,6 +959,13 @@ def main(argv=None):
     import bn_ext
 
     plan = (shapes_mod.quick_plan if args.quick else shapes_mod.full_plan)(args.layouts)
+    if args.shapes:
+        wanted = [t.strip() for t in args.shapes.split(",") if t.strip()]
+        known = {shape.label for shape, _ in plan}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            ap.error(f"--shape {unknown} not in the plan; --plan lists its shapes")
+        plan = [(shape, layout) for shape, layout in plan if shape.label in wanted]
     peers = peers_for(args.device)
     if args.plan:
         print_plan(args, plan)
@@ -924,7 +1000,9 @@ def main(argv=None):
     print(text)
 
     os.makedirs(args.out, exist_ok=True)
-    stem = args.name or (device_slug(args.device) + ("-quick" if args.quick else ""))
+    # A --shape run never takes the full table's name.
+    stem = args.name or (device_slug(args.device) + ("-quick" if args.quick else "")
+                         + ("-recheck" if args.shapes else ""))
     base = os.path.join(args.out, stem)
     with open(base + ".md", "w") as f:
         f.write(text)
