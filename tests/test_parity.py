@@ -202,12 +202,13 @@ def test_channels_last_kernel_paths_match_float64(channels, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(3, 37, 7, 7), (400, 16, 7, 7), (5, 100, 2, 3), (4, 21, 14, 14),
-                                   (64, 9, 33, 17), (2, 300, 1, 5)])
+                                   (64, 9, 33, 17), (2, 300, 1, 5), (352, 1000, 7, 7)])
 def test_contiguous_channel_tiles_match_float64(shape, dtype):
     """NCHW reductions walk tiles of adjacent channels run by run (tile_chunk_sums): tiles of up to
     16 channels for short runs, ragged last tiles (37, 100, 21, 300 channels), several chunks of
-    runs (400x7x7, 64x33x17), one channel per tile for long runs. batch_stats and backward_reduce
-    against float64, on 2 threads, and the same bits on 1 thread."""
+    runs (400x7x7, 64x33x17), one channel per tile for long runs, and 7x7 runs of a tensor larger
+    than a 32 MiB last-level cache (34-69 MB), which prefetch whole tile spans ahead. batch_stats
+    and backward_reduce against float64, on 2 threads, and the same bits on 1 thread."""
     C = shape[1]
     x = make_input(shape, dtype, "cpu", seed=3) * 3 + 1
     g = make_input(shape, dtype, "cpu", seed=4)
