@@ -82,22 +82,35 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_caches() -> list:
+    """(level, type, size as sysfs writes it, bytes) for each cache cpu0 lists in sysfs."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    out = []
+    try:
+        entries = sorted(e for e in os.listdir(base) if e.startswith("index"))
+    except OSError:
+        return out
+    for idx in entries:
+        try:
+            with open(os.path.join(base, idx, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(base, idx, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(base, idx, "size")) as f:
+                size = f.read().strip()
+            n = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except (OSError, ValueError, IndexError):
+            continue
+        out.append((level, kind, size, n))
+    return out
+
+
 def cache_bytes(device: str) -> int:
     """Last-level cache size: L3 (or the largest listed) on the CPU, L2 on the GPU."""
     if device == "cuda":
         return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20))
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for idx in os.listdir(base):
-            with open(os.path.join(base, idx, "size")) as f:
-                s = f.read().strip()
-            units = {"K": 2**10, "M": 2**20, "G": 2**30}
-            n = int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
-            best = max(best, n)
-    except (OSError, ValueError, KeyError):
-        best = 32 * 2**20
-    return best
+    return max((n for *_, n in cpu_caches()), default=32 * 2**20)
 
 
 def slugify(s: str) -> str:
@@ -117,20 +130,8 @@ def cpu_signature() -> str:
                     fields[key] = value.strip()
     except OSError:
         pass
-    caches = []
-    for i in range(8):
-        base = f"/sys/devices/system/cpu/cpu0/cache/index{i}/"
-        try:
-            with open(base + "level") as f:
-                level = f.read().strip()
-            with open(base + "type") as f:
-                kind = f.read().strip()
-            with open(base + "size") as f:
-                size = f.read().strip()
-        except OSError:
-            continue
-        if kind != "Instruction":
-            caches.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    caches = [f"L{level}{'d' if kind == 'Data' else ''} {size}"
+              for level, kind, size, _ in cpu_caches() if kind != "Instruction"]
     parts = []
     if fields:
         parts.append(f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}")
