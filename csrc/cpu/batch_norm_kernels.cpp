@@ -321,10 +321,13 @@ void for_each_step_of_runs(int64_t r0, int64_t r1, int64_t S, int64_t C,
     for (size_t j = 0; j < K; ++j) v[j] = V(coef[j][c]);
     return v;
   };
-  // Lanes [0, m) from a, the rest from b.
-  const auto mix = [](const Coefs& a, const Coefs& b, int64_t m) {
+  // Lanes [0, m) from a, the rest from b. A lane-index compare and blends, not V::set(b, a, m):
+  // that is a switch over m, an indirect jump that mispredicts as m cycles from run to run.
+  const V lane = V::arange(0, 1);
+  const auto mix = [&](const Coefs& a, const Coefs& b, int64_t m) {
+    const V from_a = lane < V(static_cast<math_t<T>>(m));
     Coefs v;
-    for (size_t j = 0; j < K; ++j) v[j] = m <= 0 ? b[j] : m >= h ? a[j] : V::set(b[j], a[j], m);
+    for (size_t j = 0; j < K; ++j) v[j] = V::blendv(b[j], a[j], from_a);
     return v;
   };
   int64_t c = r0 % C;
