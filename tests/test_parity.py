@@ -200,15 +200,23 @@ def test_channels_last_kernel_paths_match_float64(channels, dtype):
     assert_close(gb, gb64.float(), torch.float32 if dtype == torch.float32 else dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", [(3, 37, 7, 7), (400, 16, 7, 7), (5, 100, 2, 3), (4, 21, 14, 14),
-                                   (64, 9, 33, 17), (2, 300, 1, 5), (352, 1000, 7, 7)])
+TILE_SHAPES = [(3, 37, 7, 7), (400, 16, 7, 7), (5, 100, 2, 3), (4, 21, 14, 14), (64, 9, 33, 17),
+               (2, 300, 1, 5), (352, 1000, 7, 7)]
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    *[(s, t) for t in (torch.float32, torch.bfloat16) for s in TILE_SHAPES],
+    *[(s, t) for t in (torch.float16, torch.float64) for s in [(3, 37, 7, 7), (70, 24, 3, 3)]],
+])
 def test_contiguous_channel_tiles_match_float64(shape, dtype):
-    """NCHW reductions walk tiles of adjacent channels run by run (tile_chunk_sums): tiles of up to
-    16 channels for short runs, ragged last tiles (37, 100, 21, 300 channels), several chunks of
-    runs (400x7x7, 64x33x17), one channel per tile for long runs, and 7x7 runs of a tensor larger
-    than a 32 MiB last-level cache (34-69 MB), which prefetch whole tile spans ahead. batch_stats
-    and backward_reduce against float64, on 2 threads, and the same bits on 1 thread."""
+    """NCHW reductions over tiles of adjacent channels. Runs of at most 256 bytes (7x7 fp32 and
+    bf16, 2x3, 1x5, fp64 3x3) are summed as rows of positions (tile_span_sums): tiles of up to 16
+    channels, ragged last tiles (37, 100, 300 channels), several blocks of rows (400x7x7, 352x7x7,
+    and 70x3x3 whose 64 + 6 rows end in a short block), spans ending in a half step and a scalar
+    tail. Longer runs go run by run (tile_chunk_sums): 14x14 in tiles of 5 and a ragged one, long
+    runs one channel per tile over several chunks (64x33x17). 352x1000x7x7 is larger than a
+    32 MiB last-level cache. batch_stats and backward_reduce against float64, on 2 threads, and
+    the same bits on 1 thread."""
     C = shape[1]
     x = make_input(shape, dtype, "cpu", seed=3) * 3 + 1
     g = make_input(shape, dtype, "cpu", seed=4)

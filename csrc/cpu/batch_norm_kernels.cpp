@@ -136,14 +136,6 @@ inline void prefetch_step(const T* p) {
   for (int64_t b = 0; b < kBytes; b += 64) __builtin_prefetch(c + b);
 }
 
-// Asks for every cache line of [p, p + bytes).
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  for (uintptr_t line = a & ~uintptr_t{63}; line < a + bytes; line += 64) {
-    __builtin_prefetch(reinterpret_cast<const void*>(line));
-  }
-}
-
 // The largest cache that cpu0 lists in sysfs: its last level, as one core sees it. Not
 // sysconf(_SC_LEVEL3_CACHE_SIZE): on the 2-core EPYC VM glibc reports the whole package's L3
 // there, 384 MiB, where the core sees 32 MiB.
@@ -175,11 +167,9 @@ template <typename T>
 struct ShiftedMoments {
   using IO = VecIO<T>;
   using V = typename IO::V;
-  static constexpr int64_t kStreams = 1;  // tensors read
   const T* x;
   ShiftedMoments advanced(int64_t i) const { return {x + i}; }
   void prefetch(int64_t i) const { prefetch_step(x + i); }
-  void prefetch_span(int64_t i, int64_t n) const { prefetch_bytes(x + i, n * sizeof(T)); }
   void step(int64_t i, const V& kv0, const V& kv1, V& a1, V& b1, V& a2, V& b2) const {
     V a, b;
     IO::load(x + i, a, b);
@@ -206,17 +196,12 @@ template <typename T>
 struct CenteredDot {
   using IO = VecIO<T>;
   using V = typename IO::V;
-  static constexpr int64_t kStreams = 2;
   const T* dy;
   const T* x;
   CenteredDot advanced(int64_t i) const { return {dy + i, x + i}; }
   void prefetch(int64_t i) const {
     prefetch_step(dy + i);
     prefetch_step(x + i);
-  }
-  void prefetch_span(int64_t i, int64_t n) const {
-    prefetch_bytes(dy + i, n * sizeof(T));
-    prefetch_bytes(x + i, n * sizeof(T));
   }
   void step(int64_t i, const V& mu0, const V& mu1, V& a1, V& b1, V& a2, V& b2) const {
     V ga, gb, xa, xb;
@@ -454,6 +439,78 @@ BackwardCoefs backward_coefs(double w, double invstd, double sum_dy, double sum_
   return {a, -a * invstd * invstd * sum_dy_xmu / n, -a * sum_dy / n};
 }
 
+// ---- rows of positions: the reduction core both layouts share ---------------------------------
+//
+// Rows r0..r1 of C positions each, row r starting at element r * stride, position c shifted by
+// k[c]: acc1[c], acc2[c] get the float sums down the rows. Channels-last rows are the tensor's
+// rows (stride C, position = channel). Short NCHW runs are rows too: a tile of channels' runs of
+// one n lie back to back, (c1 - c0) * S positions, and the N of them lie C * S apart.
+//
+// Rows are summed in fixed blocks of kRowsPerBlock; a block accumulates in float (at most
+// kRowsPerBlock values per lane) and leaves a double partial per position; partials are added
+// in block order.
+
+constexpr int64_t kRowsPerBlock = kFlushEvery;
+
+// Rows per register tile: 8 measured best of 4, 8, 16 and 64 (64: one strip runs down the whole
+// block, 64 strided streams that the prefetchers lose).
+constexpr int64_t kTileRows = 8;
+// How far ahead the reductions prefetch, in elements: at least this, and at least one tile.
+constexpr int64_t kPrefetchElems = 2048;
+
+template <typename T, typename R>
+void row_block_sums(const R& red, int64_t r0, int64_t r1, int64_t rows, int64_t C,
+                    int64_t stride, const math_t<T>* k, math_t<T>* acc1, math_t<T>* acc2) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  using M = math_t<T>;
+  constexpr int64_t h = V::size();
+  std::fill(acc1, acc1 + C, M(0));
+  std::fill(acc2, acc2 + C, M(0));
+  for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
+    const int64_t t1 = std::min(r1, t0 + kTileRows);
+    // The tile is read strip by strip, down its rows, an order the hardware prefetchers follow
+    // poorly; so while one strip is summed, ask for kTileRows kWidth steps of a tile ahead: the
+    // matching 1/strips of it when rows are back to back (kTileRows * C contiguous elements),
+    // else the same strip of each of its rows.
+    const int64_t tiles_ahead = std::max<int64_t>(1, kPrefetchElems / (kTileRows * C));
+    const int64_t ahead_row = t0 + tiles_ahead * kTileRows;
+    const int64_t ahead = (ahead_row + kTileRows <= rows) ? ahead_row * stride : -1;
+    int64_t c = 0;
+    for (; c + IO::kWidth <= C; c += IO::kWidth) {
+      if (ahead >= 0) {
+        for (int64_t m = 0; m < kTileRows; ++m) {
+          red.prefetch(stride == C ? ahead + kTileRows * c + m * IO::kWidth
+                                   : ahead + m * stride + c);
+        }
+      }
+      const V k0 = V::loadu(k + c), k1 = V::loadu(k + c + h);
+      V a1 = V::loadu(acc1 + c), b1 = V::loadu(acc1 + c + h);
+      V a2 = V::loadu(acc2 + c), b2 = V::loadu(acc2 + c + h);
+      for (int64_t r = t0; r < t1; ++r) red.step(r * stride + c, k0, k1, a1, b1, a2, b2);
+      a1.store(acc1 + c);
+      b1.store(acc1 + c + h);
+      a2.store(acc2 + c);
+      b2.store(acc2 + c + h);
+    }
+    if (C - c >= IO::kHalf) {
+      const V k0 = V::loadu(k + c);
+      V a1 = V::loadu(acc1 + c), a2 = V::loadu(acc2 + c);
+      for (int64_t r = t0; r < t1; ++r) red.half_step(r * stride + c, k0, a1, a2);
+      a1.store(acc1 + c);
+      a2.store(acc2 + c);
+    }
+  }
+  int64_t c = C - C % IO::kWidth;
+  if (C - c >= IO::kHalf) c += IO::kHalf;
+  for (; c < C; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t r = r0; r < r1; ++r) red.scalar(r * stride + c, k[c], s1, s2);
+    acc1[c] = static_cast<M>(s1);
+    acc2[c] = static_cast<M>(s2);
+  }
+}
+
 // ---- contiguous layout: runs of S per (n, c) ---------------------------------------------------
 //
 // A channel's N runs are cut into chunks of whole runs of about kChunkElems elements. A chunk is
@@ -521,11 +578,12 @@ void add_run(const R& red, int64_t base, int64_t S, int64_t next, math_t<T> k, C
   acc.steps = steps;
 }
 
-// Channels are reduced in tiles of adjacent channels, interleaved run by run: for n, for c in the
-// tile. With short runs (7x7: 196 bytes) a channel's runs, C * S elements apart, each start a
-// fresh page (a TLB miss, and a cold start for the prefetchers); a tile's runs of one n lie back
-// to back, about kTileBytes in a row. Each channel still adds its own steps in its own order, so
-// its sums do not depend on the tile.
+// Channels are reduced in tiles of adjacent channels: with short runs (7x7: 196 bytes) a
+// channel's runs, C * S elements apart, each start a fresh page (a TLB miss, and a cold start for
+// the prefetchers); a tile's runs of one n lie back to back, about kTileBytes in a row. Walked run
+// by run (for n, for c in the tile), each channel adds its own steps in its own order, so its sums
+// do not depend on the tile; as rows of positions (the shortest runs, below) they depend on it
+// through where the span's vector steps end, but the tile depends on the shape alone.
 constexpr int64_t kTileBytes = 4096;
 constexpr int64_t kMaxTile = 16;
 
@@ -534,20 +592,15 @@ int64_t channels_per_tile(const Geometry& g, int64_t itemsize) {
   return std::clamp<int64_t>(kTileBytes / run_bytes, 1, std::min(kMaxTile, g.C));
 }
 
-// Short runs from memory. Asking for each channel's next run while streaming this one covers
-// only its first kWidth step, so part of every 7x7 run came in cold: 256x2048x7x7 statistics
-// read at ~25 GB/s, x.sum() at ~95. Where a run is at most kShortRunBytes summed over the
-// tensors read, a tile instead asks for its whole span kSpansAhead rows of n ahead (2-core
-// Zen 5: 256x2048x7x7 statistics 3.9 -> 2.7 ms fp32, 2.1 -> 1.4 bf16; bf16 backward sums
-// 6.7 -> 5.9). Not beyond that: fp32 7x7 backward (2 x 196 bytes) lost 3-5%, 14x14 statistics
-// 5.7 -> 6.4-7.3 ms; nor for tensors in cache, where the extra instructions cost ~6%.
-constexpr int64_t kShortRunBytes = 256;
-constexpr int64_t kSpansAhead = 4;
-
-bool prefetch_tile_spans(const Geometry& g, int64_t bytes_per_element) {
-  return g.S * bytes_per_element <= kShortRunBytes &&
-         g.N * g.C * g.S * bytes_per_element > last_level_cache_bytes();
-}
+// Runs of at most kSpanRunBytes are summed as rows of positions (tile_span_sums, below): run by
+// run, every 7x7 run ended in a half step, a scalar step and a spill of the accumulators, which
+// left the reductions at ~0.2 ns an element on 2 threads, twice x.sum(). 2-core Zen 5, before ->
+// after: 32x512x7x7 fp32 statistics 53 -> 41 us, backward sums 77 -> 56 us; 256x2048x7x7 fp32
+// 2.5 -> 2.0 ms and 5.7 -> 3.7 ms; bf16 32x512x7x7 backward sums 62 -> 41 us. Not for 14x14
+// (784 bytes fp32, 392 bf16): 32x1024x14x14 fp32 statistics 285 -> 424 us, bf16 sums 316 ->
+// 487 us. There C * S * itemsize is a multiple of 4 KiB, so a tile's rows share L1 sets, and the
+// run-by-run path has little tail to save.
+constexpr int64_t kSpanRunBytes = 256;
 
 // s1, s2 of channels [c0, c1) (c1 - c0 <= kMaxTile) over runs [n0, n1), for a reduction R
 // (ShiftedMoments or CenteredDot) with per-channel shift k[c - c0].
@@ -555,16 +608,12 @@ template <typename T, typename R>
 void tile_chunk_sums(const R& red, const Geometry& g, int64_t c0, int64_t c1, int64_t n0,
                      int64_t n1, const math_t<T>* k, double* s1, double* s2) {
   std::array<ChunkAcc<T>, kMaxTile> acc;
-  const bool by_span = prefetch_tile_spans(g, R::kStreams * sizeof(T));
   for (int64_t n = n0; n < n1; ++n) {
-    if (by_span && n + kSpansAhead < g.N) {
-      red.prefetch_span(((n + kSpansAhead) * g.C + c0) * g.S, (c1 - c0) * g.S);
-    }
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t base = (n * g.C + c) * g.S;
       // The channel's next run lies C * S elements on; the hardware prefetchers do not jump
       // there (nor across 4 KiB pages). Ask for it while streaming this one.
-      const int64_t next = (!by_span && n + 1 < g.N) ? base + g.C * g.S : -1;
+      const int64_t next = n + 1 < g.N ? base + g.C * g.S : -1;
       add_run<T>(red, base, g.S, next, k[c - c0], acc[c - c0]);
     }
   }
@@ -591,6 +640,45 @@ void tile_sums(const R& red, const Geometry& g, int64_t c0, int64_t c1, const ma
   }
 }
 
+// total += a[0] + ... + a[S - 1], in double, in a fixed order (8 lanes, then the lanes in pairs).
+template <typename M>
+void fold_positions(const M* a, int64_t S, double& total) {
+  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t p = 0;
+  for (; p + 8 <= S; p += 8) {
+    for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(a[p + l]);
+  }
+  for (int l = 0; p < S; ++p, ++l) lanes[l] += static_cast<double>(a[p]);
+  total += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+           ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// s1, s2 of channels [c0, c1) whose runs are short: as rows of positions (above), the tile's
+// runs of one n being a row of (c1 - c0) * S positions, then each channel's S positions folded.
+// No run ends in a partial step, and the accumulators stay in registers down kTileRows rows.
+template <typename T, typename R>
+void tile_span_sums(const R& red, const Geometry& g, int64_t c0, int64_t c1, const math_t<T>* k,
+                    std::vector<math_t<T>>& scratch, double* s1, double* s2) {
+  using M = math_t<T>;
+  const int64_t G = c1 - c0, P = G * g.S;
+  scratch.resize(3 * P);
+  M* kp = scratch.data();
+  M* acc1 = kp + P;
+  M* acc2 = acc1 + P;
+  for (int64_t j = 0; j < G; ++j) std::fill(kp + j * g.S, kp + (j + 1) * g.S, k[j]);
+  std::fill(s1, s1 + G, 0.0);
+  std::fill(s2, s2 + G, 0.0);
+  const R tile = red.advanced(c0 * g.S);
+  for (int64_t b0 = 0; b0 < g.N; b0 += kRowsPerBlock) {
+    row_block_sums<T>(tile, b0, std::min(g.N, b0 + kRowsPerBlock), g.N, P, g.C * g.S, kp, acc1,
+                      acc2);
+    for (int64_t j = 0; j < G; ++j) {
+      fold_positions(acc1 + j * g.S, g.S, s1[j]);
+      fold_positions(acc2 + j * g.S, g.S, s2[j]);
+    }
+  }
+}
+
 // Whole channels (tiles of them) per thread when there are enough of them; else a few channels'
 // chunks spread over the threads.
 bool parallel_over_channels(const Geometry& g) {
@@ -603,13 +691,19 @@ void contiguous_reduce(const R& red, const Geometry& g, const Shift& shift, cons
   using M = math_t<T>;
   if (parallel_over_channels(g)) {
     const int64_t G = channels_per_tile(g, sizeof(T)), tiles = (g.C + G - 1) / G;
+    const bool spans = G > 1 && g.S * static_cast<int64_t>(sizeof(T)) <= kSpanRunBytes;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       std::array<M, kMaxTile> k;
       std::array<double, kMaxTile> s1, s2;
+      std::vector<M> scratch;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = t * G, c1 = std::min(g.C, c0 + G);
         for (int64_t c = c0; c < c1; ++c) k[c - c0] = shift(c);
-        tile_sums<T>(red, g, c0, c1, k.data(), s1.data(), s2.data());
+        if (spans) {
+          tile_span_sums<T>(red, g, c0, c1, k.data(), scratch, s1.data(), s2.data());
+        } else {
+          tile_sums<T>(red, g, c0, c1, k.data(), s1.data(), s2.data());
+        }
         for (int64_t c = c0; c < c1; ++c) finish(c, k[c - c0], s1[c - c0], s2[c - c0]);
       }
     });
@@ -644,68 +738,7 @@ void contiguous_reduce(const R& red, const Geometry& g, const Shift& shift, cons
 // slower on the 2-core EPYC (Zen 4): for C = 1024 the rows are 4 KiB apart, so loads and stores
 // alias.
 //
-// Reductions split the rows into fixed blocks of kRowsPerBlock; a block accumulates in float
-// (at most kRowsPerBlock values per lane) and leaves a double partial per channel; partials are
-// added in block order.
-
-constexpr int64_t kRowsPerBlock = kFlushEvery;
-
-// Rows per register tile: 8 measured best of 4, 8, 16 and 64 (64: one strip runs down the whole
-// block, 64 strided streams that the prefetchers lose).
-constexpr int64_t kTileRows = 8;
-// How far ahead the reductions prefetch, in elements: at least this, and at least one tile.
-constexpr int64_t kPrefetchElems = 2048;
-
-template <typename T, typename R>
-void channels_last_block_sums(const R& red, int64_t r0, int64_t r1, int64_t rows, int64_t C,
-                              const math_t<T>* k, math_t<T>* acc1, math_t<T>* acc2) {
-  using IO = VecIO<T>;
-  using V = typename IO::V;
-  using M = math_t<T>;
-  constexpr int64_t h = V::size();
-  std::fill(acc1, acc1 + C, M(0));
-  std::fill(acc2, acc2 + C, M(0));
-  for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
-    const int64_t t1 = std::min(r1, t0 + kTileRows);
-    // The tile is read strip by strip, down its rows, an order the hardware prefetchers follow
-    // poorly; so while one strip is summed, ask for the matching 1/strips of the next tile (the
-    // next kTileRows * C elements, contiguous), kTileRows kWidth steps of it.
-    const int64_t tiles_ahead = std::max<int64_t>(1, kPrefetchElems / (kTileRows * C));
-    const int64_t ahead_row = t0 + tiles_ahead * kTileRows;
-    const int64_t ahead = (ahead_row + kTileRows <= rows) ? ahead_row * C : -1;
-    int64_t c = 0;
-    for (; c + IO::kWidth <= C; c += IO::kWidth) {
-      if (ahead >= 0) {
-        for (int64_t m = 0; m < kTileRows; ++m) {
-          red.prefetch(ahead + kTileRows * c + m * IO::kWidth);
-        }
-      }
-      const V k0 = V::loadu(k + c), k1 = V::loadu(k + c + h);
-      V a1 = V::loadu(acc1 + c), b1 = V::loadu(acc1 + c + h);
-      V a2 = V::loadu(acc2 + c), b2 = V::loadu(acc2 + c + h);
-      for (int64_t r = t0; r < t1; ++r) red.step(r * C + c, k0, k1, a1, b1, a2, b2);
-      a1.store(acc1 + c);
-      b1.store(acc1 + c + h);
-      a2.store(acc2 + c);
-      b2.store(acc2 + c + h);
-    }
-    if (C - c >= IO::kHalf) {
-      const V k0 = V::loadu(k + c);
-      V a1 = V::loadu(acc1 + c), a2 = V::loadu(acc2 + c);
-      for (int64_t r = t0; r < t1; ++r) red.half_step(r * C + c, k0, a1, a2);
-      a1.store(acc1 + c);
-      a2.store(acc2 + c);
-    }
-  }
-  int64_t c = C - C % IO::kWidth;
-  if (C - c >= IO::kHalf) c += IO::kHalf;
-  for (; c < C; ++c) {
-    double s1 = 0, s2 = 0;
-    for (int64_t r = r0; r < r1; ++r) red.scalar(r * C + c, k[c], s1, s2);
-    acc1[c] = static_cast<M>(s1);
-    acc2[c] = static_cast<M>(s2);
-  }
-}
+// Reductions run the rows of positions above over fixed blocks of rows, spread over the threads.
 
 // Few channels. A row of C < kWidth elements (C = 3: RGB input) would run entirely in the scalar
 // tail. Instead the tensor is read as a flat array cut into period rows of P = lcm(C, kWidth)
@@ -739,8 +772,8 @@ void channels_last_row_sums(const R& red, int64_t rows, int64_t C, const math_t<
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<M> acc1(C), acc2(C);
     for (int64_t b = b0; b < b1; ++b) {
-      channels_last_block_sums<T>(red, b * kRowsPerBlock, std::min(rows, (b + 1) * kRowsPerBlock),
-                                  rows, C, k, acc1.data(), acc2.data());
+      row_block_sums<T>(red, b * kRowsPerBlock, std::min(rows, (b + 1) * kRowsPerBlock), rows, C,
+                         C, k, acc1.data(), acc2.data());
       double* p = partial.data() + b * 2 * C;
       for (int64_t c = 0; c < C; ++c) {
         p[c] = acc1[c];
