@@ -171,6 +171,8 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(input, weight, mean, var)
         ctx.training = training
         ctx.eps = eps
+        # The statistics get no gradient; without this autograd would build zeros for them.
+        ctx.set_materialize_grads(False)
         if training:
             ctx.mark_non_differentiable(mean, var)
             return out, mean, var
@@ -181,7 +183,9 @@ class BatchNormFunction(torch.autograd.Function):
         input, weight, mean, var = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None
-        if torch.is_grad_enabled():
+        if grad_out is None:
+            pass
+        elif torch.is_grad_enabled():
             grad_input, grad_weight, grad_bias = _differentiable_backward(
                 grad_out, input, weight, mean, var, ctx.training, ctx.eps)
         elif ctx.training and need_input:

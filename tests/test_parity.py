@@ -143,6 +143,42 @@ def test_large_mean_small_std_no_worse_than_torch(device, layout):
     torch.testing.assert_close(rm.double(), x.double().mean(dims), rtol=1e-7, atol=0)
 
 
+def _size_one_dim_inputs():
+    """Dense inputs whose size-1 dims carry strides no layout rule would give them: the layout is
+    read off the strides, and a size-1 dim's stride must not matter (as for is_contiguous)."""
+    g = torch.Generator().manual_seed(11)
+    cl = torch.randn(1, 6, 5, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    yield "N=1 channels_last", cl.as_strided(cl.shape, (999,) + cl.stride()[1:])
+    h1 = torch.randn(4, 1, 7, 6, generator=g).permute(0, 3, 1, 2)  # (4, 6, 1, 7), C innermost
+    yield "H=1 channels_last", h1.as_strided(h1.shape, h1.stride()[:2] + (12345,) + h1.stride()[3:])
+    w1 = torch.randn(3, 6, 5, 1, generator=g)
+    yield "W=1 contiguous", w1.as_strided(w1.shape, w1.stride()[:3] + (77,))
+    yield "L=1 (N, L, C) transposed", torch.randn(5, 1, 6, generator=g).transpose(1, 2)
+    yield "N=1, C=1", torch.randn(1, 1, 4, 5, generator=g).as_strided((1, 1, 4, 5), (3, 8, 5, 1))
+
+
+@pytest.mark.parametrize("name,x", list(_size_one_dim_inputs()),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_size_one_dims_with_odd_strides(name, x):
+    """Against float64 on a contiguous copy, not against torch on the same tensor: torch 2.13's
+    CPU backward gets "H=1 channels_last" wrong (grad_input off by ~4, with a contiguous
+    grad_out), in float64 as in float32."""
+    C = x.shape[1]
+    w = torch.rand(C) + 0.5
+    b = torch.randn(C)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
+    outs = []
+    for fn, xx, dt in ((bn_ext.batch_norm, x, torch.float32),
+                       (torch.nn.functional.batch_norm, x.contiguous(), torch.float64)):
+        xi = xx.detach().to(dt).requires_grad_()
+        wi, bi = w.to(dt).requires_grad_(), b.to(dt).requires_grad_()
+        rm, rv = torch.zeros(C, dtype=dt), torch.ones(C, dtype=dt)
+        y = fn(xi, rm, rv, wi, bi, training=True, momentum=0.1, eps=1e-5)
+        outs.append((y,) + torch.autograd.grad(y, (xi, wi, bi), dy.to(dt)) + (rm, rv))
+    for got, want in zip(*outs):
+        assert_close(got, want.float(), torch.float32)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(8, 64, 9, 9), (64, 3, 5, 5), (2, 2, 40, 40)])
