@@ -284,6 +284,58 @@ def test_contiguous_channel_tiles_match_float64(shape, dtype):
     assert_sum_close(sum_dy_xmu, gd * (xd - mean.double().view(1, C, 1, 1)))
 
 
+def _last_level_cache_bytes():
+    """The largest cache cpu0 lists in sysfs, as the kernels read it (8 MiB if none is listed)."""
+    best = 0
+    for i in range(16):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{i}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        best = max(best, int(text.rstrip("KMG")) * unit)
+    return best or 8 << 20
+
+
+@pytest.mark.parametrize("layout,dtype,spatial", [
+    ("contiguous", torch.float32, (96, 96)),    # long runs: walker forward, fused backward
+    ("contiguous", torch.float32, (7, 7)),      # short runs: walker forward and backward
+    ("contiguous", torch.bfloat16, (7, 7)),
+    ("channels_last", torch.float32, (24, 24)),
+    ("channels_last", torch.bfloat16, (24, 24)),
+    ("channels_last", torch.float64, (24, 24)),
+], ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple) else "x".join(map(str, v)))
+def test_streaming_stores_match_float64(layout, dtype, spatial):
+    """Outputs of passes whose tensors exceed the last-level cache are written with streaming
+    stores; sized here so that eval, training forward and backward all take that path."""
+    llc = _last_level_cache_bytes()
+    if llc > 128 << 20:
+        pytest.skip(f"a {llc >> 20} MiB last-level cache would need too large a tensor")
+    C = 64
+    per_n = C * spatial[0] * spatial[1] * torch.tensor([], dtype=dtype).element_size()
+    N = llc // (2 * per_n) + 3  # 2 * input bytes > llc: every pass streams
+    shape = (N, C) + spatial
+    x = make_input(shape, dtype, "cpu", layout, seed=21)
+    g = make_input(shape, dtype, "cpu", layout, seed=22)
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(C, dtype=pd) + 0.5
+    b = torch.randn(C, dtype=pd)
+    xr = x.detach().requires_grad_()
+    y = bn_ext.batch_norm(xr, None, None, w, b, training=True)
+    gx, = torch.autograd.grad(y, xr, g)
+    x64 = x.double().requires_grad_()
+    y64 = torch.nn.functional.batch_norm(x64, None, None, w.double(), b.double(), training=True)
+    gx64, = torch.autograd.grad(y64, x64, g.double())
+    assert_close(y, y64.to(dtype), dtype)
+    assert_close(gx, gx64.to(dtype), dtype)
+    rm, rv = torch.randn(C, dtype=pd), torch.rand(C, dtype=pd) + 0.5
+    ye = bn_ext.batch_norm(x, rm, rv, w, b, training=False)
+    ye64 = torch.nn.functional.batch_norm(x.double(), rm.double(), rv.double(), w.double(),
+                                          b.double(), training=False)
+    assert_close(ye, ye64.to(dtype), dtype)
+
+
 @pytest.mark.parametrize("shape,dtype", [((3, 8, 32, 40), torch.float32),
                                          ((4, 9, 1, 1030), torch.float32),
                                          ((2, 12, 48, 48), torch.bfloat16),

@@ -41,6 +41,43 @@ using at::vec::Vectorized;
 template <typename T>
 using math_t = at::opmath_type<T>;  // float for float16/bfloat16/float32, double for float64
 
+// Non-temporal ("streaming") stores of one vector register to p, where p is aligned to the
+// register's size; false (nothing stored) otherwise, or where the build has no vector ISA. A
+// normal store first reads the line into the cache (a read-for-ownership), one more pass over an
+// output that is larger than the cache; a streaming store writes it to memory without. Order them
+// before other threads read the output with stream_fence().
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr uintptr_t kStreamAlign = 64;
+inline void stream_raw(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline void stream_raw(double* p, __m512d v) { _mm512_stream_pd(p, v); }
+inline void stream_raw(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr uintptr_t kStreamAlign = 32;
+inline void stream_raw(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+inline void stream_raw(double* p, __m256d v) { _mm256_stream_pd(p, v); }
+inline void stream_raw(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+#endif
+
+// V: a Vectorized<T>, which converts to its register type.
+template <typename T, typename V>
+inline bool stream_reg(T* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (reinterpret_cast<uintptr_t>(p) % kStreamAlign != 0) return false;
+  stream_raw(p, v);
+  return true;
+#else
+  (void)p;
+  (void)v;
+  return false;
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // Loads and stores `kWidth` elements of T as two Vectorized<math_t<T>>, or kHalf = kWidth / 2 of
 // them as one (load1/store1: the tail of a run, which matters for 7x7 maps: 49 = 32 + 16 + 1).
 template <typename T, typename = void>
@@ -55,6 +92,11 @@ struct VecIO {
   static void store(T* p, const V& a, const V& b) {
     a.store(p);
     b.store(p + V::size());
+  }
+  // store(), with streaming stores when `stream` (and p is aligned).
+  static void store(T* p, const V& a, const V& b, bool stream) {
+    if (!stream || !stream_reg(p, a)) a.store(p);
+    if (!stream || !stream_reg(p + V::size(), b)) b.store(p + V::size());
   }
   static V load1(const T* p) { return V::loadu(p); }
   static void store1(T* p, const V& a) { a.store(p); }
@@ -73,6 +115,10 @@ struct VecIO<T, std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>> {
   }
   static void store(T* p, const V& a, const V& b) {
     at::vec::convert_from_float<T>(a, b).store(p);
+  }
+  static void store(T* p, const V& a, const V& b, bool stream) {
+    const Vectorized<T> v = at::vec::convert_from_float<T>(a, b);
+    if (!stream || !stream_reg(p, v)) v.store(p);
   }
   static V load1(const T* p) {
     V a;
@@ -155,6 +201,14 @@ int64_t last_level_cache_bytes() {
   }();
   return bytes;
 }
+
+// Whether an elementwise pass streams its output (stream_reg): when the tensors it reads and
+// writes, `bytes` in all, exceed the last-level cache, so that the output's lines would have left
+// the cache before anything read them again. Regular -> streaming stores, 2-core Zen 5, fp32,
+// 32 MiB L3: 32x1024x14x14 NCHW train_forward 1043 -> 634 us, 32x256x56x56 NCHW eval 2.65 ->
+// 2.18 ms, 32x64x56x56 NHWC train_backward 2.34 -> 2.00 ms, 4096x1024 train_backward 698 ->
+// 575 us. Within the cache they cost: 32x2048x7x7 NHWC eval (26 MB) 180 -> 305 us.
+bool stream_output(int64_t bytes) { return bytes > last_level_cache_bytes(); }
 
 // ---- vector steps of the two reductions ----------------------------------------------------
 //
@@ -256,10 +310,10 @@ void affine_run(const T* x, T* y, int64_t n, math_t<T> mu, math_t<T> alpha, math
   }
 }
 
-// dx = dy * a + (x - mu) * b + d
+// dx = dy * a + (x - mu) * b + d; full steps stream their stores when `stream`.
 template <typename T>
 void affine2_run(const T* dy, const T* x, T* dx, int64_t n, math_t<T> a, math_t<T> mu,
-                 math_t<T> b, math_t<T> d) {
+                 math_t<T> b, math_t<T> d, bool stream) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   const V av(a), muv(mu), bv(b), dv(d);
@@ -269,7 +323,7 @@ void affine2_run(const T* dy, const T* x, T* dx, int64_t n, math_t<T> a, math_t<
     IO::load(dy + i, g0, g1);
     IO::load(x + i, x0, x1);
     IO::store(dx + i, at::vec::fmadd(g0, av, at::vec::fmadd(x0 - muv, bv, dv)),
-              at::vec::fmadd(g1, av, at::vec::fmadd(x1 - muv, bv, dv)));
+              at::vec::fmadd(g1, av, at::vec::fmadd(x1 - muv, bv, dv)), stream);
   }
   int64_t i = vec_end;
   if (n - i >= IO::kHalf) {
@@ -341,10 +395,11 @@ void for_each_step_of_runs(int64_t r0, int64_t r1, int64_t S, int64_t C,
   }
 }
 
-// y = (x - mu) * a + d over runs r0..r1 (mu = 0 when !kCentered).
+// y = (x - mu) * a + d over runs r0..r1 (mu = 0 when !kCentered); full steps stream their
+// stores when `stream`.
 template <bool kCentered, typename T>
 void affine_runs(const T* x, T* y, int64_t r0, int64_t r1, int64_t S, int64_t C,
-                 const math_t<T>* mu, const math_t<T>* a, const math_t<T>* d) {
+                 const math_t<T>* mu, const math_t<T>* a, const math_t<T>* d, bool stream) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   for_each_step_of_runs<T, 3>(r0, r1, S, C, {mu, a, d}, [&](auto full, int64_t p, int64_t n,
@@ -363,18 +418,18 @@ void affine_runs(const T* x, T* y, int64_t r0, int64_t r1, int64_t S, int64_t C,
     v0 = at::vec::fmadd(v0, lo[1], lo[2]);
     v1 = at::vec::fmadd(v1, hi[1], hi[2]);
     if constexpr (decltype(full)::value) {
-      IO::store(y + p, v0, v1);
+      IO::store(y + p, v0, v1, stream);
     } else {
       store_n(y + p, v0, v1, n);
     }
   });
 }
 
-// dx = dy * a + (x - mu) * b + d over runs r0..r1.
+// dx = dy * a + (x - mu) * b + d over runs r0..r1; full steps stream when `stream`.
 template <typename T>
 void affine2_runs(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t S, int64_t C,
                   const math_t<T>* a, const math_t<T>* mu, const math_t<T>* b,
-                  const math_t<T>* d) {
+                  const math_t<T>* d, bool stream) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   for_each_step_of_runs<T, 4>(r0, r1, S, C, {a, mu, b, d}, [&](auto full, int64_t p, int64_t n,
@@ -391,7 +446,7 @@ void affine2_runs(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_
     const V o0 = at::vec::fmadd(g0, lo[0], at::vec::fmadd(x0 - lo[1], lo[2], lo[3]));
     const V o1 = at::vec::fmadd(g1, hi[0], at::vec::fmadd(x1 - hi[1], hi[2], hi[3]));
     if constexpr (decltype(full)::value) {
-      IO::store(dx + p, o0, o1);
+      IO::store(dx + p, o0, o1, stream);
     } else {
       store_n(dx + p, o0, o1, n);
     }
@@ -832,7 +887,7 @@ struct ChannelCoefs {
 // with kCentered false, mu is 0 (folded into d by normalize_coefs).
 template <bool kCentered, typename T>
 void affine_rows_vec(const T* x, T* y, int64_t rows, int64_t C,
-                     const ChannelCoefs<math_t<T>>& k) {
+                     const ChannelCoefs<math_t<T>>& k, bool stream) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t h = V::size();
@@ -850,19 +905,20 @@ void affine_rows_vec(const T* x, T* y, int64_t rows, int64_t C,
           v1 = v1 - V::loadu(&k.mu[c + h]);
         }
         IO::store(yr + c, at::vec::fmadd(v0, V::loadu(&k.a[c]), V::loadu(&k.d[c])),
-                  at::vec::fmadd(v1, V::loadu(&k.a[c + h]), V::loadu(&k.d[c + h])));
+                  at::vec::fmadd(v1, V::loadu(&k.a[c + h]), V::loadu(&k.d[c + h])), stream);
       }
       for (int64_t c = vec_end; c < C; ++c) {
         yr[c] = static_cast<T>((static_cast<math_t<T>>(xr[c]) - k.mu[c]) * k.a[c] + k.d[c]);
       }
     }
+    if (stream) stream_fence();
   });
 }
 
 // dx[r, c] = dy[r, c] * a[c] + (x[r, c] - mu[c]) * b[c] + d[c]  (training backward)
 template <typename T>
 void affine2_rows_vec(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
-                      const ChannelCoefs<math_t<T>>& k) {
+                      const ChannelCoefs<math_t<T>>& k, bool stream) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t h = V::size();
@@ -884,7 +940,7 @@ void affine2_rows_vec(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
             g1, V::loadu(&k.a[c + h]),
             at::vec::fmadd(x1 - V::loadu(&k.mu[c + h]), V::loadu(&k.b[c + h]),
                            V::loadu(&k.d[c + h])));
-        IO::store(dr + c, o0, o1);
+        IO::store(dr + c, o0, o1, stream);
       }
       for (int64_t c = vec_end; c < C; ++c) {
         const math_t<T> gv = static_cast<math_t<T>>(gr[c]);
@@ -892,6 +948,7 @@ void affine2_rows_vec(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
         dr[c] = static_cast<T>(gv * k.a[c] + ((xv - k.mu[c]) * k.b[c] + k.d[c]));
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -905,22 +962,23 @@ ChannelCoefs<M> replicate(const ChannelCoefs<M>& k, int64_t C, int64_t P) {
 
 // The elementwise maps over channels-last rows, through period rows when C is small (above).
 template <bool kCentered, typename T>
-void affine_rows(const T* x, T* y, int64_t rows, int64_t C, const ChannelCoefs<math_t<T>>& k) {
+void affine_rows(const T* x, T* y, int64_t rows, int64_t C, const ChannelCoefs<math_t<T>>& k,
+                 bool stream) {
   const int64_t P = flat_period<T>(rows, C);
-  if (P == 0) return affine_rows_vec<kCentered>(x, y, rows, C, k);
+  if (P == 0) return affine_rows_vec<kCentered>(x, y, rows, C, k, stream);
   const int64_t period_rows = rows * C / P, off = period_rows * P;
-  affine_rows_vec<kCentered>(x, y, period_rows, P, replicate(k, C, P));
-  affine_rows_vec<kCentered>(x + off, y + off, rows - off / C, C, k);
+  affine_rows_vec<kCentered>(x, y, period_rows, P, replicate(k, C, P), stream);
+  affine_rows_vec<kCentered>(x + off, y + off, rows - off / C, C, k, stream);
 }
 
 template <typename T>
 void affine2_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
-                  const ChannelCoefs<math_t<T>>& k) {
+                  const ChannelCoefs<math_t<T>>& k, bool stream) {
   const int64_t P = flat_period<T>(rows, C);
-  if (P == 0) return affine2_rows_vec(dy, x, dx, rows, C, k);
+  if (P == 0) return affine2_rows_vec(dy, x, dx, rows, C, k, stream);
   const int64_t period_rows = rows * C / P, off = period_rows * P;
-  affine2_rows_vec(dy, x, dx, period_rows, P, replicate(k, C, P));
-  affine2_rows_vec(dy + off, x + off, dx + off, rows - off / C, C, k);
+  affine2_rows_vec(dy, x, dx, period_rows, P, replicate(k, C, P), stream);
+  affine2_rows_vec(dy + off, x + off, dx + off, rows - off / C, C, k, stream);
 }
 
 // ---- whole-tensor kernels ---------------------------------------------------------------------
@@ -1004,16 +1062,18 @@ void normalize_impl(const Tensor& xt, const Geometry& g, const ChannelCoefs<math
                     Tensor& yt) {
   const T* x = xt.const_data_ptr<T>();
   T* y = yt.data_ptr<T>();
+  const bool stream = stream_output(2 * xt.nbytes());
   if (g.layout == Layout::kContiguous) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
     at::parallel_for(0, g.N * g.C, grain, [&](int64_t i0, int64_t i1) {
       if (g.S >= VecIO<T>::kWidth) {
         const auto* mu = k.mu.data();
         if (k.centered) {
-          affine_runs<true>(x, y, i0, i1, g.S, g.C, mu, k.a.data(), k.d.data());
+          affine_runs<true>(x, y, i0, i1, g.S, g.C, mu, k.a.data(), k.d.data(), stream);
         } else {
-          affine_runs<false>(x, y, i0, i1, g.S, g.C, mu, k.a.data(), k.d.data());
+          affine_runs<false>(x, y, i0, i1, g.S, g.C, mu, k.a.data(), k.d.data(), stream);
         }
+        if (stream) stream_fence();
         return;
       }
       for (int64_t i = i0, c = i0 % g.C; i < i1; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
@@ -1027,9 +1087,9 @@ void normalize_impl(const Tensor& xt, const Geometry& g, const ChannelCoefs<math
     return;
   }
   if (k.centered) {
-    affine_rows<true>(x, y, g.N * g.S, g.C, k);
+    affine_rows<true>(x, y, g.N * g.S, g.C, k, stream);
   } else {
-    affine_rows<false>(x, y, g.N * g.S, g.C, k);
+    affine_rows<false>(x, y, g.N * g.S, g.C, k, stream);
   }
 }
 
@@ -1078,21 +1138,24 @@ void affine2_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
   const T* dy = dyt.const_data_ptr<T>();
   const T* x = xt.const_data_ptr<T>();
   T* dx = dxt.data_ptr<T>();
+  const bool stream = stream_output(3 * xt.nbytes());
   if (g.layout == Layout::kContiguous) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.S, 1));
     at::parallel_for(0, g.N * g.C, grain, [&](int64_t i0, int64_t i1) {
       if (g.S >= VecIO<T>::kWidth) {
         affine2_runs(dy, x, dx, i0, i1, g.S, g.C, k.a.data(), k.mu.data(), k.b.data(),
-                     k.d.data());
+                     k.d.data(), stream);
+        if (stream) stream_fence();
         return;
       }
       for (int64_t i = i0, c = i0 % g.C; i < i1; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
-        affine2_run(dy + i * g.S, x + i * g.S, dx + i * g.S, g.S, k.a[c], k.mu[c], k.b[c], k.d[c]);
+        affine2_run(dy + i * g.S, x + i * g.S, dx + i * g.S, g.S, k.a[c], k.mu[c], k.b[c], k.d[c],
+                    false);
       }
     });
     return;
   }
-  affine2_rows(dy, x, dx, g.N * g.S, g.C, k);
+  affine2_rows(dy, x, dx, g.N * g.S, g.C, k, stream);
 }
 
 template <typename T>
@@ -1163,6 +1226,7 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
   const T* x = xt.const_data_ptr<T>();
   T* dx = dxt.data_ptr<T>();
   const CenteredDot<T> red{dy, x};
+  const bool stream = stream_output(3 * xt.nbytes());
   at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double s1 = 0, s2 = 0;
@@ -1177,9 +1241,10 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
       for (int64_t n = 0; n < g.N; ++n) {
         const int64_t off = (n * g.C + c) * g.S;
         affine2_run(dy + off, x + off, dx + off, g.S, static_cast<M>(k.a), mu[c],
-                    static_cast<M>(k.b), static_cast<M>(k.d));
+                    static_cast<M>(k.b), static_cast<M>(k.d), stream);
       }
     }
+    if (stream) stream_fence();
   });
 }
 
