@@ -6,7 +6,8 @@ the phases:
     batch_stats          per-channel mean and biased variance
     running_stats_update running <- (1 - m) running + m batch (unbiased var), num_batches_tracked += 1
     normalize            y = (x - mean) / sqrt(var + eps) * weight + bias
-    train_forward        batch_stats + normalize, fused
+    train_forward        batch_stats + normalize, fused; and running_stats_update when given the
+                         running statistics
     backward_reduce      sum(dy), sum(dy * (x - mean)), grad_weight, grad_bias
     backward_input       grad_input, from those sums (training) or from the running stats (eval)
     train_backward       backward_reduce + backward_input, fused
@@ -69,8 +70,11 @@ def _normalize_fake(input, mean, var, weight, bias, eps):
 
 
 @torch.library.register_fake("bn_ext::train_forward")
-def _train_forward_fake(input, weight, bias, eps):
-    _fake_check_devices("train_forward", input, weight=weight, bias=bias)
+def _train_forward_fake(input, weight, bias, eps, running_mean=None, running_var=None,
+                        num_batches_tracked=None, momentum=None):
+    _fake_check_devices("train_forward", input, weight=weight, bias=bias,
+                        running_mean=running_mean, running_var=running_var,
+                        num_batches_tracked=num_batches_tracked)
     dt = _math_dtype(input.dtype)
     return torch.empty_like(input), _channel_vector(input, dt), _channel_vector(input, dt)
 
@@ -153,18 +157,21 @@ def _differentiable_backward(grad_out, input, weight, running_mean, running_var,
 class BatchNormFunction(torch.autograd.Function):
     """Batch normalization over the bn_ext C++ ops.
 
-    apply(input, weight, bias, running_mean, running_var, training, eps)
+    apply(input, weight, bias, running_mean, running_var, training, eps, num_batches_tracked,
+          momentum)
 
     Training returns (output, batch_mean, batch_var), the statistics being non-differentiable
-    math-type tensors for the caller's running-stats update; eval returns (output,) and normalizes
-    with running_mean/running_var. The first-order backward runs in C++; when a graph is being
+    math-type tensors, and updates running_mean/running_var (and num_batches_tracked) when they
+    are given; eval returns (output,) and normalizes with running_mean/running_var. The first-order backward runs in C++; when a graph is being
     built (create_graph=True) the backward is written in differentiable torch ops instead.
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, eps):
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, eps,
+                num_batches_tracked=None, momentum=None):
         if training:
-            out, mean, var = ops.train_forward(input, weight, bias, eps)
+            out, mean, var = ops.train_forward(input, weight, bias, eps, running_mean, running_var,
+                                               num_batches_tracked, momentum)
         else:
             mean, var = running_mean, running_var
             out = ops.normalize(input, mean, var, weight, bias, eps)
@@ -201,7 +208,7 @@ class BatchNormFunction(torch.autograd.Function):
         return (grad_input if need_input else None,
                 grad_weight if need_weight else None,
                 grad_bias if need_bias else None,
-                None, None, None, None)
+                None, None, None, None, None, None)
 
 
 # ---- the functional API ------------------------------------------------------------------
@@ -250,19 +257,14 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         t is not None and t.requires_grad for t in (input, weight, bias))
     if training:
         _verify_batch_size(input)
+        # train_forward also updates the running statistics (and counts an empty batch in
+        # num_batches_tracked, leaving the statistics alone, as torch does).
         if grad:
-            out, mean, var = BatchNormFunction.apply(input, weight, bias, None, None, True, eps)
+            out, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                                True, eps, num_batches_tracked, momentum)
         else:
-            out, mean, var = ops.train_forward(input, weight, bias, eps)
-        if running_mean is not None:
-            if input.numel() > 0:
-                count = torch.full((), input.numel() // input.shape[1], dtype=mean.dtype,
-                                   device=mean.device)
-                ops.running_stats_update(running_mean, running_var, num_batches_tracked,
-                                         mean, var, count, momentum)
-            elif num_batches_tracked is not None:
-                # torch counts an empty batch but leaves the statistics alone.
-                num_batches_tracked.add_(1)
+            out, _, _ = ops.train_forward(input, weight, bias, eps, running_mean, running_var,
+                                          num_batches_tracked, momentum)
         return out
     if running_mean is None:
         raise ValueError("bn_ext.batch_norm: running_mean and running_var are required when "

@@ -31,6 +31,8 @@ def _op_samples(device, dtype, layout):
         (ops.normalize, (x, mean, var, w, b, 1e-5)),
         (ops.normalize, (x, mean, var, None, None, 1e-5)),
         (ops.train_forward, (x, w, b, 1e-5)),
+        (ops.train_forward, (x, w, b, 1e-5, mean.clone(), var.clone(), nbt.clone(), 0.1)),
+        (ops.train_forward, (x, None, None, 1e-5, mean.clone(), var.clone(), nbt.clone(), None)),
         (ops.running_stats_update, (mean.clone(), var.clone(), nbt, mean, var, count, 0.1)),
         (ops.running_stats_update, (mean.clone(), var.clone(), nbt.clone(), mean, var, count, None)),
         (ops.backward_reduce, (g, x, mean, var, w, 1e-5)),
