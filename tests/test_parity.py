@@ -143,6 +143,21 @@ def test_large_mean_small_std_no_worse_than_torch(device, layout):
     torch.testing.assert_close(rm.double(), x.double().mean(dims), rtol=1e-7, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_variance_with_an_outlier_first_element(device, layout):
+    """The statistics shift their sums by k, the mean of a channel's first 32 elements; the sums'
+    rounding reaches var amplified by 1 + (k - mean)^2 / var. Here every channel's first element
+    lies 50 std out (mean 1e4): a one-element shift amplifies ~2000x, missing 2e-5 relative;
+    a 32-element one ~3x."""
+    x = make_input((16, 8, 32, 32), torch.float32, device, layout, mean=1e4, std=1.0)
+    x[0, :, 0, 0] += 50
+    mean, var = ops.batch_stats(x)
+    vr, mr = torch.var_mean(x.double(), [0, 2, 3], correction=0)
+    torch.testing.assert_close(var.double(), vr, rtol=2e-5, atol=0)
+    torch.testing.assert_close(mean.double(), mr, rtol=1e-7, atol=0)
+
+
 def _size_one_dim_inputs():
     """Dense inputs whose size-1 dims carry strides no layout rule would give them: the layout is
     read off the strides, and a size-1 dim's stride must not matter (as for is_contiguous)."""
