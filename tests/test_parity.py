@@ -351,22 +351,36 @@ def test_streaming_stores_match_float64(layout, dtype, spatial):
     assert_close(ye, ye64.to(dtype), dtype)
 
 
-@pytest.mark.parametrize("shape,dtype", [((3, 8, 32, 40), torch.float32),
-                                         ((4, 9, 1, 1030), torch.float32),
-                                         ((2, 12, 48, 48), torch.bfloat16),
-                                         ((3, 10, 16, 40), torch.float64)],
-                         ids=["fp32", "fp32-tail", "bf16", "fp64"])
-def test_fused_backward_matches_split_and_float64(shape, dtype):
-    """NCHW runs of 4 KiB and more take the fused train_backward (a channel reduced, then its dx
-    written while in cache). Its sums must be the split path's bits (backward_reduce), its dx
-    backward_input's, and both must match float64."""
+@pytest.mark.parametrize("shape,dtype,layout", [
+    ((3, 8, 32, 40), torch.float32, "contiguous"),
+    ((4, 9, 1, 1030), torch.float32, "contiguous"),
+    ((2, 12, 48, 48), torch.bfloat16, "contiguous"),
+    ((3, 10, 16, 40), torch.float64, "contiguous"),
+    ((256, 1000), torch.float32, "contiguous"),
+    ((100, 2000), torch.bfloat16, "contiguous"),
+    ((32, 48, 2, 2), torch.float32, "channels_last"),
+    ((64, 1000), torch.float64, "contiguous"),
+], ids=["fp32", "fp32-tail", "bf16", "fp64", "cl-fp32", "cl-bf16", "cl-halfstep", "cl-fp64"])
+def test_fused_backward_matches_split_and_float64(shape, dtype, layout):
+    """The fused train_backward paths: NCHW runs of 4 KiB and more (a channel reduced, then its
+    dx written while in cache), and channels-last tensors of few rows (each thread a strip of
+    channels; 2-D input is channels-last). Their sums must be the split path's bits
+    (backward_reduce), their dx backward_input's, on 2 threads and on 1, and all must match
+    float64."""
     C = shape[1]
-    x = make_input(shape, dtype, "cpu", seed=8) * 2 + 1
-    g = make_input(shape, dtype, "cpu", seed=9)
+    x = make_input(shape, dtype, "cpu", layout, seed=8) * 2 + 1
+    g = make_input(shape, dtype, "cpu", layout, seed=9)
     md = torch.float64 if dtype == torch.float64 else torch.float32
     w = torch.rand(C, dtype=md) + 0.5
     mean, var = ops.batch_stats(x)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = ops.train_backward(g, x, mean, var, w, 1e-5)
+    finally:
+        torch.set_num_threads(old)
     dx, gw, gb = ops.train_backward(g, x, mean, var, w, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip((dx, gw, gb), one_thread))
     sum_dy, sum_dy_xmu, gw_split, gb_split = ops.backward_reduce(g, x, mean, var, w, 1e-5)
     count = torch.tensor(float(x.numel() // C), dtype=md)
     dx_split = ops.backward_input(g, x, mean, var, w, sum_dy, sum_dy_xmu, count, 1e-5)
