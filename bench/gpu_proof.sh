@@ -130,6 +130,8 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         ops.running_stats_update(rm, rv, nbt, mean, var, n, 0.1)
         ops.running_stats_update(rm, rv, nbt, mean, var, n, None)
         ops.running_stats_update(rm, rv, None, mean, var, n, 0.5)
+        ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+        ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, None)
         launches += 1
 # The modules end to end, training and eval, forward and backward.
 for layout in ("contiguous", "channels_last"):
