@@ -1,4 +1,4 @@
-"""bn_ext.batch_norm, the autograd.Function over the C++ ops, and the ops' fake kernels.
+"""bn_ext.batch_norm, an autograd.Function over the C++ ops, and the ops' fake kernels.
 
 The C++ ops (csrc/ops.cpp) are the maths, split so that SyncBatchNorm can put collectives between
 the phases:
@@ -11,6 +11,10 @@ the phases:
     backward_reduce      sum(dy), sum(dy * (x - mean)), grad_weight, grad_bias
     backward_input       grad_input, from those sums (training) or from the running stats (eval)
     train_backward       backward_reduce + backward_input, fused
+
+Training's autograd is in C++: train_forward has an Autograd kernel (ops.cpp) whose backward runs
+train_backward, so a training layer costs no Python beyond batch_norm's checks. Eval with grad
+goes through BatchNormFunction below, which also takes training and stays public.
 """
 from __future__ import annotations
 
@@ -258,13 +262,10 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if training:
         _verify_batch_size(input)
         # train_forward also updates the running statistics (and counts an empty batch in
-        # num_batches_tracked, leaving the statistics alone, as torch does).
-        if grad:
-            out, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                                True, eps, num_batches_tracked, momentum)
-        else:
-            out, _, _ = ops.train_forward(input, weight, bias, eps, running_mean, running_var,
-                                          num_batches_tracked, momentum)
+        # num_batches_tracked, leaving the statistics alone, as torch does). Its autograd is in
+        # C++ (ops.cpp), with or without grad.
+        out, _, _ = ops.train_forward(input, weight, bias, eps, running_mean, running_var,
+                                      num_batches_tracked, momentum)
         return out
     if running_mean is None:
         raise ValueError("bn_ext.batch_norm: running_mean and running_var are required when "

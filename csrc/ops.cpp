@@ -7,7 +7,9 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "bn_ext.h"
@@ -442,6 +444,114 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& grad_out, const 
   return {out.result, grad_weight.to(pt), grad_bias.to(pt)};
 }
 
+// ---- autograd for train_forward, in C++ -------------------------------------------------------
+//
+// The module's training forward and backward were an autograd.Function in Python: ~6 us a
+// forward and a few a backward of interpreter and Function bookkeeping, a tenth of a 256x1000
+// layer. This Autograd kernel does the same in C++. It redispatches below autograd, so fake,
+// meta and compile tracing reach the same op. The backward runs train_backward (or
+// backward_reduce when grad_input is not needed); with create_graph it is written in ATen ops so
+// that autograd can differentiate it again (double backward), as functional.py does for eval.
+
+// Training backward in differentiable ATen ops, with the batch statistics recomputed from input:
+//   grad_bias = sum(dy), grad_weight = sum(dy * xhat),
+//   grad_input = w * invstd / n * (n * dy - grad_bias - xhat * grad_weight).
+std::tuple<Tensor, Tensor, Tensor> differentiable_train_backward(const Tensor& grad_out,
+                                                                 const Tensor& input,
+                                                                 const Tensor& weight, double eps) {
+  const auto math = math_type(input.scalar_type());
+  std::vector<int64_t> dims{0}, shape(input.dim(), 1);
+  for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
+  shape[1] = -1;
+  const Tensor x = input.to(math);
+  const Tensor dy = grad_out.to(math);
+  const Tensor mean = x.mean(dims, /*keepdim=*/true);
+  const Tensor invstd = ((x - mean).square().mean(dims, true) + eps).rsqrt();
+  const Tensor xhat = (x - mean) * invstd;
+  const Tensor grad_bias = dy.sum(dims);
+  const Tensor grad_weight = (dy * xhat).sum(dims);
+  const Tensor scale = weight.defined() ? weight.to(math).reshape(shape) * invstd : invstd;
+  const double n = input.numel() > 0 ? static_cast<double>(input.numel() / input.size(1)) : 1.0;
+  const Tensor grad_input = scale / n * (n * dy - grad_bias.reshape(shape) -
+                                         xhat * grad_weight.reshape(shape));
+  const auto pt = weight.defined() ? weight.scalar_type() : math;
+  return {grad_input.to(input.scalar_type()), grad_weight.to(pt), grad_bias.to(pt)};
+}
+
+class TrainForwardFunction : public torch::autograd::Function<TrainForwardFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
+      const optional<Tensor>& bias, double eps, const optional<Tensor>& running_mean,
+      const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked,
+      optional<double> momentum) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bn_ext::train_forward", "")
+                               .typed<decltype(train_forward)>();
+    Tensor out, mean, var;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, mean, var) = op.call(input, weight, bias, eps, running_mean, running_var,
+                                         num_batches_tracked, momentum);
+    }
+    // The running statistics are written in place with their version counters left alone, as
+    // torch's own batch_norm leaves them (and as this op did without an autograd kernel): an eval
+    // graph that saved them backpropagates with their current values instead of raising.
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var});
+    ctx->saved_data["eps"] = eps;
+    // needs_input_grad counts only the tensors given, so an absent weight would shift the
+    // indices; record which of input, weight and bias take a gradient instead.
+    const auto grad_of = [](const optional<Tensor>& t) {
+      return t.has_value() && t->defined() && t->requires_grad();
+    };
+    ctx->saved_data["need"] = std::vector<bool>{input.requires_grad(), grad_of(weight),
+                                                grad_of(bias)};
+    ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);
+    return {out, mean, var};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const Tensor& grad_out = grads[0];
+    torch::autograd::variable_list result(8);
+    if (!grad_out.defined()) return result;
+    const auto need = ctx->saved_data["need"].toBoolList();
+    const bool need_input = need[0];
+    const optional<Tensor> w = weight.defined() ? optional<Tensor>(weight) : c10::nullopt;
+    Tensor gi, gw, gb;
+    if (at::GradMode::is_enabled()) {
+      std::tie(gi, gw, gb) = differentiable_train_backward(grad_out, input, weight, eps);
+    } else if (need_input) {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("bn_ext::train_backward", "")
+                                 .typed<decltype(train_backward)>();
+      std::tie(gi, gw, gb) = op.call(grad_out, input, mean, var, w, eps);
+    } else {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("bn_ext::backward_reduce", "")
+                                 .typed<decltype(backward_reduce)>();
+      std::tie(std::ignore, std::ignore, gw, gb) = op.call(grad_out, input, mean, var, w, eps);
+    }
+    if (need_input) result[0] = gi;
+    if (need[1]) result[1] = gw;
+    if (need[2]) result[2] = gb;
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum) {
+  auto r = TrainForwardFunction::apply(input, weight, bias, eps, running_mean, running_var,
+                                       num_batches_tracked, momentum);
+  return {r[0], r[1], r[2]};
+}
+
 void empty_cpu_cache() { cpu::empty_output_cache(); }
 
 std::vector<int64_t> cpu_cache_stats() { return cpu::output_cache_stats(); }
@@ -482,6 +592,8 @@ TORCH_LIBRARY(bn_ext, m) {
   m.impl("train_backward", &train_backward);
 
 TORCH_LIBRARY_IMPL(bn_ext, CPU, m) { BN_EXT_REGISTER_IMPLS(m) }
+
+TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) { m.impl("train_forward", &train_forward_autograd); }
 
 #ifdef BN_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) { BN_EXT_REGISTER_IMPLS(m) }

@@ -158,6 +158,21 @@ def test_variance_with_an_outlier_first_element(device, layout):
     torch.testing.assert_close(mean.double(), mr, rtol=1e-7, atol=0)
 
 
+def test_training_forward_after_an_eval_graph_as_torch():
+    """An eval graph saves the running statistics; a training forward then updates them in place.
+    torch does not bump their version counters, so the eval backward runs (with the updated
+    values) instead of raising; bn_ext's C++ autograd does the same, with the same gradient."""
+    grads = []
+    for fn in (torch.nn.functional.batch_norm, bn_ext.batch_norm):
+        x = make_input((4, 3, 5), torch.float32, "cpu", seed=31).requires_grad_()
+        rm, rv = torch.zeros(3), torch.ones(3)
+        y = fn(x, rm, rv, training=False)
+        fn(x.detach(), rm, rv, training=True, momentum=0.5)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        grads.append(g)
+    assert_close(grads[1], grads[0], torch.float32)
+
+
 def _size_one_dim_inputs():
     """Dense inputs whose size-1 dims carry strides no layout rule would give them: the layout is
     read off the strides, and a size-1 dim's stride must not matter (as for is_contiguous)."""
