@@ -629,7 +629,7 @@ def geomean(v: list) -> Optional[float]:
 
 def allocation_settings(device: str) -> Optional[str]:
     """How fresh CPU outputs get their memory, which decides out-of-cache times. bn_ext takes
-    outputs of 1 MiB and more from its output cache (freed blocks, reused by size; limit
+    outputs of 256 KiB and more from its output cache (freed blocks, reused by size; limit
     BN_EXT_CPU_CACHE_MB, 0 = off) and advises huge pages for new blocks of 32 MiB and more
     (BN_EXT_HUGE_PAGES=0 = off). torch's outputs come from malloc, which unmaps or trims large
     freed blocks; its allocator advises huge pages only under THP_MEM_ALLOC_ENABLE=1."""
@@ -646,7 +646,7 @@ def allocation_settings(device: str) -> Optional[str]:
     cache = f"on, limit {limit} MiB" if limit else "off"
     advice = "off" if os.environ.get("BN_EXT_HUGE_PAGES") == "0" else "on"
     theirs = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
-    return (f"kernel THP mode `{thp}`; bn_ext output cache for outputs >= 1 MiB: {cache}; "
+    return (f"kernel THP mode `{thp}`; bn_ext output cache for outputs >= 256 KiB: {cache}; "
             f"bn_ext huge-page advice for new blocks >= 32 MiB: {advice}; "
             f"torch THP_MEM_ALLOC_ENABLE: {theirs} (torch's outputs come from malloc, "
             f"with 4 KiB pages unless it is 1)")

@@ -1,8 +1,8 @@
 """The CPU output cache (csrc/cpu/output_cache.cpp).
 
-bn_ext's CPU outputs of 1 MiB and more come from a cache of blocks that earlier outputs freed, so
-that a training loop, which asks for the same sizes every step, does not have the OS fault in and
-zero fresh pages on every call. Sizes are rounded up to 2 MiB. The cache holds at most
+bn_ext's CPU outputs of 256 KiB and more come from a cache of blocks that earlier outputs freed,
+so that a training loop, which asks for the same sizes every step, does not have the OS fault in
+and zero fresh pages on every call. Sizes are rounded up to 2 MiB, or to 64 KiB below that. The cache holds at most
 BN_EXT_CPU_CACHE_MB MiB (read once, at the first large output; default min(2048, RAM / 8));
 BN_EXT_CPU_CACHE_MB=0 turns it off. CUDA outputs use torch's own caching allocator.
 """

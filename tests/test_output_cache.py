@@ -42,6 +42,20 @@ def test_freed_output_block_is_reused():
     assert_close(y, x / (1 + 1e-5) ** 0.5, torch.float32)
 
 
+def test_sub_huge_page_outputs_are_cached_in_64k_granules():
+    """Outputs from 256 KiB up are cached; below 2 MiB their blocks round up to 64 KiB."""
+    bn_ext.empty_cpu_cache()
+    x = torch.randn(250, 1000)  # 1,000,000 bytes: a 1,048,576-byte block
+    y = _normalize(x)
+    ptr = y.data_ptr()
+    del y
+    stats = bn_ext.cpu_cache_stats()
+    assert stats["cached_bytes"] == 16 * 64 * 1024 and stats["cached_blocks"] == 1
+    y = _normalize(x)
+    assert y.data_ptr() == ptr and bn_ext.cpu_cache_stats()["hits"] == stats["hits"] + 1
+    assert_close(y, x / (1 + 1e-5) ** 0.5, torch.float32)
+
+
 def test_small_outputs_bypass_the_cache():
     bn_ext.empty_cpu_cache()
     before = bn_ext.cpu_cache_stats()
