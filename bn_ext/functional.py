@@ -166,8 +166,9 @@ class BatchNormFunction(torch.autograd.Function):
 
     Training returns (output, batch_mean, batch_var), the statistics being non-differentiable
     math-type tensors, and updates running_mean/running_var (and num_batches_tracked) when they
-    are given; eval returns (output,) and normalizes with running_mean/running_var. The first-order backward runs in C++; when a graph is being
-    built (create_graph=True) the backward is written in differentiable torch ops instead.
+    are given; eval returns (output,) and normalizes with running_mean/running_var. The
+    first-order backward runs in C++; when a graph is being built (create_graph=True) the
+    backward is written in differentiable torch ops instead.
     """
 
     @staticmethod

@@ -2,9 +2,10 @@
 
 bn_ext's CPU outputs of 256 KiB and more come from a cache of blocks that earlier outputs freed,
 so that a training loop, which asks for the same sizes every step, does not have the OS fault in
-and zero fresh pages on every call. Sizes are rounded up to 2 MiB, or to 64 KiB below that. The cache holds at most
-BN_EXT_CPU_CACHE_MB MiB (read once, at the first large output; default min(2048, RAM / 8));
-BN_EXT_CPU_CACHE_MB=0 turns it off. CUDA outputs use torch's own caching allocator.
+and zero fresh pages on every call. Sizes are rounded up to 2 MiB, or to 64 KiB below that. The
+cache holds at most BN_EXT_CPU_CACHE_MB MiB (read once, at the first large output; default
+min(2048, RAM / 8)); BN_EXT_CPU_CACHE_MB=0 turns it off. CUDA outputs use torch's own caching
+allocator.
 """
 from __future__ import annotations
 

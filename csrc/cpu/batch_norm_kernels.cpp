@@ -494,6 +494,19 @@ BackwardCoefs backward_coefs(double w, double invstd, double sum_dy, double sum_
   return {a, -a * invstd * invstd * sum_dy_xmu / n, -a * sum_dy / n};
 }
 
+// A fused backward's step for one channel, from its double sums: grad_bias and grad_weight, and
+// the dx coefficients. The sums are first rounded as backward_reduce stores them, so that the
+// fused and split paths give the same bits.
+template <typename M>
+BackwardCoefs fused_channel_backward(double s1, double s2, M var, M w, double eps, double n,
+                                     M& grad_bias, M& grad_weight) {
+  const double sum_dy = static_cast<M>(s1), sum_dy_xmu = static_cast<M>(s2);
+  const double invstd = invstd_of(var, eps);
+  grad_bias = static_cast<M>(sum_dy);
+  grad_weight = static_cast<M>(sum_dy_xmu * invstd);
+  return backward_coefs(w, invstd, sum_dy, sum_dy_xmu, n);
+}
+
 // ---- rows of positions: the reduction core both layouts share ---------------------------------
 //
 // Rows r0..r1 of C positions each, row r starting at element r * stride, position c shifted by
@@ -915,38 +928,43 @@ void affine_rows_vec(const T* x, T* y, int64_t rows, int64_t C,
   });
 }
 
+// dx[c] = dy[c] * a[c] + (x[c] - mu[c]) * b[c] + d[c] over one row of n channels: kWidth steps
+// (streaming their stores when `stream`), then a scalar tail.
+template <typename T>
+void affine2_row(const T* dy, const T* x, T* dx, int64_t n, const math_t<T>* a,
+                 const math_t<T>* mu, const math_t<T>* b, const math_t<T>* d, bool stream) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  constexpr int64_t h = V::size();
+  const int64_t vec_end = n - n % IO::kWidth;
+  for (int64_t c = 0; c < vec_end; c += IO::kWidth) {
+    V g0, g1, x0, x1;
+    IO::load(dy + c, g0, g1);
+    IO::load(x + c, x0, x1);
+    const V o0 = at::vec::fmadd(
+        g0, V::loadu(a + c),
+        at::vec::fmadd(x0 - V::loadu(mu + c), V::loadu(b + c), V::loadu(d + c)));
+    const V o1 = at::vec::fmadd(g1, V::loadu(a + c + h),
+                                at::vec::fmadd(x1 - V::loadu(mu + c + h), V::loadu(b + c + h),
+                                               V::loadu(d + c + h)));
+    IO::store(dx + c, o0, o1, stream);
+  }
+  for (int64_t c = vec_end; c < n; ++c) {
+    const math_t<T> gv = static_cast<math_t<T>>(dy[c]);
+    const math_t<T> xv = static_cast<math_t<T>>(x[c]);
+    dx[c] = static_cast<T>(gv * a[c] + ((xv - mu[c]) * b[c] + d[c]));
+  }
+}
+
 // dx[r, c] = dy[r, c] * a[c] + (x[r, c] - mu[c]) * b[c] + d[c]  (training backward)
 template <typename T>
 void affine2_rows_vec(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
                       const ChannelCoefs<math_t<T>>& k, bool stream) {
-  using IO = VecIO<T>;
-  using V = typename IO::V;
-  constexpr int64_t h = V::size();
-  const int64_t vec_end = C - C % IO::kWidth;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* gr = dy + r * C;
-      const T* xr = x + r * C;
-      T* dr = dx + r * C;
-      for (int64_t c = 0; c < vec_end; c += IO::kWidth) {
-        V g0, g1, x0, x1;
-        IO::load(gr + c, g0, g1);
-        IO::load(xr + c, x0, x1);
-        const V o0 = at::vec::fmadd(
-            g0, V::loadu(&k.a[c]),
-            at::vec::fmadd(x0 - V::loadu(&k.mu[c]), V::loadu(&k.b[c]), V::loadu(&k.d[c])));
-        const V o1 = at::vec::fmadd(
-            g1, V::loadu(&k.a[c + h]),
-            at::vec::fmadd(x1 - V::loadu(&k.mu[c + h]), V::loadu(&k.b[c + h]),
-                           V::loadu(&k.d[c + h])));
-        IO::store(dr + c, o0, o1, stream);
-      }
-      for (int64_t c = vec_end; c < C; ++c) {
-        const math_t<T> gv = static_cast<math_t<T>>(gr[c]);
-        const math_t<T> xv = static_cast<math_t<T>>(xr[c]);
-        dr[c] = static_cast<T>(gv * k.a[c] + ((xv - k.mu[c]) * k.b[c] + k.d[c]));
-      }
+      affine2_row(dy + r * C, x + r * C, dx + r * C, C, k.a.data(), k.mu.data(), k.b.data(),
+                  k.d.data(), stream);
     }
     if (stream) stream_fence();
   });
@@ -1228,9 +1246,7 @@ void channel_strips_backward_impl(const T* dy, const T* x, T* dx, const Geometry
                                   const math_t<T>* mu, const math_t<T>* vp, const math_t<T>* wp,
                                   double eps, math_t<T>* gw, math_t<T>* gb) {
   using M = math_t<T>;
-  using IO = VecIO<T>;
-  using V = typename IO::V;
-  constexpr int64_t W = IO::kWidth, h = V::size();
+  constexpr int64_t W = VecIO<T>::kWidth;
   const int64_t rows = g.N * g.S, C = g.C;
   const int64_t threads = at::get_num_threads();
   const int64_t width = ((C + threads - 1) / threads + W - 1) / W * W;
@@ -1252,39 +1268,17 @@ void channel_strips_backward_impl(const T* dy, const T* x, T* dx, const Geometry
       }
       for (int64_t j = 0; j < n; ++j) {
         const int64_t c = c0 + j;
-        // Rounded as backward_reduce stores them, so both paths give the same bits.
-        const M sum_dy = static_cast<M>(s1[j]), sum_dy_xmu = static_cast<M>(s2[j]);
-        const double invstd = invstd_of(vp[c], eps);
-        gb[c] = sum_dy;
-        gw[c] = static_cast<M>(sum_dy_xmu * invstd);
-        const BackwardCoefs k =
-            backward_coefs(opt_at<M>(wp, c, 1), invstd, sum_dy, sum_dy_xmu, g.count());
+        const BackwardCoefs k = fused_channel_backward<M>(s1[j], s2[j], vp[c],
+                                                          opt_at<M>(wp, c, 1), eps, g.count(),
+                                                          gb[c], gw[c]);
         a[j] = static_cast<M>(k.a);
         b[j] = static_cast<M>(k.b);
         d[j] = static_cast<M>(k.d);
       }
-      // dx = dy * a + (x - mu) * b + d, as affine2_rows_vec computes it.
-      const int64_t vec_end = n - n % W;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t base = r * C + c0;
-        for (int64_t j = 0; j < vec_end; j += W) {
-          V g0, g1, x0, x1;
-          IO::load(dy + base + j, g0, g1);
-          IO::load(x + base + j, x0, x1);
-          const V o0 = at::vec::fmadd(
-              g0, V::loadu(&a[j]),
-              at::vec::fmadd(x0 - V::loadu(mu + c0 + j), V::loadu(&b[j]), V::loadu(&d[j])));
-          const V o1 = at::vec::fmadd(
-              g1, V::loadu(&a[j + h]),
-              at::vec::fmadd(x1 - V::loadu(mu + c0 + j + h), V::loadu(&b[j + h]),
-                             V::loadu(&d[j + h])));
-          IO::store(dx + base + j, o0, o1);
-        }
-        for (int64_t j = vec_end; j < n; ++j) {
-          const M gv = static_cast<M>(dy[base + j]);
-          const M xv = static_cast<M>(x[base + j]);
-          dx[base + j] = static_cast<T>(gv * a[j] + ((xv - mu[c0 + j]) * b[j] + d[j]));
-        }
+        affine2_row(dy + base, x + base, dx + base, n, a.data(), mu + c0, b.data(), d.data(),
+                    false);
       }
     }
   });
@@ -1324,13 +1318,8 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
     for (int64_t c = c0; c < c1; ++c) {
       double s1 = 0, s2 = 0;
       tile_sums<T>(red, g, c, c + 1, mu + c, &s1, &s2);
-      // Round the sums as backward_reduce stores them, so both paths give the same bits.
-      const double sum_dy = static_cast<M>(s1), sum_dy_xmu = static_cast<M>(s2);
-      const double invstd = invstd_of(vp[c], eps);
-      gb[c] = static_cast<M>(sum_dy);
-      gw[c] = static_cast<M>(sum_dy_xmu * invstd);
-      const BackwardCoefs k =
-          backward_coefs(opt_at<M>(wp, c, 1), invstd, sum_dy, sum_dy_xmu, g.count());
+      const BackwardCoefs k = fused_channel_backward<M>(s1, s2, vp[c], opt_at<M>(wp, c, 1), eps,
+                                                        g.count(), gb[c], gw[c]);
       for (int64_t n = 0; n < g.N; ++n) {
         const int64_t off = (n * g.C + c) * g.S;
         affine2_run(dy + off, x + off, dx + off, g.S, static_cast<M>(k.a), mu[c],

@@ -12,9 +12,9 @@
 //    already mapped: the same idea as torch's CUDA caching allocator, kept small. Down to
 //    256 KiB: glibc serves a 1 MB block from its heap or from a fresh mapping, depending on its
 //    history; with mappings (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 forces them) a
-//    256x1000 module backward took 515-570 us with a malloc'd dx and 73-112 us from the cache. The cache holds at most a limit of bytes
-//    (BN_EXT_CPU_CACHE_MB; default min(2 GiB, RAM / 8); 0 disables it) and drops its oldest
-//    blocks first. bn_ext.empty_cpu_cache() gives everything back.
+//    256x1000 module backward took 515-570 us with a malloc'd dx and 73-112 us from the cache.
+//    The cache holds at most a limit of bytes (BN_EXT_CPU_CACHE_MB; default min(2 GiB,
+//    RAM / 8); 0 disables it) and drops its oldest blocks first. bn_ext.empty_cpu_cache() gives everything back.
 //  - Huge pages. A new block of kMinHugeBytes and more gets madvise(MADV_HUGEPAGE) before
 //    anything touches it, so it faults in 2 MiB at a time (512x fewer faults). Smaller blocks are
 //    left alone: with THP, fresh 25 MB blocks faulted in slower here, not faster.
