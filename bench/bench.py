@@ -680,6 +680,10 @@ def header(args, meta: dict) -> list:
     if meta.get("allocation"):
         lines.append(f"- allocation: {meta['allocation']}")
     if args.device == "cuda":
+        lines.append("- bn_ext CUDA training path: " + (
+            "single-pass (persistent) kernels where a tile fits, multi-pass elsewhere "
+            "(BN_EXT_CUDA_PERSISTENT=1)" if os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1"
+            else "multi-pass (the default)"))
         lines.append("- peers: cudnn = eager with torch.backends.cudnn.enabled=True (torch "
                      "never picks cuDNN for bf16, so there it runs native), native = eager "
                      "with cuDNN disabled, compile = torch.compile(nn.BatchNorm*, mode="
@@ -876,6 +880,10 @@ def parse_args(argv=None):
                     help="cuda: time with CUDA events even if triton is importable")
     ap.add_argument("--l2-flush", action="store_true",
                     help="cuda, events timer: flush L2 before every call (do_bench always does)")
+    ap.add_argument("--cuda-persistent", action="store_true",
+                    help="cuda: set BN_EXT_CUDA_PERSISTENT=1, so bn_ext's training passes use "
+                         "the single-pass kernels where a tile fits (adds -persistent to the "
+                         "file stem)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     ap.add_argument("--plan", action="store_true",
@@ -953,6 +961,8 @@ def main(argv=None):
         if not bn_ext.has_cuda_kernels():
             ap.error("--device cuda: this bn_ext build has no CUDA kernels")
         timer = CudaTimer(args.quick, not args.no_triton, args.l2_flush)
+        if args.cuda_persistent:
+            os.environ["BN_EXT_CUDA_PERSISTENT"] = "1"
     else:
         timer = CpuTimer(args.min_run_time)
         timer.label = (f"{CpuTimer.label}, num_threads={timer.threads}, "
@@ -1003,7 +1013,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     # A --shape run never takes the full table's name.
     stem = args.name or (device_slug(args.device) + ("-quick" if args.quick else "")
-                         + ("-recheck" if args.shapes else ""))
+                         + ("-recheck" if args.shapes else "")
+                         + ("-persistent" if args.cuda_persistent else ""))
     base = os.path.join(args.out, stem)
     with open(base + ".md", "w") as f:
         f.write(text)

@@ -4,9 +4,10 @@
 #      torch already installed, for the visible GPU's architecture; no network needed;
 #   2. run the whole pytest suite, slow tests included, with -rA, and tee it to
 #      bench/results/<gpu>-tests.txt, headed by the device name and the torch/CUDA versions;
-#   3. run compute-sanitizer memcheck and racecheck over a small program that calls every kernel
-#      (every op, both layouts, every dtype, small shapes, vectorized and scalar, one-block and
-#      two-stage reductions), saving bench/results/<gpu>-memcheck.txt and -racecheck.txt.
+#   3. run compute-sanitizer memcheck, racecheck and synccheck over a small program that calls
+#      every kernel (every op, both layouts, every dtype, small shapes, vectorized and scalar,
+#      one-block and two-stage reductions, the single-pass kernels), saving
+#      bench/results/<gpu>-memcheck.txt, -racecheck.txt and -synccheck.txt.
 # Exits non-zero if the build, a test or a sanitizer run fails. About 5-10 minutes on an H100.
 # Where $OUT is set (the device tool), the result files are copied there as well.
 #
@@ -82,7 +83,9 @@ else
   WORK=$(mktemp -d)/exercise_kernels.py
   cat >"$WORK" <<'EOF'
 # Calls every bn_ext CUDA kernel once or twice on small inputs: every op, both layouts, every
-# dtype, aligned (vectorized) and misaligned (scalar) inputs, one-block and two-stage reductions.
+# dtype, aligned (vectorized) and misaligned (scalar) inputs, one-block and two-stage reductions;
+# the training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels).
+import os
 import torch
 import bn_ext
 
@@ -132,6 +135,12 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         ops.running_stats_update(rm, rv, None, mean, var, n, 0.5)
         ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
         ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, None)
+        os.environ["BN_EXT_CUDA_PERSISTENT"] = "1"
+        y, mean, var = ops.train_forward(x, w, b, 1e-5)
+        ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, 0.1)
+        ops.train_backward(dy, x, mean, var, w, 1e-5)
+        ops.train_backward(dy, x, mean, var, None, 1e-5)
+        os.environ["BN_EXT_CUDA_PERSISTENT"] = "0"
         launches += 1
 # The modules end to end, training and eval, forward and backward.
 for layout in ("contiguous", "channels_last"):
@@ -143,7 +152,7 @@ for layout in ("contiguous", "channels_last"):
 torch.cuda.synchronize()
 print(f"exercised every op over {launches} dtype/shape/layout cases")
 EOF
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     OUTF=$RESULTS/$GPU-$tool.txt
     t0=$(date +%s)
     {

@@ -8,7 +8,9 @@ Covered here, beyond the device-parametrized suites:
   * gradcheck / gradgradcheck in float64 on the GPU;
   * bit-identical repeat runs, CUDA graph capture and replay, a non-default stream, a non-default
     device, no host synchronisation (torch.cuda.set_sync_debug_mode("error"));
-  * a bfloat16 input of more than 2^31 elements (64-bit indexing), marked slow.
+  * a bfloat16 input of more than 2^31 elements (64-bit indexing), marked slow;
+  * the persistent (single-pass) training kernels (BN_EXT_CUDA_PERSISTENT=1) against float64 and
+    the multi-pass kernels, and their fallback.
 """
 import copy
 
@@ -246,6 +248,106 @@ def test_nan_stays_in_its_channel():
     y, mean, var = ops.train_forward(x, None, None, 1e-5)
     assert torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, [0, 2]]).any()
     assert torch.isnan(mean[1]) and not torch.isnan(mean[[0, 2]]).any()
+
+
+# ---- the persistent (single-pass) training path -----------------------------------------------
+
+# (shape, layout): tiles of one channel (contiguous) or of up to 32 channel vectors
+# (channels-last), held by one block or spread over many, in one wave or several.
+PERSISTENT_CASES = [
+    ((8, 32, 28, 28), "contiguous"),     # vectorized; each channel over several blocks
+    ((4, 16, 33, 31), "contiguous"),     # scalar (odd runs)
+    ((2, 3, 128, 128), "contiguous"),    # few channels, many blocks each
+    ((32, 2048, 7, 7), "contiguous"),    # one block per channel, several waves
+    ((8, 32, 28, 28), "channels_last"),  # one tile
+    ((300, 6), "channels_last"),         # C not a multiple of the vector width
+    ((64, 1000), "channels_last"),       # partial last tile
+    ((16, 512, 14, 14), "channels_last"),  # several tiles
+    ((1, 8, 256, 256), "channels_last"),   # one tile over many blocks
+]
+
+
+def _kernels_run(fn):
+    """The names of the CUDA kernels that fn launches."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _train_pair(x, dy, w, b):
+    y, mean, var = ops.train_forward(x, w, b, 1e-5)
+    dx, gw, gb = ops.train_backward(dy, x, mean, var, w, 1e-5)
+    return y, mean, var, dx, gw, gb
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", PERSISTENT_CASES,
+                         ids=[f"{_ids(s)}-{lay}" for s, lay in PERSISTENT_CASES])
+def test_persistent_path_matches_float64(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_PERSISTENT=1: train_forward and train_backward run the single-pass kernels
+    (seen in the profiler), agree with float64 and with the multi-pass path within the dtype's
+    tolerance, and repeat to the bit."""
+    shape, layout = case
+    C = shape[1]
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_input(shape, dtype, DEV, layout, seed=21, mean=3.0, std=0.5)
+    dy = make_input(shape, dtype, DEV, layout, seed=22)
+    w = torch.rand(C, device=DEV, dtype=mt) + 0.5
+    b = torch.randn(C, device=DEV, dtype=mt)
+
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    names = _kernels_run(lambda: _train_pair(x, dy, w, b))
+    assert not any("persistent" in n for n in names), names
+    multi = _train_pair(x, dy, w, b)
+
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
+    names = _kernels_run(lambda: _train_pair(x, dy, w, b))
+    assert sum("persistent_contiguous_kernel" in n or "persistent_channels_last_kernel" in n
+               for n in names) == 2, names
+    single = _train_pair(x, dy, w, b)
+    for a, again in zip(single, _train_pair(x, dy, w, b)):
+        assert torch.equal(a, again)
+
+    # float64 references
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    b64 = b.double().requires_grad_()
+    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, b64, training=True, eps=1e-5)
+    gx64, gw64, gb64 = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
+    dims = [0] + list(range(2, x.dim()))
+    v64, m64 = torch.var_mean(x.double(), dims, correction=0)
+    names = ["y", "mean", "var", "dx", "grad_weight", "grad_bias"]
+    refs = [y64, m64, v64, gx64, gw64, gb64]
+    for name, ours, ref64, theirs in zip(names, single, refs, multi):
+        tol = dtype if ours.dtype == dtype else mt  # per-channel results: the math type
+        assert_close(ours, ref64.to(ours.dtype), tol, msg=f"{name} vs float64")
+        assert_close(ours, theirs, tol, msg=f"{name} vs the multi-pass kernels")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_persistent_path_through_the_module(monkeypatch, layout):
+    """The module's training step with the persistent path: output, gradients and running stats
+    as torch.nn.BatchNorm2d's."""
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
+    ref, ours = make_pair(4, 16, DEV, torch.float32)
+    run_steps(ref, ours, (8, 16, 12, 12), torch.float32, DEV, layout, steps=2, train=True,
+              param_tol=torch.float32)
+
+
+def test_persistent_path_falls_back_when_a_channel_does_not_fit(monkeypatch):
+    """One channel of 2^25 values is more than the device holds on chip: the multi-pass kernels
+    run, and the result is still right."""
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
+    x = make_input((1, 2, 1 << 25), torch.float32, DEV, seed=3)
+    names = _kernels_run(lambda: ops.train_forward(x, None, None, 1e-5))
+    assert not any("persistent" in n for n in names), names
+    y, mean, var = ops.train_forward(x, None, None, 1e-5)
+    v64, m64 = torch.var_mean(x.double(), [0, 2], correction=0)
+    torch.testing.assert_close(mean.double(), m64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), v64, rtol=1e-5, atol=1e-6)
 
 
 # ---- gradcheck / gradgradcheck on the GPU ---------------------------------------------------

@@ -4,14 +4,17 @@
 //
 //   batch_stats        reduce [+ finalize]
 //   normalize          forward_coefs, elementwise
-//   train_forward      reduce [+ finalize] (which also write the coefficients), elementwise
+//   train_forward      reduce [+ finalize] (which also write the coefficients), elementwise;
+//                      or, with BN_EXT_CUDA_PERSISTENT=1 and where it fits, one persistent kernel
 //   backward_reduce    reduce [+ finalize]
 //   backward_input     backward_coefs (count read on the device), elementwise
-//   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise
+//   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise;
+//                      or one persistent kernel, as train_forward
 //   running_stats_update  one single-block kernel
 //
-// The kernels are described in reduce_kernels.cu and elementwise_kernels.cu; the reduction value
-// and its merge in reduce.cuh.
+// The kernels are described in reduce_kernels.cu, elementwise_kernels.cu and
+// persistent_kernels.cu; the reduction value and its merge in reduce.cuh, the reduction ops in
+// channel_ops.cuh.
 #include "common.cuh"
 
 namespace bn_ext {
@@ -43,6 +46,10 @@ void normalize(const Tensor& x, const Geometry& g, const Tensor& mean, const Ten
 void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight, const Tensor& bias,
                    double eps, Tensor& y, Tensor& mean, Tensor& var) {
   c10::cuda::CUDAGuard guard(x.device());
+  if (detail::persistent_enabled() &&
+      detail::launch_persistent_forward(x, g, weight, bias, eps, y, mean, var)) {
+    return;
+  }
   const Tensor coef = coef_buffer(mean, g, 3);
   detail::launch_batch_stats(x, g, weight, bias, eps, mean, var, coef);
   detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);
@@ -71,6 +78,11 @@ void train_backward(const Tensor& dy, const Tensor& x, const Geometry& g, const 
                     const Tensor& var, const Tensor& weight, double eps, Tensor& dx,
                     Tensor& grad_weight, Tensor& grad_bias) {
   c10::cuda::CUDAGuard guard(x.device());
+  if (detail::persistent_enabled() &&
+      detail::launch_persistent_backward(dy, x, g, mean, var, weight, eps, dx, grad_weight,
+                                         grad_bias)) {
+    return;
+  }
   const Tensor coef = coef_buffer(mean, g, 4);
   detail::launch_grad_sums(dy, x, g, mean, var, weight, eps, Tensor(), Tensor(), grad_weight,
                            grad_bias, coef);

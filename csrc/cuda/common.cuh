@@ -136,10 +136,49 @@ void launch_backward_coefs(const Tensor& mean, const Tensor& var, const Tensor& 
 
 enum class Elementwise { kForward, kBackwardTrain, kBackwardEval };
 
+// One channel's elementwise coefficients: forward (mu, alpha, beta, -), backward (mu, a, b, d);
+// elementwise_kernels.cu derives them.
+template <typename M>
+struct Coefs {
+  M mu, p1, p2, p3;
+};
+
+// The elementwise maps, one element:
+//   forward         y  = (x - mu) * alpha + beta
+//   backward train  dx = dy * a + ((x - mu) * b + d)
+//   backward eval   dx = dy * a
+template <Elementwise kOp, typename M>
+__device__ __forceinline__ M elementwise_value(M x, M dy, const Coefs<M>& k) {
+  if constexpr (kOp == Elementwise::kForward) {
+    return fmadd(x - k.mu, k.p1, k.p2);
+  } else if constexpr (kOp == Elementwise::kBackwardTrain) {
+    return fmadd(dy, k.p1, fmadd(x - k.mu, k.p2, k.p3));
+  } else {
+    return dy * k.p1;
+  }
+}
+
 // out = f(x, dy) elementwise with per-channel coefficients from one of the two coef launchers
 // above (or the reductions that write them).
 void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const Geometry& g,
                         const Tensor& coef, const Tensor& out);
+
+// The single-pass training forward and backward (persistent_kernels.cu): each channel's slice
+// is read once into registers, its blocks merge their sums across a per-channel barrier, and the
+// output is written from the registers. They return false, having launched nothing, where that
+// path does not apply (the slice does not fit on chip, or the device lacks cooperative launch).
+bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
+                               const Tensor& bias, double eps, const Tensor& y,
+                               const Tensor& mean, const Tensor& var);
+bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometry& g,
+                                const Tensor& mean, const Tensor& var, const Tensor& weight,
+                                double eps, const Tensor& dx, const Tensor& grad_weight,
+                                const Tensor& grad_bias);
+
+// Whether train_forward / train_backward try the persistent path first: BN_EXT_CUDA_PERSISTENT=1
+// (read on every call, so it can be switched between calls). Off by default until it has been
+// measured on a GPU.
+bool persistent_enabled();
 
 void launch_running_stats_update(const Tensor& running_mean, const Tensor& running_var,
                                  const Tensor& num_batches_tracked, const Tensor& mean,

@@ -37,26 +37,21 @@ __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
   if constexpr (kReadsX) xv = load_vec<W>(x + e);
   if constexpr (kReadsDy) gv = load_vec<W>(dy + e);
   I cached = C;  // no channel
-  M mu = 0, p1 = 0, p2 = 0, p3 = 0;
+  Coefs<M> k{0, 0, 0, 0};
 #pragma unroll
   for (int w = 0; w < W; ++w) {
     if (c != cached) {
       cached = c;
-      p1 = coef[C + c];
+      k.p1 = coef[C + c];
       if constexpr (kOp != Elementwise::kBackwardEval) {
-        mu = coef[c];
-        p2 = coef[2 * C + c];
+        k.mu = coef[c];
+        k.p2 = coef[2 * C + c];
       }
-      if constexpr (kOp == Elementwise::kBackwardTrain) p3 = coef[3 * C + c];
+      if constexpr (kOp == Elementwise::kBackwardTrain) k.p3 = coef[3 * C + c];
     }
-    if constexpr (kOp == Elementwise::kForward) {
-      ov.v[w] = static_cast<T>(fmadd(static_cast<M>(xv.v[w]) - mu, p1, p2));
-    } else if constexpr (kOp == Elementwise::kBackwardTrain) {
-      ov.v[w] = static_cast<T>(
-          fmadd(static_cast<M>(gv.v[w]), p1, fmadd(static_cast<M>(xv.v[w]) - mu, p2, p3)));
-    } else {
-      ov.v[w] = static_cast<T>(static_cast<M>(gv.v[w]) * p1);
-    }
+    const M xw = kReadsX ? static_cast<M>(xv.v[w]) : M(0);
+    const M dw = kReadsDy ? static_cast<M>(gv.v[w]) : M(0);
+    ov.v[w] = static_cast<T>(elementwise_value<kOp>(xw, dw, k));
     if (++s == run) {
       s = 0;
       c = c + 1 == C ? I(0) : c + 1;

@@ -19,138 +19,12 @@
 // consecutive channels (128 bits of a row) and walks rows by * G apart; a warp reads whole row
 // segments. The block merges down its by rows with column_merge, and the G row-blocks of a channel
 // tile merge in the finalize pass.
-#include "reduce.cuh"
+#include "channel_ops.cuh"
 
 namespace bn_ext {
 namespace cuda {
 namespace detail {
 namespace {
-
-// Statistics: s1 = sum(x - k), s2 = sum((x - k)^2), k = the mean of the channel's first
-// kShiftSamples elements (as on the CPU). The rounding of the float sums reaches var amplified by
-// 1 + (k - mean)^2 / var: with k one element, a first element 50 std from the mean costs a factor
-// of ~2500; averaged over 32 elements, ~3.
-constexpr int64_t kShiftSamples = 32;
-
-template <typename T>
-struct StatsOp {
-  using M = math_t<T>;
-  static constexpr bool kNeedsDy = false;
-
-  const T* x;
-  int64_t S;             // run length; the channel's element j lies at
-  bool channels_last;    //   (j / S * C + c) * S + j % S, or j * C + c channels-last
-  int64_t samples;       // min(kShiftSamples, N * S)
-  int64_t C;
-  double n;
-  double eps;
-  const M* weight;  // nullable
-  const M* bias;    // nullable
-  M* mean;
-  M* var;
-  M* coef;  // nullable: (mu | alpha | beta) for the forward elementwise kernel
-
-  // Every thread of the channel's blocks (and the finish step) computes the same k from the same
-  // loads (cached), added in the same order, so all agree to the bit. The loads are all issued
-  // before the first add: one memory latency, not kShiftSamples of them.
-  __device__ M center(int64_t c) const {
-    M v[kShiftSamples];
-    int64_t n = 0, s = 0;
-#pragma unroll
-    for (int j = 0; j < kShiftSamples; ++j) {
-      const int64_t i = channels_last ? j * C + c : (n * C + c) * S + s;
-      v[j] = j < samples ? static_cast<M>(x[i]) : M(0);
-      if (++s == S) {
-        s = 0;
-        ++n;
-      }
-    }
-    M part[4] = {0, 0, 0, 0};
-#pragma unroll
-    for (int j = 0; j < kShiftSamples; ++j) part[j & 3] += v[j];
-    return ((part[0] + part[1]) + (part[2] + part[3])) / static_cast<M>(samples);
-  }
-
-  __device__ __forceinline__ static void accumulate(M xv, M /*dy*/, M k, M& a1, M& a2) {
-    const M d = xv - k;
-    a1 += d;
-    a2 = fmadd(d, d, a2);
-  }
-
-  // mean = k + s1/n, var = s2/n - (s1/n)^2 (biased), in double, rounded once; a negative
-  // rounding residue is clamped to 0 while NaN is kept (NaN stays in its channel).
-  __device__ void finish(int64_t c, M s1, M s2) const {
-    const double k = static_cast<double>(center(c));
-    const double m1 = static_cast<double>(s1) / n;
-    double v = static_cast<double>(s2) / n - m1 * m1;
-    v = v < 0 ? 0.0 : v;
-    const M mu = static_cast<M>(k + m1);
-    const M vm = static_cast<M>(v);
-    mean[c] = mu;
-    var[c] = vm;
-    if (coef != nullptr) {
-      const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
-      coef[c] = mu;
-      coef[C + c] = static_cast<M>(w * (1.0 / sqrt(static_cast<double>(vm) + eps)));
-      coef[2 * C + c] = bias != nullptr ? bias[c] : M(0);
-    }
-  }
-};
-
-// Backward: s1 = sum(dy), s2 = sum(dy * (x - mean)).
-template <typename T>
-struct GradOp {
-  using M = math_t<T>;
-  static constexpr bool kNeedsDy = true;
-
-  const M* mean;
-  const M* var;
-  const M* weight;  // nullable
-  int64_t C;
-  double n;
-  double eps;
-  M* sum_dy;      // nullable
-  M* sum_dy_xmu;  // nullable
-  M* grad_weight;
-  M* grad_bias;
-  M* coef;  // nullable: (mu | a | b | d) for the training backward elementwise kernel
-
-  __device__ __forceinline__ M center(int64_t c) const { return mean[c]; }
-
-  __device__ __forceinline__ static void accumulate(M xv, M dy, M mu, M& a1, M& a2) {
-    a1 += dy;
-    a2 = fmadd(dy, xv - mu, a2);
-  }
-
-  // grad_bias = sum_dy, grad_weight = sum_dy_xmu * invstd; and, with w' = w * invstd,
-  //   dx = w' * (dy - sum_dy/n - (x - mean) * invstd^2 * sum_dy_xmu/n)
-  //      = dy * a + (x - mean) * b + d,  a = w',  b = -w' invstd^2 sum_dy_xmu / n,  d = -w' sum_dy / n.
-  __device__ void finish(int64_t c, M s1, M s2) const {
-    const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
-    if (sum_dy != nullptr) sum_dy[c] = s1;
-    if (sum_dy_xmu != nullptr) sum_dy_xmu[c] = s2;
-    grad_bias[c] = s1;
-    grad_weight[c] = static_cast<M>(static_cast<double>(s2) * invstd);
-    if (coef != nullptr) {
-      const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
-      const double a = w * invstd;
-      coef[c] = mean[c];
-      coef[C + c] = static_cast<M>(a);
-      coef[2 * C + c] = static_cast<M>(-a * invstd * invstd * static_cast<double>(s2) / n);
-      coef[3 * C + c] = static_cast<M>(-a * static_cast<double>(s1) / n);
-    }
-  }
-};
-
-template <typename Op, int V, typename T, typename M>
-__device__ __forceinline__ void accumulate_vec(const Vec<T, V>& xv, const Vec<T, V>& dv,
-                                               const M (&k)[V], M (&a1)[V], M (&a2)[V]) {
-#pragma unroll
-  for (int w = 0; w < V; ++w) {
-    Op::accumulate(static_cast<M>(xv.v[w]), Op::kNeedsDy ? static_cast<M>(dv.v[w]) : M(0), k[w],
-                   a1[w], a2[w]);
-  }
-}
 
 // Loads V elements of x (and of dy, for reductions that read it) at offset o and adds them to
 // the per-lane sums.
@@ -204,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
   t = block_merge<M>(t, tmp);
   if (threadIdx.x == 0) {
     if (gridDim.y == 1) {
-      op.finish(c, t.s1, t.s2);
+      op.finish(c, k0, t.s1, t.s2);
     } else {
       store_partial(partial, static_cast<int64_t>(C), blockIdx.y, static_cast<int64_t>(c), t);
     }
@@ -244,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int w = 0; w < V; ++w) {
       const int64_t c = static_cast<int64_t>(c0) + w;
       if (gridDim.y == 1) {
-        op.finish(c, v[w].s1, v[w].s2);
+        op.finish(c, k[w], v[w].s1, v[w].s2);
       } else {
         store_partial(partial, static_cast<int64_t>(C), blockIdx.y, c, v[w]);
       }
@@ -268,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __shared__ Sums<M> smem[kThreads / 2];
   column_merge<M, 1>(v, smem);
-  if (threadIdx.y == 0 && c < C) op.finish(c, v[0].s1, v[0].s2);
+  if (threadIdx.y == 0 && c < C) op.finish(c, op.center(c), v[0].s1, v[0].s2);
 }
 
 // Blocks along the grid's y axis per channel (tile): enough blocks in all to fill the device

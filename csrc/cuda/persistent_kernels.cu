@@ -1,0 +1,468 @@
+// Single-pass (persistent) training forward and backward.
+//
+// The multi-pass ops read the input twice: once for the per-channel sums, once more for the
+// elementwise map (train forward: 3 passes, read x, read x, write y; backward: 5). Here every
+// element is loaded once into registers, the sums are merged across the blocks that share a
+// channel, and the output is written from the registers: 2 passes forward, 3 backward.
+//
+// Tiles and blocks. A tile is the set of channels merged together: one channel (contiguous), or
+// the bx * V channels of a (bx, by) block's columns (channels-last; bx as wide as fits). G blocks
+// share a tile; each holds kItems vectors of V elements per thread (block g: the tile's g-th chunk
+// of kItems * kThreads vectors, contiguous; channels-last, its g-th chunk of kItems * by rows).
+// The grid is P * G blocks, all resident at once (a cooperative launch guarantees it or fails);
+// block b serves tiles b / G, b / G + P, ... as its g = b % G part.
+//
+// Per tile: sums as in the multi-pass reduction (same op, same shift, lane sums then
+// block_merge / column_merge); each block stores its pair in partial[2][G][C]; the G blocks meet
+// at the tile's barrier (a counter in global memory, the pattern of cooperative groups' grid
+// sync, scoped to the tile); then every block merges the G pairs in the same fixed order (so all
+// hold the same bits), derives the coefficients (Op::finish; block 0 also stores the outputs),
+// and maps its registers. No floating-point atomics: the results depend only on the shape, the
+// dtype, the alignment and the grid plan (fixed by the shape and the device).
+//
+// Deadlock freedom: a block waits only at its current tile's barrier, and the tile's other
+// G - 1 blocks are resident and (by induction over the tiles before it) reach it too.
+//
+// Eligibility is decided here (persistent() returns false, launching nothing): 32-bit indices,
+// cooperative launch, and one tile within the resident blocks' registers (kItems per thread).
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "channel_ops.cuh"
+
+namespace bn_ext {
+namespace cuda {
+namespace detail {
+namespace {
+
+// Blocks per SM that the register allocation must allow: 2, so at most 128 registers a thread.
+constexpr int kMinBlocks = 2;
+
+// Vectors of V held per thread, per input: 32 elements (16 of float64), 32 registers once
+// widened to the math type, which the compiler keeps rather than convert twice; 16 when
+// unvectorized, as each also holds an address.
+template <typename T, int V>
+constexpr int kItems = V == 1 ? 16 : (sizeof(math_t<T>) == 8 ? 16 : 32) / V;
+
+// The blocks of tile t arrive; returns when all G have. The whole block calls it. Partial sums
+// stored before it (by any thread of any of the G blocks) are visible after it, read with
+// __ldcg (L2; L1 is not coherent).
+__device__ __forceinline__ void tile_barrier(unsigned int* arrived, int64_t t, unsigned int G) {
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    __threadfence();
+    atomicAdd(arrived + t, 1u);
+    const volatile unsigned int* count = arrived + t;
+    while (*count < G) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+      __nanosleep(32);
+#endif
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+template <typename M>
+__device__ __forceinline__ Sums<M> load_partial(const M* partial, int64_t C, int64_t G, int64_t g,
+                                                int64_t c) {
+  return Sums<M>{__ldcg(partial + g * C + c), __ldcg(partial + (G + g) * C + c)};
+}
+
+template <typename M>
+__device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t G, int64_t g,
+                                              int64_t c, const Sums<M>& s) {
+  partial[g * C + c] = s.s1;
+  partial[(G + g) * C + c] = s.s2;
+}
+
+// Contiguous (N, C, S): tile = channel c, its nv = N * S / V vectors; vector j at
+// (j / per_run * C + c) * S + (j % per_run) * V. 1-D blocks of kThreads.
+template <typename T, typename Op, typename I, int V>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    persistent_contiguous_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy,
+                                 T* __restrict__ out, I C, I S,
+                                 at::cuda::detail::IntDivider<I> per_run, I nv, int64_t G,
+                                 math_t<T>* __restrict__ partial,
+                                 unsigned int* __restrict__ arrived) {
+  using M = math_t<T>;
+  constexpr bool kDy = Op::kNeedsDy;
+  constexpr int kN = kItems<T, V>;
+  __shared__ typename BlockMerge<M>::TempStorage tmp;
+  __shared__ M samples[kShiftSamples];
+  __shared__ M shift;
+  __shared__ Coefs<M> coefs;
+  const int64_t P = gridDim.x / G;
+  const int64_t g = blockIdx.x % G;
+  const auto offset = [&](I j, I c) {
+    const auto qr = per_run.divmod(j);  // (n, vector within the run)
+    return (qr.div * C + c) * S + qr.mod * V;
+  };
+  for (int64_t t = blockIdx.x / G; t < static_cast<int64_t>(C); t += P) {
+    const I c = static_cast<I>(t);
+    // The shift first, before the tile's registers fill up: one sample per thread of the first
+    // warp, staged in shared memory, then summed in center()'s order by thread 0.
+    if constexpr (Op::kSampledShift) {
+      if (threadIdx.x < kShiftSamples) samples[threadIdx.x] = op.sample(t, threadIdx.x);
+      __syncthreads();
+      if (threadIdx.x == 0) shift = shift_of_samples<M>([&](int j) { return samples[j]; }, op.samples);
+    } else {
+      if (threadIdx.x == 0) shift = op.center(c);
+    }
+    __syncthreads();
+    const M k0 = shift;
+    const I j0 = static_cast<I>(g * kN * kThreads) + threadIdx.x;
+    Vec<T, V> xs[kN];
+    Vec<T, V> ds[kDy ? kN : 1];
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      const I j = j0 + i * kThreads;
+      if (j < nv) {
+        const I o = offset(j, c);
+        xs[i] = load_vec<V>(x + o);
+        if constexpr (kDy) ds[i] = load_vec<V>(dy + o);
+      }
+    }
+    M k[V], a1[V], a2[V];
+#pragma unroll
+    for (int w = 0; w < V; ++w) {
+      k[w] = k0;
+      a1[w] = 0;
+      a2[w] = 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      if (j0 + i * kThreads < nv) accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
+    }
+    Sums<M> s{a1[0], a2[0]};
+#pragma unroll
+    for (int w = 1; w < V; ++w) s = merge(s, Sums<M>{a1[w], a2[w]});
+    s = block_merge<M>(s, tmp);
+    if (threadIdx.x == 0) store_partial(partial, static_cast<int64_t>(C), G, g, t, s);
+
+    tile_barrier(arrived, t, static_cast<unsigned int>(G));
+
+    // Every block of the tile: the G pairs, g ascending per thread, then the block's fixed tree.
+    Sums<M> m{0, 0};
+    for (int64_t h = threadIdx.x; h < G; h += kThreads) {
+      m = merge(m, load_partial(partial, static_cast<int64_t>(C), G, h, t));
+    }
+    m = block_merge<M>(m, tmp);
+    if (threadIdx.x == 0) coefs = op.finish(t, k0, m.s1, m.s2, g == 0);
+    __syncthreads();
+    const Coefs<M> kc = coefs;
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      const I j = j0 + i * kThreads;
+      if (j < nv) {
+        Vec<T, V> o;
+#pragma unroll
+        for (int w = 0; w < V; ++w) {
+          const M xw = static_cast<M>(xs[i].v[w]);
+          const M dw = kDy ? static_cast<M>(ds[kDy ? i : 0].v[w]) : M(0);
+          o.v[w] = static_cast<T>(elementwise_value<Op::kMap>(xw, dw, kc));
+        }
+        store_vec<V>(out + offset(j, c), o);
+      }
+    }
+    __syncthreads();  // shift, coefs and tmp are reused by the next tile
+  }
+}
+
+// Channels-last (rows = N * S rows of C): tile t = channel vectors [t * bx, t * bx + bx), a
+// thread's V channels from c0 = (t * bx + tx) * V; block g holds rows
+// [g * kItems * by, (g + 1) * kItems * by), item i at row g * kItems * by + i * by + ty.
+template <typename T, typename Op, typename I, int V>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    persistent_channels_last_kernel(const Op op, const T* __restrict__ x,
+                                    const T* __restrict__ dy, T* __restrict__ out, I rows, I C,
+                                    int64_t tiles, int64_t G, math_t<T>* __restrict__ partial,
+                                    unsigned int* __restrict__ arrived) {
+  using M = math_t<T>;
+  constexpr bool kDy = Op::kNeedsDy;
+  constexpr int kN = kItems<T, V>;
+  __shared__ Sums<M> smem[kThreads / 2 * V];
+  __shared__ M samples[Op::kSampledShift ? kShiftSamples * 32 * V : 1];
+  __shared__ M shifts[32 * V];
+  __shared__ Coefs<M> coefs[32 * V];
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int tid = ty * bx + tx;
+  const int64_t P = gridDim.x / G;
+  const int64_t g = blockIdx.x % G;
+  for (int64_t t = blockIdx.x / G; t < tiles; t += P) {
+    // The tile's shifts first, before its registers fill up: the samples (the first
+    // kShiftSamples rows of the tile's columns) staged in shared memory by the whole block, then
+    // one channel per thread, summed in center()'s order.
+    const int width = bx * V;
+    const int64_t first = t * width;
+    const int here = static_cast<int>(std::min<int64_t>(width, static_cast<int64_t>(C) - first));
+    if constexpr (Op::kSampledShift) {
+#pragma unroll 4
+      for (int e = tid; e < kShiftSamples * width; e += kThreads) {
+        const int j = e / width, ch = e % width;
+        if (ch < here) samples[e] = op.sample(first + ch, j);
+      }
+      __syncthreads();
+      if (tid < here) {
+        shifts[tid] = shift_of_samples<M>([&](int j) { return samples[j * width + tid]; },
+                                          op.samples);
+      }
+    } else {
+      if (tid < here) shifts[tid] = op.center(first + tid);
+    }
+    __syncthreads();
+    const I c0 = static_cast<I>((t * bx + tx) * V);
+    const bool active = c0 < C;  // V divides C: a thread's channels are all in or all out
+    const I r0 = static_cast<I>(g * kN * by) + ty;
+    Vec<T, V> xs[kN];
+    Vec<T, V> ds[kDy ? kN : 1];
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      const I r = r0 + i * by;
+      if (active && r < rows) {
+        xs[i] = load_vec<V>(x + r * C + c0);
+        if constexpr (kDy) ds[i] = load_vec<V>(dy + r * C + c0);
+      }
+    }
+    M k[V], a1[V], a2[V];
+#pragma unroll
+    for (int w = 0; w < V; ++w) {
+      k[w] = active ? shifts[tx * V + w] : M(0);
+      a1[w] = 0;
+      a2[w] = 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      if (active && r0 + i * by < rows) accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
+    }
+    Sums<M> v[V];
+#pragma unroll
+    for (int w = 0; w < V; ++w) v[w] = Sums<M>{a1[w], a2[w]};
+    column_merge<M, V>(v, smem);
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int w = 0; w < V; ++w) {
+        store_partial(partial, static_cast<int64_t>(C), G, g, c0 + w, v[w]);
+      }
+    }
+
+    tile_barrier(arrived, t, static_cast<unsigned int>(G));
+
+    // Every block of the tile: per channel the G pairs, g = ty, ty + by, ... ascending, then the
+    // fixed tree down the block's rows.
+#pragma unroll
+    for (int w = 0; w < V; ++w) v[w] = Sums<M>{0, 0};
+    if (active) {
+      for (int64_t h = ty; h < G; h += by) {
+#pragma unroll
+        for (int w = 0; w < V; ++w) {
+          v[w] = merge(v[w], load_partial(partial, static_cast<int64_t>(C), G, h, c0 + w));
+        }
+      }
+    }
+    column_merge<M, V>(v, smem);
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int w = 0; w < V; ++w) {
+        coefs[tx * V + w] = op.finish(c0 + w, k[w], v[w].s1, v[w].s2, g == 0);
+      }
+    }
+    __syncthreads();
+    if (active) {
+      // Channel by channel (one channel's coefficients live at a time), the results written
+      // over the inputs they replace.
+#pragma unroll
+      for (int w = 0; w < V; ++w) {
+        const Coefs<M> kc = coefs[tx * V + w];
+#pragma unroll
+        for (int i = 0; i < kN; ++i) {
+          const M xw = static_cast<M>(xs[i].v[w]);
+          const M dw = kDy ? static_cast<M>(ds[kDy ? i : 0].v[w]) : M(0);
+          xs[i].v[w] = static_cast<T>(elementwise_value<Op::kMap>(xw, dw, kc));
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kN; ++i) {
+        const I r = r0 + i * by;
+        if (r < rows) store_vec<V>(out + r * C + c0, xs[i]);
+      }
+    }
+    __syncthreads();  // shifts, coefs and smem are reused by the next tile
+  }
+}
+
+// Blocks of `kernel` (kThreads each) resident on one SM, per device; asked of the runtime once.
+template <typename Kernel>
+int64_t resident_per_sm(Kernel kernel, std::array<std::atomic<int>, 64>& cache) {
+  const int dev = c10::cuda::current_device();
+  int n = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    if (dev < 64) cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Grid shape: G blocks per tile, P tiles in flight, P * G <= resident. G is the fewest blocks
+// that hold a tile (`items` vectors per thread), raised while tiles are too few to fill the
+// device; P is balanced over the waves. Returns false when one tile does not fit.
+bool plan_grid(int64_t tiles, int64_t work, int64_t per_item, int64_t items, int64_t resident,
+               int64_t& G, int64_t& P) {
+  const int64_t fewest = ceil_div(work, per_item * items);
+  if (tiles == 0 || fewest > resident) return false;
+  G = fewest;
+  if (tiles * fewest <= resident) {
+    // One wave: spread each tile over more blocks, down to one vector per thread.
+    G = std::max(fewest, std::min(resident / tiles, ceil_div(work, per_item)));
+  }
+  P = std::min(tiles, resident / G);
+  P = ceil_div(tiles, ceil_div(tiles, P));
+  return true;
+}
+
+// A cooperative launch; false (and nothing launched) where the device cannot hold the grid at
+// once after all (a partitioned device, say).
+bool launch_cooperative(const void* kernel, int64_t blocks, dim3 block, void** args,
+                        cudaStream_t stream) {
+  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)),
+                                                      block, args, 0, stream);
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // clear it: the multi-pass path runs instead
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return true;
+}
+
+template <typename T, typename Op>
+bool persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& out,
+                const Geometry& g) {
+  using M = math_t<T>;
+  using I = uint32_t;  // a tensor of 2^31 elements or more takes the multi-pass path
+  constexpr int VM = kMaxVec<T>;
+  if (x.numel() == 0 || x.numel() >= (int64_t(1) << 31) ||
+      !at::cuda::getCurrentDeviceProperties()->cooperativeLaunch) {
+    return false;
+  }
+  const T* xp = x.const_data_ptr<T>();
+  const T* dyp = Op::kNeedsDy ? dy.const_data_ptr<T>() : nullptr;
+  T* outp = out.mutable_data_ptr<T>();
+  const bool aligned =
+      is_aligned16(xp) && is_aligned16(outp) && (dyp == nullptr || is_aligned16(dyp));
+  const bool cl = g.layout == Layout::kChannelsLast;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<M>::value);
+  const int64_t C = g.C;
+  const I Ci = static_cast<I>(C);
+  bool launched = false;
+  dispatch_vec<T>(aligned && (cl ? C % VM == 0 : g.S % VM == 0), [&](auto vtag) {
+    constexpr int V = decltype(vtag)::value;
+    int64_t G = 0, P = 0;
+    if (!cl) {
+      const auto kernel = persistent_contiguous_kernel<T, Op, I, V>;
+      static std::array<std::atomic<int>, 64> occupancy{};
+      const int64_t resident = resident_per_sm(kernel, occupancy) * sm_count();
+      const int64_t per_run = g.S / V;
+      const int64_t nv = g.N * per_run;
+      if (!plan_grid(C, nv, kThreads, kItems<T, V>, resident, G, P)) return;
+      const Tensor partial = at::empty({2 * G * C}, opts);
+      const Tensor arrived = at::zeros({C}, x.options().dtype(at::kInt));
+      I Si = static_cast<I>(g.S), nvi = static_cast<I>(nv);
+      at::cuda::detail::IntDivider<I> div(static_cast<I>(per_run));
+      M* pp = partial.mutable_data_ptr<M>();
+      auto* ap = reinterpret_cast<unsigned int*>(arrived.mutable_data_ptr<int>());
+      void* args[] = {const_cast<Op*>(&op), &xp, &dyp, &outp, const_cast<I*>(&Ci), &Si, &div,
+                      &nvi, &G, &pp, &ap};
+      launched = launch_cooperative(reinterpret_cast<const void*>(kernel), P * G,
+                                    dim3(kThreads), args, stream);
+    } else {
+      const auto kernel = persistent_channels_last_kernel<T, Op, I, V>;
+      static std::array<std::atomic<int>, 64> occupancy{};
+      const int64_t resident = resident_per_sm(kernel, occupancy) * sm_count();
+      // The widest tile that fits: bx channel vectors, from 32 (a warp reads 512 contiguous
+      // bytes of a row) down to 32 bytes (one memory sector) a row.
+      const int64_t cv = C / V;
+      const int64_t rows = g.N * g.S;
+      const int narrowest = static_cast<int>(std::max<int64_t>(1, 32 / (V * sizeof(T))));
+      int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cv)));
+      int64_t tiles = 0;
+      for (;; bx /= 2) {
+        tiles = ceil_div(cv, bx);
+        if (plan_grid(tiles, rows, kThreads / bx, kItems<T, V>, resident, G, P)) break;
+        if (bx <= narrowest) return;
+      }
+      const int by = kThreads / bx;
+      const Tensor partial = at::empty({2 * G * C}, opts);
+      const Tensor arrived = at::zeros({tiles}, x.options().dtype(at::kInt));
+      I rowsi = static_cast<I>(rows);
+      M* pp = partial.mutable_data_ptr<M>();
+      auto* ap = reinterpret_cast<unsigned int*>(arrived.mutable_data_ptr<int>());
+      void* args[] = {const_cast<Op*>(&op), &xp, &dyp, &outp, &rowsi, const_cast<I*>(&Ci),
+                      &tiles, &G, &pp, &ap};
+      launched = launch_cooperative(reinterpret_cast<const void*>(kernel), P * G, dim3(bx, by),
+                                    args, stream);
+    }
+  });
+  return launched;
+}
+
+}  // namespace
+
+bool persistent_enabled() {
+  const char* v = std::getenv("BN_EXT_CUDA_PERSISTENT");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
+                               const Tensor& bias, double eps, const Tensor& y,
+                               const Tensor& mean, const Tensor& var) {
+  bool launched = false;
+  BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::persistent_forward", [&] {
+    using M = math_t<scalar_t>;
+    StatsOp<scalar_t> op;
+    op.x = x.const_data_ptr<scalar_t>();
+    op.S = g.S;
+    op.channels_last = g.layout == Layout::kChannelsLast;
+    op.samples = std::min<int64_t>(kShiftSamples, g.count());
+    op.C = g.C;
+    op.n = static_cast<double>(g.count());
+    op.eps = eps;
+    op.weight = opt_ptr<M>(weight);
+    op.bias = opt_ptr<M>(bias);
+    op.mean = mean.mutable_data_ptr<M>();
+    op.var = var.mutable_data_ptr<M>();
+    op.coef = nullptr;
+    launched = persistent<scalar_t>(op, x, Tensor(), y, g);
+  });
+  return launched;
+}
+
+bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometry& g,
+                                const Tensor& mean, const Tensor& var, const Tensor& weight,
+                                double eps, const Tensor& dx, const Tensor& grad_weight,
+                                const Tensor& grad_bias) {
+  bool launched = false;
+  BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::persistent_backward", [&] {
+    using M = math_t<scalar_t>;
+    GradOp<scalar_t> op;
+    op.mean = mean.const_data_ptr<M>();
+    op.var = var.const_data_ptr<M>();
+    op.weight = opt_ptr<M>(weight);
+    op.C = g.C;
+    op.n = static_cast<double>(g.count());
+    op.eps = eps;
+    op.sum_dy = nullptr;
+    op.sum_dy_xmu = nullptr;
+    op.grad_weight = grad_weight.mutable_data_ptr<M>();
+    op.grad_bias = grad_bias.mutable_data_ptr<M>();
+    op.coef = nullptr;
+    launched = persistent<scalar_t>(op, x, dy, dx, g);
+  });
+  return launched;
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace bn_ext
