@@ -11,6 +11,10 @@
 # Exits non-zero if the build, a test or a sanitizer run fails. About 5-10 minutes on an H100.
 # Where $OUT is set (the device tool), the result files are copied there as well.
 #
+# For a short device lease, BN_EXT_PROOF_QUICK=1 runs only tests/test_cuda.py without the slow
+# test, and then the quick benchmark twice, multi-pass and single-pass (bench.py --quick, and
+# --quick --cuda-persistent), writing bench/results/cuda-<gpu>-quick[-persistent].md/.json/.png.
+#
 # Usage: bash bench/gpu_proof.sh            (PYTHON=... to choose the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +50,12 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # the in-place build, from a
 "$PY" -c "import bn_ext; assert bn_ext.has_cuda_kernels(), 'no CUDA kernels in the build'" || exit 1
 
 log "test suite"
+QUICK=${BN_EXT_PROOF_QUICK:-0}
+if [ "$QUICK" = "1" ]; then
+  TEST_ARGS=(tests/test_cuda.py -m "not slow" -rA -p no:cacheprovider)
+else
+  TEST_ARGS=(tests -rA -p no:cacheprovider)
+fi
 TESTS=$RESULTS/$GPU-tests.txt
 {
   echo "# bn_ext GPU test run, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -59,11 +69,11 @@ print(f"# torch {torch.__version__}, CUDA runtime {torch.version.cuda}, cuDNN {t
       f"Python {platform.python_version()}")
 EOF
   nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | sed 's/^/# driver: /'
-  echo "# command: python -m pytest tests -rA -p no:cacheprovider"
+  echo "# command: python -m pytest ${TEST_ARGS[*]}"
   echo
 } >"$TESTS"
 t0=$(date +%s)
-"$PY" -m pytest tests -rA -p no:cacheprovider 2>&1 | tee -a "$TESTS" | tail -n 25
+"$PY" -m pytest "${TEST_ARGS[@]}" 2>&1 | tee -a "$TESTS" | tail -n 25
 rc=${PIPESTATUS[0]}
 echo "tests: exit $rc in $(( $(date +%s) - t0 )) s"
 [ "$rc" -eq 0 ] || status=1
@@ -168,8 +178,21 @@ EOF
   done
 fi
 
+if [ "$QUICK" = "1" ]; then
+  for mode in "" "--cuda-persistent"; do
+    log "quick benchmark ${mode:-(multi-pass)}"
+    t0=$(date +%s)
+    "$PY" bench/bench.py --device cuda --quick $mode >"$ROOT/build/bench${mode}.log" 2>&1
+    rc=$?
+    tail -n 30 "$ROOT/build/bench${mode}.log"
+    echo "bench ${mode:-(multi-pass)}: exit $rc in $(( $(date +%s) - t0 )) s"
+    [ "$rc" -eq 0 ] || status=1
+  done
+fi
+
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
   cp "$RESULTS/$GPU"-*.txt "$OUT"/ 2>/dev/null || true
+  cp "$RESULTS"/cuda-*-quick* "$OUT"/ 2>/dev/null || true
   cp "$BUILDLOG" "$OUT"/ 2>/dev/null || true
 fi
 log "done: $([ "$status" -eq 0 ] && echo PASSED || echo FAILED)"
