@@ -399,8 +399,12 @@ def test_bitwise_deterministic(dtype, layout, shape):
             assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("persistent", ["0", "1"], ids=["multipass", "persistent"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cuda_graph_capture_and_replay(layout):
+def test_cuda_graph_capture_and_replay(monkeypatch, layout, persistent):
+    """A training step captured once and replayed on new data; with persistent=1 the
+    single-pass kernels (a cooperative launch) are what is captured."""
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", persistent)
     torch.manual_seed(0)
     shape = (8, 16, 12, 10)
     model = bn_ext.BatchNorm2d(16, momentum=None, device=DEV)  # momentum None: 1/nbt on device

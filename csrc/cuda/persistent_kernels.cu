@@ -7,8 +7,9 @@
 //
 // Tiles and blocks. A tile is the set of channels merged together: one channel (contiguous), or
 // the bx * V channels of a (bx, by) block's columns (channels-last; bx as wide as fits). G blocks
-// share a tile; each holds kItems vectors of V elements per thread (block g: the tile's g-th chunk
-// of kItems * kThreads vectors, contiguous; channels-last, its g-th chunk of kItems * by rows).
+// share a tile; each holds up to kItems vectors of V elements per thread, item i of block g being
+// the tile's (i * G + g)-th group of kThreads vectors (contiguous) or of by rows (channels-last),
+// as the multi-pass kernels stride.
 // The grid is P * G blocks, all resident at once (a cooperative launch guarantees it or fails);
 // block b serves tiles b / G, b / G + P, ... as its g = b % G part.
 //
@@ -113,12 +114,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     __syncthreads();
     const M k0 = shift;
-    const I j0 = static_cast<I>(g * kN * kThreads) + threadIdx.x;
+    // Item i of block g: vectors [(i * G + g) * kThreads, + kThreads), so that every block of
+    // the tile holds about nv / G of them.
+    const I j0 = static_cast<I>(g * kThreads) + threadIdx.x;
+    const I step = static_cast<I>(G * kThreads);
     Vec<T, V> xs[kN];
     Vec<T, V> ds[kDy ? kN : 1];
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
-      const I j = j0 + i * kThreads;
+      const I j = j0 + i * step;
       if (j < nv) {
         const I o = offset(j, c);
         xs[i] = load_vec<V>(x + o);
@@ -134,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
-      if (j0 + i * kThreads < nv) accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
+      if (j0 + i * step < nv) accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
     }
     Sums<M> s{a1[0], a2[0]};
 #pragma unroll
@@ -155,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const Coefs<M> kc = coefs;
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
-      const I j = j0 + i * kThreads;
+      const I j = j0 + i * step;
       if (j < nv) {
         Vec<T, V> o;
 #pragma unroll
@@ -172,8 +176,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 }
 
 // Channels-last (rows = N * S rows of C): tile t = channel vectors [t * bx, t * bx + bx), a
-// thread's V channels from c0 = (t * bx + tx) * V; block g holds rows
-// [g * kItems * by, (g + 1) * kItems * by), item i at row g * kItems * by + i * by + ty.
+// thread's V channels from c0 = (t * bx + tx) * V; item i of block g at row (i * G + g) * by + ty.
 template <typename T, typename Op, typename I, int V>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     persistent_channels_last_kernel(const Op op, const T* __restrict__ x,
@@ -215,12 +218,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     __syncthreads();
     const I c0 = static_cast<I>((t * bx + tx) * V);
     const bool active = c0 < C;  // V divides C: a thread's channels are all in or all out
-    const I r0 = static_cast<I>(g * kN * by) + ty;
+    // Item i of block g: rows [(i * G + g) * by, + by).
+    const I r0 = static_cast<I>(g * by) + ty;
+    const I step = static_cast<I>(G * by);
     Vec<T, V> xs[kN];
     Vec<T, V> ds[kDy ? kN : 1];
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
-      const I r = r0 + i * by;
+      const I r = r0 + i * step;
       if (active && r < rows) {
         xs[i] = load_vec<V>(x + r * C + c0);
         if constexpr (kDy) ds[i] = load_vec<V>(dy + r * C + c0);
@@ -235,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
-      if (active && r0 + i * by < rows) accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
+      if (active && r0 + i * step < rows) accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
     }
     Sums<M> v[V];
 #pragma unroll
@@ -285,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
 #pragma unroll
       for (int i = 0; i < kN; ++i) {
-        const I r = r0 + i * by;
+        const I r = r0 + i * step;
         if (r < rows) store_vec<V>(out + r * C + c0, xs[i]);
       }
     }
