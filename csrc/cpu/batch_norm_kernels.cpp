@@ -221,6 +221,7 @@ template <typename T>
 struct ShiftedMoments {
   using IO = VecIO<T>;
   using V = typename IO::V;
+  static constexpr int64_t kInputs = 1;
   const T* x;
   ShiftedMoments advanced(int64_t i) const { return {x + i}; }
   void prefetch(int64_t i) const { prefetch_step(x + i); }
@@ -250,6 +251,7 @@ template <typename T>
 struct CenteredDot {
   using IO = VecIO<T>;
   using V = typename IO::V;
+  static constexpr int64_t kInputs = 2;
   const T* dy;
   const T* x;
   CenteredDot advanced(int64_t i) const { return {dy + i, x + i}; }
@@ -523,10 +525,17 @@ constexpr int64_t kRowsPerBlock = kFlushEvery;
 // Rows per register tile: 8 measured best of 4, 8, 16 and 64 (64: one strip runs down the whole
 // block, 64 strided streams that the prefetchers lose).
 constexpr int64_t kTileRows = 8;
+// Except for the backward's channels-last sums (two inputs) over more than half the last-level
+// cache: there 8 rows are 16 streams from memory, which the prefetchers follow worse than 4
+// (2 rows). 2-core Zen 5, backward_reduce channels-last, 8 -> 2 rows: 256x2048x7x7 bf16 3.2 ->
+// 2.1 ms, fp32 5.4 -> 4.8 ms, 256x256x28x28 bf16 5.3 -> 4.8 ms, 32x256x56x56 fp32 4.9 -> 4.5 ms;
+// within the cache 2 rows lost (32x256x14x14 train_backward 183 -> 213 us), and 1 row was
+// mixed. The tile only splits each lane's row loop, so the bits do not change.
+constexpr int64_t kStreamingTileRows = 2;
 // How far ahead the reductions prefetch, in elements: at least this, and at least one tile.
 constexpr int64_t kPrefetchElems = 2048;
 
-template <typename T, typename R>
+template <typename T, typename R, int64_t tile_rows = kTileRows>
 void row_block_sums(const R& red, int64_t r0, int64_t r1, int64_t rows, int64_t C,
                     int64_t stride, const math_t<T>* k, math_t<T>* acc1, math_t<T>* acc2) {
   using IO = VecIO<T>;
@@ -535,20 +544,20 @@ void row_block_sums(const R& red, int64_t r0, int64_t r1, int64_t rows, int64_t 
   constexpr int64_t h = V::size();
   std::fill(acc1, acc1 + C, M(0));
   std::fill(acc2, acc2 + C, M(0));
-  for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
-    const int64_t t1 = std::min(r1, t0 + kTileRows);
+  for (int64_t t0 = r0; t0 < r1; t0 += tile_rows) {
+    const int64_t t1 = std::min(r1, t0 + tile_rows);
     // The tile is read strip by strip, down its rows, an order the hardware prefetchers follow
-    // poorly; so while one strip is summed, ask for kTileRows kWidth steps of a tile ahead: the
-    // matching 1/strips of it when rows are back to back (kTileRows * C contiguous elements),
+    // poorly; so while one strip is summed, ask for tile_rows kWidth steps of a tile ahead: the
+    // matching 1/strips of it when rows are back to back (tile_rows * C contiguous elements),
     // else the same strip of each of its rows.
-    const int64_t tiles_ahead = std::max<int64_t>(1, kPrefetchElems / (kTileRows * C));
-    const int64_t ahead_row = t0 + tiles_ahead * kTileRows;
-    const int64_t ahead = (ahead_row + kTileRows <= rows) ? ahead_row * stride : -1;
+    const int64_t tiles_ahead = std::max<int64_t>(1, kPrefetchElems / (tile_rows * C));
+    const int64_t ahead_row = t0 + tiles_ahead * tile_rows;
+    const int64_t ahead = (ahead_row + tile_rows <= rows) ? ahead_row * stride : -1;
     int64_t c = 0;
     for (; c + IO::kWidth <= C; c += IO::kWidth) {
       if (ahead >= 0) {
-        for (int64_t m = 0; m < kTileRows; ++m) {
-          red.prefetch(stride == C ? ahead + kTileRows * c + m * IO::kWidth
+        for (int64_t m = 0; m < tile_rows; ++m) {
+          red.prefetch(stride == C ? ahead + tile_rows * c + m * IO::kWidth
                                    : ahead + m * stride + c);
         }
       }
@@ -837,11 +846,18 @@ void channels_last_row_sums(const R& red, int64_t rows, int64_t C, const math_t<
   using M = math_t<T>;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<double> partial(static_cast<size_t>(blocks) * 2 * C);
+  const int64_t bytes = R::kInputs * rows * C * static_cast<int64_t>(sizeof(T));
+  const bool streaming = R::kInputs == 2 && bytes > last_level_cache_bytes() / 2;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<M> acc1(C), acc2(C);
     for (int64_t b = b0; b < b1; ++b) {
-      row_block_sums<T>(red, b * kRowsPerBlock, std::min(rows, (b + 1) * kRowsPerBlock), rows, C,
-                         C, k, acc1.data(), acc2.data());
+      const int64_t r0 = b * kRowsPerBlock, r1 = std::min(rows, r0 + kRowsPerBlock);
+      if (streaming) {
+        row_block_sums<T, R, kStreamingTileRows>(red, r0, r1, rows, C, C, k, acc1.data(),
+                                                 acc2.data());
+      } else {
+        row_block_sums<T>(red, r0, r1, rows, C, C, k, acc1.data(), acc2.data());
+      }
       double* p = partial.data() + b * 2 * C;
       for (int64_t c = 0; c < C; ++c) {
         p[c] = acc1[c];
