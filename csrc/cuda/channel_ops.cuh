@@ -84,7 +84,8 @@ struct StatsOp {
   // rounding residue is clamped to 0 while NaN is kept (NaN stays in its channel); shift is
   // center(c). Stores mean and var (and coef) when `store`; returns the forward coefficients
   // (mu, alpha, beta).
-  __device__ __forceinline__ Coefs<M> finish(int64_t c, M shift, M s1, M s2, bool store = true) const {
+  __device__ __forceinline__ Coefs<M> finish(int64_t c, M shift, M s1, M s2,
+                                             bool store = true) const {
     const double k = static_cast<double>(shift);
     const double m1 = static_cast<double>(s1) / n;
     double v = static_cast<double>(s2) / n - m1 * m1;
@@ -138,10 +139,12 @@ struct GradOp {
 
   // grad_bias = sum_dy, grad_weight = sum_dy_xmu * invstd; and, with w' = w * invstd,
   //   dx = w' * (dy - sum_dy/n - (x - mean) * invstd^2 * sum_dy_xmu/n)
-  //      = dy * a + (x - mean) * b + d,  a = w',  b = -w' invstd^2 sum_dy_xmu / n,  d = -w' sum_dy / n.
+  //      = dy * a + (x - mean) * b + d,
+  //   a = w',  b = -w' invstd^2 sum_dy_xmu / n,  d = -w' sum_dy / n.
   // mu is center(c) = mean[c]. Stores the gradients (and coef) when `store`; returns
   // (mu, a, b, d).
-  __device__ __forceinline__ Coefs<M> finish(int64_t c, M mu, M s1, M s2, bool store = true) const {
+  __device__ __forceinline__ Coefs<M> finish(int64_t c, M mu, M s1, M s2,
+                                             bool store = true) const {
     const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
     const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
     const double a = w * invstd;
@@ -165,6 +168,47 @@ struct GradOp {
     return r;
   }
 };
+
+// The ops for a launch: per-channel tensors are math-type [C]; undefined ones become nullptr.
+template <typename T>
+StatsOp<T> stats_op(const Tensor& x, const Geometry& g, const Tensor& weight, const Tensor& bias,
+                    double eps, const Tensor& mean, const Tensor& var, const Tensor& coef) {
+  using M = math_t<T>;
+  StatsOp<T> op;
+  op.x = x.const_data_ptr<T>();
+  op.S = g.S;
+  op.channels_last = g.layout == Layout::kChannelsLast;
+  op.samples = std::min<int64_t>(kShiftSamples, g.count());
+  op.C = g.C;
+  op.n = static_cast<double>(g.count());
+  op.eps = eps;
+  op.weight = opt_ptr<M>(weight);
+  op.bias = opt_ptr<M>(bias);
+  op.mean = mean.mutable_data_ptr<M>();
+  op.var = var.mutable_data_ptr<M>();
+  op.coef = opt_mutable_ptr<M>(coef);
+  return op;
+}
+
+template <typename T>
+GradOp<T> grad_op(const Geometry& g, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                  double eps, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                  const Tensor& grad_weight, const Tensor& grad_bias, const Tensor& coef) {
+  using M = math_t<T>;
+  GradOp<T> op;
+  op.mean = mean.const_data_ptr<M>();
+  op.var = var.const_data_ptr<M>();
+  op.weight = opt_ptr<M>(weight);
+  op.C = g.C;
+  op.n = static_cast<double>(g.count());
+  op.eps = eps;
+  op.sum_dy = opt_mutable_ptr<M>(sum_dy);
+  op.sum_dy_xmu = opt_mutable_ptr<M>(sum_dy_xmu);
+  op.grad_weight = grad_weight.mutable_data_ptr<M>();
+  op.grad_bias = grad_bias.mutable_data_ptr<M>();
+  op.coef = opt_mutable_ptr<M>(coef);
+  return op;
+}
 
 template <typename Op, int V, typename T, typename M>
 __device__ __forceinline__ void accumulate_vec(const Vec<T, V>& xv, const Vec<T, V>& dv,

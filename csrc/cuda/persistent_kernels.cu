@@ -108,7 +108,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     if constexpr (Op::kSampledShift) {
       if (threadIdx.x < kShiftSamples) samples[threadIdx.x] = op.sample(t, threadIdx.x);
       __syncthreads();
-      if (threadIdx.x == 0) shift = shift_of_samples<M>([&](int j) { return samples[j]; }, op.samples);
+      if (threadIdx.x == 0) {
+        shift = shift_of_samples<M>([&](int j) { return samples[j]; }, op.samples);
+      }
     } else {
       if (threadIdx.x == 0) shift = op.center(c);
     }
@@ -425,20 +427,7 @@ bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor&
                                const Tensor& mean, const Tensor& var) {
   bool launched = false;
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::persistent_forward", [&] {
-    using M = math_t<scalar_t>;
-    StatsOp<scalar_t> op;
-    op.x = x.const_data_ptr<scalar_t>();
-    op.S = g.S;
-    op.channels_last = g.layout == Layout::kChannelsLast;
-    op.samples = std::min<int64_t>(kShiftSamples, g.count());
-    op.C = g.C;
-    op.n = static_cast<double>(g.count());
-    op.eps = eps;
-    op.weight = opt_ptr<M>(weight);
-    op.bias = opt_ptr<M>(bias);
-    op.mean = mean.mutable_data_ptr<M>();
-    op.var = var.mutable_data_ptr<M>();
-    op.coef = nullptr;
+    const auto op = stats_op<scalar_t>(x, g, weight, bias, eps, mean, var, Tensor());
     launched = persistent<scalar_t>(op, x, Tensor(), y, g);
   });
   return launched;
@@ -450,19 +439,8 @@ bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometr
                                 const Tensor& grad_bias) {
   bool launched = false;
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::persistent_backward", [&] {
-    using M = math_t<scalar_t>;
-    GradOp<scalar_t> op;
-    op.mean = mean.const_data_ptr<M>();
-    op.var = var.const_data_ptr<M>();
-    op.weight = opt_ptr<M>(weight);
-    op.C = g.C;
-    op.n = static_cast<double>(g.count());
-    op.eps = eps;
-    op.sum_dy = nullptr;
-    op.sum_dy_xmu = nullptr;
-    op.grad_weight = grad_weight.mutable_data_ptr<M>();
-    op.grad_bias = grad_bias.mutable_data_ptr<M>();
-    op.coef = nullptr;
+    const auto op = grad_op<scalar_t>(g, mean, var, weight, eps, Tensor(), Tensor(), grad_weight,
+                                      grad_bias, Tensor());
     launched = persistent<scalar_t>(op, x, dy, dx, g);
   });
   return launched;

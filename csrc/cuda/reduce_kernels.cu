@@ -217,21 +217,8 @@ void launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight
                         const Tensor& bias, double eps, const Tensor& mean, const Tensor& var,
                         const Tensor& coef) {
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::batch_stats", [&] {
-    using M = math_t<scalar_t>;
-    StatsOp<scalar_t> op;
-    op.x = x.const_data_ptr<scalar_t>();
-    op.S = g.S;
-    op.channels_last = g.layout == Layout::kChannelsLast;
-    op.samples = std::min<int64_t>(kShiftSamples, g.count());
-    op.C = g.C;
-    op.n = static_cast<double>(g.count());
-    op.eps = eps;
-    op.weight = opt_ptr<M>(weight);
-    op.bias = opt_ptr<M>(bias);
-    op.mean = mean.mutable_data_ptr<M>();
-    op.var = var.mutable_data_ptr<M>();
-    op.coef = opt_mutable_ptr<M>(coef);
-    reduce<scalar_t>(op, x, Tensor(), g);
+    reduce<scalar_t>(stats_op<scalar_t>(x, g, weight, bias, eps, mean, var, coef), x, Tensor(),
+                     g);
   });
 }
 
@@ -240,20 +227,9 @@ void launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, cons
                       const Tensor& sum_dy_xmu, const Tensor& grad_weight,
                       const Tensor& grad_bias, const Tensor& coef) {
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::backward_reduce", [&] {
-    using M = math_t<scalar_t>;
-    GradOp<scalar_t> op;
-    op.mean = mean.const_data_ptr<M>();
-    op.var = var.const_data_ptr<M>();
-    op.weight = opt_ptr<M>(weight);
-    op.C = g.C;
-    op.n = static_cast<double>(g.count());
-    op.eps = eps;
-    op.sum_dy = opt_mutable_ptr<M>(sum_dy);
-    op.sum_dy_xmu = opt_mutable_ptr<M>(sum_dy_xmu);
-    op.grad_weight = grad_weight.mutable_data_ptr<M>();
-    op.grad_bias = grad_bias.mutable_data_ptr<M>();
-    op.coef = opt_mutable_ptr<M>(coef);
-    reduce<scalar_t>(op, x, dy, g);
+    reduce<scalar_t>(grad_op<scalar_t>(g, mean, var, weight, eps, sum_dy, sum_dy_xmu,
+                                       grad_weight, grad_bias, coef),
+                     x, dy, g);
   });
 }
 
