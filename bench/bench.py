@@ -895,6 +895,8 @@ def parse_args(argv=None):
                     help="redraw the PNG beside a saved results JSON, and exit (no timing)")
     args = ap.parse_args(argv)
 
+    if args.cuda_persistent and args.device != "cuda":
+        ap.error("--cuda-persistent needs --device cuda")
     args.dtypes = split(args.dtype or ",".join(DEVICE_DTYPES[args.device]), DTYPES)
     bad = [d for d in args.dtypes if d not in DEVICE_DTYPES[args.device]]
     if bad:
