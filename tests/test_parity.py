@@ -417,9 +417,10 @@ def test_fused_backward_matches_split_and_float64(shape, dtype, layout):
 def test_contiguous_elementwise_stream_matches_float64(spatial, dtype, centered, C):
     """The NCHW elementwise maps walk a chunk of runs as one stream of vector steps, a step that
     straddles two runs mixing two channels' coefficients (for_each_step_of_runs), or, for runs of
-    fewer than 4 steps within the cache, tiles of channels as rows of positions with expanded
-    coefficients (for_each_run_row): C = 37 is two whole tiles of 16 7x7 channels and a partial
-    one, whose rows end in a scalar tail. Spatial sizes below, at and above one step, on 2
+    fewer than 4 steps within the cache (16 for bf16/fp16 normalize), tiles of channels as rows
+    of positions with expanded coefficients (for_each_run_row): C = 37 is two whole tiles of 16
+    7x7 channels and a partial one, whose rows end in a scalar tail (bf16 14x14: 9 tiles of 4
+    and one of 1). Spatial sizes below, at and above one step, on 2
     threads so that chunks start mid-step; normalize with mean folded into the bias and centered
     (|mean| >> std), and the training backward_input map."""
     N = 5

@@ -530,18 +530,23 @@ void affine2_row(const T* dy, const T* x, T* dx, int64_t n, const math_t<T>* a,
 // op level, stream of runs -> rows, median of 4 alternating processes: eval 32x512x7x7 bf16
 // 219 -> 124 us, fp32 163 -> 94 us; 32x1000x7x7 bf16 363 -> 253, fp32 284 -> 200; 32x2048x7x7
 // bf16 752 -> 492; train_backward bf16 32x512x7x7 511 -> 319, 32x1000x7x7 703 -> 563.
-constexpr int64_t kRowMapSteps = 4;    // runs shorter than this many kWidth steps
-constexpr int64_t kRowMapSpan = 1024;  // positions per row, about
+constexpr int64_t kRowMapSteps = 4;          // runs shorter than this many kWidth steps,
+constexpr int64_t kRowMapStepsReduced = 16;  // or this many for bf16/fp16 normalize
+constexpr int64_t kRowMapSpan = 1024;        // positions per row, about
 
 // Whether a map with K per-channel coefficients runs over short NCHW runs as rows: not when it
 // streams (tensors beyond the last-level cache), where the rows' C * S strides lost to one
 // sequential stream (256x2048x7x7 fp32 eval 0.88x); nor the training backward's (K = 4) in
 // float or double: 8 coefficient loads for 4 data loads per step left it bound by loads, and it
-// lost out of L2 (256x512x7x7 fp32 0.85x, 32x1000x7x7 0.92x).
+// lost out of L2 (256x512x7x7 fp32 0.85x, 32x1000x7x7 0.92x). bf16/fp16 normalize, bound by the
+// conversions, gains up to 16 steps (14x14, eval: 32x256x14x14 1.20x, 32x512x14x14 1.26x,
+// 64x256x14x14 1.21x); its backward did not (0.84-1.00x).
 template <typename T, size_t K>
 bool short_runs_as_rows(const Geometry& g, bool stream) {
-  return g.layout == Layout::kContiguous && !stream && g.S < kRowMapSteps * VecIO<T>::kWidth &&
-         (K <= 3 || at::vec::is_reduced_floating_point_v<T>);
+  constexpr bool reduced = at::vec::is_reduced_floating_point_v<T>;
+  if (g.layout != Layout::kContiguous || stream || (K > 3 && !reduced)) return false;
+  const int64_t steps = (reduced && K <= 3) ? kRowMapStepsReduced : kRowMapSteps;
+  return g.S < steps * VecIO<T>::kWidth;
 }
 
 // Channels per tile: about kRowMapSpan positions, and where possible a whole number of kWidth
