@@ -329,7 +329,8 @@ def _last_level_cache_bytes():
 
 
 @pytest.mark.parametrize("layout,dtype,spatial", [
-    ("contiguous", torch.float32, (96, 96)),    # long runs: walker forward, fused backward
+    ("contiguous", torch.float32, (96, 96)),    # whole-step runs: run by run forward, fused
+    ("contiguous", torch.float32, (28, 28)),    # whole-step runs: run by run, split backward
     ("contiguous", torch.float32, (7, 7)),      # short runs: walker forward and backward
     ("contiguous", torch.bfloat16, (7, 7)),
     ("channels_last", torch.float32, (24, 24)),
@@ -411,7 +412,7 @@ def test_fused_backward_matches_split_and_float64(shape, dtype, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("spatial", [(2, 8), (4, 8), (1, 33), (7, 7), (14, 14), (17, 33)])
+@pytest.mark.parametrize("spatial", [(2, 8), (4, 8), (1, 33), (7, 7), (8, 16), (14, 14), (17, 33)])
 @pytest.mark.parametrize("centered", [False, True], ids=["folded", "centered"])
 @pytest.mark.parametrize("C", [7, 37])
 def test_contiguous_elementwise_stream_matches_float64(spatial, dtype, centered, C):
