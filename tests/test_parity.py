@@ -421,9 +421,9 @@ def test_contiguous_elementwise_stream_matches_float64(spatial, dtype, centered,
     fewer than 4 steps within the cache (16 for bf16/fp16 normalize), tiles of channels as rows
     of positions with expanded coefficients (for_each_run_row): C = 37 is two whole tiles of 16
     7x7 channels and a partial one, whose rows end in a scalar tail (bf16 14x14: 9 tiles of 4
-    and one of 1). Spatial sizes below, at and above one step, on 2
-    threads so that chunks start mid-step; normalize with mean folded into the bias and centered
-    (|mean| >> std), and the training backward_input map."""
+    and one of 1); runs of whole steps (8x16) go run by run. Spatial sizes below, at and above
+    one step, on 2 threads so that chunks start mid-step; normalize with mean folded into the
+    bias and centered (|mean| >> std), and the training backward_input map."""
     N = 5
     shape = (N, C) + spatial
     x = make_input(shape, dtype, "cpu", seed=11)
