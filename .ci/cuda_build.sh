@@ -3,7 +3,10 @@
 # error fails CI (../shared/ENGINEERING.md section 5 has the recipe).
 #
 #   1. a virtual environment with the CUDA build of torch (created once, reused: $BN_EXT_CUDA_VENV,
-#      default .venv-cuda, which .gitignore covers);
+#      default .venv-cuda, which .gitignore covers). The torch is 2.11.0+cu130
+#      ($BN_EXT_CUDA_TORCH_VERSION), the one on the project's GPU machines: the README's command
+#      tests the newest torch, this the GPU machines', so that an API missing from either fails
+#      here, not on a short GPU lease;
 #   2. a copy of the tracked and untracked-not-ignored files in build/cuda-ci (ignored), so that
 #      the CPU build's bn_ext/_C*.so in the source tree is never touched. The copy keeps its
 #      build/ folder and the files' times, so ninja recompiles only what changed;
@@ -12,13 +15,14 @@
 #   4. checks: the import works with no GPU, bn_ext.has_cuda_kernels() is True, the CPU kernels
 #      of this CUDA-enabled build run, and (when cuobjdump is found) the fat binary holds
 #      sm_80, sm_90 and PTX.
-# Set BN_EXT_CUDA_TESTS=1 to also run the whole test suite in that environment (CUDA tests skip).
+# Set BN_EXT_CUDA_TESTS=1 to also run the whole test suite in that environment (CUDA tests skip);
+# .ci/run does.
 # Any failure exits non-zero with the end of the build log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV=${BN_EXT_CUDA_VENV:-$ROOT/.venv-cuda}
-TORCH_SPEC=${BN_EXT_CUDA_TORCH:-torch===2.13.0}  # '===' pins the registry's CUDA 13.0 build
+TORCH_VERSION=${BN_EXT_CUDA_TORCH_VERSION:-2.11.0}  # '===' pins the registry's CUDA 13.0 build
 STAGE=$ROOT/build/cuda-ci
 LOG=$ROOT/build/cuda-ci.log
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -35,10 +39,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY=$VENV/bin/python
-if ! "$PY" -c "import torch, ninja, setuptools, sys; sys.exit(0 if torch.version.cuda else 1)" \
-    >/dev/null 2>&1; then
-  "$PY" -m pip install -q "$TORCH_SPEC" ninja numpy setuptools
+if ! "$PY" -c "import torch, ninja, setuptools, sys; sys.exit(0 if torch.version.cuda and \
+torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" >/dev/null 2>&1; then
+  "$PY" -m pip install -q "torch===$TORCH_VERSION" ninja numpy setuptools
 fi
+if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ] && ! "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
+  "$PY" -m pip install -q pytest hypothesis
+fi
+# The checks and tests import the installed bn_ext, from an empty folder (a folder of /tmp named
+# like a module would shadow it: an empty /tmp/z3 once broke torch's import of z3).
+AWAY=$(mktemp -d)
 "$PY" -c "import torch; assert torch.version.cuda, 'torch in $VENV has no CUDA'; \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 "$CUDA_HOME/bin/nvcc" --version | tail -n 1
@@ -67,7 +77,7 @@ grep -q "building CPU + CUDA kernels" "$LOG" || die "setup.py did not build the 
 $(grep -m1 'bn_ext: building' "$LOG" || echo 'no build line')"
 
 log "checks"
-(cd /tmp && "$PY" - <<'EOF'
+(cd "$AWAY" && "$PY" - <<'EOF'
 import os
 import torch
 import bn_ext
@@ -82,7 +92,7 @@ print("has_cuda_kernels: True; CPU smoke test passed; GPU visible:", torch.cuda.
 EOF
 ) || die "the built extension failed its checks"
 
-SO=$(cd /tmp && "$PY" -c "import bn_ext._C as c; print(c.__file__)")
+SO=$(cd "$AWAY" && "$PY" -c "import bn_ext._C as c; print(c.__file__)")
 OBJDUMP=""
 for cand in "$CUDA_HOME/bin/cuobjdump" "$(command -v cuobjdump || true)" \
     "$("$PY" -c 'import triton, os; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null || true)"; do
@@ -101,7 +111,7 @@ fi
 
 if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ]; then
   log "test suite in the CUDA environment"
-  (cd /tmp && "$PY" -m pytest "$STAGE/tests" -q -p no:cacheprovider)
+  (cd "$AWAY" && "$PY" -m pytest "$STAGE/tests" -q -p no:cacheprovider)
 fi
 
 log "passed in $(( $(date +%s) - start )) s"

@@ -46,6 +46,7 @@ is checked with torch._assert_async, which fails the device stream instead of st
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -211,11 +212,12 @@ def _group_world_size(process_group) -> int:
 class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     r"""bn_ext drop-in for torch.nn.SyncBatchNorm, on any torch.distributed backend.
 
-    Same constructor (``bias=`` included), parameters, buffers, state_dict, ``_version``, input
-    checks and ``convert_sync_batchnorm`` as torch's. Unlike torch's it runs on CPU tensors (gloo)
-    too, a rank with an empty batch costs no host synchronisation, and the forward collective is
-    an all_reduce whose size does not grow with the world. When synchronising, the input's channel
-    count must equal ``num_features`` (the collective's size is derived from it).
+    Same constructor (``bias=`` included, where the installed torch has it), parameters,
+    buffers, state_dict, ``_version``, input checks and ``convert_sync_batchnorm`` as torch's.
+    Unlike torch's it runs on CPU tensors (gloo) too, a rank with an empty batch costs no host
+    synchronisation, and the forward collective is an all_reduce whose size does not grow with
+    the world. When synchronising, the input's channel count must equal ``num_features`` (the
+    collective's size is derived from it).
 
     It derives from torch's ``_BatchNorm``, not from ``torch.nn.SyncBatchNorm``: DDP refuses any
     CPU module holding a ``torch.nn.SyncBatchNorm`` ("SyncBatchNorm layers only work with GPU
@@ -232,12 +234,15 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         process_group: Optional[Any] = None,
         device=None,
         dtype=None,
-        *,
-        bias: bool = True,
+        **kwargs,
     ) -> None:
+        # kwargs: the keyword-only `bias` of torch >= 2.13, which older torch's _BatchNorm
+        # rejects with a TypeError, as its SyncBatchNorm does.
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, bias=bias)
+                         device=device, dtype=dtype, **kwargs)
         self.process_group = process_group
+
+    __init__.__signature__ = inspect.signature(nn.SyncBatchNorm.__init__)
 
     # torch.nn.SyncBatchNorm's input checks, verbatim in behaviour.
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
@@ -276,9 +281,9 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         """
         result = module
         if isinstance(module, _BatchNorm):
+            no_bias = {"bias": False} if module.affine and module.bias is None else {}
             result = cls(module.num_features, module.eps, module.momentum, module.affine,
-                         module.track_running_stats, process_group,
-                         bias=module.bias is not None)
+                         module.track_running_stats, process_group, **no_bias)
             if module.affine:
                 with torch.no_grad():
                     result.weight = module.weight

@@ -2,12 +2,20 @@
 
 Tests are parametrized over devices; CUDA cases skip where there is no GPU or no CUDA build.
 """
+import inspect
+
 import pytest
 import torch
 
 import bn_ext
 
 HAS_CUDA = torch.cuda.is_available() and bn_ext.has_cuda_kernels()
+
+# torch's BatchNorm constructors take a keyword-only `bias` from torch 2.13 on; bn_ext's modules
+# have the installed torch's constructor, so the tests of bias=False need it too.
+TORCH_HAS_BN_BIAS = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
+needs_bn_bias = pytest.mark.skipif(not TORCH_HAS_BN_BIAS,
+                                   reason="torch's BatchNorm has no bias= before torch 2.13")
 
 DEVICES = [
     "cpu",

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import bn_ext
-from conftest import DEVICES, assert_close, make_input, make_pair, run_steps
+from conftest import (DEVICES, TORCH_HAS_BN_BIAS, assert_close, make_input, make_pair, needs_bn_bias,
+                      run_steps)
 
 ops = torch.ops.bn_ext
 
@@ -506,8 +507,8 @@ def test_constructor_matches_torch():
                       (bn_ext.BatchNorm2d, torch.nn.BatchNorm2d),
                       (bn_ext.BatchNorm3d, torch.nn.BatchNorm3d)]:
         for kwargs in [dict(), dict(affine=False), dict(track_running_stats=False),
-                       dict(momentum=None, eps=1e-3), dict(bias=False),
-                       dict(dtype=torch.float64)]:
+                       dict(momentum=None, eps=1e-3), dict(dtype=torch.float64)] + \
+                      [dict(bias=False)] * TORCH_HAS_BN_BIAS:
             a, b = cls(5, **kwargs), tcls(5, **kwargs)
             assert isinstance(a, tcls)
             assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
@@ -517,6 +518,7 @@ def test_constructor_matches_torch():
                 assert p.dtype == q.dtype and p.shape == q.shape
 
 
+@needs_bn_bias
 @pytest.mark.parametrize("device", DEVICES)
 def test_bias_false_matches_torch(device):
     ref = torch.nn.BatchNorm2d(5, bias=False, device=device)

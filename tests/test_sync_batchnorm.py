@@ -27,6 +27,7 @@ from torch import nn
 import bn_ext
 from bn_ext.modules import BatchNorm2d as ExtBatchNorm2d
 from bn_ext.sync_batchnorm import SyncBatchNorm
+from conftest import TORCH_HAS_BN_BIAS, needs_bn_bias
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -82,10 +83,11 @@ def _parity(rank, world, *, sizes, tail=(3, 5), C=4, dtype=torch.float32, layout
     """Forward, backward and running statistics of `steps` training steps, against float64
     torch BatchNorm over the concatenated batch (whose ranks' slices are `sizes`)."""
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    no_bias = {} if bias else {"bias": False}  # torch >= 2.13 only
     sbn = SyncBatchNorm(C, momentum=momentum, affine=affine, track_running_stats=track,
-                        bias=bias, dtype=pdtype)
+                        dtype=pdtype, **no_bias)
     ref = _REF[2 + len(tail)](C, momentum=momentum, affine=affine, track_running_stats=track,
-                              bias=bias, dtype=torch.float64)
+                              dtype=torch.float64, **no_bias)
     g = torch.Generator().manual_seed(1234)
     if affine:
         with torch.no_grad():
@@ -424,6 +426,7 @@ def case_rank_never_calls_times_out(rank, world):
 
 
 CASES = {name: fn for name, fn in globals().items() if name.startswith("case_")}
+NEED_BN_BIAS = {"case_no_bias"}  # skipped, and not run, before torch 2.13
 
 WORLDS = {
     2: ["case_even_fp32", "case_even_fp64", "case_uneven_fp64", "case_empty_rank",
@@ -470,7 +473,8 @@ _RESULTS = {}
 def _results(world, tmp_path_factory):
     if world not in _RESULTS:
         root = tmp_path_factory.mktemp(f"sync_bn_world{world}")
-        mp.spawn(_worker, args=(world, str(root / "store"), str(root), WORLDS[world]),
+        names = [n for n in WORLDS[world] if TORCH_HAS_BN_BIAS or n not in NEED_BN_BIAS]
+        mp.spawn(_worker, args=(world, str(root / "store"), str(root), names),
                  nprocs=world, join=True)
         _RESULTS[world] = []
         for r in range(world):
@@ -479,7 +483,9 @@ def _results(world, tmp_path_factory):
     return _RESULTS[world]
 
 
-@pytest.mark.parametrize("world,case", [(w, c) for w, names in WORLDS.items() for c in names])
+@pytest.mark.parametrize("world,case", [
+    pytest.param(w, c, marks=[needs_bn_bias] if c in NEED_BN_BIAS else [])
+    for w, names in WORLDS.items() for c in names])
 def test_distributed(world, case, tmp_path_factory):
     results = _results(world, tmp_path_factory)
     failures = [f"rank {r}:\n{res.get(case, 'not run')}" for r, res in enumerate(results)
@@ -495,12 +501,13 @@ def test_constructor_matches_torch():
 
     assert params(SyncBatchNorm) == params(nn.SyncBatchNorm)
     assert isinstance(SyncBatchNorm(2), nn.modules.batchnorm._BatchNorm)
+    no_bias = {"bias": False} if TORCH_HAS_BN_BIAS else {}
     m = SyncBatchNorm(5, eps=1e-3, momentum=None, affine=True, track_running_stats=True,
-                      process_group=None, device="cpu", dtype=torch.float64, bias=False)
-    t = nn.SyncBatchNorm(5, eps=1e-3, momentum=None, bias=False, dtype=torch.float64)
+                      process_group=None, device="cpu", dtype=torch.float64, **no_bias)
+    t = nn.SyncBatchNorm(5, eps=1e-3, momentum=None, dtype=torch.float64, **no_bias)
     assert repr(m) == repr(t)
     assert m.state_dict().keys() == t.state_dict().keys() and m._version == t._version
-    assert m.bias is None and m.weight.dtype == torch.float64
+    assert (m.bias is None) == TORCH_HAS_BN_BIAS and m.weight.dtype == torch.float64
     m.load_state_dict(t.state_dict())
     old = {k: v for k, v in t.state_dict().items() if k != "num_batches_tracked"}
     m.load_state_dict(old)  # checkpoints from before num_batches_tracked load
@@ -572,8 +579,9 @@ def test_convert_sync_batchnorm(source):
     assert {id(p) for p in converted.parameters()} == params
     assert {id(b) for b in converted.buffers()} == buffers
     # a BatchNorm itself: a new module is returned
-    single = SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm3d(2, bias=False))
-    assert type(single) is SyncBatchNorm and single.bias is None
+    no_bias = {"bias": False} if TORCH_HAS_BN_BIAS else {}
+    single = SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm3d(2, **no_bias))
+    assert type(single) is SyncBatchNorm and (single.bias is None) == TORCH_HAS_BN_BIAS
     # and it computes what torch's converted model computes (no process group: plain BN)
     torch_model = nn.SyncBatchNorm.convert_sync_batchnorm(_models())
     x = torch.randn(4, 3, 8, 8)
