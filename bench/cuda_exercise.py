@@ -1,0 +1,73 @@
+"""Calls every bn_ext CUDA kernel once or twice on small inputs, for compute-sanitizer
+(bench/gpu_proof.sh runs it under memcheck, racecheck and synccheck): every op, both layouts,
+every dtype, aligned (vectorized) and misaligned (scalar) inputs, one-block and two-stage
+reductions; the training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels).
+
+Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
+"""
+import os
+import torch
+import bn_ext
+
+ops = torch.ops.bn_ext
+dev = "cuda"
+torch.manual_seed(0)
+launches = 0
+
+
+def shaped(shape, dtype, layout):
+    x = torch.randn(shape, device=dev, dtype=torch.float32).mul_(2).add_(0.5).to(dtype)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "misaligned":
+        flat = torch.empty(x.numel() + 1, device=dev, dtype=dtype)
+        y = flat[1:].view(shape)
+        y.copy_(x)
+        x = y
+    return x
+
+
+CASES = [((4, 8, 5, 6), "contiguous"), ((4, 8, 5, 6), "channels_last"),
+         ((2, 3, 64, 64), "contiguous"),      # two-stage grid reduction
+         ((2, 3, 64, 64), "channels_last"),   # two-stage, channels not a vector multiple
+         ((512, 16), "channels_last"), ((3, 5, 7), "misaligned"), ((2, 16, 4, 4), "misaligned")]
+for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    for shape, layout in CASES:
+        C = shape[1]
+        x, dy = shaped(shape, dtype, layout), shaped(shape, dtype, layout)
+        w = torch.rand(C, device=dev, dtype=mt) + 0.5
+        b = torch.randn(C, device=dev, dtype=mt)
+        mean, var = ops.batch_stats(x)
+        y, mean, var = ops.train_forward(x, w, b, 1e-5)
+        ops.train_forward(x, None, None, 1e-5)
+        ops.normalize(x, mean, var, w, b, 1e-5)
+        ops.normalize(x, mean, var, None, None, 1e-5)
+        sdy, sdx, gw, gb = ops.backward_reduce(dy, x, mean, var, w, 1e-5)
+        n = torch.tensor(float(x.numel() // C), device=dev, dtype=mt)
+        ops.backward_input(dy, x, mean, var, w, sdy, sdx, n, 1e-5)
+        ops.backward_input(dy, x, mean, var, None, None, None, None, 1e-5)
+        ops.train_backward(dy, x, mean, var, w, 1e-5)
+        rm, rv, nbt = torch.zeros(C, device=dev, dtype=mt), torch.ones(C, device=dev, dtype=mt), \
+            torch.zeros((), device=dev, dtype=torch.long)
+        ops.running_stats_update(rm, rv, nbt, mean, var, n, 0.1)
+        ops.running_stats_update(rm, rv, nbt, mean, var, n, None)
+        ops.running_stats_update(rm, rv, None, mean, var, n, 0.5)
+        ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+        ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, None)
+        os.environ["BN_EXT_CUDA_PERSISTENT"] = "1"
+        y, mean, var = ops.train_forward(x, w, b, 1e-5)
+        ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, 0.1)
+        ops.train_backward(dy, x, mean, var, w, 1e-5)
+        ops.train_backward(dy, x, mean, var, None, 1e-5)
+        os.environ["BN_EXT_CUDA_PERSISTENT"] = "0"
+        launches += 1
+# The modules end to end, training and eval, forward and backward.
+for layout in ("contiguous", "channels_last"):
+    m = bn_ext.BatchNorm2d(8, momentum=None, device=dev)
+    x = shaped((4, 8, 6, 6), torch.float32, layout).requires_grad_()
+    m(x).sum().backward()
+    m.eval()
+    m(x).sum().backward()
+torch.cuda.synchronize()
+print(f"exercised every op over {launches} dtype/shape/layout cases")
