@@ -13,7 +13,9 @@ For every row (shape, layout, dtype, pass) the peers are timed round-robin for -
 (the starting peer rotates); each round gives one median per peer, and a peer's time is the
 median of its round medians. Speedups are ratios of those times.
 
-Writes <out>/<device-slug>[-quick][-recheck].md, .json and .png, and prints the table.
+Writes <out>/<device-slug>[-quick][-recheck].md, .json and .png, and prints the table. The .md and
+.json are written after every (shape, layout, dtype) group as well, marked partial, so a run that
+is stopped keeps what it measured; --resume times only the rows that file lacks.
 """
 from __future__ import annotations
 
@@ -446,8 +448,14 @@ class Row:
         return min(s) if s else None
 
 
-def run(args, plan: list, peers: list, timer: Callable, log: Callable) -> tuple:
+def run(args, plan: list, peers: list, timer: Callable, log: Callable,
+        done: Optional[dict] = None, on_group: Optional[Callable] = None) -> tuple:
+    """Times the plan; returns (rows, seconds spent compiling). `done` maps (shape, layout,
+    dtype, pass) to rows of an earlier run (--resume): a group whose rows are all there is not
+    timed again. on_group(rows, compile seconds) is called after every group (the partial results
+    are written)."""
     device = args.device
+    done = done or {}
     rows, compile_total = [], 0.0
     nrows = len(plan) * len(args.dtypes) * len(args.passes)
     bar = progress(nrows)
@@ -464,6 +472,11 @@ def run(args, plan: list, peers: list, timer: Callable, log: Callable) -> tuple:
             size = shape.numel * torch.empty((), dtype=dtype).element_size()
             group_rows = [Row(shape.label, shape.note, shape.group, layout, dname, p, size / MB,
                               bytes_moved=PASS_COUNTS[p] * size) for p in args.passes]
+            earlier = [done.get((shape.label, layout, dname, p)) for p in args.passes]
+            if all(earlier):
+                rows += earlier
+                bar.update(len(earlier))
+                continue
             if args.max_mb is not None and size / MB > args.max_mb:
                 for r in group_rows:
                     r.status = f"skipped: {size / MB:.0f} MB > --max-mb {args.max_mb:g}"
@@ -484,6 +497,8 @@ def run(args, plan: list, peers: list, timer: Callable, log: Callable) -> tuple:
             rows += group_rows
             if device == "cuda":
                 torch.cuda.empty_cache()
+            if on_group is not None:
+                on_group(rows, compile_total)
     bar.close()
     return rows, compile_total
 
@@ -679,6 +694,8 @@ def header(args, meta: dict) -> list:
               ]
     if meta.get("allocation"):
         lines.append(f"- allocation: {meta['allocation']}")
+    if meta.get("resumed"):
+        lines.append(f"- resumed: {meta['resumed']}")
     if args.device == "cuda":
         lines.append("- bn_ext CUDA training path: " + (
             "single-pass (persistent) kernels where a tile fits, multi-pass elsewhere "
@@ -891,6 +908,10 @@ def parse_args(argv=None):
     ap.add_argument("--name", default=None,
                     help="file stem (default: device slug, plus -quick with --quick and "
                          "-recheck with --shape)")
+    ap.add_argument("--resume", action="store_true",
+                    help="take over the timed rows of the file this run would write (an earlier "
+                         "run stopped early: results are written after every group) and time "
+                         "only the rest")
     ap.add_argument("--replot", metavar="JSON", default=None,
                     help="redraw the PNG beside a saved results JSON, and exit (no timing)")
     args = ap.parse_args(argv)
@@ -997,40 +1018,82 @@ def main(argv=None):
         timer=timer.label, copy_gbs=copy_bps / 1e9, cache_mb=cache_bytes(args.device) / MB,
         allocation=allocation_settings(args.device))
 
-    rows, compile_s = run(args, plan, peers, timer, log)
-    META["compile_s"] = compile_s
-    # Measured again at the end; the higher of the two is the reference (a loaded machine
-    # only ever makes the copy slower).
-    META["copy_gbs_start"] = META["copy_gbs"]
-    META["copy_gbs_end"] = copy_bandwidth(args.device, timer) / 1e9
-    META["copy_gbs"] = max(META["copy_gbs_start"], META["copy_gbs_end"])
-    META["wall_s"] = time.time() - t_start
-
-    md = header(args, META) + [f"- wall time of this run: {META['wall_s']:.0f} s", "",
-                               "## Results", ""] + table(rows, peers) + [""] + \
-        summary(rows, peers, args)
-    text = "\n".join(md) + "\n"
-    print(text)
-
+    META["copy_gbs_start"] = META["copy_gbs_end"] = META["copy_gbs"]
     os.makedirs(args.out, exist_ok=True)
     # A --shape run never takes the full table's name.
     stem = args.name or (device_slug(args.device) + ("-quick" if args.quick else "")
                          + ("-recheck" if args.shapes else "")
                          + ("-persistent" if args.cuda_persistent else ""))
     base = os.path.join(args.out, stem)
-    with open(base + ".md", "w") as f:
-        f.write(text)
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": META, "args": {k: v for k, v in vars(args).items()},
-                   "pass_counts": PASS_COUNTS,
-                   "rows": [r.__dict__ for r in rows]}, f, indent=1, default=str)
-    why_not = plot(rows, peers, args, base + ".png")
-    written = [base + ".md", base + ".json"] + ([] if why_not else [base + ".png"])
-    if why_not:
-        print(why_not, file=sys.stderr)
+    done = load_earlier(base + ".json", args) if args.resume else {}
+    planned = len(plan) * len(args.dtypes) * len(args.passes)
+
+    def write_partial(rows_so_far, compile_s):
+        META["compile_s"] = compile_s
+        META["wall_s"] = time.time() - t_start
+        write_results(base, args, rows_so_far, peers, planned, final=False)
+
+    rows, compile_s = run(args, plan, peers, timer, log, done, write_partial)
+    META["compile_s"] = compile_s
+    # Measured again at the end; the higher of the two is the reference (a loaded machine
+    # only ever makes the copy slower).
+    META["copy_gbs_end"] = copy_bandwidth(args.device, timer) / 1e9
+    META["copy_gbs"] = max(META["copy_gbs_start"], META["copy_gbs_end"])
+    META["wall_s"] = time.time() - t_start
+    text, written = write_results(base, args, rows, peers, planned, final=True)
+    print(text)
     print("wrote " + ", ".join(os.path.relpath(p) for p in written)
           + f" in {META['wall_s']:.0f} s", file=sys.stderr)
 
+
+def load_earlier(path: str, args) -> dict:
+    """--resume: the timed rows of an earlier run written to `path` on the same device, keyed by
+    (shape, layout, dtype, pass); {} if there is none."""
+    if not os.path.exists(path):
+        print(f"--resume: no {os.path.relpath(path)} yet, timing every row", file=sys.stderr)
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    if saved["meta"].get("device_name") != META["device_name"]:
+        raise SystemExit(f"--resume: {path} was measured on {saved['meta'].get('device_name')}, "
+                         f"not on {META['device_name']}")
+    fields = set(Row.__dataclass_fields__)
+    rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in saved["rows"]]
+    done = {(r.shape, r.layout, r.dtype, r.pas): r for r in rows if r.status == "ok"}
+    META["resumed"] = (f"{len(done)} timed rows taken over from the run of "
+                       f"{saved['meta'].get('date')} (repo {saved['meta'].get('git')}) in this "
+                       f"file (--resume); their groups were not timed again")
+    print(f"--resume: {META['resumed']}", file=sys.stderr)
+    return done
+
+
+def write_results(base: str, args, rows: list, peers: list, planned: int,
+                  final: bool) -> tuple:
+    """Writes base.md and base.json (and, when final, base.png); returns (markdown, paths).
+    Written after every group too, marked partial, so that a run stopped early (a device lease
+    running out) leaves what it measured; --resume continues it."""
+    status = [] if final else [f"- **partial**: {len(rows)} of {planned} planned rows so far; "
+                               "the run was still going or was stopped (--resume continues it)"]
+    md = header(args, META) + status + [f"- wall time of this run: {META['wall_s']:.0f} s", "",
+                                        "## Results", ""] + table(rows, peers) + [""] + \
+        summary(rows, peers, args)
+    text = "\n".join(md) + "\n"
+    paths = [base + ".md", base + ".json"]
+    for path, body in ((base + ".md", text),
+                       (base + ".json", json.dumps(
+                           {"meta": META, "args": {k: v for k, v in vars(args).items()},
+                            "pass_counts": PASS_COUNTS, "partial": not final,
+                            "rows": [r.__dict__ for r in rows]}, indent=1, default=str))):
+        with open(path + ".tmp", "w") as f:  # whole files only, even if killed mid-write
+            f.write(body)
+        os.replace(path + ".tmp", path)
+    if final:
+        why_not = plot(rows, peers, args, base + ".png")
+        if why_not:
+            print(why_not, file=sys.stderr)
+        else:
+            paths.append(base + ".png")
+    return text, paths
 
 if __name__ == "__main__":
     main()

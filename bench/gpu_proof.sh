@@ -25,6 +25,9 @@
 # .json/.png, the logs and the build log: at most 8 files, as the device tool brings back.
 # Exits non-zero if any stage failed, timed out or was skipped.
 #
+# A benchmark stopped by its limit leaves its partial table (bench.py writes after every group);
+# `python bench/bench.py --device cuda --quick --resume` (same flags) times the rest.
+#
 # Usage: BN_EXT_PROOF_QUICK=1 bash bench/gpu_proof.sh     (PYTHON=... to choose the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
