@@ -162,9 +162,11 @@ def git_rev() -> str:
                              capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "bn_ext"],
                                cwd=root, capture_output=True, text=True, timeout=10).stdout
-        return (rev or "unknown") + ("+dirty (csrc/ or bn_ext/ modified)" if dirty.strip() else "")
+        if not rev:  # a copy of the tree without .git: the caller may name the commit
+            return os.environ.get("BN_EXT_COMMIT", "unknown")
+        return rev + ("+dirty (csrc/ or bn_ext/ modified)" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("BN_EXT_COMMIT", "unknown")
 
 
 def bn_ext_build() -> str:

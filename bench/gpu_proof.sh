@@ -29,6 +29,8 @@
 # `python bench/bench.py --device cuda --quick --resume` (same flags) times the rest.
 #
 # Usage: BN_EXT_PROOF_QUICK=1 bash bench/gpu_proof.sh     (PYTHON=... to choose the interpreter)
+# Where the tree is a copy without .git (the device tool's), prefix BN_EXT_COMMIT=<hash> so that
+# the logs and tables name the commit they measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -57,8 +59,11 @@ TESTS=$RESULTS/$GPU-tests.txt
 {
   echo "# bn_ext GPU proof, $(date -u +%Y-%m-%dT%H:%M:%SZ);" \
     "mode $([ "$QUICK" = "1" ] && echo quick || echo full), budget $BUDGET s"
-  echo "# commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null \
-    || echo ' (with local changes)')"
+  if git rev-parse HEAD >/dev/null 2>&1; then
+    echo "# commit: $(git rev-parse HEAD)$(git diff --quiet || echo ' (with local changes)')"
+  else
+    echo "# commit: ${BN_EXT_COMMIT:-unknown} (not a git checkout; BN_EXT_COMMIT names it)"
+  fi
   "$PY" - <<'EOF'
 import platform, torch
 p = torch.cuda.get_device_properties(0)
