@@ -39,9 +39,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY=$VENV/bin/python
-if ! "$PY" -c "import torch, ninja, setuptools, sys; sys.exit(0 if torch.version.cuda and \
+if ! "$PY" -c "import torch, ninja, setuptools, wheel, sys; sys.exit(0 if torch.version.cuda and \
 torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" >/dev/null 2>&1; then
-  "$PY" -m pip install -q "torch===$TORCH_VERSION" ninja numpy setuptools
+  "$PY" -m pip install -q "torch===$TORCH_VERSION" ninja numpy setuptools wheel
 fi
 if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ] && ! "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
   "$PY" -m pip install -q pytest hypothesis
