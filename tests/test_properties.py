@@ -22,7 +22,9 @@ def cases(draw):
     layout = draw(st.sampled_from(["contiguous", "channels_last", "sliced", "transposed"]))
     affine = draw(st.booleans())
     momentum = draw(st.sampled_from([0.1, 0.5, 1.0]))
-    mean = draw(st.floats(-100, 100))
+    # No subnormal means: torch 2.4's inductor loads kernels built with -ffast-math, which sets
+    # flush-to-zero for the whole process, and hypothesis then refuses to draw subnormals.
+    mean = draw(st.floats(-100, 100, allow_subnormal=False))
     std = draw(st.floats(0.01, 10))
     return shape, layout, affine, momentum, mean, std
 
