@@ -108,8 +108,11 @@ def extensions():
             py_limited_api=True)]
     _default_arch_list()
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    # --warn-on-spills: ptxas names every kernel that spills registers to local memory (a
+    # bandwidth-bound kernel should not); .ci/cuda_build.sh fails on any outside the single-pass
+    # kernels, which hold a tile in registers.
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
-            "-DBN_EXT_WITH_CUDA"]
+            "-Xptxas=--warn-on-spills", "-DBN_EXT_WITH_CUDA"]
     extra_include = []
     # ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers; with pip's CUDA torch they live in
     # the nvidia wheels rather than in the toolkit.
