@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import bn_ext
-from conftest import (DEVICES, TORCH_HAS_BN_BIAS, assert_close, make_input, make_pair, needs_bn_bias,
-                      run_steps)
+from conftest import (DEVICES, TORCH_HAS_BN_BIAS, assert_close, make_input, make_pair,
+                      needs_bn_bias, run_steps)
 
 ops = torch.ops.bn_ext
 
@@ -508,7 +508,7 @@ def test_constructor_matches_torch():
                       (bn_ext.BatchNorm3d, torch.nn.BatchNorm3d)]:
         for kwargs in [dict(), dict(affine=False), dict(track_running_stats=False),
                        dict(momentum=None, eps=1e-3), dict(dtype=torch.float64)] + \
-                      [dict(bias=False)] * TORCH_HAS_BN_BIAS:
+                      ([dict(bias=False)] if TORCH_HAS_BN_BIAS else []):
             a, b = cls(5, **kwargs), tcls(5, **kwargs)
             assert isinstance(a, tcls)
             assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
