@@ -960,12 +960,17 @@ def print_plan(args, plan: list):
           f"{args.max_mb}")
 
 
-def replot(path: str) -> None:
-    """Redraw the PNG of a saved run from its JSON (e.g. after a change to the plot)."""
+def load_saved(path: str) -> tuple:
+    """A results JSON: (the saved dict, its rows as Row objects)."""
     with open(path) as f:
         saved = json.load(f)
+    return saved, [Row(**r) for r in saved["rows"]]
+
+
+def replot(path: str) -> None:
+    """Redraw the PNG of a saved run from its JSON (e.g. after a change to the plot)."""
+    saved, rows = load_saved(path)
     META.update(saved["meta"])
-    rows = [Row(**r) for r in saved["rows"]]
     args = argparse.Namespace(**saved["args"])
     png = os.path.splitext(path)[0] + ".png"
     problem = plot(rows, peers_for(args.device), args, png)
@@ -1054,13 +1059,10 @@ def load_earlier(path: str, args) -> dict:
     if not os.path.exists(path):
         print(f"--resume: no {os.path.relpath(path)} yet, timing every row", file=sys.stderr)
         return {}
-    with open(path) as f:
-        saved = json.load(f)
+    saved, rows = load_saved(path)
     if saved["meta"].get("device_name") != META["device_name"]:
         raise SystemExit(f"--resume: {path} was measured on {saved['meta'].get('device_name')}, "
                          f"not on {META['device_name']}")
-    fields = set(Row.__dataclass_fields__)
-    rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in saved["rows"]]
     done = {(r.shape, r.layout, r.dtype, r.pas): r for r in rows if r.status == "ok"}
     META["resumed"] = (f"{len(done)} timed rows taken over from the run of "
                        f"{saved['meta'].get('date')} (repo {saved['meta'].get('git')}) in this "
@@ -1080,12 +1082,11 @@ def write_results(base: str, args, rows: list, peers: list, planned: int,
                                         "## Results", ""] + table(rows, peers) + [""] + \
         summary(rows, peers, args)
     text = "\n".join(md) + "\n"
+    saved = json.dumps({"meta": META, "args": vars(args), "pass_counts": PASS_COUNTS,
+                        "partial": not final, "rows": [r.__dict__ for r in rows]},
+                       indent=1, default=str)
     paths = [base + ".md", base + ".json"]
-    for path, body in ((base + ".md", text),
-                       (base + ".json", json.dumps(
-                           {"meta": META, "args": {k: v for k, v in vars(args).items()},
-                            "pass_counts": PASS_COUNTS, "partial": not final,
-                            "rows": [r.__dict__ for r in rows]}, indent=1, default=str))):
+    for path, body in zip(paths, (text, saved)):
         with open(path + ".tmp", "w") as f:  # whole files only, even if killed mid-write
             f.write(body)
         os.replace(path + ".tmp", path)
@@ -1096,6 +1097,7 @@ def write_results(base: str, args, rows: list, peers: list, planned: int,
         else:
             paths.append(base + ".png")
     return text, paths
+
 
 if __name__ == "__main__":
     main()

@@ -90,6 +90,7 @@ sync_out() {
   [ "${#files[@]}" -gt 0 ] && tar -czf "$OUT/proof.tgz" -C "$ROOT" "${files[@]}"
   return 0
 }
+
 # stage NAME MIN_S MAX_S function args...: runs the function, whose long commands run under
 # `limited` (min(MAX_S, time left) seconds), unless less than MIN_S is left; appends the outcome
 # to the summary and syncs $OUT.
