@@ -10,12 +10,14 @@
 #   bench       (quick mode only) bench.py --quick, multi-pass, and single-pass (--cuda-persistent)
 #               for the training passes;
 #   sanitizers  compute-sanitizer memcheck, racecheck and synccheck over bench/cuda_exercise.py,
-#               which calls every kernel, saved as bench/results/<gpu>-<tool>.txt.
+#               which calls every kernel, saved as bench/results/<gpu>-<tool>.txt;
+#   fuzz        tests/fuzz_float64.py on the GPU, multi-pass and then single-pass, random shapes,
+#               dtypes and layouts against float64, saved as bench/results/<gpu>-fuzz.txt.
 #
 # BN_EXT_PROOF_QUICK=1 is the plan for a 15-minute lease: tests/test_cuda.py without the slow
 # test, the multi-pass quick benchmark, memcheck, the single-pass quick benchmark, racecheck,
-# synccheck, and the CUDA cases of the other suites, while time remains. Without it: the whole
-# suite (slow tests included) and the three sanitizers.
+# synccheck, the CUDA cases of the other suites and a short fuzz, while time remains. Without it:
+# the whole suite (slow tests included), the three sanitizers and a 10-minute fuzz.
 # BN_EXT_PROOF_BUDGET_S: seconds for the whole script (default 540 quick, 3000 otherwise); a stage
 # that cannot have its minimum time is skipped and says so. A hung kernel is killed by its
 # stage's time limit (and, where pytest-timeout is installed, a test's 90 s limit).
@@ -181,6 +183,25 @@ sanitize() {  # sanitize tool
   return "$rc"
 }
 
+fuzz() {  # fuzz seconds-per-path: multi-pass, then single-pass unless it was left out
+  # Each path gets at most half the stage's limit, less 30 s of start-up, within LIMIT overall.
+  local out=$RESULTS/$GPU-fuzz.txt rc=0 s=$1 half=$(( (LIMIT - 60) / 2 ))
+  [ "$half" -lt "$s" ] && s=$half
+  local total=$LIMIT
+  echo "# tests/fuzz_float64.py --device cuda, $s s per path; device: $NAME" >"$out"
+  LIMIT=$((s + 30))
+  limited env BN_EXT_CUDA_PERSISTENT=0 "$PY" tests/fuzz_float64.py --device cuda --seconds "$s" \
+    >>"$out" 2>&1 || rc=$?
+  if [ "${BN_EXT_EXERCISE_SINGLE_PASS:-1}" = "1" ] && [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ]; then
+    echo "# BN_EXT_CUDA_PERSISTENT=1" >>"$out"
+    limited env BN_EXT_CUDA_PERSISTENT=1 "$PY" tests/fuzz_float64.py --device cuda \
+      --seconds "$s" --seed 1 >>"$out" 2>&1 || rc=$?
+  fi
+  LIMIT=$total
+  grep -E "^(FAIL|[0-9]+ cases)" "$out" | tail -n 5
+  return "$rc"
+}
+
 # ---------------------------------------------------------------------------------------------
 echo "# the tests' output: $(basename "$TESTS"); the benchmarks' tables: cuda-*-quick*.md" >>"$SUMMARY"
 : >"$TESTS"
@@ -215,12 +236,14 @@ if [ "$QUICK" = "1" ]; then
   stage "sanitizer synccheck" 45 120 sanitize synccheck
   stage "tests (other suites, cuda)" 60 300 run_tests tests --ignore tests/test_cuda.py -k cuda \
     -m "not slow"
+  stage "fuzz against float64" 100 160 fuzz 45
 else
   stage "tests (whole suite)" 300 1800 run_tests tests
   single_pass_ok
   for tool in memcheck racecheck synccheck; do
     stage "sanitizer $tool" 60 600 sanitize "$tool"
   done
+  stage "fuzz against float64" 120 1300 fuzz 300
 fi
 
 echo "# total $(( $(date +%s) - T_START )) s: $([ "$status" -eq 0 ] && echo PASSED || echo FAILED)" \
