@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
+
 namespace bn_ext {
 
 using at::Tensor;
@@ -25,6 +27,68 @@ struct Geometry {
   Layout layout;
   int64_t count() const { return N * S; }  // elements per channel
 };
+
+#ifdef __CUDACC__
+#define BN_EXT_HOST_DEVICE __host__ __device__
+#else
+#define BN_EXT_HOST_DEVICE
+#endif
+
+// The shift k of a channel's shifted sums (both backends sum x - k, with k near the mean) is the
+// mean of kShiftSamples of its elements, spread over a window of its first W elements in (n, s)
+// order: image 0's S positions when S >= 32, else the first min(N * S, 32) elements. Sample j is
+// element e_j = (G / 2 + j * G) mod W with G = floor(W (sqrt(5) - 1) / 2): a golden-ratio
+// sequence, so the samples fall on different rows and columns of an image (a border such as
+// the first row or column of image 0 sets few of them), and the window is the first data the
+// reduction reads anyway (no extra cache misses). They are added in 8 groups of 4 consecutive
+// samples, ((v0 + v1) + (v2 + v3)), and the groups in a fixed tree (add_shift_groups), so that
+// up to 8 threads can share the work and still agree to the bit with one thread doing it all.
+constexpr int64_t kShiftSamples = 32;
+constexpr int kShiftGroups = 8;
+
+struct ShiftSamples {
+  int64_t C, S, W, G;
+  int64_t G4;  // 4 G mod W: from the first sample of a group to the next group's
+  bool channels_last;
+
+  // e_{4i}, the first sample of group i; e_{j+1} from e_j. Walked: no division.
+  BN_EXT_HOST_DEVICE int64_t group_start(int i) const {
+    int64_t e = G / 2;
+    for (int k = 0; k < i; ++k) e = step(e, G4);
+    return e;
+  }
+  BN_EXT_HOST_DEVICE int64_t next(int64_t e) const { return step(e, G); }
+  BN_EXT_HOST_DEVICE int64_t step(int64_t e, int64_t d) const {  // (e + d) mod W, e and d < W
+    e += d;
+    return e >= W ? e - W : e;
+  }
+  // The offset of element e (< W) of channel c: the offset for channel 0 plus c * S
+  // (kContiguous) or c (kChannelsLast).
+  BN_EXT_HOST_DEVICE int64_t offset(int64_t e, int64_t c) const {
+    if (channels_last) return e * C + c;
+    if (W <= S) return c * S + e;  // image 0
+    const int64_t n = static_cast<int>(e) / static_cast<int>(S);  // e < W <= 32
+    return (n * C + c) * S + (e - n * S);
+  }
+};
+
+// k from the 8 group sums.
+template <typename M>
+BN_EXT_HOST_DEVICE inline M add_shift_groups(const M (&g)[kShiftGroups]) {
+  return (((g[0] + g[1]) + (g[2] + g[3])) + ((g[4] + g[5]) + (g[6] + g[7]))) /
+         static_cast<M>(kShiftSamples);
+}
+
+inline ShiftSamples shift_samples(const Geometry& g) {
+  ShiftSamples r;
+  r.C = g.C;
+  r.S = g.S;
+  r.W = std::min(g.count(), std::max(g.S, kShiftSamples));
+  r.G = r.W * 40503 / 65536;  // 40503 / 2^16 = 0.618034; >= 1 for W >= 2
+  r.G4 = r.W > 0 ? 4 * r.G % r.W : 0;  // W = 0: an empty batch (its ops return first)
+  r.channels_last = g.layout == Layout::kChannelsLast;
+  return r;
+}
 
 // Per-channel tensors handed to kernels are contiguous 1-D [C] tensors of the math type
 // (float64 for float64 input, float32 otherwise); weight/bias may be undefined (affine=False).

@@ -2,7 +2,7 @@
 //
 // Precision. Sums are accumulated in short float (or double) vector blocks that are flushed into
 // double accumulators, so an error cannot grow with the run length. The statistics use sums
-// shifted by k, the mean of the channel's first kShiftSamples elements:
+// shifted by k, the mean of kShiftSamples elements sampled from the channel (bn_ext.h):
 //     mean = k + sum(x - k) / n,   var = (sum((x - k)^2) - sum(x - k)^2 / n) / n,
 // which cancels nothing when |mean| >> std (unlike the raw sum of squares). The rounding of the
 // shifted sums reaches var amplified by 1 + (k - mean)^2 / var: with k one element, 12x for a
@@ -161,9 +161,6 @@ void store_n(T* p, const typename VecIO<T>::V& a, const typename VecIO<T>::V& b,
 // Vector iterations between flushes of a float accumulator into double: keeps the relative
 // rounding error of a block sum below ~64 ulp whatever the run length.
 constexpr int64_t kFlushEvery = 64;
-
-// Elements whose mean shifts a channel's statistics (see Precision above).
-constexpr int64_t kShiftSamples = 32;
 
 template <typename M>
 double hsum(const Vectorized<M>& v) {
@@ -1161,19 +1158,25 @@ void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor&
   M* mean_p = mean.data_ptr<M>();
   M* var_p = var.data_ptr<M>();
   const ShiftedMoments<T> red{x};
-  if (g.layout == Layout::kContiguous) {
-    // k: the mean of the channel's first elements, run by run in n order (four partial sums, so
-    // that the adds overlap: this runs once per channel, inside the reduction's parallel loop).
-    const int64_t samples = std::min<int64_t>(kShiftSamples, g.count());
-    const auto shift = [&](int64_t c) {
-      M part[4] = {0, 0, 0, 0};
-      int64_t j = 0;
-      for (int64_t n = 0; j < samples; ++n) {
-        const T* run = x + (n * g.C + c) * g.S;
-        const int64_t m = std::min(samples - j, g.S);
-        for (int64_t i = 0; i < m; ++i, ++j) part[j & 3] += static_cast<M>(run[i]);
+  // k: the mean of the channel's kShiftSamples samples, added as bn_ext.h says (as the CUDA
+  // kernels do). Sample j of channel c lies at base[j] + c * S (NCHW) or base[j] + c
+  // (channels-last).
+  const bool channels_last = g.layout == Layout::kChannelsLast;
+  const ShiftSamples samples = shift_samples(g);
+  int64_t base[kShiftSamples];
+  for (int64_t j = 0, e = samples.group_start(0); j < kShiftSamples; ++j, e = samples.next(e)) {
+    base[j] = samples.offset(e, 0);
+  }
+  if (!channels_last) {
+    const auto shift = [&](int64_t c) {  // once per channel, inside the reduction's parallel loop
+      const T* xc = x + c * g.S;
+      M group[kShiftGroups];
+      for (int i = 0; i < kShiftGroups; ++i) {
+        const int64_t* b = base + 4 * i;
+        group[i] = (static_cast<M>(xc[b[0]]) + static_cast<M>(xc[b[1]])) +
+                   (static_cast<M>(xc[b[2]]) + static_cast<M>(xc[b[3]]));
       }
-      return static_cast<M>(((part[0] + part[1]) + (part[2] + part[3])) / static_cast<M>(samples));
+      return add_shift_groups(group);
     };
     contiguous_reduce<T>(red, g, shift, [&](int64_t c, M k, double s1, double s2) {
       const Moments m = moments_from_shifted(k, s1, s2, g.count());
@@ -1182,14 +1185,22 @@ void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor&
     });
     return;
   }
-  // k: the mean of the first rows (a shift only needs to be near the mean: summed in M).
-  const int64_t rows = std::min<int64_t>(kShiftSamples, g.N * g.S);
-  std::vector<M> k(g.C, M(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * g.C;
-    for (int64_t c = 0; c < g.C; ++c) k[c] += static_cast<M>(xr[c]);
+  // The same sums, a group of 4 sample rows (runs of C) at a time.
+  std::vector<M> group(kShiftGroups * g.C);
+  for (int i = 0; i < kShiftGroups; ++i) {
+    const T* r[4] = {x + base[4 * i], x + base[4 * i + 1], x + base[4 * i + 2], x + base[4 * i + 3]};
+    M* out = group.data() + i * g.C;
+    for (int64_t c = 0; c < g.C; ++c) {
+      out[c] = (static_cast<M>(r[0][c]) + static_cast<M>(r[1][c])) +
+               (static_cast<M>(r[2][c]) + static_cast<M>(r[3][c]));
+    }
   }
-  for (int64_t c = 0; c < g.C; ++c) k[c] /= static_cast<M>(rows);
+  std::vector<M> k(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    M gc[kShiftGroups];
+    for (int i = 0; i < kShiftGroups; ++i) gc[i] = group[i * g.C + c];
+    k[c] = add_shift_groups(gc);
+  }
   channels_last_reduce<T>(red, g.N * g.S, g.C, k.data(), [&](int64_t c, double s1, double s2) {
     const Moments m = moments_from_shifted(k[c], s1, s2, g.count());
     mean_p[c] = static_cast<M>(m.mean);

@@ -13,22 +13,11 @@ namespace bn_ext {
 namespace cuda {
 namespace detail {
 
-// Statistics: s1 = sum(x - k), s2 = sum((x - k)^2), k = the mean of the channel's first
-// kShiftSamples elements (as on the CPU). The rounding of the float sums reaches var amplified by
-// 1 + (k - mean)^2 / var: with k one element, a first element 50 std from the mean costs a factor
-// of ~2500; averaged over 32 elements, ~3.
-constexpr int64_t kShiftSamples = 32;
-
-// The shift from a channel's kShiftSamples sample values (0 past the `samples` it has), added in
-// one fixed order (into part[j % 4], j ascending) wherever the values are held: value(j) gives
-// sample j. Every caller gets the same bits from the same samples.
-template <typename M, typename Value>
-__device__ __forceinline__ M shift_of_samples(const Value& value, int64_t samples) {
-  M part[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int j = 0; j < kShiftSamples; ++j) part[j & 3] += value(j);
-  return ((part[0] + part[1]) + (part[2] + part[3])) / static_cast<M>(samples);
-}
+// Statistics: s1 = sum(x - k), s2 = sum((x - k)^2), k = the mean of the channel's kShiftSamples
+// samples (bn_ext.h; the CPU's k too). The rounding of the float sums reaches var amplified by
+// 1 + (k - mean)^2 / var: ~1 + 1/32 for samples like the rest of the channel. Had k been the
+// mean of the channel's first 32 elements, a border of 32 zeros at the top of image 0 in a channel
+// of N(5, 0.01) would have set it, for a factor of ~1e4 (var 2e-3 against a 5.0 offset).
 
 template <typename T>
 struct StatsOp {
@@ -38,9 +27,7 @@ struct StatsOp {
   static constexpr Elementwise kMap = Elementwise::kForward;
 
   const T* x;
-  int64_t S;             // run length; the channel's element j lies at
-  bool channels_last;    //   (j / S * C + c) * S + j % S, or j * C + c channels-last
-  int64_t samples;       // min(kShiftSamples, N * S)
+  ShiftSamples samples;  // where center()'s samples lie (bn_ext.h)
   int64_t C;
   double n;
   double eps;
@@ -50,28 +37,24 @@ struct StatsOp {
   M* var;
   M* coef;  // nullable: (mu | alpha | beta) for the forward elementwise kernel
 
-  // Sample j of channel c (j < kShiftSamples): its j-th element, 0 past `samples`.
-  __device__ __forceinline__ M sample(int64_t c, int64_t j) const {
-    if (j >= samples) return M(0);
-    return static_cast<M>(x[channels_last ? j * C + c : (j / S * C + c) * S + j % S]);
+  // Group i of channel c's shift samples, added as bn_ext.h says: ((v0 + v1) + (v2 + v3)).
+  __device__ __forceinline__ M shift_group(int64_t c, int i) const {
+    int64_t e[4];
+    e[0] = samples.group_start(i);
+#pragma unroll
+    for (int j = 1; j < 4; ++j) e[j] = samples.next(e[j - 1]);
+    M v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = static_cast<M>(x[samples.offset(e[j], c)]);
+    return (v[0] + v[1]) + (v[2] + v[3]);
   }
 
-  // Every thread of the channel's blocks (and the finish step) computes the same k from the same
-  // loads (cached), added in the same order, so all agree to the bit. The loads are all issued
-  // before the first add: one memory latency, not kShiftSamples of them.
+  // k, by one thread. The reduction kernels share the work (tile_shifts, below).
   __device__ __forceinline__ M center(int64_t c) const {
-    M v[kShiftSamples];
-    int64_t n = 0, s = 0;
+    M group[kShiftGroups];
 #pragma unroll
-    for (int j = 0; j < kShiftSamples; ++j) {
-      const int64_t i = channels_last ? j * C + c : (n * C + c) * S + s;
-      v[j] = j < samples ? static_cast<M>(x[i]) : M(0);
-      if (++s == S) {
-        s = 0;
-        ++n;
-      }
-    }
-    return shift_of_samples<M>([&](int j) { return v[j]; }, samples);
+    for (int i = 0; i < kShiftGroups; ++i) group[i] = shift_group(c, i);
+    return add_shift_groups(group);
   }
 
   __device__ __forceinline__ static void accumulate(M xv, M /*dy*/, M k, M& a1, M& a2) {
@@ -176,9 +159,7 @@ StatsOp<T> stats_op(const Tensor& x, const Geometry& g, const Tensor& weight, co
   using M = math_t<T>;
   StatsOp<T> op;
   op.x = x.const_data_ptr<T>();
-  op.S = g.S;
-  op.channels_last = g.layout == Layout::kChannelsLast;
-  op.samples = std::min<int64_t>(kShiftSamples, g.count());
+  op.samples = shift_samples(g);
   op.C = g.C;
   op.n = static_cast<double>(g.count());
   op.eps = eps;
@@ -208,6 +189,37 @@ GradOp<T> grad_op(const Geometry& g, const Tensor& mean, const Tensor& var, cons
   op.grad_bias = grad_bias.mutable_data_ptr<M>();
   op.coef = opt_mutable_ptr<M>(coef);
   return op;
+}
+
+// The shifts (center()) of a tile of channels first .. first + here - 1 (here <= width <= kThreads)
+// into shifts[0, here), by the block's threads together, tid being a thread's index in the block:
+// for sampled shifts, up to 8 threads per channel each add one or more of its 8 groups of samples
+// (StatsOp::shift_group), staged in groups[kShiftGroups * width], which one thread per channel
+// then adds as center() does: the same bits, with the loads spread over the block. Every thread
+// of the block calls it (two barriers).
+template <typename Op, typename M>
+__device__ __forceinline__ void tile_shifts(const Op& op, int64_t first, int width, int here,
+                                            int tid, M* groups, M* shifts) {
+  if constexpr (Op::kSampledShift) {
+    const int per_channel = kThreads / width < kShiftGroups ? kThreads / width : kShiftGroups;
+    const int ch = tid % width;
+    if (tid < per_channel * width && ch < here) {
+#pragma unroll 1
+      for (int i = tid / width; i < kShiftGroups; i += per_channel) {
+        groups[i * width + ch] = op.shift_group(first + ch, i);
+      }
+    }
+    __syncthreads();
+    if (tid < here) {
+      M g[kShiftGroups];
+#pragma unroll
+      for (int i = 0; i < kShiftGroups; ++i) g[i] = groups[i * width + tid];
+      shifts[tid] = add_shift_groups(g);
+    }
+  } else {
+    if (tid < here) shifts[tid] = op.center(first + tid);
+  }
+  __syncthreads();
 }
 
 template <typename Op, int V, typename T, typename M>

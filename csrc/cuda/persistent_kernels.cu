@@ -92,8 +92,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr bool kDy = Op::kNeedsDy;
   constexpr int kN = kItems<T, V>;
   __shared__ typename BlockMerge<M>::TempStorage tmp;
-  __shared__ M samples[kShiftSamples];
-  __shared__ M shift;
+  __shared__ M groups[kShiftGroups], shift;
   __shared__ Coefs<M> coefs;
   const int64_t P = gridDim.x / G;
   const int64_t g = blockIdx.x % G;
@@ -103,18 +102,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   };
   for (int64_t t = blockIdx.x / G; t < static_cast<int64_t>(C); t += P) {
     const I c = static_cast<I>(t);
-    // The shift first, before the tile's registers fill up: one sample per thread of the first
-    // warp, staged in shared memory, then summed in center()'s order by thread 0.
-    if constexpr (Op::kSampledShift) {
-      if (threadIdx.x < kShiftSamples) samples[threadIdx.x] = op.sample(t, threadIdx.x);
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        shift = shift_of_samples<M>([&](int j) { return samples[j]; }, op.samples);
-      }
-    } else {
-      if (threadIdx.x == 0) shift = op.center(c);
-    }
-    __syncthreads();
+    // The shift first, before the tile's registers fill up (tile_shifts ends in a barrier).
+    tile_shifts(op, t, 1, 1, threadIdx.x, groups, &shift);
     const M k0 = shift;
     // Item i of block g: vectors [(i * G + g) * kThreads, + kThreads), so that every block of
     // the tile holds about nv / G of them.
@@ -189,35 +178,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr bool kDy = Op::kNeedsDy;
   constexpr int kN = kItems<T, V>;
   __shared__ Sums<M> smem[kThreads / 2 * V];
-  __shared__ M samples[Op::kSampledShift ? kShiftSamples * 32 * V : 1];
-  __shared__ M shifts[32 * V];
+  __shared__ M groups[kShiftGroups * 32 * V], shifts[32 * V];
   __shared__ Coefs<M> coefs[32 * V];
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
   const int tid = ty * bx + tx;
   const int64_t P = gridDim.x / G;
   const int64_t g = blockIdx.x % G;
   for (int64_t t = blockIdx.x / G; t < tiles; t += P) {
-    // The tile's shifts first, before its registers fill up: the samples (the first
-    // kShiftSamples rows of the tile's columns) staged in shared memory by the whole block, then
-    // one channel per thread, summed in center()'s order.
+    // The tile's shifts first, before its registers fill up (tile_shifts ends in a barrier).
     const int width = bx * V;
     const int64_t first = t * width;
     const int here = static_cast<int>(std::min<int64_t>(width, static_cast<int64_t>(C) - first));
-    if constexpr (Op::kSampledShift) {
-#pragma unroll 4
-      for (int e = tid; e < kShiftSamples * width; e += kThreads) {
-        const int j = e / width, ch = e % width;
-        if (ch < here) samples[e] = op.sample(first + ch, j);
-      }
-      __syncthreads();
-      if (tid < here) {
-        shifts[tid] = shift_of_samples<M>([&](int j) { return samples[j * width + tid]; },
-                                          op.samples);
-      }
-    } else {
-      if (tid < here) shifts[tid] = op.center(first + tid);
-    }
-    __syncthreads();
+    tile_shifts(op, first, width, here, tid, groups, shifts);
     const I c0 = static_cast<I>((t * bx + tx) * V);
     const bool active = c0 < C;  // V divides C: a thread's channels are all in or all out
     // Item i of block g: rows [(i * G + g) * by, + by).

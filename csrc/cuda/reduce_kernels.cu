@@ -51,7 +51,9 @@ __global__ void __launch_bounds__(kThreads)
                              math_t<T>* __restrict__ partial) {
   using M = math_t<T>;
   const I c = blockIdx.x;
-  const M k0 = op.center(c);
+  __shared__ M groups[kShiftGroups], shift;
+  tile_shifts(op, static_cast<int64_t>(c), 1, 1, threadIdx.x, groups, &shift);
+  const M k0 = shift;
   M k[V], a1[V], a2[V];
 #pragma unroll
   for (int w = 0; w < V; ++w) {
@@ -92,10 +94,16 @@ __global__ void __launch_bounds__(kThreads)
   using M = math_t<T>;
   const I c0 = (static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const bool active = c0 < C;  // V divides C, so a thread's channels are all in or all out
+  // The tile's shifts: its width = blockDim.x * V channels from first.
+  const int width = blockDim.x * V;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * width;
+  const int here = static_cast<int>(std::min<int64_t>(width, static_cast<int64_t>(C) - first));
+  __shared__ M groups[kShiftGroups * 32 * V], shifts[32 * V];
+  tile_shifts(op, first, width, here, threadIdx.y * blockDim.x + threadIdx.x, groups, shifts);
   M k[V], a1[V], a2[V];
 #pragma unroll
   for (int w = 0; w < V; ++w) {
-    k[w] = active ? op.center(c0 + w) : M(0);
+    k[w] = active ? shifts[threadIdx.x * V + w] : M(0);
     a1[w] = 0;
     a2[w] = 0;
   }
