@@ -58,8 +58,9 @@ void check_same_device(const char* op, const Tensor& input, const Tensor& t, con
 }
 
 // A per-channel vector (weight, bias, running/batch statistics): C elements, on the input's
-// device, of the input's dtype or of float32 when the input is float16/bfloat16 (autocast), or of
-// the math type (statistics that our own ops returned).
+// device, of the input's dtype, or of float32 when the input is float16/bfloat16 (autocast; the
+// math type, which statistics that our own ops returned also have). As torch: float16 input
+// takes no bfloat16 parameter (nor the reverse), float32 input no float64 one.
 void check_channel_vector(const char* op, const Tensor& input, const Tensor& t,
                           const char* name) {
   const int64_t C = input.size(1);
@@ -68,10 +69,7 @@ void check_channel_vector(const char* op, const Tensor& input, const Tensor& t,
               " elements (one per channel of the input), got ", t.numel());
   const auto dt = t.scalar_type();
   const auto in = input.scalar_type();
-  TORCH_CHECK(dt == in || dt == math_type(in) ||
-                  ((in == at::kHalf || in == at::kBFloat16) && is_supported_dtype(dt) &&
-                   dt != at::kDouble),
-              "bn_ext.", op, ": ", name, " has dtype ", dt, " which cannot be used with ", in,
+  TORCH_CHECK(dt == in || dt == math_type(in), "bn_ext.", op, ": ", name, " has dtype ", dt, " which cannot be used with ", in,
               " input; expected ", in,
               (in == at::kHalf || in == at::kBFloat16) ? " or float32" : "");
 }
@@ -342,6 +340,10 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   TORCH_CHECK(update == (running_var.has_value() && running_var->defined()), "bn_ext.", op,
               ": running_mean and running_var come together or not at all");
   if (update) {
+    // The buffers of a layer: the dtype rule of weight and bias (as torch, and as eval's
+    // normalize), which running_stats_update, fed our own statistics, does not impose.
+    check_channel_vector(op, input, *running_mean, "running_mean");
+    check_channel_vector(op, input, *running_var, "running_var");
     check_running_stats(op, input, input.size(1), *running_mean, *running_var,
                         num_batches_tracked, momentum);
   }

@@ -110,6 +110,38 @@ def test_unsupported_dtypes(device):
         m(torch.randn(2, 3, 2, 2, dtype=torch.float64, device=device))
 
 
+# Parameter and buffer dtypes torch refuses (float32 input with float64 running statistics, a
+# float16 input with bfloat16 parameters, ...) are refused in training and in eval alike, by name,
+# with the running statistics untouched; float32 parameters with a float16/bfloat16 input (autocast)
+# stay allowed.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("x_dtype,buffer_dtype,param_dtype,name", [
+    (torch.float32, torch.float64, torch.float32, "running_mean|mean"),  # eval's op: mean
+    (torch.float64, torch.float32, torch.float64, "running_mean|mean"),
+    (torch.float16, torch.bfloat16, torch.bfloat16, "running_mean|mean|weight"),
+    (torch.bfloat16, torch.float32, torch.float16, "weight"),
+    (torch.float32, torch.float32, torch.float64, "weight"),
+], ids=["fp32-fp64stats", "fp64-fp32stats", "fp16-bf16", "bf16-fp16weight", "fp32-fp64weight"])
+def test_mixed_dtypes_refused_as_torch(device, training, x_dtype, buffer_dtype, param_dtype, name):
+    x = torch.randn(4, 3, 2, 2, device=device).to(x_dtype)
+    rm = torch.zeros(3, device=device, dtype=buffer_dtype)
+    rv = torch.ones(3, device=device, dtype=buffer_dtype)
+    w = torch.ones(3, device=device, dtype=param_dtype)
+    b = torch.zeros(3, device=device, dtype=param_dtype)
+    # torch refuses it too (the premise of this test)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+    with pytest.raises(RuntimeError, match=f"({name}) has dtype .* which cannot be used with"):
+        bn_ext.batch_norm(x, rm, rv, w, b, training)
+    assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rv, torch.ones_like(rv))
+    # the autocast case: float32 parameters and statistics with a float16/bfloat16 input
+    if x_dtype in (torch.float16, torch.bfloat16):
+        f32 = [t.float() for t in (rm, rv, w, b)]
+        y = bn_ext.batch_norm(x, *f32[:2], *f32[2:], training)
+        assert y.dtype == x_dtype
+
+
 def test_mixed_devices_names_argument():
     # A meta tensor stands in for a second device, so this runs without a GPU.
     x = torch.randn(4, 3, 2, 2)
