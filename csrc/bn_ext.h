@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <numeric>
 
 namespace bn_ext {
 
@@ -37,10 +38,13 @@ struct Geometry {
 // The shift k of a channel's shifted sums (both backends sum x - k, with k near the mean) is the
 // mean of kShiftSamples of its elements, spread over a window of its first W elements in (n, s)
 // order: image 0's S positions when S >= 32, else the first min(N * S, 32) elements. Sample j is
-// element e_j = (G / 2 + j * G) mod W with G = floor(W (sqrt(5) - 1) / 2): a golden-ratio
-// sequence, so the samples fall on different rows and columns of an image (a border such as
-// the first row or column of image 0 sets few of them), and the window is the first data the
-// reduction reads anyway (no extra cache misses). They are added in 8 groups of 4 consecutive
+// element e_j = (G / 2 + j * G) mod W, G the largest integer <= W (sqrt(5) - 1) / 2 that has no
+// factor in common with W: a golden-ratio sequence that repeats no element before it has visited
+// all W, and whose column step (G mod the image width, which divides W) is not 0, so the samples
+// fall on different rows and columns of an image (a border such as the first row or column of
+// image 0 sets few of them). The window is the first data the reduction reads anyway (no extra
+// cache misses); it does leave k to image 0 alone, so a first image far from the others (by d,
+// against a within-image spread << d) still amplifies the rounding, by up to ~N. They are added in 8 groups of 4 consecutive
 // samples, ((v0 + v1) + (v2 + v3)), and the groups in a fixed tree (add_shift_groups), so that
 // up to 8 threads can share the work and still agree to the bit with one thread doing it all.
 constexpr int64_t kShiftSamples = 32;
@@ -85,6 +89,7 @@ inline ShiftSamples shift_samples(const Geometry& g) {
   r.S = g.S;
   r.W = std::min(g.count(), std::max(g.S, kShiftSamples));
   r.G = r.W * 40503 / 65536;  // 40503 / 2^16 = 0.618034; >= 1 for W >= 2
+  while (r.G > 1 && std::gcd(r.G, r.W) != 1) --r.G;
   r.G4 = r.W > 0 ? 4 * r.G % r.W : 0;  // W = 0: an empty batch (its ops return first)
   r.channels_last = g.layout == Layout::kChannelsLast;
   return r;

@@ -88,26 +88,26 @@ def test_ops_against_float64_reference(device, layout):
 
 # Inputs whose first elements are unlike the rest of their channel, in a channel of N(5, 0.01):
 # a border of zeros along the top row or the left column of image 0 (the kernels' shift samples
-# come from image 0), and a whole first image of another level. The kernels sum x - k for a shift
-# k taken from samples of the channel; a k set by such a border would amplify the rounding of the
-# float sums by 1 + (k - mean)^2 / var (up to ~1e4x here: var ~2e-3 against a 5.0 offset).
+# come from image 0). The kernels sum x - k for a shift k taken from samples of the channel; a k
+# set by such a border would amplify the rounding of the float sums by 1 + (k - mean)^2 / var (up
+# to ~1e4x here: var ~2e-3 against a 5.0 offset). (A whole first image unlike the rest does set
+# k, by design, for an amplification of up to ~N: bn_ext.h.)
 def _unrepresentative_start(kind, shape):
     g = torch.Generator().manual_seed(11)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 0.01 + 5.0
     if kind == "top_row":
         x[0, :, 0, :32] = 0.0
-    elif kind == "left_column":
-        x[0, :, :, 0] = 0.0
     else:
-        x[0] = torch.randn(shape[1:], generator=g, dtype=torch.float64) * 0.01 - 20.0
+        x[0, :, :, 0] = 0.0
     return x
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("persistent", ["0", "1"], ids=["multipass", "persistent"])
-@pytest.mark.parametrize("kind", ["top_row", "left_column", "first_image"])
+@pytest.mark.parametrize("kind", ["top_row", "left_column"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(8, 3, 64, 64), (32, 16, 16, 16)], ids=["8x3x64x64", "32x16x16x16"])
+@pytest.mark.parametrize("shape", [(8, 3, 64, 64), (32, 16, 16, 16), (8, 4, 13, 13)],
+                         ids=["8x3x64x64", "32x16x16x16", "8x4x13x13"])
 def test_batch_stats_shift_not_set_by_the_first_elements(monkeypatch, device, persistent, kind,
                                                            layout, shape):
     if device == "cpu" and persistent == "1":

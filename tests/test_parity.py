@@ -147,10 +147,10 @@ def test_large_mean_small_std_no_worse_than_torch(device, layout):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_variance_with_an_outlier_first_element(device, layout):
-    """The statistics shift their sums by k, the mean of a channel's first 32 elements; the sums'
-    rounding reaches var amplified by 1 + (k - mean)^2 / var. Here every channel's first element
-    lies 50 std out (mean 1e4): a one-element shift amplifies ~2000x, missing 2e-5 relative;
-    a 32-element one ~3x."""
+    """The statistics shift their sums by k, the mean of 32 samples of a channel (bn_ext.h); the
+    sums' rounding reaches var amplified by 1 + (k - mean)^2 / var. Here every channel's first
+    element lies 50 std out (mean 1e4): a one-element shift amplifies ~2000x, missing 2e-5
+    relative; a 32-sample one ~3x at most."""
     x = make_input((16, 8, 32, 32), torch.float32, device, layout, mean=1e4, std=1.0)
     x[0, :, 0, 0] += 50
     mean, var = ops.batch_stats(x)

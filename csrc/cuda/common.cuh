@@ -69,8 +69,12 @@ inline int next_pow2(int64_t v) {
 // Streaming multiprocessors of the current device (cached by ATen; no device synchronisation).
 inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// Blocks of kThreads that fill every SM once at full occupancy.
-inline int64_t full_wave_blocks() { return sm_count() * (2048 / kThreads); }
+// Blocks of kThreads that fill every SM once at full occupancy (2048 threads an SM on sm_80 and
+// sm_90, 1536 on sm_86/sm_89).
+inline int64_t full_wave_blocks() {
+  const auto* p = at::cuda::getCurrentDeviceProperties();
+  return static_cast<int64_t>(p->multiProcessorCount) * (p->maxThreadsPerMultiProcessor / kThreads);
+}
 
 // Index type: unsigned 32-bit when every element index fits in 31 bits (fast division with
 // at::cuda::detail::IntDivider, cheaper address arithmetic), 64-bit otherwise. Loop counters may

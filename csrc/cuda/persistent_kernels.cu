@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr bool kDy = Op::kNeedsDy;
   constexpr int kN = kItems<T, V>;
   __shared__ typename BlockMerge<M>::TempStorage tmp;
-  __shared__ M groups[kShiftGroups], shift;
+  __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift;
   __shared__ Coefs<M> coefs;
   const int64_t P = gridDim.x / G;
   const int64_t g = blockIdx.x % G;
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr bool kDy = Op::kNeedsDy;
   constexpr int kN = kItems<T, V>;
   __shared__ Sums<M> smem[kThreads / 2 * V];
-  __shared__ M groups[kShiftGroups * 32 * V], shifts[32 * V];
+  __shared__ M groups[Op::kSampledShift ? kShiftGroups * 32 * V : 1], shifts[32 * V];
   __shared__ Coefs<M> coefs[32 * V];
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
   const int tid = ty * bx + tx;

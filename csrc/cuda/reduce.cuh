@@ -3,8 +3,8 @@
 // tile (column_merge), and the blocks of the grid (the finalize pass over staged partials).
 //
 // Both reductions are pairs of plain sums with one fixed shift per channel:
-//   statistics: s1 = sum(x - k), s2 = sum((x - k)^2), k = the mean of the channel's first 32
-//               elements, so that
+//   statistics: s1 = sum(x - k), s2 = sum((x - k)^2), k = the mean of 32 samples of the channel
+//               (bn_ext.h), so that
 //               mean = k + s1/n and var = s2/n - (s1/n)^2 cancel nothing when |mean| >> std;
 //   backward:   s1 = sum(dy),    s2 = sum(dy * (x - mean)).
 // With a common shift, merging two partial results is adding them (Welford's merge reduces to this

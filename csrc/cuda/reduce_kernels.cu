@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
                              math_t<T>* __restrict__ partial) {
   using M = math_t<T>;
   const I c = blockIdx.x;
-  __shared__ M groups[kShiftGroups], shift;
+  __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift;
   tile_shifts(op, static_cast<int64_t>(c), 1, 1, threadIdx.x, groups, &shift);
   const M k0 = shift;
   M k[V], a1[V], a2[V];
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
   const int width = blockDim.x * V;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * width;
   const int here = static_cast<int>(std::min<int64_t>(width, static_cast<int64_t>(C) - first));
-  __shared__ M groups[kShiftGroups * 32 * V], shifts[32 * V];
+  __shared__ M groups[Op::kSampledShift ? kShiftGroups * 32 * V : 1], shifts[32 * V];
   tile_shifts(op, first, width, here, threadIdx.y * blockDim.x + threadIdx.x, groups, shifts);
   M k[V], a1[V], a2[V];
 #pragma unroll
