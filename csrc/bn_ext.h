@@ -44,9 +44,10 @@ struct Geometry {
 // fall on different rows and columns of an image (a border such as the first row or column of
 // image 0 sets few of them). The window is the first data the reduction reads anyway (no extra
 // cache misses); it does leave k to image 0 alone, so a first image far from the others (by d,
-// against a within-image spread << d) still amplifies the rounding, by up to ~N. They are added in 8 groups of 4 consecutive
-// samples, ((v0 + v1) + (v2 + v3)), and the groups in a fixed tree (add_shift_groups), so that
-// up to 8 threads can share the work and still agree to the bit with one thread doing it all.
+// against a within-image spread << d) still amplifies the rounding, by up to ~N. The samples are
+// added in 8 groups of 4 consecutive ones, ((v0 + v1) + (v2 + v3)), and the groups in a fixed
+// tree (add_shift_groups), so that up to 8 threads can share the work and still agree to the bit
+// with one thread doing it all.
 constexpr int64_t kShiftSamples = 32;
 constexpr int kShiftGroups = 8;
 

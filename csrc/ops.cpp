@@ -69,8 +69,8 @@ void check_channel_vector(const char* op, const Tensor& input, const Tensor& t,
               " elements (one per channel of the input), got ", t.numel());
   const auto dt = t.scalar_type();
   const auto in = input.scalar_type();
-  TORCH_CHECK(dt == in || dt == math_type(in), "bn_ext.", op, ": ", name, " has dtype ", dt, " which cannot be used with ", in,
-              " input; expected ", in,
+  TORCH_CHECK(dt == in || dt == math_type(in), "bn_ext.", op, ": ", name, " has dtype ", dt,
+              " which cannot be used with ", in, " input; expected ", in,
               (in == at::kHalf || in == at::kBFloat16) ? " or float32" : "");
 }
 
@@ -255,21 +255,10 @@ Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& var,
   return out.result;
 }
 
-// The running-statistics arguments, checked against the batch statistics' channel count C and
-// device (those of `like`): running_mean/running_var C floating elements, num_batches_tracked an
-// int64 scalar, momentum in [0, 1] or None (then num_batches_tracked is required).
-void check_running_stats(const char* op, const Tensor& like, int64_t C,
-                         const Tensor& running_mean, const Tensor& running_var,
-                         const optional<Tensor>& num_batches_tracked, optional<double> momentum) {
-  const Tensor* named[] = {&running_mean, &running_var};
-  const char* names[] = {"running_mean", "running_var"};
-  for (int i = 0; i < 2; ++i) {
-    check_same_device(op, like, *named[i], names[i]);
-    TORCH_CHECK(named[i]->numel() == C, "bn_ext.", op, ": ", names[i], " should contain ", C,
-                " elements, got ", named[i]->numel());
-    TORCH_CHECK(is_supported_dtype(named[i]->scalar_type()), "bn_ext.", op, ": ", names[i],
-                " must be floating point, got ", named[i]->scalar_type());
-  }
+// The update's arguments besides the buffers: num_batches_tracked an int64 scalar on `like`'s
+// device, momentum in [0, 1] or None (then num_batches_tracked is required).
+void check_update_args(const char* op, const Tensor& like,
+                       const optional<Tensor>& num_batches_tracked, optional<double> momentum) {
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (has_nbt) {
     check_same_device(op, like, *num_batches_tracked, "num_batches_tracked");
@@ -283,6 +272,24 @@ void check_running_stats(const char* op, const Tensor& like, int64_t C,
     TORCH_CHECK(*momentum >= 0 && *momentum <= 1, "bn_ext.", op,
                 ": momentum must be in [0, 1], got ", *momentum);
   }
+}
+
+// running_stats_update's arguments, checked against the batch statistics' channel count C and
+// device (those of `like`): running_mean/running_var C floating elements of any floating dtype
+// (the op is fed our own statistics), then the rest as check_update_args.
+void check_running_stats(const char* op, const Tensor& like, int64_t C,
+                         const Tensor& running_mean, const Tensor& running_var,
+                         const optional<Tensor>& num_batches_tracked, optional<double> momentum) {
+  const Tensor* named[] = {&running_mean, &running_var};
+  const char* names[] = {"running_mean", "running_var"};
+  for (int i = 0; i < 2; ++i) {
+    check_same_device(op, like, *named[i], names[i]);
+    TORCH_CHECK(named[i]->numel() == C, "bn_ext.", op, ": ", names[i], " should contain ", C,
+                " elements, got ", named[i]->numel());
+    TORCH_CHECK(is_supported_dtype(named[i]->scalar_type()), "bn_ext.", op, ": ", names[i],
+                " must be floating point, got ", named[i]->scalar_type());
+  }
+  check_update_args(op, like, num_batches_tracked, momentum);
 }
 
 // The update itself, arguments checked: running <- (1 - m) running + m batch.
@@ -340,12 +347,11 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   TORCH_CHECK(update == (running_var.has_value() && running_var->defined()), "bn_ext.", op,
               ": running_mean and running_var come together or not at all");
   if (update) {
-    // The buffers of a layer: the dtype rule of weight and bias (as torch, and as eval's
-    // normalize), which running_stats_update, fed our own statistics, does not impose.
+    // A layer's buffers: weight's and bias's rule (as torch, and as eval's normalize), not
+    // running_stats_update's looser one.
     check_channel_vector(op, input, *running_mean, "running_mean");
     check_channel_vector(op, input, *running_var, "running_var");
-    check_running_stats(op, input, input.size(1), *running_mean, *running_var,
-                        num_batches_tracked, momentum);
+    check_update_args(op, input, num_batches_tracked, momentum);
   }
   c10::DeviceGuard guard(input.device());
   Output out = make_output(input);

@@ -1167,15 +1167,16 @@ void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor&
   for (int64_t j = 0, e = samples.group_start(0); j < kShiftSamples; ++j, e = samples.next(e)) {
     base[j] = samples.offset(e, 0);
   }
+  // Group i of the channel whose samples lie at p + base[4i .. 4i + 3].
+  const auto shift_group = [&](const T* p, int i) {
+    const int64_t* b = base + 4 * i;
+    return (static_cast<M>(p[b[0]]) + static_cast<M>(p[b[1]])) +
+           (static_cast<M>(p[b[2]]) + static_cast<M>(p[b[3]]));
+  };
   if (!channels_last) {
     const auto shift = [&](int64_t c) {  // once per channel, inside the reduction's parallel loop
-      const T* xc = x + c * g.S;
       M group[kShiftGroups];
-      for (int i = 0; i < kShiftGroups; ++i) {
-        const int64_t* b = base + 4 * i;
-        group[i] = (static_cast<M>(xc[b[0]]) + static_cast<M>(xc[b[1]])) +
-                   (static_cast<M>(xc[b[2]]) + static_cast<M>(xc[b[3]]));
-      }
+      for (int i = 0; i < kShiftGroups; ++i) group[i] = shift_group(x + c * g.S, i);
       return add_shift_groups(group);
     };
     contiguous_reduce<T>(red, g, shift, [&](int64_t c, M k, double s1, double s2) {
@@ -1188,12 +1189,8 @@ void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor&
   // The same sums, a group of 4 sample rows (runs of C) at a time.
   std::vector<M> group(kShiftGroups * g.C);
   for (int i = 0; i < kShiftGroups; ++i) {
-    const T* r[4] = {x + base[4 * i], x + base[4 * i + 1], x + base[4 * i + 2], x + base[4 * i + 3]};
     M* out = group.data() + i * g.C;
-    for (int64_t c = 0; c < g.C; ++c) {
-      out[c] = (static_cast<M>(r[0][c]) + static_cast<M>(r[1][c])) +
-               (static_cast<M>(r[2][c]) + static_cast<M>(r[3][c]));
-    }
+    for (int64_t c = 0; c < g.C; ++c) out[c] = shift_group(x + c, i);
   }
   std::vector<M> k(g.C);
   for (int64_t c = 0; c < g.C; ++c) {

@@ -72,8 +72,8 @@ inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multi
 // Blocks of kThreads that fill every SM once at full occupancy (2048 threads an SM on sm_80 and
 // sm_90, 1536 on sm_86/sm_89).
 inline int64_t full_wave_blocks() {
-  const auto* p = at::cuda::getCurrentDeviceProperties();
-  return static_cast<int64_t>(p->multiProcessorCount) * (p->maxThreadsPerMultiProcessor / kThreads);
+  const int per_sm = at::cuda::getCurrentDeviceProperties()->maxThreadsPerMultiProcessor;
+  return sm_count() * (per_sm / kThreads);
 }
 
 // Index type: unsigned 32-bit when every element index fits in 31 bits (fast division with
