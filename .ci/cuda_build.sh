@@ -41,7 +41,13 @@ fi
 PY=$VENV/bin/python
 if ! "$PY" -c "import torch, ninja, setuptools, wheel, sys; sys.exit(0 if torch.version.cuda and \
 torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" >/dev/null 2>&1; then
-  "$PY" -m pip install -q "torch===$TORCH_VERSION" ninja numpy setuptools wheel
+  # The CUDA torch and its nvidia packages take about 5 GB installed; pip's cache would hold
+  # another 5 GB of wheels, so it is off. Say so plainly rather than die in pip with ENOSPC.
+  need_gb=8
+  free_gb=$(df -P -k "$VENV" | awk 'NR == 2 {print int($4 / 1048576)}')
+  [ "$free_gb" -ge "$need_gb" ] || die "the CUDA torch needs about $need_gb GB of disk under \
+$VENV; $free_gb GB is free (set BN_EXT_CUDA_VENV to a venv elsewhere, or free some space)"
+  "$PY" -m pip install -q --no-cache-dir "torch===$TORCH_VERSION" ninja numpy setuptools wheel
 fi
 if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ] && ! "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
   "$PY" -m pip install -q pytest hypothesis
