@@ -55,6 +55,7 @@ fi
 # The checks and tests import the installed bn_ext, from an empty folder (a folder of /tmp named
 # like a module would shadow it: an empty /tmp/z3 once broke torch's import of z3).
 AWAY=$(mktemp -d)
+trap 'rm -rf "$AWAY"' EXIT
 "$PY" -c "import torch; assert torch.version.cuda, 'torch in $VENV has no CUDA'; \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 "$CUDA_HOME/bin/nvcc" --version | tail -n 1
