@@ -1161,7 +1161,6 @@ void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor&
   // k: the mean of the channel's kShiftSamples samples, added as bn_ext.h says (as the CUDA
   // kernels do). Sample j of channel c lies at base[j] + c * S (NCHW) or base[j] + c
   // (channels-last).
-  const bool channels_last = g.layout == Layout::kChannelsLast;
   const ShiftSamples samples = shift_samples(g);
   int64_t base[kShiftSamples];
   for (int64_t j = 0, e = samples.group_start(0); j < kShiftSamples; ++j, e = samples.next(e)) {
@@ -1173,7 +1172,7 @@ void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor&
     return (static_cast<M>(p[b[0]]) + static_cast<M>(p[b[1]])) +
            (static_cast<M>(p[b[2]]) + static_cast<M>(p[b[3]]));
   };
-  if (!channels_last) {
+  if (!samples.channels_last) {
     const auto shift = [&](int64_t c) {  // once per channel, inside the reduction's parallel loop
       M group[kShiftGroups];
       for (int i = 0; i < kShiftGroups; ++i) group[i] = shift_group(x + c * g.S, i);
