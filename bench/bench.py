@@ -11,7 +11,9 @@ Peers, timed interleaved in one process on the very same input tensors:
 
 For every row (shape, layout, dtype, pass) the peers are timed round-robin for --rounds rounds
 (the starting peer rotates); each round gives one median per peer, and a peer's time is the
-median of its round medians. Speedups are ratios of those times.
+median of its round medians. Speedups are ratios of those times. A row where some peer is within
+--close-band of bn_ext after those rounds gets more, up to --close-rounds in all (on the CPU,
+whose noise is larger than such a margin), so that a verdict near 1.0x rests on more samples.
 
 Writes <out>/<device-slug>[-quick][-recheck].md, .json and .png, and prints the table. The .md and
 .json are written after every (shape, layout, dtype) group as well, marked partial, so a run that
@@ -267,16 +269,32 @@ class CudaTimer:
         return statistics.median(s.elapsed_time(e) for s, e in pairs) / 1e3 / number
 
 
-def interleaved(fns: dict, timer: Callable, rounds: int) -> dict:
+def interleaved(fns: dict, timer: Callable, rounds: int, max_rounds: int = 0,
+                close: Optional[Callable] = None) -> tuple:
     """Round-robin over the peers, rotating who goes first; per peer the median of its round
-    medians plus the spread (max/min of the round medians - 1)."""
+    medians plus the spread (max/min of the round medians - 1), and the rounds run. After
+    `rounds` rounds, while close(medians so far) holds, more rounds follow, up to max_rounds:
+    a verdict near 1.0x gets the samples to settle it, whichever side of 1.0 it is on, and no
+    round is ever dropped."""
     names = list(fns)
     samples = {n: [] for n in names}
-    for r in range(rounds):
+    r = 0
+    while r < rounds or (r < max_rounds and close is not None
+                         and close({n: statistics.median(v) for n, v in samples.items()})):
         k = r % len(names)
         for n in names[k:] + names[:k]:
             samples[n].append(timer(fns[n]))
-    return {n: (statistics.median(v), max(v) / min(v) - 1.0) for n, v in samples.items()}
+        r += 1
+    return {n: (statistics.median(v), max(v) / min(v) - 1.0) for n, v in samples.items()}, r
+
+
+def near_parity(band: float) -> Callable:
+    """close() for interleaved: some peer's time is within a factor (1 + band) of bn_ext's."""
+    def close(med: dict) -> bool:
+        ours = med["bn_ext"]
+        return any(n not in ("bn_ext", "copy") and abs(math.log(t / ours)) < math.log1p(band)
+                   for n, t in med.items())
+    return close
 
 
 COPY_BYTES = 256 * 2**20
@@ -431,6 +449,7 @@ class Row:
     na: dict = field(default_factory=dict)      # peer -> reason it is n/a
     rel_err: Optional[float] = None             # bn_ext vs the first torch peer, first call
     wall_s: float = 0.0                         # seconds this row took (warm-up + rounds)
+    rounds: Optional[int] = None                # rounds timed (more than --rounds when close)
     copy_gbs: Optional[float] = None            # out-of-cache rows: the 256 MB copy, timed
                                                 # in the same rounds as the peers
 
@@ -561,7 +580,8 @@ def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
         del first_out
         if copy_fn is not None:
             fns["copy"] = copy_fn
-        res = interleaved(fns, timer, args.rounds)
+        res, row.rounds = interleaved(fns, timer, args.rounds, args.close_rounds,
+                                      near_parity(args.close_band))
         if "copy" in res:
             row.copy_gbs = 2 * COPY_BYTES / res["copy"][0] / 1e9
         for inst in insts:
@@ -678,8 +698,12 @@ def header(args, meta: dict) -> list:
               f"- threads: {meta['threads']}; date: {meta['date']}",
               f"- command: `{meta['command']}`",
               f"- timing: {meta['timer']}; peers interleaved round-robin in one process on the "
-              f"same tensors, {args.rounds} rounds, each peer's time = median of its round "
-              f"medians; speedup = peer time / bn_ext time (>1: bn_ext faster; **bold** < 1)",
+              f"same tensors, {args.rounds} rounds"
+              + (f" (up to {args.close_rounds} in all on a row where some peer's time is within "
+                 f"a factor {1 + args.close_band:g} of bn_ext's after {args.rounds}; each row's "
+                 "count is in the .json)" if args.close_rounds > args.rounds else "")
+              + ", each peer's time = median of its round medians; speedup = peer time / "
+              "bn_ext time (>1: bn_ext faster; **bold** < 1)",
               f"- copy bandwidth (dst.copy_(src), 256 MB, read+write counted): "
               f"{meta['copy_gbs']:.1f} GB/s (the higher of {meta['copy_gbs_start']:.1f} at the "
               f"start and {meta['copy_gbs_end']:.1f} at the end); last-level cache "
@@ -768,7 +792,8 @@ def summary(rows: list, peers: list, args) -> list:
         for r in losers:
             vs = ", ".join(f"{r.speedup(p):.2f}x vs {p} {fmt_ms(r.times[p])}" for p in others
                            if r.speedup(p) is not None)
-            lines.append(f"- {r.shape} {r.layout} {r.dtype} {r.pas}: bn_ext "
+            rounds = f" ({r.rounds} rounds)" if r.rounds else ""
+            lines.append(f"- {r.shape} {r.layout} {r.dtype} {r.pas}{rounds}: bn_ext "
                          f"{fmt_ms(r.times['bn_ext'])}; {vs}")
     lines.append("")
     # Bandwidth of out-of-cache rows, against the issue's bar.
@@ -805,6 +830,10 @@ def summary(rows: list, peers: list, args) -> list:
                  f"relative to the output's max): {len(bad)} rows over tolerance"
                  + "".join(f"\n  - {r.shape} {r.layout} {r.dtype} {r.pas}: {r.rel_err:.2e}"
                            for r in bad))
+    more = [r for r in ok if (r.rounds or 0) > args.rounds]
+    if more:
+        lines.append(f"- rounds: {len(more)} rows were close to parity after {args.rounds} "
+                     f"rounds and got more (up to {max(r.rounds for r in more)})")
     noisy = [r for r in ok if (r.spread.get("bn_ext") or 0) > 0.10]
     lines.append(f"- noise: {len(noisy)} rows where bn_ext's round medians spread by more than "
                  "10% (max/min); see the .json for every peer's spread")
@@ -888,6 +917,12 @@ def parse_args(argv=None):
                          "MB; default 256 on the CPU, no limit on the GPU; <=0 for no limit")
     ap.add_argument("--rounds", type=int, default=None,
                     help="interleaved rounds per row (default 3)")
+    ap.add_argument("--close-rounds", type=int, default=None,
+                    help="rounds, in all, for a row where some peer is within --close-band of "
+                         "bn_ext after --rounds (default 9 on cpu, --rounds (off) on cuda)")
+    ap.add_argument("--close-band", type=float, default=0.15,
+                    help="what counts as close for --close-rounds: a time ratio within "
+                         "1 +- this (default 0.15)")
     ap.add_argument("--min-run-time", type=float, default=None,
                     help="CPU: blocked_autorange min_run_time per round, s (default 0.05)")
     ap.add_argument("--warmup", type=int, default=1,
@@ -932,6 +967,9 @@ def parse_args(argv=None):
         args.max_mb = None
     if args.rounds is None:
         args.rounds = 3
+    if args.close_rounds is None:
+        args.close_rounds = 9 if args.device == "cpu" else args.rounds
+    args.close_rounds = max(args.close_rounds, args.rounds)
     if args.min_run_time is None:
         args.min_run_time = 0.05
     args.warmup = max(1, args.warmup)

@@ -64,7 +64,7 @@ def main() -> None:
             inst = bench.Instance(peer, 4, C, "cpu", weight, bias, "default")
             fns[f"{peer.name} {pas}"] = bench.make_workload(pas, inst, x, dy)
     timer = bench.CpuTimer(args.min_run_time)
-    times = bench.interleaved(fns, timer, args.rounds)
+    times, _ = bench.interleaved(fns, timer, args.rounds)
 
     gb = x.numel() * x.element_size() / 1e9
     copy_gbs = 2 * gb / times["copy_"][0]

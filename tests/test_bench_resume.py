@@ -2,6 +2,7 @@
 out mid-benchmark must leave a table marked partial, and --resume must take its rows over."""
 import json
 import os
+import statistics
 import sys
 
 import pytest
@@ -67,3 +68,31 @@ def test_resume_refuses_another_device(setup):
     bench.META["device_name"] = "another CPU"
     with pytest.raises(SystemExit, match="measured on test CPU"):
         bench.load_earlier(base + ".json", args)
+
+
+def _scripted_timer(times: dict):
+    """A timer for bench.interleaved that returns each workload's next scripted time."""
+    it = {name: iter(seq) for name, seq in times.items()}
+    return lambda fn: next(it[fn])
+
+
+@pytest.mark.parametrize("peer_times, expect_rounds", [
+    ([2.0] * 9, 3),                             # clearly faster: --rounds only
+    ([1.05] * 9, 9),                            # near parity throughout: up to --close-rounds
+    ([1.05, 1.05, 1.05, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], 6),  # stops once the median moves off
+])
+def test_close_rows_get_more_rounds(peer_times, expect_rounds):
+    # Workloads are keyed by name; the timer is handed the workload, so the names are the fns.
+    fns = {"bn_ext": "bn_ext", "eager": "eager", "copy": "copy"}
+    timer = _scripted_timer({"bn_ext": [1.0] * 9, "eager": peer_times, "copy": [5.0] * 9})
+    res, rounds = bench.interleaved(fns, timer, 3, 9, bench.near_parity(0.15))
+    assert rounds == expect_rounds
+    assert res["eager"][0] == pytest.approx(statistics.median(peer_times[:rounds]))
+    assert res["bn_ext"][0] == 1.0
+
+
+def test_copy_is_not_a_peer_for_closeness():
+    close = bench.near_parity(0.15)
+    assert not close({"bn_ext": 1.0, "copy": 1.0, "eager": 3.0})
+    assert close({"bn_ext": 1.0, "copy": 9.0, "eager": 0.9})   # slower than a peer is close too
+    assert not close({"bn_ext": 1.0, "eager": 0.8})
