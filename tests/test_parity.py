@@ -415,16 +415,17 @@ def test_fused_backward_matches_split_and_float64(shape, dtype, layout):
                          ids=["fp64", "fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("spatial", [(2, 8), (4, 8), (1, 33), (7, 7), (8, 16), (14, 14), (17, 33)])
 @pytest.mark.parametrize("centered", [False, True], ids=["folded", "centered"])
-@pytest.mark.parametrize("C", [7, 37])
+@pytest.mark.parametrize("C", [7, 37, 197])
 def test_contiguous_elementwise_stream_matches_float64(spatial, dtype, centered, C):
     """The NCHW elementwise maps walk a chunk of runs as one stream of vector steps, a step that
     straddles two runs mixing two channels' coefficients (for_each_step_of_runs), or, for runs of
     fewer than 4 steps within the cache (16 for bf16/fp16 normalize), tiles of channels as rows
-    of positions with expanded coefficients (for_each_run_row): C = 37 is two whole tiles of 16
-    7x7 channels and a partial one, whose rows end in a scalar tail (bf16 14x14: 9 tiles of 4
-    and one of 1); runs of whole steps (8x16) go run by run. Spatial sizes below, at and above
-    one step, on 2 threads so that chunks start mid-step; normalize with mean folded into the
-    bias and centered (|mean| >> std), and the training backward_input map."""
+    of positions with expanded coefficients (for_each_run_row; about 4096 positions a row):
+    C = 197 is two whole tiles of 80 7x7 channels and a partial one of 37, whose rows end in a
+    scalar tail (bf16 14x14: 9 tiles of 20 and one of 17; 1x33: 112 and 85; 4x8: 128 and 69),
+    C = 37 one partial tile; runs of whole steps (8x16) go run by run. Spatial sizes below, at
+    and above one step, on 2 threads so that chunks start mid-step; normalize with mean folded
+    into the bias and centered (|mean| >> std), and the training backward_input map."""
     N = 5
     shape = (N, C) + spatial
     x = make_input(shape, dtype, "cpu", seed=11)

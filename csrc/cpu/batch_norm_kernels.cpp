@@ -524,14 +524,21 @@ void affine2_row(const T* dy, const T* x, T* dx, int64_t n, const math_t<T>* a,
 // count of the loop over a run's full steps changes from run to run. Instead, a tile of G
 // adjacent channels' runs of one n, which lie back to back, is mapped as one row of G * S
 // positions with the tile's coefficients expanded to one per position, as a channels-last row
-// is: full steps with per-lane coefficient loads (from L1), no boundaries. A tile's rows lie
-// C * S apart; a thread expands a tile once and maps it down its N rows. 2-core Zen 3 (AVX2),
-// op level, stream of runs -> rows, median of 4 alternating processes: eval 32x512x7x7 bf16
-// 219 -> 124 us, fp32 163 -> 94 us; 32x1000x7x7 bf16 363 -> 253, fp32 284 -> 200; 32x2048x7x7
-// bf16 752 -> 492; train_backward bf16 32x512x7x7 511 -> 319, 32x1000x7x7 703 -> 563.
+// is: full steps with per-lane coefficient loads, no boundaries. A tile's rows lie C * S apart;
+// a thread expands a tile once and maps it down its N rows. 2-core Zen 3 (AVX2), op level,
+// stream of runs -> rows, median of 4 alternating processes: eval 32x512x7x7 bf16 219 -> 124
+// us, fp32 163 -> 94 us; 32x1000x7x7 bf16 363 -> 253, fp32 284 -> 200; 32x2048x7x7 bf16 752 ->
+// 492; train_backward bf16 32x512x7x7 511 -> 319, 32x1000x7x7 703 -> 563.
+// Rows of about 4096 positions rather than 1024: the longer contiguous stretch between two
+// C * S jumps outweighs the coefficients leaving L1 for L2 (3 x 4096 floats = 48 KiB). Zen 3,
+// module level, 1024 -> 4096 interleaved in one process (40 rotating rounds, medians): bf16
+// eval 256x512x7x7 2659 -> 1958 us (another run 2029 -> 1631), 32x1000x7x7 fp32 eval 637 ->
+// 513, 32x256x14x14 fp32 training forward 865 -> 628, bf16 256x512x7x7 training forward 3478
+// -> 2801, 32x1000x7x7 bf16 forward + backward 2423 -> 2113; 27 of 28 (shape, dtype, pass)
+// pairs level or faster (one 0.95x). 8192 against 4096: 0.87-1.21x either way, noise.
 constexpr int64_t kRowMapSteps = 4;          // runs shorter than this many kWidth steps,
 constexpr int64_t kRowMapStepsReduced = 16;  // or this many for bf16/fp16 normalize
-constexpr int64_t kRowMapSpan = 1024;        // positions per row, about
+constexpr int64_t kRowMapSpan = 4096;        // positions per row, about
 
 // Whether a map with K per-channel coefficients runs over short NCHW runs as rows: not when it
 // streams (tensors beyond the last-level cache), where the rows' C * S strides lost to one
