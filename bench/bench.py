@@ -921,8 +921,8 @@ def parse_args(argv=None):
                     help="rounds, in all, for a row where some peer is within --close-band of "
                          "bn_ext after --rounds (default 9 on cpu, --rounds (off) on cuda)")
     ap.add_argument("--close-band", type=float, default=0.15,
-                    help="what counts as close for --close-rounds: a time ratio within "
-                         "1 +- this (default 0.15)")
+                    help="what counts as close for --close-rounds: a peer's time within a "
+                         "factor 1 + this of bn_ext's, either way (default 0.15)")
     ap.add_argument("--min-run-time", type=float, default=None,
                     help="CPU: blocked_autorange min_run_time per round, s (default 0.05)")
     ap.add_argument("--warmup", type=int, default=1,
