@@ -967,6 +967,10 @@ def parse_args(argv=None):
         args.max_mb = None
     if args.rounds is None:
         args.rounds = 3
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.close_band < 0:
+        ap.error(f"--close-band must be 0 or more, got {args.close_band:g}")
     if args.close_rounds is None:
         args.close_rounds = 9 if args.device == "cpu" else args.rounds
     args.close_rounds = max(args.close_rounds, args.rounds)

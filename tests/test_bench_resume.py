@@ -96,3 +96,11 @@ def test_copy_is_not_a_peer_for_closeness():
     assert not close({"bn_ext": 1.0, "copy": 1.0, "eager": 3.0})
     assert close({"bn_ext": 1.0, "copy": 9.0, "eager": 0.9})   # slower than a peer is close too
     assert not close({"bn_ext": 1.0, "eager": 0.8})
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--close-band", "-0.5"]])
+def test_bad_round_arguments_are_rejected(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--device", "cpu"] + argv)
+    assert e.value.code == 2
+    assert argv[0] in capsys.readouterr().err
