@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.autograd.function import once_differentiable
 
-from .functional import _math_dtype, ops
+from .functional import _math_dtype, _ops
 from .modules import _BatchNormForward
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -113,7 +113,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         buf = torch.zeros(_HEADER + 2 * num_features, dtype=torch.float64, device=device)
         if error is None:
             try:
-                mean, var = ops.batch_stats(input)  # math dtype; mean 0, var 0 for N == 0
+                mean, var = _ops.batch_stats(input)  # math dtype; mean 0, var 0 for N == 0
                 n = input.numel() // input.size(1)
                 m = mean.double()
                 buf[0].fill_(n)
@@ -148,7 +148,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         mean, var = g_mean.to(math), g_var.to(math)
         count = total.to(math)
 
-        out = ops.normalize(input, mean, var, weight, bias, eps)
+        out = _ops.normalize(input, mean, var, weight, bias, eps)
 
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
@@ -164,7 +164,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         input, weight, mean, var, count = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xmu, grad_weight, grad_bias = ops.backward_reduce(
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = _ops.backward_reduce(
             grad_out, input, mean, var, weight, ctx.eps)
         grad_input = None
         if need_input:
@@ -172,8 +172,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             c = sum_dy.numel()
             both = torch.cat([sum_dy, sum_dy_xmu])
             dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.process_group)
-            grad_input = ops.backward_input(grad_out, input, mean, var, weight,
-                                            both[:c], both[c:], count, ctx.eps)
+            grad_input = _ops.backward_input(grad_out, input, mean, var, weight,
+                                             both[:c], both[c:], count, ctx.eps)
         return (grad_input,
                 grad_weight if need_weight else None,
                 grad_bias if need_bias else None,
@@ -190,14 +190,14 @@ def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, 
     """
     if _host_readable(count):
         if float(count) > 0:
-            ops.running_stats_update(running_mean, running_var, num_batches_tracked, mean, var,
-                                     count, momentum)
+            _ops.running_stats_update(running_mean, running_var, num_batches_tracked, mean, var,
+                                      count, momentum)
         elif num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return
     old_mean, old_var = running_mean.clone(), running_var.clone()
-    ops.running_stats_update(running_mean, running_var, num_batches_tracked, mean, var, count,
-                             momentum)
+    _ops.running_stats_update(running_mean, running_var, num_batches_tracked, mean, var, count,
+                              momentum)
     empty = count == 0
     running_mean.copy_(torch.where(empty, old_mean, running_mean))
     running_var.copy_(torch.where(empty, old_var, running_var))

@@ -96,18 +96,32 @@ inline ShiftSamples shift_samples(const Geometry& g) {
   return r;
 }
 
+// The running statistics that train_forward updates with the batch statistics it has just
+// computed, as running_stats_update below does with n = g.count(): mean and var are contiguous
+// math-type [C] tensors; num_batches_tracked, when defined, an int64 scalar. Done inside the
+// forward's own kernels, where the backend can, rather than by a launch of its own.
+struct RunningStats {
+  Tensor mean;
+  Tensor var;
+  Tensor num_batches_tracked;
+  c10::optional<double> momentum;
+};
+
 // Per-channel tensors handed to kernels are contiguous 1-D [C] tensors of the math type
 // (float64 for float64 input, float32 otherwise); weight/bias may be undefined (affine=False).
-// Outputs are preallocated by the front door.
+// Outputs are preallocated by the front door, uninitialized (for a non-empty input): a kernel
+// writes every element of each output it is given.
 #define BN_EXT_DECLARE_KERNELS                                                                   \
   /* mean and biased variance per channel */                                                    \
   void batch_stats(const Tensor& x, const Geometry& g, Tensor& mean, Tensor& var);               \
   /* y = (x - mean) * weight / sqrt(var + eps) + bias */                                         \
   void normalize(const Tensor& x, const Geometry& g, const Tensor& mean, const Tensor& var,      \
                  const Tensor& weight, const Tensor& bias, double eps, Tensor& y);               \
-  /* batch_stats then normalize, in as few passes over x as the backend can manage */            \
+  /* batch_stats then normalize, in as few passes over x as the backend can manage; then the    \
+     running statistics' update, when `running` is given */                                      \
   void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight,                   \
-                     const Tensor& bias, double eps, Tensor& y, Tensor& mean, Tensor& var);      \
+                     const Tensor& bias, double eps, Tensor& y, Tensor& mean, Tensor& var,       \
+                     const RunningStats* running);                                               \
   /* sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)) per channel; then                      \
      grad_bias = sum_dy and grad_weight = sum_dy_xmu / sqrt(var + eps) */                        \
   void backward_reduce(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean, \

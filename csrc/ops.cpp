@@ -201,8 +201,11 @@ void finish_output(Output& o) {
   if (!o.result.is_same(o.target)) o.result.copy_(o.target);
 }
 
-// A per-channel vector as the kernels want it: contiguous [C] in the math type.
+// A per-channel vector as the kernels want it: contiguous [C] in the math type. Most already
+// are (a layer's parameters and buffers), and are passed as they are: the reshape, to and
+// contiguous that would return them cost three dispatches each, ~1 us a small call.
 Tensor as_math_vector(const Tensor& t, at::ScalarType math) {
+  if (t.dim() == 1 && t.scalar_type() == math && t.is_contiguous()) return t;
   return t.reshape({-1}).to(math).contiguous();
 }
 
@@ -216,8 +219,13 @@ at::ScalarType param_type(const Tensor& input, const optional<Tensor>& weight) {
   return math_type(input.scalar_type());
 }
 
-Tensor math_zeros(const Tensor& input) {
-  return at::zeros({input.size(1)}, input.options().dtype(math_type(input.scalar_type())));
+// A per-channel output in the math type: uninitialized, for the kernel writes every channel of
+// it (bn_ext.h), but zeros for an empty batch, which runs no kernel. On CUDA zeros would cost a
+// fill launch each, as long as a small layer's own kernels.
+Tensor math_output(const Tensor& input) {
+  const auto options = input.options().dtype(math_type(input.scalar_type()));
+  return input.numel() > 0 ? at::empty({input.size(1)}, options)
+                           : at::zeros({input.size(1)}, options);
 }
 
 // ---- ops -----------------------------------------------------------------------------------
@@ -225,8 +233,8 @@ Tensor math_zeros(const Tensor& input) {
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   check_input("batch_stats", input);
   c10::DeviceGuard guard(input.device());
-  Tensor mean = math_zeros(input);
-  Tensor var = math_zeros(input);
+  Tensor mean = math_output(input);
+  Tensor var = math_output(input);
   if (input.numel() == 0) return {mean, var};  // an empty batch has mean 0 and variance 0
   const Layout layout = read_layout(input);
   const Tensor x = to_layout(input, layout);
@@ -253,6 +261,17 @@ Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& var,
                 as_math_vector(bias, math), eps, out.target);
   finish_output(out);
   return out.result;
+}
+
+// A running-statistics buffer as the kernels update it: itself when it is a contiguous
+// math-type tensor (a [C] view), else a converted copy that write_back() returns to it.
+Tensor as_math_buffer(const Tensor& t, at::ScalarType math) {
+  if (t.scalar_type() == math && t.is_contiguous()) return t.dim() == 1 ? t : t.view({-1});
+  return t.reshape({-1}).to(math).contiguous();
+}
+
+void write_back(const Tensor& updated, const Tensor& buffer) {
+  if (!updated.is_alias_of(buffer)) buffer.copy_(updated.view_as(buffer));
 }
 
 // The update's arguments besides the buffers: num_batches_tracked an int64 scalar on `like`'s
@@ -298,17 +317,13 @@ void apply_running_stats(Tensor& running_mean, Tensor& running_var,
                          const Tensor& var, const Tensor& count, optional<double> momentum) {
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
   const auto math = math_type(mean.scalar_type());
-  const auto as_math_buffer = [&](Tensor& t) {
-    return (t.scalar_type() == math && t.is_contiguous()) ? t.view({-1})
-                                                          : t.reshape({-1}).to(math).contiguous();
-  };
-  Tensor rm = as_math_buffer(running_mean);
-  Tensor rv = as_math_buffer(running_var);
+  Tensor rm = as_math_buffer(running_mean, math);
+  Tensor rv = as_math_buffer(running_var, math);
   BN_EXT_KERNEL(mean, running_stats_update, rm, rv, has_nbt ? *num_batches_tracked : Tensor(),
                 as_math_vector(mean, math), as_math_vector(var, math),
                 count.reshape({}).to(math), momentum);
-  if (!rm.is_alias_of(running_mean)) running_mean.copy_(rm.view_as(running_mean));
-  if (!rv.is_alias_of(running_var)) running_var.copy_(rv.view_as(running_var));
+  write_back(rm, running_mean);
+  write_back(rv, running_var);
 }
 
 void running_stats_update(Tensor& running_mean, Tensor& running_var,
@@ -355,8 +370,8 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   }
   c10::DeviceGuard guard(input.device());
   Output out = make_output(input);
-  Tensor mean = math_zeros(input);
-  Tensor var = math_zeros(input);
+  Tensor mean = math_output(input);
+  Tensor var = math_output(input);
   if (input.numel() == 0) {
     if (update && num_batches_tracked.has_value() && num_batches_tracked->defined()) {
       num_batches_tracked->add_(1);
@@ -365,14 +380,20 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   }
   const auto math = math_type(input.scalar_type());
   const Tensor x = to_layout(input, out.layout);
+  // The update runs in the kernel call, with the batch's count known here (no count tensor), on
+  // math-type buffers: the module's own, or converted copies written back after.
+  RunningStats running;
+  if (update) {
+    running = RunningStats{as_math_buffer(*running_mean, math), as_math_buffer(*running_var, math),
+                           num_batches_tracked.value_or(Tensor()), momentum};
+  }
   BN_EXT_KERNEL(x, train_forward, x, geometry(x, out.layout), as_math_vector(weight, math),
-                as_math_vector(bias, math), eps, out.target, mean, var);
+                as_math_vector(bias, math), eps, out.target, mean, var,
+                update ? &running : nullptr);
   finish_output(out);
   if (update) {
-    Tensor rm = *running_mean, rv = *running_var;
-    const Tensor count =
-        at::full({}, static_cast<double>(input.numel() / input.size(1)), mean.options());
-    apply_running_stats(rm, rv, num_batches_tracked, mean, var, count, momentum);
+    write_back(running.mean, *running_mean);
+    write_back(running.var, *running_var);
   }
   return {out.result, mean, var};
 }
@@ -386,8 +407,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_reduce(const Tensor& grad_ou
   check_backward_args(op, grad_out, input, mean, var, weight, eps);
   c10::DeviceGuard guard(input.device());
   const auto math = math_type(input.scalar_type());
-  Tensor sum_dy = math_zeros(input), sum_dy_xmu = math_zeros(input);
-  Tensor grad_weight = math_zeros(input), grad_bias = math_zeros(input);
+  Tensor sum_dy = math_output(input), sum_dy_xmu = math_output(input);
+  Tensor grad_weight = math_output(input), grad_bias = math_output(input);
   if (input.numel() > 0) {
     const Layout layout = read_layout(input);
     const Tensor x = to_layout(input, layout);
@@ -439,7 +460,7 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& grad_out, const 
   c10::DeviceGuard guard(input.device());
   const auto math = math_type(input.scalar_type());
   Output out = make_output(input);
-  Tensor grad_weight = math_zeros(input), grad_bias = math_zeros(input);
+  Tensor grad_weight = math_output(input), grad_bias = math_output(input);
   if (input.numel() > 0) {
     const Tensor x = to_layout(input, out.layout);
     const Tensor dy = to_layout(grad_out, out.layout);

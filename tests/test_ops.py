@@ -148,6 +148,72 @@ def test_running_stats_update_semantics(device):
     torch.testing.assert_close(rmb.float(), mean)
 
 
+def _running_buffers(kind, C, device, dtype):
+    """(running_mean, running_var, the tensors they view) for one kind of buffer."""
+    g = torch.Generator().manual_seed(7)
+    md = torch.float64 if dtype == torch.float64 else torch.float32
+    if kind == "math":  # the kernel updates these in place
+        rm, rv = torch.randn(C, generator=g, dtype=md), torch.rand(C, generator=g, dtype=md) + 1
+        rm, rv = rm.to(device), rv.to(device)
+        return rm, rv, (rm, rv)
+    if kind == "input_dtype":  # bf16 buffers with bf16 input: updated in float32, written back
+        rm = torch.randn(C, generator=g).to(dtype).to(device)
+        rv = (torch.rand(C, generator=g) + 1).to(dtype).to(device)
+        return rm, rv, (rm, rv)
+    # every other element of larger tensors: non-contiguous views, written back through
+    big_m = torch.randn(2 * C, generator=g, dtype=md).to(device)
+    big_v = (torch.rand(2 * C, generator=g, dtype=md) + 1).to(device)
+    return big_m[::2], big_v[::2], (big_m, big_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("persistent", ["0", "1"], ids=["multipass", "persistent"])
+@pytest.mark.parametrize("dtype,kind", [(torch.float32, "math"), (torch.float64, "math"),
+                                        (torch.bfloat16, "math"), (torch.bfloat16, "input_dtype"),
+                                        (torch.float32, "strided")],
+                         ids=["fp32", "fp64", "bf16-fp32-buffers", "bf16-bf16-buffers",
+                              "fp32-strided-buffers"])
+@pytest.mark.parametrize("momentum", [0.25, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_train_forward_updates_running_stats(monkeypatch, device, persistent, dtype, kind,
+                                             momentum, layout):
+    """train_forward's own update (inside the forward's kernels where the backend can) against
+    running_stats_update's formula, in float64 from the batch statistics it returned."""
+    if device == "cpu" and persistent == "1":
+        pytest.skip("the single-pass path is CUDA's")
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", persistent)
+    shape = (5, 6, 7, 3)
+    x = make_input(shape, dtype, device, layout)
+    n = x.numel() // shape[1]
+    rm, rv, owners = _running_buffers(kind, shape[1], device, dtype)
+    rm0, rv0 = rm.double().clone(), rv.double().clone()
+    owners0 = [t.clone() for t in owners]
+    nbt = torch.tensor(3, device=device)
+    _, mean, var = ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, momentum)
+    assert nbt.item() == 4
+    m = 0.25 if momentum is not None else 1 / 4
+    want_m = (1 - m) * rm0 + m * mean.double()
+    want_v = (1 - m) * rv0 + m * var.double() * n / (n - 1)
+    if kind == "input_dtype":  # rounded once, from the float32 result
+        want_m, want_v = want_m.float().to(dtype), want_v.float().to(dtype)
+        assert torch.equal(rm, want_m) and torch.equal(rv, want_v)
+    else:
+        tol = dict(rtol=1e-6, atol=1e-7) if rm.dtype == torch.float32 else dict(rtol=1e-14, atol=0)
+        torch.testing.assert_close(rm.double(), want_m, **tol)
+        torch.testing.assert_close(rv.double(), want_v, **tol)
+    if kind == "strided":  # the elements between the buffer's are left alone
+        for t, t0 in zip(owners, owners0):
+            assert torch.equal(t[1::2], t0[1::2])
+    # No num_batches_tracked with a fixed momentum: the same update from the same buffers.
+    if momentum is not None:
+        rm2, rv2 = rm.clone(), rv.clone()
+        rm.copy_(rm0.to(rm.dtype))
+        rv.copy_(rv0.to(rv.dtype))
+        _, mean2, var2 = ops.train_forward(x, None, None, 1e-5, rm, rv, None, momentum)
+        assert torch.equal(mean2, mean) and torch.equal(var2, var)
+        assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
+
+
 class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()

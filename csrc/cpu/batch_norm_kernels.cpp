@@ -1508,6 +1508,28 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
 #define BN_EXT_DISPATCH(x, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
 
+// running_stats_update (bn_ext.h) with the batch's count n.
+void update_running_stats(const RunningStats& r, const Tensor& mean, const Tensor& var, double n) {
+  double m = r.momentum.value_or(0.0);
+  if (r.num_batches_tracked.defined()) {
+    int64_t* nbt = r.num_batches_tracked.data_ptr<int64_t>();
+    *nbt += 1;
+    if (!r.momentum.has_value()) m = 1.0 / static_cast<double>(*nbt);
+  }
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_ext::running_stats_update", [&] {
+    // Unbiased variance; with n == 1 it is undefined, as in torch (inf/nan).
+    const double unbias = n / (n - 1);
+    scalar_t* rm = r.mean.data_ptr<scalar_t>();
+    scalar_t* rv = r.var.data_ptr<scalar_t>();
+    const scalar_t* bm = mean.const_data_ptr<scalar_t>();
+    const scalar_t* bv = var.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      rm[c] = static_cast<scalar_t>((1 - m) * rm[c] + m * bm[c]);
+      rv[c] = static_cast<scalar_t>((1 - m) * rv[c] + m * unbias * bv[c]);
+    }
+  });
+}
+
 }  // namespace
 
 // ---- entry points (bn_ext.h) ----------------------------------------------------------------
@@ -1525,9 +1547,11 @@ void normalize(const Tensor& x, const Geometry& g, const Tensor& mean, const Ten
 }
 
 void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight, const Tensor& bias,
-                   double eps, Tensor& y, Tensor& mean, Tensor& var) {
+                   double eps, Tensor& y, Tensor& mean, Tensor& var,
+                   const RunningStats* running) {
   BN_EXT_DISPATCH(x, "bn_ext::train_forward",
                   [&] { train_forward_impl<scalar_t>(x, g, weight, bias, eps, y, mean, var); });
+  if (running != nullptr) update_running_stats(*running, mean, var, static_cast<double>(g.count()));
 }
 
 void backward_reduce(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
@@ -1560,25 +1584,8 @@ void running_stats_update(Tensor& running_mean, Tensor& running_var,
                           const Tensor& num_batches_tracked, const Tensor& mean,
                           const Tensor& var, const Tensor& count,
                           c10::optional<double> momentum) {
-  double m = momentum.value_or(0.0);
-  if (num_batches_tracked.defined()) {
-    int64_t* nbt = num_batches_tracked.data_ptr<int64_t>();
-    *nbt += 1;
-    if (!momentum.has_value()) m = 1.0 / static_cast<double>(*nbt);
-  }
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_ext::running_stats_update", [&] {
-    const double n = static_cast<double>(count.item<scalar_t>());
-    // Unbiased variance; with n == 1 it is undefined, as in torch (inf/nan).
-    const double unbias = n / (n - 1);
-    scalar_t* rm = running_mean.data_ptr<scalar_t>();
-    scalar_t* rv = running_var.data_ptr<scalar_t>();
-    const scalar_t* bm = mean.const_data_ptr<scalar_t>();
-    const scalar_t* bv = var.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < mean.numel(); ++c) {
-      rm[c] = static_cast<scalar_t>((1 - m) * rm[c] + m * bm[c]);
-      rv[c] = static_cast<scalar_t>((1 - m) * rv[c] + m * unbias * bv[c]);
-    }
-  });
+  const RunningStats r{running_mean, running_var, num_batches_tracked, momentum};
+  update_running_stats(r, mean, var, count.item<double>());
 }
 
 }  // namespace cpu

@@ -4,8 +4,9 @@
 //
 //   batch_stats        reduce [+ finalize]
 //   normalize          forward_coefs, elementwise
-//   train_forward      reduce [+ finalize] (which also write the coefficients), elementwise;
-//                      or, with BN_EXT_CUDA_PERSISTENT=1 and where it fits, one persistent kernel
+//   train_forward      reduce [+ finalize] (which also write the coefficients and update the
+//                      running statistics), elementwise; or, with BN_EXT_CUDA_PERSISTENT=1 and
+//                      where it fits, one persistent kernel; [+ running_stats (momentum None)]
 //   backward_reduce    reduce [+ finalize]
 //   backward_input     backward_coefs (count read on the device), elementwise
 //   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise;
@@ -44,15 +45,24 @@ void normalize(const Tensor& x, const Geometry& g, const Tensor& mean, const Ten
 }
 
 void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight, const Tensor& bias,
-                   double eps, Tensor& y, Tensor& mean, Tensor& var) {
+                   double eps, Tensor& y, Tensor& mean, Tensor& var,
+                   const RunningStats* running) {
   c10::cuda::CUDAGuard guard(x.device());
-  if (detail::persistent_enabled() &&
-      detail::launch_persistent_forward(x, g, weight, bias, eps, y, mean, var)) {
-    return;
+  // With a fixed momentum the reduction's finishing step updates the running statistics (no
+  // launch of their own); momentum None reads num_batches_tracked on the device, after.
+  const RunningStats* folded =
+      running != nullptr && running->momentum.has_value() ? running : nullptr;
+  if (!(detail::persistent_enabled() &&
+        detail::launch_persistent_forward(x, g, weight, bias, eps, y, mean, var, folded))) {
+    const Tensor coef = coef_buffer(mean, g, 3);
+    detail::launch_batch_stats(x, g, weight, bias, eps, mean, var, coef, folded);
+    detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);
   }
-  const Tensor coef = coef_buffer(mean, g, 3);
-  detail::launch_batch_stats(x, g, weight, bias, eps, mean, var, coef);
-  detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);
+  if (running != nullptr && folded == nullptr) {
+    detail::launch_running_stats_update(running->mean, running->var,
+                                        running->num_batches_tracked, mean, var, Tensor(),
+                                        static_cast<double>(g.count()), running->momentum);
+  }
 }
 
 void backward_reduce(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
@@ -95,7 +105,7 @@ void running_stats_update(Tensor& running_mean, Tensor& running_var,
                           c10::optional<double> momentum) {
   c10::cuda::CUDAGuard guard(mean.device());
   detail::launch_running_stats_update(running_mean, running_var, num_batches_tracked, mean, var,
-                                      count, momentum);
+                                      count, 0.0, momentum);
 }
 
 }  // namespace cuda

@@ -36,6 +36,13 @@ struct StatsOp {
   M* mean;
   M* var;
   M* coef;  // nullable: (mu | alpha | beta) for the forward elementwise kernel
+  // Nullable: running statistics that the finishing step updates where it stores mean and var,
+  // as running_stats_update does (bn_ext.h) with this fixed momentum; channel 0's step also
+  // counts the batch in num_batches_tracked (nullable), which no other channel reads.
+  M* running_mean;
+  M* running_var;
+  int64_t* num_batches_tracked;
+  double momentum;
 
   // Group i of channel c's shift samples, added as bn_ext.h says: ((v0 + v1) + (v2 + v3)).
   __device__ __forceinline__ M shift_group(int64_t c, int i) const {
@@ -87,6 +94,14 @@ struct StatsOp {
         coef[c] = r.mu;
         coef[C + c] = r.p1;
         coef[2 * C + c] = r.p2;
+      }
+      if (running_mean != nullptr) {
+        const double unbias = n / (n - 1);  // n == 1: inf/nan, as in torch
+        running_mean[c] = static_cast<M>((1 - momentum) * static_cast<double>(running_mean[c]) +
+                                         momentum * static_cast<double>(r.mu));
+        running_var[c] = static_cast<M>((1 - momentum) * static_cast<double>(running_var[c]) +
+                                        momentum * unbias * static_cast<double>(vm));
+        if (c == 0 && num_batches_tracked != nullptr) *num_batches_tracked += 1;
       }
     }
     return r;
@@ -153,9 +168,11 @@ struct GradOp {
 };
 
 // The ops for a launch: per-channel tensors are math-type [C]; undefined ones become nullptr.
+// `running` (nullable) must have a momentum: see launch_batch_stats.
 template <typename T>
 StatsOp<T> stats_op(const Tensor& x, const Geometry& g, const Tensor& weight, const Tensor& bias,
-                    double eps, const Tensor& mean, const Tensor& var, const Tensor& coef) {
+                    double eps, const Tensor& mean, const Tensor& var, const Tensor& coef,
+                    const RunningStats* running = nullptr) {
   using M = math_t<T>;
   StatsOp<T> op;
   op.x = x.const_data_ptr<T>();
@@ -168,6 +185,11 @@ StatsOp<T> stats_op(const Tensor& x, const Geometry& g, const Tensor& weight, co
   op.mean = mean.mutable_data_ptr<M>();
   op.var = var.mutable_data_ptr<M>();
   op.coef = opt_mutable_ptr<M>(coef);
+  op.running_mean = running != nullptr ? running->mean.mutable_data_ptr<M>() : nullptr;
+  op.running_var = running != nullptr ? running->var.mutable_data_ptr<M>() : nullptr;
+  op.num_batches_tracked =
+      running != nullptr ? opt_mutable_ptr<int64_t>(running->num_batches_tracked) : nullptr;
+  op.momentum = running != nullptr ? running->momentum.value() : 0.0;
   return op;
 }
 

@@ -115,10 +115,12 @@ M* opt_mutable_ptr(const Tensor& t) {
 
 // Per-channel mean and biased variance of x. When `coef` is defined ([3C]) the same finishing
 // step also writes the forward coefficients (mu | alpha = w * invstd | beta = b), with `weight`
-// and `bias` (either may be undefined) and eps.
+// and `bias` (either may be undefined) and eps; and when `running` is given, it also updates
+// those running statistics. `running` must then have a momentum: with momentum None every
+// channel would read num_batches_tracked while channel 0 increments it.
 void launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight,
                         const Tensor& bias, double eps, const Tensor& mean, const Tensor& var,
-                        const Tensor& coef);
+                        const Tensor& coef, const RunningStats* running = nullptr);
 
 // sum_dy, sum_dy_xmu (either may be undefined: not stored), grad_bias = sum_dy and
 // grad_weight = sum_dy_xmu * invstd. When `coef` is defined ([4C]) also the training backward's
@@ -171,9 +173,11 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
 // is read once into registers, its blocks merge their sums across a per-channel barrier, and the
 // output is written from the registers. They return false, having launched nothing, where that
 // path does not apply (the slice does not fit on chip, or the device lacks cooperative launch).
+// `running` as for launch_batch_stats.
 bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
                                const Tensor& bias, double eps, const Tensor& y,
-                               const Tensor& mean, const Tensor& var);
+                               const Tensor& mean, const Tensor& var,
+                               const RunningStats* running);
 bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometry& g,
                                 const Tensor& mean, const Tensor& var, const Tensor& weight,
                                 double eps, const Tensor& dx, const Tensor& grad_weight,
@@ -184,9 +188,11 @@ bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometr
 // measured on a GPU.
 bool persistent_enabled();
 
+// running_stats_update (bn_ext.h) in one single-block launch; n is read from `count` (a 0-d
+// device tensor) when it is defined, else it is `n`.
 void launch_running_stats_update(const Tensor& running_mean, const Tensor& running_var,
                                  const Tensor& num_batches_tracked, const Tensor& mean,
-                                 const Tensor& var, const Tensor& count,
+                                 const Tensor& var, const Tensor& count, double n,
                                  c10::optional<double> momentum);
 
 }  // namespace detail

@@ -122,19 +122,20 @@ __global__ void __launch_bounds__(kThreads)
 // (momentum None) are both done here, so nothing is read back to the host: every thread reads the
 // old count, the block synchronises, and then thread 0 writes the new one.
 //   running_mean = (1 - m) * running_mean + m * mean
-//   running_var  = (1 - m) * running_var  + m * var * n / (n - 1),  n = *count
+//   running_var  = (1 - m) * running_var  + m * var * n / (n - 1),
+// n = *count, or n_host where count is nullptr.
 template <typename M>
 __global__ void __launch_bounds__(kThreads)
     running_stats_kernel(M* __restrict__ running_mean, M* __restrict__ running_var,
                          int64_t* __restrict__ num_batches_tracked, const M* __restrict__ mean,
-                         const M* __restrict__ var, const M* __restrict__ count, bool has_momentum,
-                         double momentum, int64_t C) {
+                         const M* __restrict__ var, const M* __restrict__ count, double n_host,
+                         bool has_momentum, double momentum, int64_t C) {
   int64_t tracked = 1;
   if (num_batches_tracked != nullptr) tracked = *num_batches_tracked + 1;
   __syncthreads();
   if (num_batches_tracked != nullptr && threadIdx.x == 0) *num_batches_tracked = tracked;
   const double m = has_momentum ? momentum : 1.0 / static_cast<double>(tracked);
-  const double n = static_cast<double>(*count);
+  const double n = count != nullptr ? static_cast<double>(*count) : n_host;
   const double unbias = n / (n - 1);  // n == 1: inf/nan, as in torch
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     running_mean[c] = static_cast<M>((1 - m) * static_cast<double>(running_mean[c]) +
@@ -228,14 +229,14 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
 
 void launch_running_stats_update(const Tensor& running_mean, const Tensor& running_var,
                                  const Tensor& num_batches_tracked, const Tensor& mean,
-                                 const Tensor& var, const Tensor& count,
+                                 const Tensor& var, const Tensor& count, double n,
                                  c10::optional<double> momentum) {
   const int64_t C = mean.numel();
   BN_EXT_CUDA_DISPATCH_MATH(mean.scalar_type(), "bn_ext::cuda::running_stats_update", [&] {
     running_stats_kernel<scalar_t><<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>(),
         opt_mutable_ptr<int64_t>(num_batches_tracked), mean.const_data_ptr<scalar_t>(),
-        var.const_data_ptr<scalar_t>(), count.const_data_ptr<scalar_t>(), momentum.has_value(),
+        var.const_data_ptr<scalar_t>(), opt_ptr<scalar_t>(count), n, momentum.has_value(),
         momentum.value_or(0.0), C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
