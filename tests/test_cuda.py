@@ -47,8 +47,10 @@ LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed"]
 #   (8, 32, 28, 28)   S % 8 == 0: vectorized everywhere
 #   (2, 3, 128, 128)  few channels, large N*S: two-stage grid reduction
 #   (2, 8, 6, 10, 12) 5-D
+#   (16, 520, 2, 2)   channels-last rows of whole vectors >= 128 bytes in every dtype: the 2-D
+#                     elementwise kernel, over several column blocks, the last one part-filled
 SHAPES = [(64, 40), (300, 6), (8, 12, 100), (4, 16, 33, 31), (8, 32, 28, 28), (2, 3, 128, 128),
-          (2, 8, 6, 10, 12)]
+          (2, 8, 6, 10, 12), (16, 520, 2, 2)]
 
 
 def _ids(shape):

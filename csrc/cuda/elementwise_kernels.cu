@@ -8,6 +8,15 @@
 // a vector may straddle runs and any S or C vectorizes. Coefficients are reloaded (from L1) only
 // when the channel changes. The last numel % V elements are done by the first threads, scalar.
 //
+// Channels-last rows of whole 128-bit vectors, at least 128 bytes long, go to a 2-D kernel
+// instead (elementwise_rows_kernel): there the flat loop meets a new channel at every element,
+// and its reloads, 3 (forward) or 4 (backward) per element with a warp's lanes V channels
+// apart, would occupy the load units far longer than the pass's own memory traffic (a warp's
+// coefficient load of bf16 rows touches 8 lines for 128 useful bytes: ~24 such loads for 512
+// bytes of input). A thread of the 2-D kernel keeps one vector of channels, and their
+// coefficients in registers, for all the rows it visits; the values, and so the bits, are the
+// flat kernel's.
+//
 // Per-channel coefficients, computed once per channel in double and rounded to the math type:
 //   forward  (mu | alpha | beta):  y  = (x - mu) * alpha + beta,  alpha = w * invstd, beta = b.
 //            The centred form keeps mean * alpha from rounding at a large magnitude.
@@ -80,6 +89,46 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Channels-last, C % V == 0: blocks (bx, by), bx * by = kThreads; thread (tx, ty) of block
+// (i, j) maps channels c0 .. c0 + V - 1, c0 = (i * bx + tx) * V, of rows j * by + ty, stepping
+// gridDim.y * by (the layout of reduce_channels_last_kernel). A warp reads whole row segments.
+template <typename T, Elementwise kOp, typename I, int V>
+__global__ void __launch_bounds__(kThreads)
+    elementwise_rows_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
+                            const math_t<T>* __restrict__ coef, I rows, I C) {
+  using M = math_t<T>;
+  constexpr bool kReadsX = kOp != Elementwise::kBackwardEval;
+  constexpr bool kReadsDy = kOp != Elementwise::kForward;
+  const I c0 = (static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (c0 >= C) return;  // the last column block's spare lanes (no barrier follows)
+  Coefs<M> k[V];
+#pragma unroll
+  for (int w = 0; w < V; ++w) {  // the fields the flat kernel loads for kOp; the rest 0 as there
+    const I c = c0 + w;
+    k[w] = Coefs<M>{0, 0, 0, 0};
+    k[w].p1 = coef[C + c];
+    if constexpr (kOp != Elementwise::kBackwardEval) {
+      k[w].mu = coef[c];
+      k[w].p2 = coef[2 * C + c];
+    }
+    if constexpr (kOp == Elementwise::kBackwardTrain) k[w].p3 = coef[3 * C + c];
+  }
+  const I step = static_cast<I>(gridDim.y) * blockDim.y;
+  for (I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += step) {
+    const I e = r * C + c0;
+    Vec<T, V> xv, gv, ov;
+    if constexpr (kReadsX) xv = load_vec<V>(x + e);
+    if constexpr (kReadsDy) gv = load_vec<V>(dy + e);
+#pragma unroll
+    for (int w = 0; w < V; ++w) {
+      const M xw = kReadsX ? static_cast<M>(xv.v[w]) : M(0);
+      const M dw = kReadsDy ? static_cast<M>(gv.v[w]) : M(0);
+      ov.v[w] = static_cast<T>(elementwise_value<kOp>(xw, dw, k[w]));
+    }
+    store_vec<V>(out + e, ov);
+  }
+}
+
 template <typename M>
 __global__ void __launch_bounds__(kThreads)
     forward_coefs_kernel(const M* __restrict__ mean, const M* __restrict__ var,
@@ -148,6 +197,23 @@ __global__ void __launch_bounds__(kThreads)
 #define BN_EXT_CUDA_DISPATCH_MATH(scalar_type, name, ...) \
   AT_DISPATCH_FLOATING_TYPES(scalar_type, name, __VA_ARGS__)
 
+// f(std::integral_constant<Elementwise, op>{}): the runtime op as a template argument.
+template <typename F>
+void dispatch_op(Elementwise op, const F& f) {
+  using E = Elementwise;
+  switch (op) {
+    case E::kForward:
+      f(std::integral_constant<E, E::kForward>{});
+      break;
+    case E::kBackwardTrain:
+      f(std::integral_constant<E, E::kBackwardTrain>{});
+      break;
+    case E::kBackwardEval:
+      f(std::integral_constant<E, E::kBackwardEval>{});
+      break;
+  }
+}
+
 }  // namespace
 
 void launch_forward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
@@ -196,9 +262,32 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
                          (dyp == nullptr || is_aligned16(dyp));
     const int64_t run = g.layout == Layout::kContiguous ? g.S : 1;
     const auto stream = at::cuda::getCurrentCUDAStream();
+    constexpr int VM = kMaxVec<T>;
+    const bool by_rows = g.layout == Layout::kChannelsLast && aligned && g.C % VM == 0 &&
+                         g.C * static_cast<int64_t>(sizeof(T)) >= 128;
     // The index type must also hold the coefficient offsets, up to 4 * C.
     dispatch_index(std::max<int64_t>(numel, 4 * g.C), [&](auto itag) {
       using I = decltype(itag);
+      if (by_rows) {
+        const int64_t cv = g.C / VM;  // channel vectors per row
+        const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cv)));
+        const int by = kThreads / bx;
+        const int64_t blocks_x = ceil_div(cv, bx);
+        const int64_t rows = numel / g.C;
+        // As many blocks in all as the flat kernel would launch at most (32 an SM).
+        const int64_t blocks_y = std::max<int64_t>(
+            1, std::min({ceil_div(rows, by), ceil_div(sm_count() * 32, blocks_x), int64_t{65535}}));
+        const auto launch = [&](auto kernel) {
+          kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
+                   dim3(bx, by), 0, stream>>>(xp, dyp, outp, coef.const_data_ptr<M>(),
+                                              static_cast<I>(rows), static_cast<I>(g.C));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        dispatch_op(op, [&](auto otag) {
+          launch(elementwise_rows_kernel<T, decltype(otag)::value, I, VM>);
+        });
+        return;
+      }
       dispatch_vec<T>(aligned, [&](auto vtag) {
         constexpr int V = decltype(vtag)::value;
         const int64_t nv = numel / V;
@@ -211,17 +300,9 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
               at::cuda::detail::IntDivider<I>(static_cast<I>(g.C)));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
-        switch (op) {
-          case Elementwise::kForward:
-            launch(elementwise_kernel<T, Elementwise::kForward, I, V>);
-            break;
-          case Elementwise::kBackwardTrain:
-            launch(elementwise_kernel<T, Elementwise::kBackwardTrain, I, V>);
-            break;
-          case Elementwise::kBackwardEval:
-            launch(elementwise_kernel<T, Elementwise::kBackwardEval, I, V>);
-            break;
-        }
+        dispatch_op(op, [&](auto otag) {
+          launch(elementwise_kernel<T, decltype(otag)::value, I, V>);
+        });
       });
     });
   });
