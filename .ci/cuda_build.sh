@@ -129,6 +129,20 @@ else
   echo "cuobjdump not found: architecture check skipped"
 fi
 
+# The built extension, kept with a stamp (commit, torch, architectures) in build/cuda-prebuilt/,
+# which bench/gpu_proof.sh can take (BN_EXT_PREBUILT) instead of building on a short GPU lease.
+PREBUILT=$ROOT/build/cuda-prebuilt
+mkdir -p "$PREBUILT"
+cp "$SO" "$PREBUILT/_C.abi3.so"
+commit=unknown
+if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  commit=$(git -C "$ROOT" rev-parse HEAD)
+  [ -z "$(git -C "$ROOT" status --porcelain)" ] || commit="$commit+dirty"
+fi
+echo "commit $commit torch $("$PY" -c 'import torch; print(torch.__version__)') arch $TORCH_CUDA_ARCH_LIST" \
+  >"$PREBUILT/_C.abi3.so.stamp"
+echo "kept as $PREBUILT/_C.abi3.so: $(cat "$PREBUILT/_C.abi3.so.stamp")"
+
 if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ]; then
   log "test suite in the CUDA environment"
   (cd "$AWAY" && "$PY" -m pytest "$STAGE/tests" -q -p no:cacheprovider)

@@ -33,6 +33,11 @@
 # Usage: BN_EXT_PROOF_QUICK=1 bash bench/gpu_proof.sh     (PYTHON=... to choose the interpreter)
 # Where the tree is a copy without .git (the device tool's), prefix BN_EXT_COMMIT=<hash> so that
 # the logs and tables name the commit they measured.
+# BN_EXT_PREBUILT=build/cuda-prebuilt/_C.abi3.so: use the extension that .ci/cuda_build.sh built
+# (against the same torch, 2.11.0+cu130, as the GPU machines have) instead of building here,
+# which saves the build's minutes of a lease; carry build/cuda-prebuilt. It is used only if its
+# stamp names this commit (clean), this torch, and it imports with CUDA kernels; else the build
+# runs as usual and the summary says why.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -125,7 +130,36 @@ stage() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# The prebuilt extension (BN_EXT_PREBUILT) in place of a build, if it is this commit's and this
+# torch's; returns 1 otherwise, its last line saying why.
+use_prebuilt() {
+  local so=$BN_EXT_PREBUILT stamp want torch_v s_commit s_torch
+  stamp=$so.stamp
+  if [ ! -f "$so" ] || [ ! -f "$stamp" ]; then echo "no $so or no stamp beside it"; return 1; fi
+  want=$(git rev-parse HEAD 2>/dev/null || echo "${BN_EXT_COMMIT:-}")
+  torch_v=$("$PY" -c "import torch; print(torch.__version__)")
+  read -r _ s_commit _ s_torch _ <"$stamp"
+  if [ -z "$want" ] || [[ "$s_commit" == *+dirty ]] || [[ "$s_commit" != "$want"* ]]; then
+    echo "stamp '$(cat "$stamp")' is not commit '${want:-unknown}', clean"; return 1
+  fi
+  if [ "$s_torch" != "$torch_v" ]; then echo "stamp's torch $s_torch, here $torch_v"; return 1; fi
+  cp "$so" bn_ext/_C.abi3.so
+  if ! "$PY" -c "import bn_ext; assert bn_ext.has_cuda_kernels()"; then
+    rm -f bn_ext/_C.abi3.so
+    echo "the prebuilt extension does not import with CUDA kernels"; return 1
+  fi
+  echo "prebuilt extension used: $(cat "$stamp")"
+}
+
 build() {
+  if [ -n "${BN_EXT_PREBUILT:-}" ]; then
+    local why
+    why=$(use_prebuilt 2>&1)
+    local rc=$?
+    echo "$why" | tail -n 1 | sed 's/^/# prebuilt: /' | tee -a "$SUMMARY"
+    [ "$rc" -eq 0 ] && return 0
+    echo "gpu_proof: the prebuilt extension is not used; building"
+  fi
   if [ -z "${CUDA_HOME:-}" ]; then
     local d
     for d in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")")"; do
