@@ -4,9 +4,10 @@
 //
 //   batch_stats        reduce [+ finalize]
 //   normalize          forward_coefs, elementwise
-//   train_forward      reduce [+ finalize] (which also write the coefficients and update the
-//                      running statistics), elementwise; or, with BN_EXT_CUDA_PERSISTENT=1 and
-//                      where it fits, one persistent kernel; [+ running_stats (momentum None)]
+//   train_forward      reduce [+ finalize] (which also write the coefficients and, with a fixed
+//                      momentum, update the running statistics), elementwise; or, with
+//                      BN_EXT_CUDA_PERSISTENT=1 and where it fits, one persistent kernel;
+//                      [+ running_stats (momentum None, or the persistent kernel)]
 //   backward_reduce    reduce [+ finalize]
 //   backward_input     backward_coefs (count read on the device), elementwise
 //   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise;
@@ -48,12 +49,13 @@ void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight, con
                    double eps, Tensor& y, Tensor& mean, Tensor& var,
                    const RunningStats* running) {
   c10::cuda::CUDAGuard guard(x.device());
-  // With a fixed momentum the reduction's finishing step updates the running statistics (no
-  // launch of their own); momentum None reads num_batches_tracked on the device, after.
-  const RunningStats* folded =
-      running != nullptr && running->momentum.has_value() ? running : nullptr;
+  // With a fixed momentum the multi-pass reduction's finishing step updates the running
+  // statistics (no launch of their own). Momentum None reads num_batches_tracked on the device,
+  // and the single-pass kernel has no registers to spare for the update: a launch after.
+  const RunningStats* folded = nullptr;
   if (!(detail::persistent_enabled() &&
-        detail::launch_persistent_forward(x, g, weight, bias, eps, y, mean, var, folded))) {
+        detail::launch_persistent_forward(x, g, weight, bias, eps, y, mean, var))) {
+    folded = running != nullptr && running->momentum.has_value() ? running : nullptr;
     const Tensor coef = coef_buffer(mean, g, 3);
     detail::launch_batch_stats(x, g, weight, bias, eps, mean, var, coef, folded);
     detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);

@@ -19,7 +19,10 @@ namespace detail {
 // mean of the channel's first 32 elements, a border of 32 zeros at the top of image 0 in a channel
 // of N(5, 0.01) would have set it, for a factor of ~1e4 (var 2e-3 against a 5.0 offset).
 
-template <typename T>
+// kRunning: finish() can also update running statistics (below). Only the multi-pass
+// reductions take that code: in the single-pass kernels, which hold their tile in registers, it
+// cost registers (bf16/fp16 V=8: 80 -> 92, so 3 -> 2 resident blocks an SM).
+template <typename T, bool kRunning = false>
 struct StatsOp {
   using M = math_t<T>;
   static constexpr bool kNeedsDy = false;
@@ -36,9 +39,9 @@ struct StatsOp {
   M* mean;
   M* var;
   M* coef;  // nullable: (mu | alpha | beta) for the forward elementwise kernel
-  // Nullable: running statistics that the finishing step updates where it stores mean and var,
-  // as running_stats_update does (bn_ext.h) with this fixed momentum; channel 0's step also
-  // counts the batch in num_batches_tracked (nullable), which no other channel reads.
+  // kRunning, nullable: running statistics that the finishing step updates where it stores mean
+  // and var, as running_stats_update does (bn_ext.h) with this fixed momentum; channel 0's step
+  // also counts the batch in num_batches_tracked (nullable), which no other channel reads.
   M* running_mean;
   M* running_var;
   int64_t* num_batches_tracked;
@@ -95,7 +98,7 @@ struct StatsOp {
         coef[C + c] = r.p1;
         coef[2 * C + c] = r.p2;
       }
-      if (running_mean != nullptr) {
+      if (kRunning && running_mean != nullptr) {
         const double unbias = n / (n - 1);  // n == 1: inf/nan, as in torch
         running_mean[c] = static_cast<M>((1 - momentum) * static_cast<double>(running_mean[c]) +
                                          momentum * static_cast<double>(r.mu));
@@ -168,13 +171,15 @@ struct GradOp {
 };
 
 // The ops for a launch: per-channel tensors are math-type [C]; undefined ones become nullptr.
-// `running` (nullable) must have a momentum: see launch_batch_stats.
-template <typename T>
-StatsOp<T> stats_op(const Tensor& x, const Geometry& g, const Tensor& weight, const Tensor& bias,
-                    double eps, const Tensor& mean, const Tensor& var, const Tensor& coef,
-                    const RunningStats* running = nullptr) {
+// `running` (nullable; only with kRunning) must have a momentum: see launch_batch_stats.
+template <typename T, bool kRunning = false>
+StatsOp<T, kRunning> stats_op(const Tensor& x, const Geometry& g, const Tensor& weight,
+                              const Tensor& bias, double eps, const Tensor& mean,
+                              const Tensor& var, const Tensor& coef,
+                              const RunningStats* running = nullptr) {
   using M = math_t<T>;
-  StatsOp<T> op;
+  TORCH_INTERNAL_ASSERT(kRunning || running == nullptr);
+  StatsOp<T, kRunning> op;
   op.x = x.const_data_ptr<T>();
   op.samples = shift_samples(g);
   op.C = g.C;

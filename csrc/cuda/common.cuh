@@ -173,11 +173,9 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
 // is read once into registers, its blocks merge their sums across a per-channel barrier, and the
 // output is written from the registers. They return false, having launched nothing, where that
 // path does not apply (the slice does not fit on chip, or the device lacks cooperative launch).
-// `running` as for launch_batch_stats.
 bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
                                const Tensor& bias, double eps, const Tensor& y,
-                               const Tensor& mean, const Tensor& var,
-                               const RunningStats* running);
+                               const Tensor& mean, const Tensor& var);
 bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometry& g,
                                 const Tensor& mean, const Tensor& var, const Tensor& weight,
                                 double eps, const Tensor& dx, const Tensor& grad_weight,

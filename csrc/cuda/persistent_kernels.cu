@@ -396,11 +396,10 @@ bool persistent_enabled() {
 
 bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
                                const Tensor& bias, double eps, const Tensor& y,
-                               const Tensor& mean, const Tensor& var,
-                               const RunningStats* running) {
+                               const Tensor& mean, const Tensor& var) {
   bool launched = false;
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::persistent_forward", [&] {
-    const auto op = stats_op<scalar_t>(x, g, weight, bias, eps, mean, var, Tensor(), running);
+    const auto op = stats_op<scalar_t>(x, g, weight, bias, eps, mean, var, Tensor());
     launched = persistent<scalar_t>(op, x, Tensor(), y, g);
   });
   return launched;

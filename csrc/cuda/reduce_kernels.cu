@@ -225,8 +225,8 @@ void launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight
                         const Tensor& bias, double eps, const Tensor& mean, const Tensor& var,
                         const Tensor& coef, const RunningStats* running) {
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::batch_stats", [&] {
-    reduce<scalar_t>(stats_op<scalar_t>(x, g, weight, bias, eps, mean, var, coef, running), x,
-                     Tensor(), g);
+    reduce<scalar_t>(stats_op<scalar_t, true>(x, g, weight, bias, eps, mean, var, coef, running),
+                     x, Tensor(), g);
   });
 }
 
