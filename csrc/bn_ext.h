@@ -107,6 +107,18 @@ struct RunningStats {
   c10::optional<double> momentum;
 };
 
+// One channel of that update: running = (1 - m) running + m batch, the batch variance unbiased
+// by unbias = n / (n - 1) (inf/nan for n == 1, as in torch); in double, rounded once to M. Every
+// backend and path (CPU, the CUDA update kernel, the CUDA reductions' finishing step) calls it.
+template <typename M>
+BN_EXT_HOST_DEVICE inline void blend_running_stats(M& running_mean, M& running_var, M mean, M var,
+                                                   double m, double unbias) {
+  running_mean = static_cast<M>((1 - m) * static_cast<double>(running_mean) +
+                                m * static_cast<double>(mean));
+  running_var = static_cast<M>((1 - m) * static_cast<double>(running_var) +
+                               m * unbias * static_cast<double>(var));
+}
+
 // Per-channel tensors handed to kernels are contiguous 1-D [C] tensors of the math type
 // (float64 for float64 input, float32 otherwise); weight/bias may be undefined (affine=False).
 // Outputs are preallocated by the front door, uninitialized (for a non-empty input): a kernel

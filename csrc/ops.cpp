@@ -203,7 +203,9 @@ void finish_output(Output& o) {
 
 // A per-channel vector as the kernels want it: contiguous [C] in the math type. Most already
 // are (a layer's parameters and buffers), and are passed as they are: the reshape, to and
-// contiguous that would return them cost three dispatches each, ~1 us a small call.
+// contiguous that would return them cost three dispatches each, ~1 us a small call. A
+// contiguous math-type t comes back as a view of itself, so a kernel's writes reach it; any
+// other is a converted copy (write_back returns an update to it).
 Tensor as_math_vector(const Tensor& t, at::ScalarType math) {
   if (t.dim() == 1 && t.scalar_type() == math && t.is_contiguous()) return t;
   return t.reshape({-1}).to(math).contiguous();
@@ -263,13 +265,7 @@ Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& var,
   return out.result;
 }
 
-// A running-statistics buffer as the kernels update it: itself when it is a contiguous
-// math-type tensor (a [C] view), else a converted copy that write_back() returns to it.
-Tensor as_math_buffer(const Tensor& t, at::ScalarType math) {
-  if (t.scalar_type() == math && t.is_contiguous()) return t.dim() == 1 ? t : t.view({-1});
-  return t.reshape({-1}).to(math).contiguous();
-}
-
+// An update made through as_math_vector(buffer), back into buffer where that was a copy.
 void write_back(const Tensor& updated, const Tensor& buffer) {
   if (!updated.is_alias_of(buffer)) buffer.copy_(updated.view_as(buffer));
 }
@@ -317,8 +313,8 @@ void apply_running_stats(Tensor& running_mean, Tensor& running_var,
                          const Tensor& var, const Tensor& count, optional<double> momentum) {
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
   const auto math = math_type(mean.scalar_type());
-  Tensor rm = as_math_buffer(running_mean, math);
-  Tensor rv = as_math_buffer(running_var, math);
+  Tensor rm = as_math_vector(running_mean, math);
+  Tensor rv = as_math_vector(running_var, math);
   BN_EXT_KERNEL(mean, running_stats_update, rm, rv, has_nbt ? *num_batches_tracked : Tensor(),
                 as_math_vector(mean, math), as_math_vector(var, math),
                 count.reshape({}).to(math), momentum);
@@ -384,7 +380,7 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   // math-type buffers: the module's own, or converted copies written back after.
   RunningStats running;
   if (update) {
-    running = RunningStats{as_math_buffer(*running_mean, math), as_math_buffer(*running_var, math),
+    running = RunningStats{as_math_vector(*running_mean, math), as_math_vector(*running_var, math),
                            num_batches_tracked.value_or(Tensor()), momentum};
   }
   BN_EXT_KERNEL(x, train_forward, x, geometry(x, out.layout), as_math_vector(weight, math),

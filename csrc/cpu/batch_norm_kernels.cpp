@@ -1517,15 +1517,12 @@ void update_running_stats(const RunningStats& r, const Tensor& mean, const Tenso
     if (!r.momentum.has_value()) m = 1.0 / static_cast<double>(*nbt);
   }
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_ext::running_stats_update", [&] {
-    // Unbiased variance; with n == 1 it is undefined, as in torch (inf/nan).
-    const double unbias = n / (n - 1);
     scalar_t* rm = r.mean.data_ptr<scalar_t>();
     scalar_t* rv = r.var.data_ptr<scalar_t>();
     const scalar_t* bm = mean.const_data_ptr<scalar_t>();
     const scalar_t* bv = var.const_data_ptr<scalar_t>();
     for (int64_t c = 0; c < mean.numel(); ++c) {
-      rm[c] = static_cast<scalar_t>((1 - m) * rm[c] + m * bm[c]);
-      rv[c] = static_cast<scalar_t>((1 - m) * rv[c] + m * unbias * bv[c]);
+      blend_running_stats(rm[c], rv[c], bm[c], bv[c], m, n / (n - 1));
     }
   });
 }

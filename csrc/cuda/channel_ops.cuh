@@ -99,11 +99,7 @@ struct StatsOp {
         coef[2 * C + c] = r.p2;
       }
       if (kRunning && running_mean != nullptr) {
-        const double unbias = n / (n - 1);  // n == 1: inf/nan, as in torch
-        running_mean[c] = static_cast<M>((1 - momentum) * static_cast<double>(running_mean[c]) +
-                                         momentum * static_cast<double>(r.mu));
-        running_var[c] = static_cast<M>((1 - momentum) * static_cast<double>(running_var[c]) +
-                                        momentum * unbias * static_cast<double>(vm));
+        blend_running_stats(running_mean[c], running_var[c], r.mu, vm, momentum, n / (n - 1));
         if (c == 0 && num_batches_tracked != nullptr) *num_batches_tracked += 1;
       }
     }

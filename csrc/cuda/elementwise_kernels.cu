@@ -29,6 +29,19 @@ namespace cuda {
 namespace detail {
 namespace {
 
+// Channel c's coefficients, the fields kOp uses (the others 0).
+template <Elementwise kOp, typename M, typename I>
+__device__ __forceinline__ Coefs<M> load_coefs(const M* __restrict__ coef, I C, I c) {
+  Coefs<M> k{0, 0, 0, 0};
+  k.p1 = coef[C + c];
+  if constexpr (kOp != Elementwise::kBackwardEval) {
+    k.mu = coef[c];
+    k.p2 = coef[2 * C + c];
+  }
+  if constexpr (kOp == Elementwise::kBackwardTrain) k.p3 = coef[3 * C + c];
+  return k;
+}
+
 template <typename T, Elementwise kOp, typename I, int W>
 __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
                                                const T* __restrict__ dy, T* __restrict__ out,
@@ -51,12 +64,7 @@ __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
   for (int w = 0; w < W; ++w) {
     if (c != cached) {
       cached = c;
-      k.p1 = coef[C + c];
-      if constexpr (kOp != Elementwise::kBackwardEval) {
-        k.mu = coef[c];
-        k.p2 = coef[2 * C + c];
-      }
-      if constexpr (kOp == Elementwise::kBackwardTrain) k.p3 = coef[3 * C + c];
+      k = load_coefs<kOp>(coef, C, c);
     }
     const M xw = kReadsX ? static_cast<M>(xv.v[w]) : M(0);
     const M dw = kReadsDy ? static_cast<M>(gv.v[w]) : M(0);
@@ -103,16 +111,7 @@ __global__ void __launch_bounds__(kThreads)
   if (c0 >= C) return;  // the last column block's spare lanes (no barrier follows)
   Coefs<M> k[V];
 #pragma unroll
-  for (int w = 0; w < V; ++w) {  // the fields the flat kernel loads for kOp; the rest 0 as there
-    const I c = c0 + w;
-    k[w] = Coefs<M>{0, 0, 0, 0};
-    k[w].p1 = coef[C + c];
-    if constexpr (kOp != Elementwise::kBackwardEval) {
-      k[w].mu = coef[c];
-      k[w].p2 = coef[2 * C + c];
-    }
-    if constexpr (kOp == Elementwise::kBackwardTrain) k[w].p3 = coef[3 * C + c];
-  }
+  for (int w = 0; w < V; ++w) k[w] = load_coefs<kOp>(coef, C, static_cast<I>(c0 + w));
   const I step = static_cast<I>(gridDim.y) * blockDim.y;
   for (I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += step) {
     const I e = r * C + c0;
@@ -185,12 +184,8 @@ __global__ void __launch_bounds__(kThreads)
   if (num_batches_tracked != nullptr && threadIdx.x == 0) *num_batches_tracked = tracked;
   const double m = has_momentum ? momentum : 1.0 / static_cast<double>(tracked);
   const double n = count != nullptr ? static_cast<double>(*count) : n_host;
-  const double unbias = n / (n - 1);  // n == 1: inf/nan, as in torch
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    running_mean[c] = static_cast<M>((1 - m) * static_cast<double>(running_mean[c]) +
-                                     m * static_cast<double>(mean[c]));
-    running_var[c] = static_cast<M>((1 - m) * static_cast<double>(running_var[c]) +
-                                    m * unbias * static_cast<double>(var[c]));
+    blend_running_stats(running_mean[c], running_var[c], mean[c], var[c], m, n / (n - 1));
   }
 }
 
