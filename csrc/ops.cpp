@@ -135,6 +135,12 @@ int64_t spatial_size(const Tensor& t) {
   return s;
 }
 
+// The layout for a tensor in neither layout, after a copy: contiguous, which is channels-last
+// when S == 1 ((N, C) rows; the kernels' channels-last paths read whole rows).
+Layout copy_layout(const Tensor& t) {
+  return spatial_size(t) > 1 ? Layout::kContiguous : Layout::kChannelsLast;
+}
+
 // The layout a kernel can run on this tensor in place, if any.
 optional<Layout> layout_of(const Tensor& t) {
   const int64_t S = spatial_size(t);
@@ -157,7 +163,7 @@ Geometry geometry(const Tensor& t, Layout layout) {
 
 // The layout a reduction reads the input in: its own, or contiguous after a copy.
 Layout read_layout(const Tensor& input) {
-  return layout_of(input).value_or(Layout::kContiguous);
+  return layout_of(input).value_or(copy_layout(input));
 }
 
 // An output shaped like `input`, with the strides at::empty_like gives it (so that the fake
@@ -194,7 +200,7 @@ Tensor empty_output_like(const Tensor& input, c10::MemoryFormat format) {
 Output make_output(const Tensor& input) {
   Tensor out = empty_output_like(input, c10::MemoryFormat::Preserve);
   if (auto layout = layout_of(out)) return {out, out, *layout};
-  return {out, empty_output_like(input, c10::MemoryFormat::Contiguous), Layout::kContiguous};
+  return {out, empty_output_like(input, c10::MemoryFormat::Contiguous), copy_layout(input)};
 }
 
 void finish_output(Output& o) {
@@ -438,7 +444,8 @@ Tensor backward_input(const Tensor& grad_out, const Tensor& input, const Tensor&
   Output out = make_output(input);
   if (input.numel() == 0) return out.result;
   const auto math = math_type(input.scalar_type());
-  const Tensor x = to_layout(input, out.layout);
+  // Eval reads no x (bn_ext.h): one that is in neither layout is not worth a copy.
+  const Tensor x = training ? to_layout(input, out.layout) : input;
   const Tensor dy = to_layout(grad_out, out.layout);
   BN_EXT_KERNEL(x, backward_input, dy, x, geometry(x, out.layout), as_math_vector(mean, math),
                 as_math_vector(var, math), as_math_vector(weight, math),

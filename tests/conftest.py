@@ -46,7 +46,8 @@ def make_input(shape, dtype, device, layout="contiguous", seed=0, mean=0.5, std=
 
     contiguous: plain; channels_last: C innermost (channels_last(_3d) for 4D/5D, a transposed
     (N, L, C) for 3D, plain for 2D); sliced: a non-dense view (every other element of the last
-    dimension); transposed: the last two dimensions swapped (dense, but neither layout).
+    dimension); transposed: the last two dimensions swapped (dense, but neither layout; for 2D
+    an (N, C) view of a (C, N) tensor).
     """
     g = torch.Generator().manual_seed(seed)
     if layout == "sliced":
@@ -54,7 +55,7 @@ def make_input(shape, dtype, device, layout="contiguous", seed=0, mean=0.5, std=
         big[-1] *= 2
         x = torch.randn(big, generator=g, dtype=torch.float64) * std + mean
         x = x.to(dtype).to(device)[..., ::2]
-    elif layout == "transposed" and len(shape) >= 3:
+    elif layout == "transposed":
         s = list(shape)
         s[-1], s[-2] = s[-2], s[-1]
         x = (torch.randn(s, generator=g, dtype=torch.float64) * std + mean).to(dtype).to(device)

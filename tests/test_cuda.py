@@ -68,8 +68,6 @@ def test_build_has_cuda_kernels():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_parity_with_torch(cudnn, dtypes, layout, shape):
-    if len(shape) == 2 and layout == "transposed":
-        pytest.skip("a 2D input has no spatial dims to transpose")
     dtype, param_dtype = dtypes
     with torch.backends.cudnn.flags(enabled=cudnn):
         ref, ours = make_pair(len(shape), shape[1], DEV, param_dtype)
@@ -200,6 +198,47 @@ def test_ops_match_cpu(dtype, case):
     got, want = both(lambda x, dy, w, b: ops.train_backward(dy, x, mean.to(x.device),
                                                             var.to(x.device), None, eps))
     check(got, want, "train_backward(no weight)")
+
+
+# The eval maps derive their coefficients in the kernel where it maps whole vectors with runs at
+# least a vector long (aligned contiguous, channels-last rows of whole vectors), and read them from
+# a table computed first otherwise (here: the same values at a misaligned address). Both routes
+# must give the same bits, and match the CPU.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp64", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", [((4, 16, 33, 31), "contiguous"), ((8, 24, 7, 7), "contiguous"),
+                                  ((16, 520, 2, 2), "channels_last")],
+                         ids=lambda c: f"{_ids(c[0])}-{c[1]}")
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_eval_coefficient_routes_agree_bitwise(dtype, case, affine):
+    shape, layout = case
+    C = shape[1]
+    eps = 1e-3
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_input(shape, dtype, DEV, layout, seed=5)
+    dy = make_input(shape, dtype, DEV, layout, seed=6)
+    mean = torch.randn(C, device=DEV, dtype=mt)
+    var = torch.rand(C, device=DEV, dtype=mt) * 3 + 1e-3
+    w = torch.rand(C, device=DEV, dtype=mt) + 0.5 if affine else None
+    b = torch.randn(C, device=DEV, dtype=mt) if affine else None
+
+    def misaligned(t):
+        if layout == "channels_last":
+            return _misaligned(t.movedim(1, -1).contiguous()).movedim(-1, 1)
+        return _misaligned(t)
+
+    xm, dym = misaligned(x), misaligned(dy)
+    y = ops.normalize(x, mean, var, w, b, eps)
+    ym = ops.normalize(xm, mean, var, w, b, eps)
+    assert torch.equal(y, ym), "normalize: derived and table coefficients differ"
+    dx = ops.backward_input(dy, x, mean, var, w, None, None, None, eps)
+    dxm = ops.backward_input(dym, xm, mean, var, w, None, None, None, eps)
+    assert torch.equal(dx, dxm), "backward_input(eval): derived and table coefficients differ"
+    args = [t.cpu() if t is not None else None for t in (x, mean, var, w, b)]
+    assert_close(y.cpu(), ops.normalize(*args, eps), dtype, msg="normalize vs CPU")
+    want = ops.backward_input(dy.cpu(), x.cpu(), mean.cpu(), var.cpu(), args[3], None, None, None,
+                              eps)
+    assert_close(dx.cpu(), want, dtype, msg="backward_input(eval) vs CPU")
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -3,13 +3,15 @@
 // can be captured in a CUDA graph. Temporaries come from the caching allocator (at::empty).
 //
 //   batch_stats        reduce [+ finalize]
-//   normalize          forward_coefs, elementwise
+//   normalize          elementwise, deriving the coefficients from the statistics (or, where
+//                      the map would derive them at nearly every element, forward_coefs first)
 //   train_forward      reduce [+ finalize] (which also write the coefficients and, with a fixed
 //                      momentum, update the running statistics), elementwise; or, with
 //                      BN_EXT_CUDA_PERSISTENT=1 and where it fits, one persistent kernel;
 //                      [+ running_stats (momentum None, or the persistent kernel)]
 //   backward_reduce    reduce [+ finalize]
-//   backward_input     backward_coefs (count read on the device), elementwise
+//   backward_input     training: backward_coefs (count read on the device), elementwise;
+//                      eval: as normalize
 //   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise;
 //                      or one persistent kernel, as train_forward
 //   running_stats_update  one single-block kernel
@@ -40,9 +42,8 @@ void batch_stats(const Tensor& x, const Geometry& g, Tensor& mean, Tensor& var) 
 void normalize(const Tensor& x, const Geometry& g, const Tensor& mean, const Tensor& var,
                const Tensor& weight, const Tensor& bias, double eps, Tensor& y) {
   c10::cuda::CUDAGuard guard(x.device());
-  const Tensor coef = coef_buffer(mean, g, 3);
-  detail::launch_forward_coefs(mean, var, weight, bias, eps, coef);
-  detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);
+  detail::launch_eval_elementwise(Elementwise::kForward, x, Tensor(), g, mean, var, weight, bias,
+                                  eps, y);
 }
 
 void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight, const Tensor& bias,
@@ -79,11 +80,14 @@ void backward_input(const Tensor& dy, const Tensor& x, const Geometry& g, const 
                     const Tensor& var, const Tensor& weight, const Tensor& sum_dy,
                     const Tensor& sum_dy_xmu, const Tensor& count, double eps, Tensor& dx) {
   c10::cuda::CUDAGuard guard(x.device());
-  const bool training = sum_dy.defined();
+  if (!sum_dy.defined()) {  // eval
+    detail::launch_eval_elementwise(Elementwise::kBackwardEval, x, dy, g, mean, var, weight,
+                                    Tensor(), eps, dx);
+    return;
+  }
   const Tensor coef = coef_buffer(mean, g, 4);
   detail::launch_backward_coefs(mean, var, weight, sum_dy, sum_dy_xmu, count, eps, coef);
-  detail::launch_elementwise(training ? Elementwise::kBackwardTrain : Elementwise::kBackwardEval,
-                             x, dy, g, coef, dx);
+  detail::launch_elementwise(Elementwise::kBackwardTrain, x, dy, g, coef, dx);
 }
 
 void train_backward(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,

@@ -55,6 +55,12 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
 __device__ __forceinline__ float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double fmadd(double a, double b, double c) { return fma(a, b, c); }
 
+// 1 / sqrt(v) rounded to nearest whatever the compiler's -prec-* flags: in float one correctly
+// rounded operation (rsqrtf would be up to 2 ulp off), in double a square root and a division,
+// each rounded to nearest.
+__device__ __forceinline__ float inv_sqrt_rn(float v) { return __frsqrt_rn(v); }
+__device__ __forceinline__ double inv_sqrt_rn(double v) { return 1.0 / __dsqrt_rn(v); }
+
 inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -164,10 +170,70 @@ __device__ __forceinline__ M elementwise_value(M x, M dy, const Coefs<M>& k) {
   }
 }
 
-// out = f(x, dy) elementwise with per-channel coefficients from one of the two coef launchers
-// above (or the reductions that write them).
+// Where an elementwise kernel finds channel c's coefficients (the fields kOp uses, the others 0).
+//
+// CoefTable: a [3C] or [4C] table (mu | p1 | p2 | p3) from one of the coef launchers above or
+// the reductions that write them.
+template <typename M>
+struct CoefTable {
+  static constexpr bool kDerives = false;
+  const M* coef;
+
+  template <Elementwise kOp, typename I>
+  __device__ __forceinline__ Coefs<M> at(I C, I c) const {
+    Coefs<M> k{0, 0, 0, 0};
+    k.p1 = coef[C + c];
+    if constexpr (kOp != Elementwise::kBackwardEval) {
+      k.mu = coef[c];
+      k.p2 = coef[2 * C + c];
+    }
+    if constexpr (kOp == Elementwise::kBackwardTrain) k.p3 = coef[3 * C + c];
+    return k;
+  }
+};
+
+// EvalStats: the eval coefficients, derived from given statistics where a thread needs them, in
+// the math type as torch's kernels do (invstd = inv_sqrt_rn(var + eps)), so that an eval map is
+// one launch:
+//   forward       (mu = mean, alpha = w * invstd, beta = b)
+//   backward eval (a = w * invstd)
+// The coef launchers' eval tables hold the same values, so both routes give the same bits.
+// weight and bias are nullable (1 and 0).
+template <typename M>
+struct EvalStats {
+  static constexpr bool kDerives = true;
+  const M* mean;
+  const M* var;
+  const M* weight;
+  const M* bias;
+  M eps;
+
+  template <Elementwise kOp, typename I>
+  __device__ __forceinline__ Coefs<M> at(I /*C*/, I c) const {
+    static_assert(kOp != Elementwise::kBackwardTrain, "training coefficients need the sums");
+    const M invstd = inv_sqrt_rn(var[c] + eps);
+    Coefs<M> k{0, 0, 0, 0};
+    k.p1 = weight != nullptr ? weight[c] * invstd : invstd;
+    if constexpr (kOp == Elementwise::kForward) {
+      k.mu = mean[c];
+      k.p2 = bias != nullptr ? bias[c] : M(0);
+    }
+    return k;
+  }
+};
+
+// out = f(x, dy) elementwise with per-channel coefficients from a CoefTable.
 void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const Geometry& g,
                         const Tensor& coef, const Tensor& out);
+
+// The eval maps (op kForward or kBackwardEval) from statistics (EvalStats), in one launch where
+// the kernel derives each coefficient for a run of elements; where the flat map meets a new
+// channel at nearly every element (channels-last rows it cannot take whole, or unaligned
+// tensors), a coefficient table first (launch_forward_coefs / launch_backward_coefs).
+void launch_eval_elementwise(Elementwise op, const Tensor& x, const Tensor& dy,
+                             const Geometry& g, const Tensor& mean, const Tensor& var,
+                             const Tensor& weight, const Tensor& bias, double eps,
+                             const Tensor& out);
 
 // The single-pass training forward and backward (persistent_kernels.cu): each channel's slice
 // is read once into registers, its blocks merge their sums across a per-channel barrier, and the

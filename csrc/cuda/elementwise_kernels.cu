@@ -17,11 +17,15 @@
 // coefficients in registers, for all the rows it visits; the values, and so the bits, are the
 // flat kernel's.
 //
-// Per-channel coefficients, computed once per channel in double and rounded to the math type:
+// Per-channel coefficients:
 //   forward  (mu | alpha | beta):  y  = (x - mu) * alpha + beta,  alpha = w * invstd, beta = b.
 //            The centred form keeps mean * alpha from rounding at a large magnitude.
 //   backward (mu | a | b | d):     dx = dy * a + ((x - mu) * b + d)   (training)
 //                                  dx = dy * a                        (eval; x is not read)
+// A kernel reads them from a table (CoefTable, common.cuh): in training the reductions' finishing
+// step writes it, once per channel in double. The eval maps instead derive theirs from the
+// statistics as they go (EvalStats, in the math type), so that eval is one launch, as cuDNN's;
+// map_plan and derives_coefs below choose the kernel and whether a table comes first.
 #include "common.cuh"
 
 namespace bn_ext {
@@ -29,23 +33,10 @@ namespace cuda {
 namespace detail {
 namespace {
 
-// Channel c's coefficients, the fields kOp uses (the others 0).
-template <Elementwise kOp, typename M, typename I>
-__device__ __forceinline__ Coefs<M> load_coefs(const M* __restrict__ coef, I C, I c) {
-  Coefs<M> k{0, 0, 0, 0};
-  k.p1 = coef[C + c];
-  if constexpr (kOp != Elementwise::kBackwardEval) {
-    k.mu = coef[c];
-    k.p2 = coef[2 * C + c];
-  }
-  if constexpr (kOp == Elementwise::kBackwardTrain) k.p3 = coef[3 * C + c];
-  return k;
-}
-
-template <typename T, Elementwise kOp, typename I, int W>
+template <typename T, Elementwise kOp, typename I, int W, typename Src>
 __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
                                                const T* __restrict__ dy, T* __restrict__ out,
-                                               const math_t<T>* __restrict__ coef, I C,
+                                               const Src& src, I C,
                                                const at::cuda::detail::IntDivider<I>& per_run,
                                                const at::cuda::detail::IntDivider<I>& per_c) {
   using M = math_t<T>;
@@ -58,41 +49,57 @@ __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
   Vec<T, W> xv, gv, ov;
   if constexpr (kReadsX) xv = load_vec<W>(x + e);
   if constexpr (kReadsDy) gv = load_vec<W>(dy + e);
-  I cached = C;  // no channel
-  Coefs<M> k{0, 0, 0, 0};
+  if constexpr (Src::kDerives) {
+    // run >= W (derives_coefs): the vector meets at most one new channel, at w = run - s, so
+    // the (costlier) derivation is written twice, not once per element.
+    const I left = run - s;  // elements of channel c from e on
+    const Coefs<M> k0 = src.template at<kOp>(C, c);
+    Coefs<M> k1 = k0;
+    if (left < static_cast<I>(W)) k1 = src.template at<kOp>(C, c + 1 == C ? I(0) : c + 1);
 #pragma unroll
-  for (int w = 0; w < W; ++w) {
-    if (c != cached) {
-      cached = c;
-      k = load_coefs<kOp>(coef, C, c);
+    for (int w = 0; w < W; ++w) {
+      const M xw = kReadsX ? static_cast<M>(xv.v[w]) : M(0);
+      const M dw = kReadsDy ? static_cast<M>(gv.v[w]) : M(0);
+      ov.v[w] = static_cast<T>(
+          elementwise_value<kOp>(xw, dw, static_cast<I>(w) < left ? k0 : k1));
     }
-    const M xw = kReadsX ? static_cast<M>(xv.v[w]) : M(0);
-    const M dw = kReadsDy ? static_cast<M>(gv.v[w]) : M(0);
-    ov.v[w] = static_cast<T>(elementwise_value<kOp>(xw, dw, k));
-    if (++s == run) {
-      s = 0;
-      c = c + 1 == C ? I(0) : c + 1;
+  } else {
+    I cached = C;  // no channel
+    Coefs<M> k{0, 0, 0, 0};
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      if (c != cached) {
+        cached = c;
+        k = src.template at<kOp>(C, c);
+      }
+      const M xw = kReadsX ? static_cast<M>(xv.v[w]) : M(0);
+      const M dw = kReadsDy ? static_cast<M>(gv.v[w]) : M(0);
+      ov.v[w] = static_cast<T>(elementwise_value<kOp>(xw, dw, k));
+      if (++s == run) {
+        s = 0;
+        c = c + 1 == C ? I(0) : c + 1;
+      }
     }
   }
   store_vec<W>(out + e, ov);
 }
 
-template <typename T, Elementwise kOp, typename I, int V>
+template <typename T, Elementwise kOp, typename I, int V, typename Src>
 __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
-                       const math_t<T>* __restrict__ coef, I numel, I C,
+                       const Src src, I numel, I C,
                        at::cuda::detail::IntDivider<I> per_run,
                        at::cuda::detail::IntDivider<I> per_c) {
   const I nv = numel / V;
   const I tid = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x;
   const I step = static_cast<I>(gridDim.x) * kThreads;
   for (I i = tid; i < nv; i += step) {
-    elementwise_at<T, kOp, I, V>(i * V, x, dy, out, coef, C, per_run, per_c);
+    elementwise_at<T, kOp, I, V>(i * V, x, dy, out, src, C, per_run, per_c);
   }
   if constexpr (V > 1) {
     const I done = nv * V;
     if (tid < numel - done) {
-      elementwise_at<T, kOp, I, 1>(done + tid, x, dy, out, coef, C, per_run, per_c);
+      elementwise_at<T, kOp, I, 1>(done + tid, x, dy, out, src, C, per_run, per_c);
     }
   }
 }
@@ -100,10 +107,10 @@ __global__ void __launch_bounds__(kThreads)
 // Channels-last, C % V == 0: blocks (bx, by), bx * by = kThreads; thread (tx, ty) of block
 // (i, j) maps channels c0 .. c0 + V - 1, c0 = (i * bx + tx) * V, of rows j * by + ty, stepping
 // gridDim.y * by (the layout of reduce_channels_last_kernel). A warp reads whole row segments.
-template <typename T, Elementwise kOp, typename I, int V>
+template <typename T, Elementwise kOp, typename I, int V, typename Src>
 __global__ void __launch_bounds__(kThreads)
     elementwise_rows_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
-                            const math_t<T>* __restrict__ coef, I rows, I C) {
+                            const Src src, I rows, I C) {
   using M = math_t<T>;
   constexpr bool kReadsX = kOp != Elementwise::kBackwardEval;
   constexpr bool kReadsDy = kOp != Elementwise::kForward;
@@ -111,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
   if (c0 >= C) return;  // the last column block's spare lanes (no barrier follows)
   Coefs<M> k[V];
 #pragma unroll
-  for (int w = 0; w < V; ++w) k[w] = load_coefs<kOp>(coef, C, static_cast<I>(c0 + w));
+  for (int w = 0; w < V; ++w) k[w] = src.template at<kOp>(C, static_cast<I>(c0 + w));
   const I step = static_cast<I>(gridDim.y) * blockDim.y;
   for (I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += step) {
     const I e = r * C + c0;
@@ -128,39 +135,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// coef = (mu | alpha | beta), EvalStats' forward coefficients for every channel.
 template <typename M>
 __global__ void __launch_bounds__(kThreads)
-    forward_coefs_kernel(const M* __restrict__ mean, const M* __restrict__ var,
-                         const M* __restrict__ weight, const M* __restrict__ bias, double eps,
-                         int64_t C, M* __restrict__ coef) {
+    forward_coefs_kernel(const EvalStats<M> stats, int64_t C, M* __restrict__ coef) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= C) return;
-  const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
-  coef[c] = mean[c];
-  coef[C + c] = static_cast<M>(w * (1.0 / sqrt(static_cast<double>(var[c]) + eps)));
-  coef[2 * C + c] = bias != nullptr ? bias[c] : M(0);
+  const Coefs<M> k = stats.template at<Elementwise::kForward>(C, c);
+  coef[c] = k.mu;
+  coef[C + c] = k.p1;
+  coef[2 * C + c] = k.p2;
 }
 
 // Training (sum_dy != nullptr): a = w * invstd, b = -a * invstd^2 * sum_dy_xmu / n,
-// d = -a * sum_dy / n, with n = *count read here on the device. Eval: a = w * invstd, b = d = 0.
+// d = -a * sum_dy / n, in double with n = *count read here on the device. Eval: EvalStats' a,
+// b = d = 0.
 template <typename M>
 __global__ void __launch_bounds__(kThreads)
-    backward_coefs_kernel(const M* __restrict__ mean, const M* __restrict__ var,
-                          const M* __restrict__ weight, const M* __restrict__ sum_dy,
+    backward_coefs_kernel(const EvalStats<M> stats, const M* __restrict__ sum_dy,
                           const M* __restrict__ sum_dy_xmu, const M* __restrict__ count,
                           double eps, int64_t C, M* __restrict__ coef) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= C) return;
-  const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
-  const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
-  const double a = w * invstd;
-  coef[c] = mean[c];
-  coef[C + c] = static_cast<M>(a);
+  coef[c] = stats.mean[c];
   if (sum_dy != nullptr) {
+    const double w = stats.weight != nullptr ? static_cast<double>(stats.weight[c]) : 1.0;
+    const double invstd = 1.0 / sqrt(static_cast<double>(stats.var[c]) + eps);
+    const double a = w * invstd;
     const double n = static_cast<double>(*count);
+    coef[C + c] = static_cast<M>(a);
     coef[2 * C + c] = static_cast<M>(-a * invstd * invstd * static_cast<double>(sum_dy_xmu[c]) / n);
     coef[3 * C + c] = static_cast<M>(-a * static_cast<double>(sum_dy[c]) / n);
   } else {
+    coef[C + c] = stats.template at<Elementwise::kBackwardEval>(C, c).p1;
     coef[2 * C + c] = 0;
     coef[3 * C + c] = 0;
   }
@@ -192,8 +199,9 @@ __global__ void __launch_bounds__(kThreads)
 #define BN_EXT_CUDA_DISPATCH_MATH(scalar_type, name, ...) \
   AT_DISPATCH_FLOATING_TYPES(scalar_type, name, __VA_ARGS__)
 
-// f(std::integral_constant<Elementwise, op>{}): the runtime op as a template argument.
-template <typename F>
+// f(std::integral_constant<Elementwise, op>{}): the runtime op as a template argument. With
+// kEvalOnly, only the ops EvalStats can feed are instantiated.
+template <bool kEvalOnly = false, typename F>
 void dispatch_op(Elementwise op, const F& f) {
   using E = Elementwise;
   switch (op) {
@@ -201,12 +209,100 @@ void dispatch_op(Elementwise op, const F& f) {
       f(std::integral_constant<E, E::kForward>{});
       break;
     case E::kBackwardTrain:
-      f(std::integral_constant<E, E::kBackwardTrain>{});
+      if constexpr (!kEvalOnly) f(std::integral_constant<E, E::kBackwardTrain>{});
       break;
     case E::kBackwardEval:
       f(std::integral_constant<E, E::kBackwardEval>{});
       break;
   }
+}
+
+template <typename M>
+EvalStats<M> eval_stats(const Tensor& mean, const Tensor& var, const Tensor& weight,
+                        const Tensor& bias, double eps) {
+  return EvalStats<M>{mean.const_data_ptr<M>(), var.const_data_ptr<M>(), opt_ptr<M>(weight),
+                      opt_ptr<M>(bias), static_cast<M>(eps)};
+}
+
+// How the elementwise map covers a tensor, decided here for both launchers: channels-last rows
+// of whole 128-bit vectors, at least 128 bytes long, by the 2-D rows kernel; everything else by
+// the flat kernel, in 128-bit vectors where every pointer is 16-byte aligned. `run` is the flat
+// kernel's run of one channel (S contiguous, 1 channels-last).
+struct MapPlan {
+  bool by_rows;
+  bool vectorize;
+  int64_t run;
+};
+
+template <typename T>
+MapPlan map_plan(const T* x, const T* dy, const T* out, const Geometry& g) {
+  const bool aligned = is_aligned16(out) && (x == nullptr || is_aligned16(x)) &&
+                       (dy == nullptr || is_aligned16(dy));
+  const bool by_rows = g.layout == Layout::kChannelsLast && aligned && g.C % kMaxVec<T> == 0 &&
+                       g.C * static_cast<int64_t>(sizeof(T)) >= 128;
+  return MapPlan{by_rows, aligned, g.layout == Layout::kContiguous ? g.S : 1};
+}
+
+// Whether the kernels should derive eval coefficients themselves: the rows kernel does so once
+// per thread; the flat kernel once per vector, and twice where a vector straddles two runs, so
+// only with whole vectors and runs at least a vector long (a division and a square root per
+// 16 bytes of input, far below the memory time). Otherwise a table first.
+template <typename T>
+bool derives_coefs(const MapPlan& plan) {
+  return plan.by_rows || (plan.vectorize && plan.run >= kMaxVec<T>);
+}
+
+template <typename T, bool kEvalOnly, typename Src>
+void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geometry& g,
+                const MapPlan& plan, int64_t numel, const Src& src) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  constexpr int VM = kMaxVec<T>;
+  // The index type must also hold the coefficient offsets, up to 4 * C.
+  dispatch_index(std::max<int64_t>(numel, 4 * g.C), [&](auto itag) {
+    using I = decltype(itag);
+    if (plan.by_rows) {
+      const int64_t cv = g.C / VM;  // channel vectors per row
+      const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cv)));
+      const int by = kThreads / bx;
+      const int64_t blocks_x = ceil_div(cv, bx);
+      const int64_t rows = numel / g.C;
+      // As many blocks in all as the flat kernel would launch at most (32 an SM).
+      const int64_t blocks_y = std::max<int64_t>(
+          1, std::min({ceil_div(rows, by), ceil_div(sm_count() * 32, blocks_x), int64_t{65535}}));
+      const auto launch = [&](auto kernel) {
+        kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
+                 dim3(bx, by), 0, stream>>>(xp, dyp, outp, src, static_cast<I>(rows),
+                                            static_cast<I>(g.C));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      dispatch_op<kEvalOnly>(op, [&](auto otag) {
+        launch(elementwise_rows_kernel<T, decltype(otag)::value, I, VM, Src>);
+      });
+      return;
+    }
+    const at::cuda::detail::IntDivider<I> per_run(static_cast<I>(plan.run));
+    const at::cuda::detail::IntDivider<I> per_c(static_cast<I>(g.C));
+    const auto flat = [&](auto vtag) {
+      constexpr int V = decltype(vtag)::value;
+      const int64_t nv = numel / V;
+      const int64_t blocks =
+          std::max<int64_t>(1, std::min(ceil_div(nv, kThreads), sm_count() * 32));
+      const auto launch = [&](auto kernel) {
+        kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            xp, dyp, outp, src, static_cast<I>(numel), static_cast<I>(g.C), per_run, per_c);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      dispatch_op<kEvalOnly>(op, [&](auto otag) {
+        launch(elementwise_kernel<T, decltype(otag)::value, I, V, Src>);
+      });
+    };
+    if constexpr (Src::kDerives) {  // derives_coefs: whole vectors only
+      TORCH_INTERNAL_ASSERT(plan.vectorize);
+      flat(std::integral_constant<int, VM>{});
+    } else {
+      dispatch_vec<T>(plan.vectorize, flat);
+    }
+  });
 }
 
 }  // namespace
@@ -219,8 +315,7 @@ void launch_forward_coefs(const Tensor& mean, const Tensor& var, const Tensor& w
     forward_coefs_kernel<scalar_t>
         <<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0,
            at::cuda::getCurrentCUDAStream()>>>(
-            mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(),
-            opt_ptr<scalar_t>(weight), opt_ptr<scalar_t>(bias), eps, C,
+            eval_stats<scalar_t>(mean, var, weight, bias, eps), C,
             coef.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -235,8 +330,8 @@ void launch_backward_coefs(const Tensor& mean, const Tensor& var, const Tensor& 
     backward_coefs_kernel<scalar_t>
         <<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0,
            at::cuda::getCurrentCUDAStream()>>>(
-            mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(),
-            opt_ptr<scalar_t>(weight), opt_ptr<scalar_t>(sum_dy), opt_ptr<scalar_t>(sum_dy_xmu),
+            eval_stats<scalar_t>(mean, var, weight, Tensor(), eps), opt_ptr<scalar_t>(sum_dy),
+            opt_ptr<scalar_t>(sum_dy_xmu),
             sum_dy.defined() ? count.const_data_ptr<scalar_t>() : nullptr, eps, C,
             coef.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -249,57 +344,41 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
   if (numel == 0) return;
   BN_EXT_CUDA_DISPATCH(out.scalar_type(), "bn_ext::cuda::elementwise", [&] {
     using T = scalar_t;
-    using M = math_t<T>;
     const T* xp = op != Elementwise::kBackwardEval ? x.const_data_ptr<T>() : nullptr;
     const T* dyp = op != Elementwise::kForward ? dy.const_data_ptr<T>() : nullptr;
     T* outp = out.mutable_data_ptr<T>();
-    const bool aligned = is_aligned16(outp) && (xp == nullptr || is_aligned16(xp)) &&
-                         (dyp == nullptr || is_aligned16(dyp));
-    const int64_t run = g.layout == Layout::kContiguous ? g.S : 1;
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    constexpr int VM = kMaxVec<T>;
-    const bool by_rows = g.layout == Layout::kChannelsLast && aligned && g.C % VM == 0 &&
-                         g.C * static_cast<int64_t>(sizeof(T)) >= 128;
-    // The index type must also hold the coefficient offsets, up to 4 * C.
-    dispatch_index(std::max<int64_t>(numel, 4 * g.C), [&](auto itag) {
-      using I = decltype(itag);
-      if (by_rows) {
-        const int64_t cv = g.C / VM;  // channel vectors per row
-        const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cv)));
-        const int by = kThreads / bx;
-        const int64_t blocks_x = ceil_div(cv, bx);
-        const int64_t rows = numel / g.C;
-        // As many blocks in all as the flat kernel would launch at most (32 an SM).
-        const int64_t blocks_y = std::max<int64_t>(
-            1, std::min({ceil_div(rows, by), ceil_div(sm_count() * 32, blocks_x), int64_t{65535}}));
-        const auto launch = [&](auto kernel) {
-          kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
-                   dim3(bx, by), 0, stream>>>(xp, dyp, outp, coef.const_data_ptr<M>(),
-                                              static_cast<I>(rows), static_cast<I>(g.C));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        dispatch_op(op, [&](auto otag) {
-          launch(elementwise_rows_kernel<T, decltype(otag)::value, I, VM>);
-        });
-        return;
-      }
-      dispatch_vec<T>(aligned, [&](auto vtag) {
-        constexpr int V = decltype(vtag)::value;
-        const int64_t nv = numel / V;
-        const int64_t blocks =
-            std::max<int64_t>(1, std::min(ceil_div(nv, kThreads), sm_count() * 32));
-        const auto launch = [&](auto kernel) {
-          kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-              xp, dyp, outp, coef.const_data_ptr<M>(), static_cast<I>(numel),
-              static_cast<I>(g.C), at::cuda::detail::IntDivider<I>(static_cast<I>(run)),
-              at::cuda::detail::IntDivider<I>(static_cast<I>(g.C)));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        dispatch_op(op, [&](auto otag) {
-          launch(elementwise_kernel<T, decltype(otag)::value, I, V>);
-        });
-      });
-    });
+    launch_map<T, false>(op, xp, dyp, outp, g, map_plan(xp, dyp, outp, g), numel,
+                         CoefTable<math_t<T>>{coef.const_data_ptr<math_t<T>>()});
+  });
+}
+
+void launch_eval_elementwise(Elementwise op, const Tensor& x, const Tensor& dy,
+                             const Geometry& g, const Tensor& mean, const Tensor& var,
+                             const Tensor& weight, const Tensor& bias, double eps,
+                             const Tensor& out) {
+  TORCH_INTERNAL_ASSERT(op != Elementwise::kBackwardTrain);
+  const int64_t numel = out.numel();
+  if (numel == 0) return;
+  BN_EXT_CUDA_DISPATCH(out.scalar_type(), "bn_ext::cuda::eval_elementwise", [&] {
+    using T = scalar_t;
+    using M = math_t<T>;
+    const bool forward = op == Elementwise::kForward;
+    const T* xp = forward ? x.const_data_ptr<T>() : nullptr;
+    const T* dyp = forward ? nullptr : dy.const_data_ptr<T>();
+    T* outp = out.mutable_data_ptr<T>();
+    const MapPlan plan = map_plan(xp, dyp, outp, g);
+    if (derives_coefs<T>(plan)) {
+      launch_map<T, true>(op, xp, dyp, outp, g, plan, numel,
+                          eval_stats<M>(mean, var, weight, bias, eps));
+      return;
+    }
+    const Tensor coef = at::empty({(forward ? 3 : 4) * g.C}, mean.options());
+    if (forward) {
+      launch_forward_coefs(mean, var, weight, bias, eps, coef);
+    } else {
+      launch_backward_coefs(mean, var, weight, Tensor(), Tensor(), Tensor(), eps, coef);
+    }
+    launch_map<T, true>(op, xp, dyp, outp, g, plan, numel, CoefTable<M>{coef.const_data_ptr<M>()});
   });
 }
 

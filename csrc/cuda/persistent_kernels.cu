@@ -203,6 +203,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       if (active && r < rows) {
         xs[i] = load_vec<V>(x + r * C + c0);
         if constexpr (kDy) ds[i] = load_vec<V>(dy + r * C + c0);
+      } else {  // mapped below (all items, which costs fewer registers) but never stored
+        xs[i] = Vec<T, V>{};
+        if constexpr (kDy) ds[i] = Vec<T, V>{};
       }
     }
     M k[V], a1[V], a2[V];
