@@ -78,13 +78,13 @@ def _local_check(input: Tensor, num_features: int, **tensors) -> Optional[Except
         return ValueError(f"expected at least 2D input (got {input.dim()}D input)")
     if input.size(1) == 0:
         return ValueError("SyncBatchNorm number of input channels should be non-zero")
-    if input.size(1) != num_features:
-        return ValueError(
+    if input.size(1) != num_features:  # RuntimeError and NotImplementedError: as BatchNorm's
+        return RuntimeError(
             f"SyncBatchNorm: input has {input.size(1)} channels (shape {tuple(input.shape)}) "
             f"but the layer was built for num_features={num_features}")
     if input.dtype not in _SUPPORTED_DTYPES:
-        return TypeError(f"SyncBatchNorm: input has dtype {input.dtype}; supported are float64, "
-                         f"float32, bfloat16 and float16")
+        return NotImplementedError(f"SyncBatchNorm: input has dtype {input.dtype}; supported are "
+                                   f"float64, float32, bfloat16 and float16")
     for name, t in tensors.items():
         if t is not None and t.device != input.device:
             return RuntimeError(f"SyncBatchNorm: input is on {input.device} but the layer's "
