@@ -35,7 +35,8 @@ CASES = [((4, 8, 5, 6), "contiguous"), ((4, 8, 5, 6), "channels_last"),
          ((2, 3, 64, 64), "contiguous"),      # two-stage grid reduction
          ((2, 3, 64, 64), "channels_last"),   # two-stage, channels not a vector multiple
          ((512, 16), "channels_last"), ((3, 5, 7), "misaligned"), ((2, 16, 4, 4), "misaligned"),
-         ((6, 520, 2, 2), "channels_last")]  # elementwise by rows, spare lanes in every dtype
+         ((6, 520, 2, 2), "channels_last"),  # elementwise by rows, spare lanes in every dtype
+         ((3, 5, 7, 7), "contiguous")]  # masked-vector reduction, the tensor ending mid-vector
 for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
     mt = torch.float64 if dtype == torch.float64 else torch.float32
     for shape, layout in CASES:

@@ -13,6 +13,7 @@ Covered here, beyond the device-parametrized suites:
     the multi-pass kernels, and their fallback.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -43,7 +44,8 @@ LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed"]
 #   (64, 40)          2-D: channels-last rows, C % 8 == 0
 #   (300, 6)          2-D: C not a multiple of any vector width
 #   (8, 12, 100)      3-D
-#   (4, 16, 33, 31)   odd spatial size: scalar contiguous reduction, vectors straddling runs
+#   (4, 16, 33, 31)   odd spatial size: the masked-vector contiguous reduction, vectors
+#                     straddling runs in the elementwise map
 #   (8, 32, 28, 28)   S % 8 == 0: vectorized everywhere
 #   (2, 3, 128, 128)  few channels, large N*S: two-stage grid reduction
 #   (2, 8, 6, 10, 12) 5-D
@@ -269,6 +271,60 @@ def test_grid_reduction_against_float64(layout, shape):
     vr, mr = torch.var_mean(x.double(), dims, correction=0)
     torch.testing.assert_close(mean.double(), mr, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), vr, rtol=1e-5, atol=1e-6)
+
+
+# Contiguous runs that are not whole 128-bit vectors (S % V != 0: 7x7, 14x14 in 16-bit types,
+# runs shorter than a vector) are reduced in aligned vectors with the lanes outside the run
+# masked. The storage around the tensor and the neighbouring channels hold NaN and inf, which a
+# lane that is not masked would carry into the sums; the last shape ends within a vector
+# (numel % 8 != 0), where only the valid lanes may be read.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp64", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(32, 24, 7, 7), (5, 6, 14, 14), (7, 5, 3), (2, 3, 1001),
+                                   (3, 5, 7, 7)], ids=_ids)
+def test_masked_run_reduction_against_float64(dtype, shape):
+    C = shape[1]
+    numel = math.prod(shape)
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    dims = [0] + list(range(2, len(shape)))
+    bshape = [1, C] + [1] * (len(shape) - 2)
+
+    def embedded(seed, fill, **kw):
+        # values in an aligned view at the front of a larger storage full of `fill`
+        big = torch.full((numel + 64,), fill, dtype=dtype, device=DEV)
+        v = big[:numel].view(shape)
+        v.copy_(make_input(shape, dtype, DEV, seed=seed, **kw))
+        return v
+
+    def check(got, want, scale):
+        err = (got[1:].double() - want[1:]).abs()
+        bound = 1e-12 if dtype == torch.float64 else 2e-5
+        assert torch.isfinite(got[1:]).all()
+        assert (err <= bound * scale[1:]).all(), (err / scale[1:]).max()
+
+    # statistics; channel 0 is all inf, which its neighbours' masked lanes must not see
+    x = embedded(7, float("nan"), mean=3.0, std=0.5)
+    x[:, 0] = float("inf")
+    mean, var = ops.batch_stats(x)
+    vr, mr = torch.var_mean(x.double(), dims, correction=0)
+    assert not torch.isfinite(var[0])
+    check(mean, mr, mr.abs() + vr.sqrt())
+    check(var, vr, vr)
+    xc = x.clone()  # the same values in a storage of their own: the same bits
+    again = ops.batch_stats(xc)
+    assert torch.equal(again[0][1:], mean[1:]) and torch.equal(again[1][1:], var[1:])
+
+    # the backward's sums; dy's channel 0 is all inf
+    x = embedded(9, float("nan"), mean=3.0, std=0.5)
+    dy = embedded(8, float("inf"))
+    dy[:, 0] = float("inf")
+    vr, mr = torch.var_mean(x.double(), dims, correction=0)
+    sum_dy, sum_dy_xmu, _, _ = ops.backward_reduce(dy, x, mr.to(mt), vr.to(mt), None, 1e-5)
+    xmu = x.double() - mr.to(mt).double().view(bshape)
+    dyd = dy.double()
+    assert not torch.isfinite(sum_dy[0])
+    check(sum_dy, dyd.sum(dims), dyd.abs().sum(dims))
+    check(sum_dy_xmu, (dyd * xmu).sum(dims), (dyd * xmu).abs().sum(dims))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -9,11 +9,14 @@
 // the elementwise kernel needs next.
 //
 // Contiguous (N, C, S): grid (C, G), 1-D blocks of kThreads. The channel's N runs of S elements
-// are cut into vectors of V elements (V = 128 bits when S % V == 0 and the pointers are 16-byte
-// aligned, else 1); vector j of the channel is run j / (S/V), offset j % (S/V), and the blocks of
-// the channel stride over j together, so consecutive threads read consecutive addresses.
-// Each thread keeps V lane accumulators (shorter float chains), merges them, then the block merges
-// with cub::BlockReduce.
+// are cut into vectors of V elements (V = 128 bits when the pointers are 16-byte aligned, else 1);
+// vector j of the channel is run j / (S/V), offset j % (S/V), and the blocks of the channel stride
+// over j together, so consecutive threads read consecutive addresses. Each thread keeps V lane
+// accumulators (shorter float chains), merges them, then the block merges with cub::BlockReduce.
+// When S % V != 0 (7x7, and 14x14 in 16-bit types) the runs start anywhere within a vector: run
+// n's K = (S + 2V - 2) / V slots are the aligned vectors from the one holding its first element,
+// their lanes outside the run masked (kMasked). A scalar loop instead would keep a quarter of the
+// bytes in flight per thread that the memory needs, with a division per element.
 //
 // Channels-last (N*S rows of C): 2-D blocks (bx, by), bx * by = kThreads. A thread owns V
 // consecutive channels (128 bits of a row) and walks rows by * G apart; a warp reads whole row
@@ -44,10 +47,46 @@ __device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t g, 
   partial[(static_cast<int64_t>(gridDim.y) + g) * C + c] = s.s2;
 }
 
-template <typename T, typename Op, typename I, int V>
+// Slot j (run j / K, slot j % K) of channel c in the masked layout: the aligned vector at o, and
+// rel = o - b (modulo the index type's range) for the run's first element b, so that lane w is in
+// the run where rel + w < S. A slot wholly past its run's end (runs that start late in a vector
+// need one slot fewer) gets rel = S, no lane, and o at the run's first vector, whose load is
+// harmless.
+template <typename I>
+struct MaskedSlot {
+  I o;
+  I rel;
+};
+
+template <int V, typename I>
+__device__ __forceinline__ MaskedSlot<I> masked_slot(
+    I j, I c, I C, I S, const at::cuda::detail::IntDivider<I>& per_run) {
+  const auto qr = per_run.divmod(j);  // (n, slot)
+  const I b = (qr.div * C + c) * S;   // the run's first element
+  const I first = b & ~static_cast<I>(V - 1);
+  const I o = first + qr.mod * V;
+  return o < b + S ? MaskedSlot<I>{o, o - b} : MaskedSlot<I>{first, S};
+}
+
+// The slot's vector, whole where it ends within the tensor's `limit` elements; else (the
+// tensor's last vector, when limit % V != 0) only the lanes in the run, so nothing past the end
+// is read.
+template <int V, typename T, typename I>
+__device__ __forceinline__ Vec<T, V> load_masked(const T* __restrict__ p, const MaskedSlot<I>& m,
+                                                 I S, I limit) {
+  if (m.o + V <= limit) return load_vec<V>(p + m.o);
+  Vec<T, V> v{};
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    if (m.rel + static_cast<I>(w) < S) v.v[w] = p[m.o + w];
+  }
+  return v;
+}
+
+template <typename T, typename Op, typename I, int V, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     reduce_contiguous_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy, I C,
-                             I S, at::cuda::detail::IntDivider<I> per_run, I nv,
+                             I S, at::cuda::detail::IntDivider<I> per_run, I nv, I numel,
                              math_t<T>* __restrict__ partial) {
   using M = math_t<T>;
   const I c = blockIdx.x;
@@ -61,18 +100,44 @@ __global__ void __launch_bounds__(kThreads)
     a1[w] = 0;
     a2[w] = 0;
   }
-  const auto offset = [&](I j) {
-    const auto qr = per_run.divmod(j);  // (n, vector within the run)
-    return (qr.div * C + c) * S + qr.mod * V;
-  };
   const I step = static_cast<I>(gridDim.y) * kThreads;
   I j = static_cast<I>(blockIdx.y) * kThreads + threadIdx.x;
-  // Two independent vectors in flight per iteration.
-  for (; j + step < nv; j += 2 * step) {
-    accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
-    accumulate_at<Op, V>(x, dy, offset(j + step), k, a1, a2);
+  if constexpr (kMasked) {
+    const auto slot = [&](I i) { return masked_slot<V>(i, c, C, S, per_run); };
+    const auto load = [&](const T* p, const MaskedSlot<I>& m) {
+      return load_masked<V>(p, m, S, numel);
+    };
+    // Two slots' loads issued before either is added: two vectors in flight.
+    for (; j + step < nv; j += 2 * step) {
+      const MaskedSlot<I> m0 = slot(j), m1 = slot(j + step);
+      const Vec<T, V> x0 = load(x, m0), x1 = load(x, m1);
+      Vec<T, V> d0 = x0, d1 = x1;
+      if constexpr (Op::kNeedsDy) {
+        d0 = load(dy, m0);
+        d1 = load(dy, m1);
+      }
+      accumulate_vec_masked<Op, V>(x0, d0, m0.rel, S, k, a1, a2);
+      accumulate_vec_masked<Op, V>(x1, d1, m1.rel, S, k, a1, a2);
+    }
+    if (j < nv) {
+      const MaskedSlot<I> m0 = slot(j);
+      const Vec<T, V> x0 = load(x, m0);
+      Vec<T, V> d0 = x0;
+      if constexpr (Op::kNeedsDy) d0 = load(dy, m0);
+      accumulate_vec_masked<Op, V>(x0, d0, m0.rel, S, k, a1, a2);
+    }
+  } else {
+    const auto offset = [&](I i) {
+      const auto qr = per_run.divmod(i);  // (n, vector within the run)
+      return (qr.div * C + c) * S + qr.mod * V;
+    };
+    // Two independent vectors in flight per iteration.
+    for (; j + step < nv; j += 2 * step) {
+      accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
+      accumulate_at<Op, V>(x, dy, offset(j + step), k, a1, a2);
+    }
+    if (j < nv) accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
   }
-  if (j < nv) accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
   Sums<M> t{a1[0], a2[0]};
 #pragma unroll
   for (int w = 1; w < V; ++w) t = merge(t, Sums<M>{a1[w], a2[w]});
@@ -178,19 +243,29 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
   dispatch_index(x.numel(), [&](auto itag) {
     using I = decltype(itag);
     if (g.layout == Layout::kContiguous) {
-      dispatch_vec<T>(aligned && g.S % VM == 0, [&](auto vtag) {
+      // Slots per run: S / V whole vectors, or (masked) enough for a run starting anywhere.
+      const auto launch = [&](auto vtag, auto mtag) {
         constexpr int V = decltype(vtag)::value;
-        const int64_t per_run = g.S / V;
+        constexpr bool kMasked = decltype(mtag)::value;
+        const int64_t per_run = kMasked ? (g.S + 2 * V - 2) / V : g.S / V;
         const int64_t nv = g.N * per_run;
         G = split_count(C, nv, kThreads, 4);
         if (G > 1) partial = at::empty({2 * G * C}, opts);
-        reduce_contiguous_kernel<T, Op, I, V>
+        reduce_contiguous_kernel<T, Op, I, V, kMasked>
             <<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(G)), kThreads, 0, stream>>>(
                 op, xp, dyp, static_cast<I>(C), static_cast<I>(g.S),
                 at::cuda::detail::IntDivider<I>(static_cast<I>(per_run)), static_cast<I>(nv),
-                G > 1 ? partial.mutable_data_ptr<M>() : nullptr);
+                static_cast<I>(x.numel()), G > 1 ? partial.mutable_data_ptr<M>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      };
+      using Vmax = std::integral_constant<int, VM>;
+      if (!aligned) {
+        launch(std::integral_constant<int, 1>{}, std::false_type{});
+      } else if (g.S % VM == 0) {
+        launch(Vmax{}, std::false_type{});
+      } else {
+        launch(Vmax{}, std::true_type{});
+      }
     } else {
       dispatch_vec<T>(aligned && C % VM == 0, [&](auto vtag) {
         constexpr int V = decltype(vtag)::value;
