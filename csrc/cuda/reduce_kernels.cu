@@ -40,6 +40,45 @@ __device__ __forceinline__ void accumulate_at(const T* __restrict__ x, const T* 
   accumulate_vec<Op, V>(xv, dv, k, a1, a2);
 }
 
+// Vectors each thread loads before it adds them: two of 128 bits, or as many narrower ones
+// (unvectorized: misaligned, or channels-last with C not a multiple of the vector) as make 16
+// bytes, so that a thread keeps at least 16 bytes in flight. A thread still adds its vectors in
+// the order it would one at a time, so the bits do not depend on it.
+template <typename T, int V>
+constexpr int kInFlight = V * sizeof(T) >= 8 ? 2 : 16 / (V * static_cast<int>(sizeof(T)));
+
+// Adds the vectors at offset(i) for i = j, j + step, ... < n, kInFlight<T, V> loads at a time.
+template <typename Op, int V, typename T, typename I, typename M, typename F>
+__device__ __forceinline__ void accumulate_strided(const T* __restrict__ x,
+                                                   const T* __restrict__ dy, I j, I step, I n,
+                                                   const F& offset, const M (&k)[V], M (&a1)[V],
+                                                   M (&a2)[V]) {
+  constexpr int U = kInFlight<T, V>;
+  if constexpr (U == 2) {
+    // Kept in this form: the array form below, or a tail loop, cost the 128-bit channels-last
+    // GradOp kernels a 4-byte spill around finish()'s double division (ptxas, nvcc 13.0).
+    for (; j + step < n; j += 2 * step) {
+      accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
+      accumulate_at<Op, V>(x, dy, offset(j + step), k, a1, a2);
+    }
+    if (j < n) accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
+  } else {
+    for (; j + (U - 1) * step < n; j += U * step) {
+      Vec<T, V> xs[U], ds[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const I o = offset(j + u * step);
+        xs[u] = load_vec<V>(x + o);
+        ds[u] = xs[u];
+        if constexpr (Op::kNeedsDy) ds[u] = load_vec<V>(dy + o);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) accumulate_vec<Op, V>(xs[u], ds[u], k, a1, a2);
+    }
+    for (; j < n; j += step) accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
+  }
+}
+
 template <typename M>
 __device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t g, int64_t c,
                                               const Sums<M>& s) {
@@ -131,12 +170,7 @@ __global__ void __launch_bounds__(kThreads)
       const auto qr = per_run.divmod(i);  // (n, vector within the run)
       return (qr.div * C + c) * S + qr.mod * V;
     };
-    // Two independent vectors in flight per iteration.
-    for (; j + step < nv; j += 2 * step) {
-      accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
-      accumulate_at<Op, V>(x, dy, offset(j + step), k, a1, a2);
-    }
-    if (j < nv) accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
+    accumulate_strided<Op, V>(x, dy, j, step, nv, offset, k, a1, a2);
   }
   Sums<M> t{a1[0], a2[0]};
 #pragma unroll
@@ -174,12 +208,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (active) {
     const I step = static_cast<I>(gridDim.y) * blockDim.y;
-    I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y;
-    for (; r + step < rows; r += 2 * step) {
-      accumulate_at<Op, V>(x, dy, r * C + c0, k, a1, a2);
-      accumulate_at<Op, V>(x, dy, (r + step) * C + c0, k, a1, a2);
-    }
-    if (r < rows) accumulate_at<Op, V>(x, dy, r * C + c0, k, a1, a2);
+    const I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y;
+    accumulate_strided<Op, V>(x, dy, r, step, rows, [&](I i) { return i * C + c0; }, k, a1, a2);
   }
   Sums<M> v[V];
 #pragma unroll
