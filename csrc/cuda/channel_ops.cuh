@@ -59,7 +59,8 @@ struct StatsOp {
     return (v[0] + v[1]) + (v[2] + v[3]);
   }
 
-  // k, by one thread. The reduction kernels share the work (tile_shifts, below).
+  // k, by one thread: the op interface's definition. The kernels share the loads over a block
+  // (tile_shifts, below), and the finalize pass reads the k the first pass stored.
   __device__ __forceinline__ M center(int64_t c) const {
     M group[kShiftGroups];
 #pragma unroll

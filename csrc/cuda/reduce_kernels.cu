@@ -2,9 +2,9 @@
 //
 // Two kernels read the input, one per layout, and each block reduces its share of one or more
 // channels to a (s1, s2) pair (reduce.cuh). When a channel is split over G > 1 blocks along the
-// grid's y axis, the blocks stage their pairs in a [2][G][C] partials buffer and a second kernel
-// (finalize_kernel) merges the G pairs of each channel in a fixed order: a two-stage grid reduction
-// with no atomics. The pass that merges the last level (the reduction kernel itself when G == 1)
+// grid's y axis, the blocks stage their pairs in a [2][G][C] partials buffer (and the channel's
+// shift after it) and a second kernel (finalize_kernel) merges the G pairs of each channel in a
+// fixed order: a two-stage grid reduction with no atomics. The pass that merges the last level (the reduction kernel itself when G == 1)
 // runs the op's finish() step, which writes the per-channel outputs, including the coefficients
 // the elementwise kernel needs next.
 //
@@ -79,11 +79,15 @@ __device__ __forceinline__ void accumulate_strided(const T* __restrict__ x,
   }
 }
 
+// Block row g's pair for channel c into partial[2][G][C]; row 0 also stores the channel's shift
+// into partial[2G][c], so that the finalize pass reads it rather than sampling it again.
 template <typename M>
 __device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t g, int64_t c,
-                                              const Sums<M>& s) {
+                                              const Sums<M>& s, M shift) {
+  const int64_t G = gridDim.y;
   partial[g * C + c] = s.s1;
-  partial[(static_cast<int64_t>(gridDim.y) + g) * C + c] = s.s2;
+  partial[(G + g) * C + c] = s.s2;
+  if (g == 0) partial[2 * G * C + c] = shift;
 }
 
 // Slot j (run j / K, slot j % K) of channel c in the masked layout: the aligned vector at o, and
@@ -181,7 +185,7 @@ __global__ void __launch_bounds__(kThreads)
     if (gridDim.y == 1) {
       op.finish(c, k0, t.s1, t.s2);
     } else {
-      store_partial(partial, static_cast<int64_t>(C), blockIdx.y, static_cast<int64_t>(c), t);
+      store_partial(partial, static_cast<int64_t>(C), blockIdx.y, static_cast<int64_t>(c), t, k0);
     }
   }
 }
@@ -223,14 +227,15 @@ __global__ void __launch_bounds__(kThreads)
       if (gridDim.y == 1) {
         op.finish(c, k[w], v[w].s1, v[w].s2);
       } else {
-        store_partial(partial, static_cast<int64_t>(C), blockIdx.y, c, v[w]);
+        store_partial(partial, static_cast<int64_t>(C), blockIdx.y, c, v[w], k[w]);
       }
     }
   }
 }
 
 // Second stage: merges the G partial pairs of each channel (g ascending per thread, then a fixed
-// tree over the block's rows) and finishes. Blocks (bx, by): bx channels, by partials at a time.
+// tree over the block's rows) and finishes with the shift the first stage used (partial[2G][c]).
+// Blocks (bx, by): bx channels, by partials at a time.
 template <typename Op>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const Op op, const typename Op::M* __restrict__ partial, int64_t C,
@@ -245,7 +250,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __shared__ Sums<M> smem[kThreads / 2];
   column_merge<M, 1>(v, smem);
-  if (threadIdx.y == 0 && c < C) op.finish(c, op.center(c), v[0].s1, v[0].s2);
+  if (threadIdx.y == 0 && c < C) op.finish(c, partial[2 * G * C + c], v[0].s1, v[0].s2);
 }
 
 // Blocks along the grid's y axis per channel (tile): enough blocks in all to fill the device
@@ -280,7 +285,7 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
         const int64_t per_run = kMasked ? (g.S + 2 * V - 2) / V : g.S / V;
         const int64_t nv = g.N * per_run;
         G = split_count(C, nv, kThreads, 4);
-        if (G > 1) partial = at::empty({2 * G * C}, opts);
+        if (G > 1) partial = at::empty({(2 * G + 1) * C}, opts);
         reduce_contiguous_kernel<T, Op, I, V, kMasked>
             <<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(G)), kThreads, 0, stream>>>(
                 op, xp, dyp, static_cast<I>(C), static_cast<I>(g.S),
@@ -305,7 +310,7 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
         const int64_t blocks_x = ceil_div(cv, bx);
         const int64_t rows = g.N * g.S;
         G = split_count(blocks_x, rows, by, 8);
-        if (G > 1) partial = at::empty({2 * G * C}, opts);
+        if (G > 1) partial = at::empty({(2 * G + 1) * C}, opts);
         reduce_channels_last_kernel<T, Op, I, V>
             <<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(G)), dim3(bx, by), 0,
                stream>>>(op, xp, dyp, static_cast<I>(rows), static_cast<I>(C),
