@@ -140,8 +140,8 @@ void launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, cons
 void launch_forward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
                           const Tensor& bias, double eps, const Tensor& coef);
 
-// coef[4C] = (mean | a | b | d) for the backward elementwise kernel; training when sum_dy is
-// defined (count, a 0-d device tensor, is read on the device), eval otherwise.
+// coef[4C] = (mean | a | b | d) for the training backward's elementwise kernel, from the sums
+// (count, a 0-d device tensor, is read on the device).
 void launch_backward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
                            const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& count,
                            double eps, const Tensor& coef);
@@ -197,7 +197,7 @@ struct CoefTable {
 // one launch:
 //   forward       (mu = mean, alpha = w * invstd, beta = b)
 //   backward eval (a = w * invstd)
-// The coef launchers' eval tables hold the same values, so both routes give the same bits.
+// launch_forward_coefs' table holds the same values, so both routes give the same bits.
 // weight and bias are nullable (1 and 0).
 template <typename M>
 struct EvalStats {
@@ -229,7 +229,7 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
 // The eval maps (op kForward or kBackwardEval) from statistics (EvalStats), in one launch where
 // the kernel derives each coefficient for a run of elements; where the flat map meets a new
 // channel at nearly every element (channels-last rows it cannot take whole, or unaligned
-// tensors), a coefficient table first (launch_forward_coefs / launch_backward_coefs).
+// tensors), a coefficient table first (launch_forward_coefs, whose alpha is also eval's a).
 void launch_eval_elementwise(Elementwise op, const Tensor& x, const Tensor& dy,
                              const Geometry& g, const Tensor& mean, const Tensor& var,
                              const Tensor& weight, const Tensor& bias, double eps,

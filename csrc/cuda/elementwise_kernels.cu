@@ -147,30 +147,24 @@ __global__ void __launch_bounds__(kThreads)
   coef[2 * C + c] = k.p2;
 }
 
-// Training (sum_dy != nullptr): a = w * invstd, b = -a * invstd^2 * sum_dy_xmu / n,
-// d = -a * sum_dy / n, in double with n = *count read here on the device. Eval: EvalStats' a,
-// b = d = 0.
+// The training backward's: a = w * invstd, b = -a * invstd^2 * sum_dy_xmu / n,
+// d = -a * sum_dy / n, in double with n = *count read here on the device.
 template <typename M>
 __global__ void __launch_bounds__(kThreads)
-    backward_coefs_kernel(const EvalStats<M> stats, const M* __restrict__ sum_dy,
+    backward_coefs_kernel(const M* __restrict__ mean, const M* __restrict__ var,
+                          const M* __restrict__ weight, const M* __restrict__ sum_dy,
                           const M* __restrict__ sum_dy_xmu, const M* __restrict__ count,
                           double eps, int64_t C, M* __restrict__ coef) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= C) return;
-  coef[c] = stats.mean[c];
-  if (sum_dy != nullptr) {
-    const double w = stats.weight != nullptr ? static_cast<double>(stats.weight[c]) : 1.0;
-    const double invstd = 1.0 / sqrt(static_cast<double>(stats.var[c]) + eps);
-    const double a = w * invstd;
-    const double n = static_cast<double>(*count);
-    coef[C + c] = static_cast<M>(a);
-    coef[2 * C + c] = static_cast<M>(-a * invstd * invstd * static_cast<double>(sum_dy_xmu[c]) / n);
-    coef[3 * C + c] = static_cast<M>(-a * static_cast<double>(sum_dy[c]) / n);
-  } else {
-    coef[C + c] = stats.template at<Elementwise::kBackwardEval>(C, c).p1;
-    coef[2 * C + c] = 0;
-    coef[3 * C + c] = 0;
-  }
+  const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
+  const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
+  const double a = w * invstd;
+  const double n = static_cast<double>(*count);
+  coef[c] = mean[c];
+  coef[C + c] = static_cast<M>(a);
+  coef[2 * C + c] = static_cast<M>(-a * invstd * invstd * static_cast<double>(sum_dy_xmu[c]) / n);
+  coef[3 * C + c] = static_cast<M>(-a * static_cast<double>(sum_dy[c]) / n);
 }
 
 // One block. num_batches_tracked += 1 (when given) and the momentum m = 1 / num_batches_tracked
@@ -330,9 +324,9 @@ void launch_backward_coefs(const Tensor& mean, const Tensor& var, const Tensor& 
     backward_coefs_kernel<scalar_t>
         <<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0,
            at::cuda::getCurrentCUDAStream()>>>(
-            eval_stats<scalar_t>(mean, var, weight, Tensor(), eps), opt_ptr<scalar_t>(sum_dy),
-            opt_ptr<scalar_t>(sum_dy_xmu),
-            sum_dy.defined() ? count.const_data_ptr<scalar_t>() : nullptr, eps, C,
+            mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(),
+            opt_ptr<scalar_t>(weight), sum_dy.const_data_ptr<scalar_t>(),
+            sum_dy_xmu.const_data_ptr<scalar_t>(), count.const_data_ptr<scalar_t>(), eps, C,
             coef.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -372,12 +366,10 @@ void launch_eval_elementwise(Elementwise op, const Tensor& x, const Tensor& dy,
                           eval_stats<M>(mean, var, weight, bias, eps));
       return;
     }
-    const Tensor coef = at::empty({(forward ? 3 : 4) * g.C}, mean.options());
-    if (forward) {
-      launch_forward_coefs(mean, var, weight, bias, eps, coef);
-    } else {
-      launch_backward_coefs(mean, var, weight, Tensor(), Tensor(), Tensor(), eps, coef);
-    }
+    // The forward table serves the eval backward too: its p1 is the same w * invstd, the only
+    // field kBackwardEval reads.
+    const Tensor coef = at::empty({3 * g.C}, mean.options());
+    launch_forward_coefs(mean, var, weight, bias, eps, coef);
     launch_map<T, true>(op, xp, dyp, outp, g, plan, numel, CoefTable<M>{coef.const_data_ptr<M>()});
   });
 }

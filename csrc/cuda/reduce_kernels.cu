@@ -4,9 +4,9 @@
 // channels to a (s1, s2) pair (reduce.cuh). When a channel is split over G > 1 blocks along the
 // grid's y axis, the blocks stage their pairs in a [2][G][C] partials buffer (and the channel's
 // shift after it) and a second kernel (finalize_kernel) merges the G pairs of each channel in a
-// fixed order: a two-stage grid reduction with no atomics. The pass that merges the last level (the reduction kernel itself when G == 1)
-// runs the op's finish() step, which writes the per-channel outputs, including the coefficients
-// the elementwise kernel needs next.
+// fixed order: a two-stage grid reduction with no atomics. The pass that merges the last level
+// (the reduction kernel itself when G == 1) runs the op's finish() step, which writes the
+// per-channel outputs, including the coefficients the elementwise kernel needs next.
 //
 // Contiguous (N, C, S): grid (C, G), 1-D blocks of kThreads. The channel's N runs of S elements
 // are cut into vectors of V elements (V = 128 bits when the pointers are 16-byte aligned, else 1);
