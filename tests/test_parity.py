@@ -329,8 +329,8 @@ def _last_level_cache_bytes():
 
 @pytest.mark.parametrize("layout,dtype,spatial", [
     ("contiguous", torch.float32, (96, 96)),    # whole-step runs: run by run forward, fused
-    ("contiguous", torch.float32, (28, 28)),    # whole-step runs: run by run, split backward
-    ("contiguous", torch.float32, (7, 7)),      # short runs: walker forward and backward
+    ("contiguous", torch.float32, (28, 28)),    # whole-step runs: run by run, tile-fused backward
+    ("contiguous", torch.float32, (7, 7)),      # short runs: walker forward, tile-fused backward
     ("contiguous", torch.bfloat16, (7, 7)),
     ("channels_last", torch.float32, (24, 24)),
     ("channels_last", torch.bfloat16, (24, 24)),
@@ -366,6 +366,33 @@ def test_streaming_stores_match_float64(layout, dtype, spatial):
     assert_close(ye, ye64.to(dtype), dtype)
 
 
+def _train_backward_as_split_path(g, x, w):
+    """train_backward's dx and grad_weight, after checking that they, and grad_bias, are the bits
+    of the split path (backward_reduce, then backward_input) and the same on 1 thread as on 2."""
+    mean, var = ops.batch_stats(x)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = ops.train_backward(g, x, mean, var, w, 1e-5)
+    finally:
+        torch.set_num_threads(old)
+    dx, gw, gb = ops.train_backward(g, x, mean, var, w, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip((dx, gw, gb), one_thread))
+    sum_dy, sum_dy_xmu, gw_split, gb_split = ops.backward_reduce(g, x, mean, var, w, 1e-5)
+    count = torch.tensor(float(x.numel() // x.shape[1]), dtype=w.dtype)
+    dx_split = ops.backward_input(g, x, mean, var, w, sum_dy, sum_dy_xmu, count, 1e-5)
+    assert torch.equal(gw, gw_split) and torch.equal(gb, gb_split)
+    assert torch.equal(dx, dx_split)
+    return dx, gw
+
+
+def _train_backward_float64(g, x, w):
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, None, training=True)
+    return torch.autograd.grad(y64, (x64, w64), g.double())
+
+
 @pytest.mark.parametrize("shape,dtype,layout", [
     ((3, 8, 32, 40), torch.float32, "contiguous"),
     ((4, 9, 1, 1030), torch.float32, "contiguous"),
@@ -387,26 +414,34 @@ def test_fused_backward_matches_split_and_float64(shape, dtype, layout):
     g = make_input(shape, dtype, "cpu", layout, seed=9)
     md = torch.float64 if dtype == torch.float64 else torch.float32
     w = torch.rand(C, dtype=md) + 0.5
-    mean, var = ops.batch_stats(x)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one_thread = ops.train_backward(g, x, mean, var, w, 1e-5)
-    finally:
-        torch.set_num_threads(old)
-    dx, gw, gb = ops.train_backward(g, x, mean, var, w, 1e-5)
-    assert all(torch.equal(a, b) for a, b in zip((dx, gw, gb), one_thread))
-    sum_dy, sum_dy_xmu, gw_split, gb_split = ops.backward_reduce(g, x, mean, var, w, 1e-5)
-    count = torch.tensor(float(x.numel() // C), dtype=md)
-    dx_split = ops.backward_input(g, x, mean, var, w, sum_dy, sum_dy_xmu, count, 1e-5)
-    assert torch.equal(gw, gw_split) and torch.equal(gb, gb_split)
-    assert torch.equal(dx, dx_split)
-    x64 = x.detach().double().requires_grad_()
-    w64 = w.double().requires_grad_()
-    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, None, training=True)
-    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), g.double())
+    dx, gw = _train_backward_as_split_path(g, x, w)
+    gx64, gw64 = _train_backward_float64(g, x, w)
     assert_close(dx, gx64.to(dtype), dtype)
     assert_close(gw, gw64.to(md), md if dtype != torch.bfloat16 else dtype)
+
+
+@pytest.mark.parametrize("dtype,spatial,C", [
+    (torch.float32, (7, 7), 64),     # tiles of 16 channels' runs, the reduction as rows
+    (torch.float32, (28, 28), 32),   # tiles of one channel, whole-step runs
+    (torch.float64, (14, 14), 34),   # tiles of 2 channels, reduced run by run
+], ids=["fp32-7x7", "fp32-28x28", "fp64-14x14"])
+def test_tile_fused_backward_matches_split_and_float64(dtype, spatial, C):
+    """The tile-fused train_backward (short NCHW runs, tensors beyond the last-level cache, as
+    sized here): each tile of channels reduced, then its dx written. Its sums must be the split
+    path's bits (backward_reduce), its dx backward_input's, on 2 threads and on 1, and all must
+    match float64."""
+    llc = _last_level_cache_bytes()
+    if llc > 128 << 20:
+        pytest.skip(f"a {llc >> 20} MiB last-level cache would need too large a tensor")
+    per_n = C * spatial[0] * spatial[1] * torch.tensor([], dtype=dtype).element_size()
+    shape = (llc // (2 * per_n) + 3, C) + spatial  # 2 * input bytes > llc: the map streams
+    x = make_input(shape, dtype, "cpu", "contiguous", seed=31)
+    g = make_input(shape, dtype, "cpu", "contiguous", seed=32)
+    w = torch.rand(C, dtype=dtype if dtype == torch.float64 else torch.float32) + 0.5
+    dx, gw = _train_backward_as_split_path(g, x, w)
+    gx64, gw64 = _train_backward_float64(g, x, w)
+    assert_close(dx, gx64.to(dtype), dtype)
+    assert_close(gw, gw64.to(w.dtype), w.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
