@@ -423,8 +423,10 @@ def test_fused_backward_matches_split_and_float64(shape, dtype, layout):
 @pytest.mark.parametrize("dtype,spatial,C", [
     (torch.float32, (7, 7), 64),     # tiles of 16 channels' runs, the reduction as rows
     (torch.float32, (28, 28), 32),   # tiles of one channel, whole-step runs
+    (torch.float32, (14, 14), 36),   # tiles of 4 channels (the split path's are 5), run by run
     (torch.float64, (14, 14), 34),   # tiles of 2 channels, reduced run by run
-], ids=["fp32-7x7", "fp32-28x28", "fp64-14x14"])
+    (torch.float64, (7, 7), 40),     # tiles of 8 channels (the split path's are 10), run by run
+], ids=["fp32-7x7", "fp32-28x28", "fp32-14x14", "fp64-14x14", "fp64-7x7"])
 def test_tile_fused_backward_matches_split_and_float64(dtype, spatial, C):
     """The tile-fused train_backward (short NCHW runs, tensors beyond the last-level cache, as
     sized here): each tile of channels reduced, then its dx written. Its sums must be the split

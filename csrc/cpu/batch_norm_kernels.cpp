@@ -835,6 +835,21 @@ int64_t channels_per_tile(const Geometry& g, int64_t itemsize) {
 // run-by-run path has little tail to save.
 constexpr int64_t kSpanRunBytes = 256;
 
+// A tile whose runs of one n are whole 64-byte cache lines, so that, on an aligned tensor whose
+// C * S runs are whole lines too, every tile's piece of every n starts on a line: as many
+// channels as channels_per_tile or fewer, where that does not change the bits (run by run);
+// 0 where there is none.
+int64_t line_aligned_tile(const Geometry& g, int64_t itemsize) {
+  const int64_t run_bytes = std::max<int64_t>(g.S, 1) * itemsize;
+  if ((g.C * run_bytes) % 64 != 0) return 0;
+  const int64_t G = channels_per_tile(g, itemsize);
+  const int64_t fewest = (G > 1 && run_bytes <= kSpanRunBytes) ? G : 1;
+  for (int64_t h = G; h >= fewest; --h) {
+    if ((h * run_bytes) % 64 == 0) return h;
+  }
+  return 0;
+}
+
 // s1, s2 of channels [c0, c1) (c1 - c0 <= kMaxTile) over runs [n0, n1), for a reduction R
 // (ShiftedMoments or CenteredDot) with per-channel shift k[c - c0].
 template <typename T, typename R>
@@ -920,17 +935,19 @@ bool parallel_over_channels(const Geometry& g) {
 
 // finish(c, k, s1, s2) for every channel, shift(c) giving the channel's k (called once each).
 // With whole channels per thread, tile_done(c0, c1) follows the finish of a tile's channels on
-// the thread that reduced them, while their runs are still in its cache.
+// the thread that reduced them, while their runs are still in its cache; `tile` channels to a
+// tile if given (one that gives the same bits: channels_per_tile's where runs are spans).
 struct NoTileDone {
   void operator()(int64_t, int64_t) const {}
 };
 
 template <typename T, typename R, typename Shift, typename Finish, typename TileDone = NoTileDone>
 void contiguous_reduce(const R& red, const Geometry& g, const Shift& shift, const Finish& finish,
-                       const TileDone& tile_done = {}) {
+                       const TileDone& tile_done = {}, int64_t tile = 0) {
   using M = math_t<T>;
   if (parallel_over_channels(g)) {
-    const int64_t G = channels_per_tile(g, sizeof(T)), tiles = (g.C + G - 1) / G;
+    const int64_t G = tile > 0 ? tile : channels_per_tile(g, sizeof(T));
+    const int64_t tiles = (g.C + G - 1) / G;
     const bool spans = G > 1 && g.S * static_cast<int64_t>(sizeof(T)) <= kSpanRunBytes;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       std::array<M, kMaxTile> k;
@@ -1477,32 +1494,32 @@ void channel_strips_backward_impl(const T* dy, const T* x, T* dx, const Geometry
 
 // Tile-fused (short runs, out of cache): the split path's reduction, tile by tile
 // (contiguous_reduce), each tile's dx written by the thread that reduced it, right after. A tile
-// is a few adjacent channels (channels_per_tile: ~4 KiB of each n's runs, back to back), N such
-// pieces C * S apart; its dy and x are still in the thread's cache when the map reads them, so
-// they come from memory once: 3 passes, not 5. 2-core Zen 3, fp32, split -> tile-fused, paired
-// medians of 21 alternating rounds: 32x2048x7x7 1.24x, 256x512x7x7 1.14x, 256x2048x7x7 1.06x,
-// 32x128x28x28 1.47x, 32x512x28x28 1.28x, 256x256x28x28 1.30x; fp64 32x512x14x14 1.31x.
-// Not within the cache (dy, x and dx below it: the split path's second read is a cache hit
-// too): 32x512x7x7 0.88x, 32x64x28x28 0.91x. Not where a piece starts inside a cache line
-// (fp32 14x14: 5 channels, 3920 bytes), whose vectors then straddle lines and whose stores
-// cannot stream: 32x512x14x14 0.84x, 256x256x14x14 0.97x. Not bf16/fp16, bound by the
-// conversions: 256x512x7x7 0.91x.
+// is a few adjacent channels (~4 KiB of each n's runs, back to back), N such pieces C * S apart;
+// its dy and x are still in the thread's cache when the map reads them, so they come from memory
+// once: 3 passes, not 5. 2-core Zen 3, split -> tile-fused, paired medians of 15-21 alternating
+// rounds: fp32 32x2048x7x7 1.24x, 256x512x7x7 1.14x, 256x2048x7x7 1.06x, 32x128x28x28 1.47x,
+// 32x512x28x28 1.28x, 256x256x28x28 1.30x, 32x1024x14x14 1.36x, 256x256x14x14 1.42x; fp64
+// 32x512x14x14 1.31x, 256x512x7x7 1.44x.
+// Only where every piece starts on a cache line (line_aligned_tile): fp32 14x14 in tiles of 5
+// channels (3920 bytes), whose vectors straddle lines and whose stores cannot stream, lost
+// (32x512x14x14 0.84x, 256x256x14x14 0.97x); in tiles of 4 it gains (above). Not within the
+// cache (dy, x and dx below it: the split path's second read is a cache hit too): 32x512x7x7
+// 0.88x, 32x64x28x28 0.91x. Not bf16/fp16, bound by the conversions: 256x512x7x7 0.91x.
 template <typename T>
-bool tile_fused_backward(const Geometry& g, bool stream) {
+int64_t tile_fused_backward(const Geometry& g, bool stream) {
   if (at::vec::is_reduced_floating_point_v<T> || !stream || g.layout != Layout::kContiguous ||
       !parallel_over_channels(g)) {
-    return false;
+    return 0;
   }
   const int64_t run_bytes = g.S * static_cast<int64_t>(sizeof(T));
-  const int64_t G = channels_per_tile(g, sizeof(T));
-  const bool line_aligned = (G * run_bytes) % 64 == 0 && (g.C * run_bytes) % 64 == 0;
-  return run_bytes < kLongRunBytes && line_aligned &&
-         2 * g.N * G * run_bytes * at::get_num_threads() <= last_level_cache_bytes() / 2;
+  const int64_t G = line_aligned_tile(g, sizeof(T));
+  const bool fits = 2 * g.N * G * run_bytes * at::get_num_threads() <= last_level_cache_bytes() / 2;
+  return run_bytes < kLongRunBytes && G > 0 && fits ? G : 0;
 }
 
 // dx (streamed), grad_weight and grad_bias, as train_backward; the tile_fused_backward path.
 template <typename T>
-void tile_fused_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g,
+void tile_fused_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g, int64_t tile,
                               const math_t<T>* mu, const math_t<T>* vp, const math_t<T>* wp,
                               double eps, math_t<T>* gw, math_t<T>* gb) {
   using M = math_t<T>;
@@ -1523,7 +1540,8 @@ void tile_fused_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g,
                             d.data(), by_run, /*stream=*/true);
         }
         stream_fence();
-      });
+      },
+      tile);
 }
 
 template <typename T>
@@ -1532,9 +1550,9 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
                          Tensor& dxt, Tensor& grad_weight, Tensor& grad_bias) {
   using M = math_t<T>;
   const bool stream = stream_output(3 * xt.nbytes());
-  if (tile_fused_backward<T>(g, stream)) {
+  if (const int64_t tile = tile_fused_backward<T>(g, stream)) {
     tile_fused_backward_impl<T>(dyt.const_data_ptr<T>(), xt.const_data_ptr<T>(),
-                                dxt.data_ptr<T>(), g, mean.const_data_ptr<M>(),
+                                dxt.data_ptr<T>(), g, tile, mean.const_data_ptr<M>(),
                                 var.const_data_ptr<M>(), ptr_or_null<M>(weight), eps,
                                 grad_weight.data_ptr<M>(), grad_bias.data_ptr<M>());
     return;
