@@ -328,9 +328,9 @@ def _last_level_cache_bytes():
 
 
 @pytest.mark.parametrize("layout,dtype,spatial", [
-    ("contiguous", torch.float32, (96, 96)),    # whole-step runs: run by run forward, fused
-    ("contiguous", torch.float32, (28, 28)),    # whole-step runs: run by run, tile-fused backward
-    ("contiguous", torch.float32, (7, 7)),      # short runs: walker forward, tile-fused backward
+    ("contiguous", torch.float32, (96, 96)),    # whole-step runs: tile-fused forward, fused
+    ("contiguous", torch.float32, (28, 28)),    # whole-step runs: tile-fused forward, backward
+    ("contiguous", torch.float32, (7, 7)),      # short runs: tile-fused forward and backward
     ("contiguous", torch.bfloat16, (7, 7)),
     ("channels_last", torch.float32, (24, 24)),
     ("channels_last", torch.bfloat16, (24, 24)),
@@ -339,13 +339,8 @@ def _last_level_cache_bytes():
 def test_streaming_stores_match_float64(layout, dtype, spatial):
     """Outputs of passes whose tensors exceed the last-level cache are written with streaming
     stores; sized here so that eval, training forward and backward all take that path."""
-    llc = _last_level_cache_bytes()
-    if llc > 128 << 20:
-        pytest.skip(f"a {llc >> 20} MiB last-level cache would need too large a tensor")
     C = 64
-    per_n = C * spatial[0] * spatial[1] * torch.tensor([], dtype=dtype).element_size()
-    N = llc // (2 * per_n) + 3  # 2 * input bytes > llc: every pass streams
-    shape = (N, C) + spatial
+    shape = _beyond_cache_shape(dtype, spatial, C)  # 2 * input bytes > llc: every pass streams
     x = make_input(shape, dtype, "cpu", layout, seed=21)
     g = make_input(shape, dtype, "cpu", layout, seed=22)
     pd = torch.float64 if dtype == torch.float64 else torch.float32
@@ -364,6 +359,16 @@ def test_streaming_stores_match_float64(layout, dtype, spatial):
     ye64 = torch.nn.functional.batch_norm(x.double(), rm.double(), rv.double(), w.double(),
                                           b.double(), training=False)
     assert_close(ye, ye64.to(dtype), dtype)
+
+
+def _beyond_cache_shape(dtype, spatial, C):
+    """An NCHW shape whose tensor is more than half the last-level cache: every pass over it
+    streams its output (the forward's when 2 * input bytes > llc). Skips where that is too big."""
+    llc = _last_level_cache_bytes()
+    if llc > 128 << 20:
+        pytest.skip(f"a {llc >> 20} MiB last-level cache would need too large a tensor")
+    per_n = C * spatial[0] * spatial[1] * torch.tensor([], dtype=dtype).element_size()
+    return (llc // (2 * per_n) + 3, C) + spatial
 
 
 def _train_backward_as_split_path(g, x, w):
@@ -432,11 +437,7 @@ def test_tile_fused_backward_matches_split_and_float64(dtype, spatial, C):
     sized here): each tile of channels reduced, then its dx written. Its sums must be the split
     path's bits (backward_reduce), its dx backward_input's, on 2 threads and on 1, and all must
     match float64."""
-    llc = _last_level_cache_bytes()
-    if llc > 128 << 20:
-        pytest.skip(f"a {llc >> 20} MiB last-level cache would need too large a tensor")
-    per_n = C * spatial[0] * spatial[1] * torch.tensor([], dtype=dtype).element_size()
-    shape = (llc // (2 * per_n) + 3, C) + spatial  # 2 * input bytes > llc: the map streams
+    shape = _beyond_cache_shape(dtype, spatial, C)
     x = make_input(shape, dtype, "cpu", "contiguous", seed=31)
     g = make_input(shape, dtype, "cpu", "contiguous", seed=32)
     w = torch.rand(C, dtype=dtype if dtype == torch.float64 else torch.float32) + 0.5
@@ -444,6 +445,40 @@ def test_tile_fused_backward_matches_split_and_float64(dtype, spatial, C):
     gx64, gw64 = _train_backward_float64(g, x, w)
     assert_close(dx, gx64.to(dtype), dtype)
     assert_close(gw, gw64.to(w.dtype), w.dtype)
+
+
+@pytest.mark.parametrize("dtype,spatial,C", [
+    (torch.float32, (7, 7), 64),     # tiles of 16 channels' runs, the reduction as rows
+    (torch.float32, (14, 14), 36),   # tiles of 4 channels (the split path's are 5), run by run
+    (torch.float32, (56, 56), 8),    # runs of 12 KiB: a channel to a tile
+    (torch.float64, (14, 14), 34),
+    (torch.bfloat16, (56, 56), 8),
+], ids=["fp32-7x7", "fp32-14x14", "fp32-56x56", "fp64-14x14", "bf16-56x56"])
+def test_tile_fused_forward_matches_split_and_float64(dtype, spatial, C):
+    """The tile-fused train_forward (NCHW beyond the last-level cache, as sized here): each tile
+    of channels reduced, then normalized. Its mean and var must be batch_stats' bits, its output
+    normalize's, on 2 threads and on 1, and all must match float64. Channel 0's mean is large
+    enough that its output stays centered while the others' are folded."""
+    shape = _beyond_cache_shape(dtype, spatial, C)
+    x = make_input(shape, dtype, "cpu", "contiguous", seed=33)
+    x[:, 0] += 3000
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(C, dtype=pd) + 0.5
+    b = torch.randn(C, dtype=pd)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = ops.train_forward(x, w, b, 1e-5)
+    finally:
+        torch.set_num_threads(old)
+    y, mean, var = ops.train_forward(x, w, b, 1e-5)
+    assert all(torch.equal(p, q) for p, q in zip((y, mean, var), one_thread))
+    mean_split, var_split = ops.batch_stats(x)
+    assert torch.equal(mean, mean_split) and torch.equal(var, var_split)
+    assert torch.equal(y, ops.normalize(x, mean, var, w, b, 1e-5))
+    y64 = torch.nn.functional.batch_norm(x.double(), None, None, w.double(), b.double(),
+                                         training=True)
+    assert_close(y, y64.to(dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],

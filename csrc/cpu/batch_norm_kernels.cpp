@@ -454,6 +454,38 @@ void affine2_runs(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_
   });
 }
 
+// y = (x - mu) * a + d over NCHW runs [r0, r1) (run r is channel r % C; mu unused when
+// !kCentered): run by run when by_run (whole_step_runs), else as one stream of runs. An
+// element's value does not depend on r0 and r1.
+template <bool kCentered, typename T>
+void affine_run_range(const T* x, T* y, const Geometry& g, int64_t r0, int64_t r1,
+                      const math_t<T>* mu, const math_t<T>* a, const math_t<T>* d, bool by_run,
+                      bool stream) {
+  if (!by_run) {
+    affine_runs<kCentered>(x, y, r0, r1, g.S, g.C, mu, a, d, stream);
+    return;
+  }
+  for (int64_t i = r0, c = r0 % g.C; i < r1; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
+    affine_run<kCentered>(x + i * g.S, y + i * g.S, g.S, mu[c], a[c], d[c], stream);
+  }
+}
+
+// dx = dy * a + (x - mu) * b + d over NCHW runs [r0, r1) (run r is channel r % C): run by run
+// when by_run (whole_step_runs), else as one stream of runs. An element's value does not depend
+// on r0 and r1, so any split of the runs gives the same bits.
+template <typename T>
+void affine2_run_range(const T* dy, const T* x, T* dx, const Geometry& g, int64_t r0, int64_t r1,
+                       const math_t<T>* a, const math_t<T>* mu, const math_t<T>* b,
+                       const math_t<T>* d, bool by_run, bool stream) {
+  if (!by_run) {
+    affine2_runs(dy, x, dx, r0, r1, g.S, g.C, a, mu, b, d, stream);
+    return;
+  }
+  for (int64_t i = r0, c = r0 % g.C; i < r1; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
+    affine2_run(dy + i * g.S, x + i * g.S, dx + i * g.S, g.S, a[c], mu[c], b[c], d[c], stream);
+  }
+}
+
 // ---- elementwise over one row of positions, a coefficient per position -------------------------
 //
 // A channels-last row (position = channel), or a tile of short NCHW runs of one n (below).
@@ -1152,36 +1184,76 @@ void affine2_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
 
 // ---- whole-tensor kernels ---------------------------------------------------------------------
 
+// One channel's y = (x - mu) * a + d: a = w * invstd, and either mu = mean, d = b, or, folded,
+// mu = 0, d = b - mean * a. (x - mean) * a + b rounds once at the output's scale; the folded
+// x * a + (b - mean * a) saves a subtraction per vector but rounds x * a at the scale of
+// |mean * a|, which costs up to ~1e-3 in float32 when |mean| / std reaches 1e4. A channel is
+// folded only while |mean * a| stays within kFoldLimit of the output's own scale max(1, |b|):
+// then both forms err by a few ulp. A folded channel's x - 0 is x, so the centered kernels give
+// it the folded form's bits.
+template <typename M>
+struct NormalizeCoef {
+  M mu, a, d;
+  bool folded;
+};
+
+template <typename M>
+NormalizeCoef<M> normalize_coef(M mean, M var, M w, M b, double eps) {
+  constexpr double kFoldLimit = 4.0;
+  const M a = static_cast<M>(w * invstd_of(var, eps));
+  const double shift = static_cast<double>(mean) * a;
+  if (std::abs(shift) <= kFoldLimit * std::max(1.0, std::abs(static_cast<double>(b)))) {
+    return {M(0), a, static_cast<M>(static_cast<double>(b) - shift), true};
+  }
+  return {mean, a, b, false};  // also for NaN
+}
+
 template <typename M>
 ChannelCoefs<M> normalize_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
                                 const Tensor& bias, double eps) {
   const int64_t C = mean.numel();
   ChannelCoefs<M> k{std::vector<M>(C), std::vector<M>(C), std::vector<M>(), std::vector<M>(C)};
-  // (x - mean) * a + b rounds once at the output's scale; the folded x * a + (b - mean * a)
-  // saves a load and a subtraction per vector but rounds x * a at the scale of |mean * a|, which
-  // costs up to ~1e-3 in float32 when |mean| / std reaches 1e4. Fold only while |mean * a| stays
-  // within kFoldLimit of the output's own scale max(1, |b|): then both forms err by a few ulp.
-  constexpr double kFoldLimit = 4.0;
   const M *mp = mean.const_data_ptr<M>(), *vp = var.const_data_ptr<M>();
   const M *wp = ptr_or_null<M>(weight), *bp = ptr_or_null<M>(bias);
-  bool fold = true;
+  bool all_folded = true;
   for (int64_t c = 0; c < C; ++c) {
-    k.mu[c] = mp[c];
-    k.a[c] = static_cast<M>(opt_at<M>(wp, c, 1) * invstd_of(vp[c], eps));
-    k.d[c] = opt_at<M>(bp, c, 0);
-    const double shift = static_cast<double>(k.mu[c]) * k.a[c];
-    const double scale = std::max(1.0, std::abs(static_cast<double>(k.d[c])));
-    fold = fold && std::abs(shift) <= kFoldLimit * scale;  // false for NaN too
+    const NormalizeCoef<M> e =
+        normalize_coef<M>(mp[c], vp[c], opt_at<M>(wp, c, 1), opt_at<M>(bp, c, 0), eps);
+    k.mu[c] = e.mu;
+    k.a[c] = e.a;
+    k.d[c] = e.d;
+    all_folded = all_folded && e.folded;
   }
-  if (fold) {
-    for (int64_t c = 0; c < C; ++c) {
-      k.d[c] = static_cast<M>(static_cast<double>(k.d[c]) - static_cast<double>(k.mu[c]) * k.a[c]);
-      k.mu[c] = 0;
-    }
-  }
-  k.centered = !fold;
+  k.centered = !all_folded;
   return k;
 }
+
+// The statistics' shift k of a channel: the mean of its kShiftSamples samples, added as
+// bn_ext.h says (as the CUDA kernels do). Sample j of channel c lies at base[j] + c * S (NCHW)
+// or base[j] + c (channels-last).
+template <typename T>
+struct ChannelShift {
+  using M = math_t<T>;
+  int64_t base[kShiftSamples];
+
+  explicit ChannelShift(const ShiftSamples& samples) {
+    for (int64_t j = 0, e = samples.group_start(0); j < kShiftSamples; ++j, e = samples.next(e)) {
+      base[j] = samples.offset(e, 0);
+    }
+  }
+  // Group i of the channel whose samples lie at p + base[4i .. 4i + 3].
+  M group(const T* p, int i) const {
+    const int64_t* b = base + 4 * i;
+    return (static_cast<M>(p[b[0]]) + static_cast<M>(p[b[1]])) +
+           (static_cast<M>(p[b[2]]) + static_cast<M>(p[b[3]]));
+  }
+  // k of the channel whose samples lie at p + base[j].
+  M operator()(const T* p) const {
+    M groups[kShiftGroups];
+    for (int i = 0; i < kShiftGroups; ++i) groups[i] = group(p, i);
+    return add_shift_groups(groups);
+  }
+};
 
 template <typename T>
 void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor& var) {
@@ -1190,38 +1262,23 @@ void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor&
   M* mean_p = mean.data_ptr<M>();
   M* var_p = var.data_ptr<M>();
   const ShiftedMoments<T> red{x};
-  // k: the mean of the channel's kShiftSamples samples, added as bn_ext.h says (as the CUDA
-  // kernels do). Sample j of channel c lies at base[j] + c * S (NCHW) or base[j] + c
-  // (channels-last).
   const ShiftSamples samples = shift_samples(g);
-  int64_t base[kShiftSamples];
-  for (int64_t j = 0, e = samples.group_start(0); j < kShiftSamples; ++j, e = samples.next(e)) {
-    base[j] = samples.offset(e, 0);
-  }
-  // Group i of the channel whose samples lie at p + base[4i .. 4i + 3].
-  const auto shift_group = [&](const T* p, int i) {
-    const int64_t* b = base + 4 * i;
-    return (static_cast<M>(p[b[0]]) + static_cast<M>(p[b[1]])) +
-           (static_cast<M>(p[b[2]]) + static_cast<M>(p[b[3]]));
-  };
+  const ChannelShift<T> shift(samples);
   if (!samples.channels_last) {
-    const auto shift = [&](int64_t c) {  // once per channel, inside the reduction's parallel loop
-      M group[kShiftGroups];
-      for (int i = 0; i < kShiftGroups; ++i) group[i] = shift_group(x + c * g.S, i);
-      return add_shift_groups(group);
-    };
-    contiguous_reduce<T>(red, g, shift, [&](int64_t c, M k, double s1, double s2) {
-      const Moments m = moments_from_shifted(k, s1, s2, g.count());
-      mean_p[c] = static_cast<M>(m.mean);
-      var_p[c] = static_cast<M>(m.var);
-    });
+    // k once per channel, inside the reduction's parallel loop.
+    contiguous_reduce<T>(red, g, [&](int64_t c) { return shift(x + c * g.S); },
+                         [&](int64_t c, M k, double s1, double s2) {
+                           const Moments m = moments_from_shifted(k, s1, s2, g.count());
+                           mean_p[c] = static_cast<M>(m.mean);
+                           var_p[c] = static_cast<M>(m.var);
+                         });
     return;
   }
   // The same sums, a group of 4 sample rows (runs of C) at a time.
   std::vector<M> group(kShiftGroups * g.C);
   for (int i = 0; i < kShiftGroups; ++i) {
     M* out = group.data() + i * g.C;
-    for (int64_t c = 0; c < g.C; ++c) out[c] = shift_group(x + c, i);
+    for (int64_t c = 0; c < g.C; ++c) out[c] = shift.group(x + c, i);
   }
   std::vector<M> k(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
@@ -1265,22 +1322,12 @@ void normalize_impl(const Tensor& xt, const Geometry& g, const ChannelCoefs<math
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1));
     const bool by_run = whole_step_runs<T>(g);
     at::parallel_for(0, g.N * g.C, grain, [&](int64_t i0, int64_t i1) {
-      if (!by_run) {
-        const auto* mu = k.mu.data();
-        if (k.centered) {
-          affine_runs<true>(x, y, i0, i1, g.S, g.C, mu, k.a.data(), k.d.data(), stream);
-        } else {
-          affine_runs<false>(x, y, i0, i1, g.S, g.C, mu, k.a.data(), k.d.data(), stream);
-        }
-        if (stream) stream_fence();
-        return;
-      }
-      for (int64_t i = i0, c = i0 % g.C; i < i1; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
-        if (k.centered) {
-          affine_run<true>(x + i * g.S, y + i * g.S, g.S, k.mu[c], k.a[c], k.d[c], stream);
-        } else {
-          affine_run<false>(x + i * g.S, y + i * g.S, g.S, k.mu[c], k.a[c], k.d[c], stream);
-        }
+      if (k.centered) {
+        affine_run_range<true>(x, y, g, i0, i1, k.mu.data(), k.a.data(), k.d.data(), by_run,
+                               stream);
+      } else {
+        affine_run_range<false>(x, y, g, i0, i1, k.mu.data(), k.a.data(), k.d.data(), by_run,
+                                stream);
       }
       if (stream) stream_fence();
     });
@@ -1293,16 +1340,70 @@ void normalize_impl(const Tensor& xt, const Geometry& g, const ChannelCoefs<math
   }
 }
 
-// Statistics, then the elementwise pass: three passes over x. A fused variant (a thread owning a
-// channel normalizes it right after reducing it, while its runs are in cache) measured slower on
-// every shape tried on the 2-core EPYC: 32x64x56x56 2.0 vs 1.2 ms, 32x2048x7x7 0.84 vs 0.63 ms,
-// 32x256x56x56 13.9 vs 13.5 ms. A channel's runs are N strided pieces, which the prefetchers
-// follow worse than the two streaming passes, and the 32 MiB L3 serves the second read anyway.
+// Tile-fused training forward (NCHW beyond the cache), as tile_fused_backward: the statistics'
+// reduction tile by tile, each tile normalized by the thread that reduced it while its runs are
+// still in its cache: x comes from memory once, 2 passes instead of 3. Same sums, mean, var and
+// per-channel coefficients as the split path, so the same bits. 2-core Zen 3, split ->
+// tile-fused, paired medians of 15 alternating rounds: fp32 32x1024x14x14 1.29x, 32x512x28x28
+// 1.42x, 256x2048x7x7 1.57x, 256x512x7x7 1.01x, 32x256x56x56 1.38x, 32x64x112x112 1.46x,
+// 8x32x256x256 1.42x; fp64 1.24-1.42x; bf16 1.02-1.13x. Tiles as the backward's (whole cache
+// lines per piece, one channel for runs of 4 KiB and more).
+template <typename T>
+int64_t tile_fused_forward(const Geometry& g, bool stream) {
+  if (!stream || g.layout != Layout::kContiguous || !parallel_over_channels(g)) return 0;
+  const int64_t run_bytes = g.S * static_cast<int64_t>(sizeof(T));
+  const int64_t G = line_aligned_tile(g, sizeof(T));
+  const bool fits = g.N * G * run_bytes * at::get_num_threads() <= last_level_cache_bytes() / 2;
+  return G > 0 && fits ? G : 0;
+}
+
+template <typename T>
+void tile_fused_forward_impl(const T* x, T* y, const Geometry& g, int64_t tile,
+                             const math_t<T>* wp, const math_t<T>* bp, double eps,
+                             math_t<T>* mean_p, math_t<T>* var_p) {
+  using M = math_t<T>;
+  const ChannelShift<T> shift(shift_samples(g));
+  std::vector<M> mu(g.C), a(g.C), d(g.C);
+  const bool by_run = whole_step_runs<T>(g);
+  contiguous_reduce<T>(
+      ShiftedMoments<T>{x}, g, [&](int64_t c) { return shift(x + c * g.S); },
+      [&](int64_t c, M k, double s1, double s2) {
+        const Moments m = moments_from_shifted(k, s1, s2, g.count());
+        mean_p[c] = static_cast<M>(m.mean);
+        var_p[c] = static_cast<M>(m.var);
+        const NormalizeCoef<M> e = normalize_coef<M>(mean_p[c], var_p[c], opt_at<M>(wp, c, 1),
+                                                     opt_at<M>(bp, c, 0), eps);
+        mu[c] = e.mu;
+        a[c] = e.a;
+        d[c] = e.d;
+      },
+      [&](int64_t c0, int64_t c1) {
+        for (int64_t n = 0; n < g.N; ++n) {
+          affine_run_range<true>(x, y, g, n * g.C + c0, n * g.C + c1, mu.data(), a.data(),
+                                 d.data(), by_run, /*stream=*/true);
+        }
+        stream_fence();
+      },
+      tile);
+}
+
+// Statistics, then the elementwise pass (three passes over x), or tile-fused beyond the cache.
+// An earlier fused variant, a channel at a time for every tensor, measured slower on every
+// shape tried on the 2-core EPYC (Zen 5): 32x64x56x56 2.0 vs 1.2 ms, 32x2048x7x7 0.84 vs
+// 0.63 ms, 32x256x56x56 13.9 vs 13.5 ms; within the cache the split path's second read is a
+// cache hit, so only tensors beyond it take the tile-fused path.
 template <typename T>
 void train_forward_impl(const Tensor& xt, const Geometry& g, const Tensor& weight,
                         const Tensor& bias, double eps, Tensor& yt, Tensor& mean, Tensor& var) {
+  using M = math_t<T>;
+  if (const int64_t tile = tile_fused_forward<T>(g, stream_output(2 * xt.nbytes()))) {
+    tile_fused_forward_impl<T>(xt.const_data_ptr<T>(), yt.data_ptr<T>(), g, tile,
+                               ptr_or_null<M>(weight), ptr_or_null<M>(bias), eps,
+                               mean.data_ptr<M>(), var.data_ptr<M>());
+    return;
+  }
   batch_stats_impl<T>(xt, g, mean, var);
-  normalize_impl<T>(xt, g, normalize_coefs<math_t<T>>(mean, var, weight, bias, eps), yt);
+  normalize_impl<T>(xt, g, normalize_coefs<M>(mean, var, weight, bias, eps), yt);
 }
 
 template <typename T>
@@ -1329,22 +1430,6 @@ void backward_reduce_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g
     return;
   }
   channels_last_reduce<T>(red, g.N * g.S, g.C, mu, store);
-}
-
-// dx = dy * a + (x - mu) * b + d over NCHW runs [r0, r1) (run r is channel r % C): run by run
-// when by_run (whole_step_runs), else as one stream of runs. An element's value does not depend
-// on r0 and r1, so any split of the runs gives the same bits.
-template <typename T>
-void affine2_run_range(const T* dy, const T* x, T* dx, const Geometry& g, int64_t r0, int64_t r1,
-                       const math_t<T>* a, const math_t<T>* mu, const math_t<T>* b,
-                       const math_t<T>* d, bool by_run, bool stream) {
-  if (!by_run) {
-    affine2_runs(dy, x, dx, r0, r1, g.S, g.C, a, mu, b, d, stream);
-    return;
-  }
-  for (int64_t i = r0, c = r0 % g.C; i < r1; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
-    affine2_run(dy + i * g.S, x + i * g.S, dx + i * g.S, g.S, a[c], mu[c], b[c], d[c], stream);
-  }
 }
 
 // dx = dy * a + (x - mu) * b + d with per-channel a, mu, b, d.
