@@ -226,10 +226,15 @@ def test_bitwise_deterministic(device, layout, shape):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("channels", [40, 64])
-def test_thread_count_does_not_change_bits(layout, channels):
-    x = make_input((8, channels, 33, 17), torch.float32, "cpu", layout).requires_grad_()
-    g = make_input((8, channels, 33, 17), torch.float32, "cpu", layout, seed=2)
+@pytest.mark.parametrize("shape", [
+    (8, 40, 33, 17),
+    (8, 64, 33, 17),
+    (130, 5, 7, 7),   # NCHW: whole channels per thread on 1 thread, blocks of rows on 2
+    (70, 3, 4, 4),
+], ids=lambda s: "x".join(map(str, s)))
+def test_thread_count_does_not_change_bits(layout, shape):
+    x = make_input(shape, torch.float32, "cpu", layout).requires_grad_()
+    g = make_input(shape, torch.float32, "cpu", layout, seed=2)
     old = torch.get_num_threads()
     try:
         outs = []
@@ -361,6 +366,19 @@ def test_streaming_stores_match_float64(layout, dtype, spatial):
     assert_close(ye, ye64.to(dtype), dtype)
 
 
+def _on_1_and_2_threads(fn, *args):
+    """fn(*args) on 1 thread and on 2 (the paths a kernel takes can depend on the count)."""
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(fn(*args))
+    finally:
+        torch.set_num_threads(old)
+    return results
+
+
 def _beyond_cache_shape(dtype, spatial, C):
     """An NCHW shape whose tensor is more than half the last-level cache: every pass over it
     streams its output (the forward's when 2 * input bytes > llc). Skips where that is too big."""
@@ -375,13 +393,7 @@ def _train_backward_as_split_path(g, x, w):
     """train_backward's dx and grad_weight, after checking that they, and grad_bias, are the bits
     of the split path (backward_reduce, then backward_input) and the same on 1 thread as on 2."""
     mean, var = ops.batch_stats(x)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one_thread = ops.train_backward(g, x, mean, var, w, 1e-5)
-    finally:
-        torch.set_num_threads(old)
-    dx, gw, gb = ops.train_backward(g, x, mean, var, w, 1e-5)
+    one_thread, (dx, gw, gb) = _on_1_and_2_threads(ops.train_backward, g, x, mean, var, w, 1e-5)
     assert all(torch.equal(a, b) for a, b in zip((dx, gw, gb), one_thread))
     sum_dy, sum_dy_xmu, gw_split, gb_split = ops.backward_reduce(g, x, mean, var, w, 1e-5)
     count = torch.tensor(float(x.numel() // x.shape[1]), dtype=w.dtype)
@@ -425,13 +437,21 @@ def test_fused_backward_matches_split_and_float64(shape, dtype, layout):
     assert_close(gw, gw64.to(md), md if dtype != torch.bfloat16 else dtype)
 
 
-@pytest.mark.parametrize("dtype,spatial,C", [
-    (torch.float32, (7, 7), 64),     # tiles of 16 channels' runs, the reduction as rows
-    (torch.float32, (28, 28), 32),   # tiles of one channel, whole-step runs
-    (torch.float32, (14, 14), 36),   # tiles of 4 channels (the split path's are 5), run by run
-    (torch.float64, (14, 14), 34),   # tiles of 2 channels, reduced run by run
-    (torch.float64, (7, 7), 40),     # tiles of 8 channels (the split path's are 10), run by run
-], ids=["fp32-7x7", "fp32-28x28", "fp32-14x14", "fp64-14x14", "fp64-7x7"])
+# Tile-fused cases: (dtype, spatial, C). The input is about half the last-level cache, so that on
+# 2 threads the tiles of dy and x still fit in each thread's share.
+TILE_FUSED_CASES = {
+    "fp32-7x7": (torch.float32, (7, 7), 256),     # tiles of 16 channels, reduced as rows
+    "fp32-28x28": (torch.float32, (28, 28), 32),  # tiles of one channel, whole-step runs
+    "fp32-14x14": (torch.float32, (14, 14), 36),  # tiles of 4 (the split path's: 5), run by run
+    "fp32-10x10": (torch.float32, (10, 10), 36),  # tiles of 8, the last of 4
+    "fp32-12x12": (torch.float32, (12, 12), 36),  # tiles of 7, the last of 1
+    "fp64-14x14": (torch.float64, (14, 14), 34),  # tiles of 2
+    "fp64-7x7": (torch.float64, (7, 7), 40),      # tiles of 8 (the split path's: 10)
+}
+
+
+@pytest.mark.parametrize("dtype,spatial,C", list(TILE_FUSED_CASES.values()),
+                         ids=list(TILE_FUSED_CASES))
 def test_tile_fused_backward_matches_split_and_float64(dtype, spatial, C):
     """The tile-fused train_backward (short NCHW runs, tensors beyond the last-level cache, as
     sized here): each tile of channels reduced, then its dx written. Its sums must be the split
@@ -447,31 +467,25 @@ def test_tile_fused_backward_matches_split_and_float64(dtype, spatial, C):
     assert_close(gw, gw64.to(w.dtype), w.dtype)
 
 
-@pytest.mark.parametrize("dtype,spatial,C", [
-    (torch.float32, (7, 7), 64),     # tiles of 16 channels' runs, the reduction as rows
-    (torch.float32, (14, 14), 36),   # tiles of 4 channels (the split path's are 5), run by run
+@pytest.mark.parametrize("dtype,spatial,C", list(TILE_FUSED_CASES.values()) + [
     (torch.float32, (56, 56), 8),    # runs of 12 KiB: a channel to a tile
-    (torch.float64, (14, 14), 34),
     (torch.bfloat16, (56, 56), 8),
-], ids=["fp32-7x7", "fp32-14x14", "fp32-56x56", "fp64-14x14", "bf16-56x56"])
-def test_tile_fused_forward_matches_split_and_float64(dtype, spatial, C):
+], ids=list(TILE_FUSED_CASES) + ["fp32-56x56", "bf16-56x56"])
+@pytest.mark.parametrize("centered", [False, True], ids=["folded", "one-centered"])
+def test_tile_fused_forward_matches_split_and_float64(dtype, spatial, C, centered):
     """The tile-fused train_forward (NCHW beyond the last-level cache, as sized here): each tile
     of channels reduced, then normalized. Its mean and var must be batch_stats' bits, its output
-    normalize's, on 2 threads and on 1, and all must match float64. Channel 0's mean is large
-    enough that its output stays centered while the others' are folded."""
+    normalize's, on 2 threads and on 1, and all must match float64. With every channel's mean
+    folded into the shift, normalize runs its folded kernels; with channel 0's mean large, that
+    channel stays centered and the others are folded."""
     shape = _beyond_cache_shape(dtype, spatial, C)
     x = make_input(shape, dtype, "cpu", "contiguous", seed=33)
-    x[:, 0] += 3000
+    if centered:
+        x[:, 0] += 3000
     pd = torch.float64 if dtype == torch.float64 else torch.float32
     w = torch.rand(C, dtype=pd) + 0.5
     b = torch.randn(C, dtype=pd)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one_thread = ops.train_forward(x, w, b, 1e-5)
-    finally:
-        torch.set_num_threads(old)
-    y, mean, var = ops.train_forward(x, w, b, 1e-5)
+    one_thread, (y, mean, var) = _on_1_and_2_threads(ops.train_forward, x, w, b, 1e-5)
     assert all(torch.equal(p, q) for p, q in zip((y, mean, var), one_thread))
     mean_split, var_split = ops.batch_stats(x)
     assert torch.equal(mean, mean_split) and torch.equal(var, var_split)

@@ -920,25 +920,27 @@ void tile_sums(const R& red, const Geometry& g, int64_t c0, int64_t c1, const ma
   }
 }
 
-// total += a[0] + ... + a[S - 1], in double, in a fixed order (8 lanes, then the lanes in pairs).
+// a[0] + ... + a[S - 1], in double, in a fixed order (8 lanes, then the lanes in pairs).
 template <typename M>
-void fold_positions(const M* a, int64_t S, double& total) {
+double fold_positions(const M* a, int64_t S) {
   double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t p = 0;
   for (; p + 8 <= S; p += 8) {
     for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(a[p + l]);
   }
   for (int l = 0; p < S; ++p, ++l) lanes[l] += static_cast<double>(a[p]);
-  total += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-           ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-// s1, s2 of channels [c0, c1) whose runs are short: as rows of positions (above), the tile's
-// runs of one n being a row of (c1 - c0) * S positions, then each channel's S positions folded.
-// No run ends in a partial step, and the accumulators stay in registers down kTileRows rows.
-template <typename T, typename R>
-void tile_span_sums(const R& red, const Geometry& g, int64_t c0, int64_t c1, const math_t<T>* k,
-                    std::vector<math_t<T>>& scratch, double* s1, double* s2) {
+// Channels [c0, c1) whose runs are short, as rows of positions (above): the tile's runs of one n
+// are a row of (c1 - c0) * S positions. For each block b in [b0, b1) of kRowsPerBlock rows,
+// block(b, j, f1, f2) gets channel c0 + j's S positions folded. No run ends in a partial step,
+// and the accumulators stay in registers down kTileRows rows.
+template <typename T, typename R, typename Block>
+void tile_span_blocks(const R& red, const Geometry& g, int64_t c0, int64_t c1,
+                      const math_t<T>* k, int64_t b0, int64_t b1,
+                      std::vector<math_t<T>>& scratch, const Block& block) {
   using M = math_t<T>;
   const int64_t G = c1 - c0, P = G * g.S;
   scratch.resize(3 * P);
@@ -946,17 +948,28 @@ void tile_span_sums(const R& red, const Geometry& g, int64_t c0, int64_t c1, con
   M* acc1 = kp + P;
   M* acc2 = acc1 + P;
   for (int64_t j = 0; j < G; ++j) std::fill(kp + j * g.S, kp + (j + 1) * g.S, k[j]);
-  std::fill(s1, s1 + G, 0.0);
-  std::fill(s2, s2 + G, 0.0);
   const R tile = red.advanced(c0 * g.S);
-  for (int64_t b0 = 0; b0 < g.N; b0 += kRowsPerBlock) {
-    row_block_sums<T>(tile, b0, std::min(g.N, b0 + kRowsPerBlock), g.N, P, g.C * g.S, kp, acc1,
-                      acc2);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t r0 = b * kRowsPerBlock, r1 = std::min(g.N, r0 + kRowsPerBlock);
+    row_block_sums<T>(tile, r0, r1, g.N, P, g.C * g.S, kp, acc1, acc2);
     for (int64_t j = 0; j < G; ++j) {
-      fold_positions(acc1 + j * g.S, g.S, s1[j]);
-      fold_positions(acc2 + j * g.S, g.S, s2[j]);
+      block(b, j, fold_positions(acc1 + j * g.S, g.S), fold_positions(acc2 + j * g.S, g.S));
     }
   }
+}
+
+// s1, s2 of channels [c0, c1) whose runs are short: their blocks' folds, added in block order.
+template <typename T, typename R>
+void tile_span_sums(const R& red, const Geometry& g, int64_t c0, int64_t c1, const math_t<T>* k,
+                    std::vector<math_t<T>>& scratch, double* s1, double* s2) {
+  std::fill(s1, s1 + (c1 - c0), 0.0);
+  std::fill(s2, s2 + (c1 - c0), 0.0);
+  const int64_t blocks = (g.N + kRowsPerBlock - 1) / kRowsPerBlock;
+  tile_span_blocks<T>(red, g, c0, c1, k, 0, blocks, scratch,
+                      [&](int64_t, int64_t j, double f1, double f2) {
+                        s1[j] += f1;
+                        s2[j] += f2;
+                      });
 }
 
 // Whole channels (tiles of them) per thread when there are enough of them; else a few channels'
@@ -977,10 +990,11 @@ template <typename T, typename R, typename Shift, typename Finish, typename Tile
 void contiguous_reduce(const R& red, const Geometry& g, const Shift& shift, const Finish& finish,
                        const TileDone& tile_done = {}, int64_t tile = 0) {
   using M = math_t<T>;
+  // Tiles and the way runs are summed depend on the shape alone, not on the branch below.
+  const int64_t G = tile > 0 ? tile : channels_per_tile(g, sizeof(T));
+  const int64_t tiles = (g.C + G - 1) / G;
+  const bool spans = G > 1 && g.S * static_cast<int64_t>(sizeof(T)) <= kSpanRunBytes;
   if (parallel_over_channels(g)) {
-    const int64_t G = tile > 0 ? tile : channels_per_tile(g, sizeof(T));
-    const int64_t tiles = (g.C + G - 1) / G;
-    const bool spans = G > 1 && g.S * static_cast<int64_t>(sizeof(T)) <= kSpanRunBytes;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       std::array<M, kMaxTile> k;
       std::array<double, kMaxTile> s1, s2;
@@ -999,10 +1013,40 @@ void contiguous_reduce(const R& red, const Geometry& g, const Shift& shift, cons
     });
     return;
   }
-  // Few channels: spread their chunks over the threads, then add each channel's partials in order.
-  const int64_t chunks = chunks_per_channel(g), r = runs_per_chunk(g);
+  // Few channels: spread their chunks over the threads (tile_done is not called here: the fused
+  // paths ask for whole channels per thread), then add each channel's partials in order. These
+  // are the partials whole channels per thread add, in the same order, so the bits do not depend
+  // on which branch the thread count picked.
   std::vector<M> k(g.C);
   for (int64_t c = 0; c < g.C; ++c) k[c] = shift(c);
+  if (spans) {
+    // tile_span_sums' blocks, each a task: block b of tile t leaves its folds, which are then
+    // added in block order, as tile_span_sums adds them.
+    const int64_t blocks = (g.N + kRowsPerBlock - 1) / kRowsPerBlock;
+    std::vector<double> folds(static_cast<size_t>(tiles * blocks * G) * 2);
+    at::parallel_for(0, tiles * blocks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<M> scratch;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = i / blocks, b = i % blocks, c0 = t * G, c1 = std::min(g.C, c0 + G);
+        tile_span_blocks<T>(red, g, c0, c1, &k[c0], b, b + 1, scratch,
+                            [&](int64_t, int64_t j, double f1, double f2) {
+                              folds[2 * (i * G + j)] = f1;
+                              folds[2 * (i * G + j) + 1] = f2;
+                            });
+      }
+    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      const int64_t t = c / G, j = c % G;
+      double s1 = 0, s2 = 0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        s1 += folds[2 * ((t * blocks + b) * G + j)];
+        s2 += folds[2 * ((t * blocks + b) * G + j) + 1];
+      }
+      finish(c, k[c], s1, s2);
+    }
+    return;
+  }
+  const int64_t chunks = chunks_per_channel(g), r = runs_per_chunk(g);
   std::vector<double> partial(static_cast<size_t>(g.C * chunks) * 2);
   at::parallel_for(0, g.C * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
