@@ -645,15 +645,13 @@ bool whole_step_runs(const Geometry& g) {
 
 // ---- per-channel coefficients (double, then rounded once to the math type) --------------------
 
-struct Moments {
-  double mean;
-  double var;  // biased
-};
-
-Moments moments_from_shifted(double k, double s1, double s2, int64_t n) {
+// A channel's mean and biased var from its sums shifted by k, each rounded once to M.
+template <typename M>
+void store_moments(double k, double s1, double s2, int64_t n, M& mean, M& var) {
   const double m1 = s1 / n;
   const double v = s2 / n - m1 * m1;
-  return {k + m1, v < 0 ? 0.0 : v};  // clamps rounding residue; a NaN stays NaN (not max())
+  mean = static_cast<M>(k + m1);
+  var = static_cast<M>(v < 0 ? 0.0 : v);  // clamps rounding residue; a NaN stays NaN (not max())
 }
 
 inline double invstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
@@ -1312,9 +1310,7 @@ void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor&
     // k once per channel, inside the reduction's parallel loop.
     contiguous_reduce<T>(red, g, [&](int64_t c) { return shift(x + c * g.S); },
                          [&](int64_t c, M k, double s1, double s2) {
-                           const Moments m = moments_from_shifted(k, s1, s2, g.count());
-                           mean_p[c] = static_cast<M>(m.mean);
-                           var_p[c] = static_cast<M>(m.var);
+                           store_moments(k, s1, s2, g.count(), mean_p[c], var_p[c]);
                          });
     return;
   }
@@ -1331,9 +1327,7 @@ void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor&
     k[c] = add_shift_groups(gc);
   }
   channels_last_reduce<T>(red, g.N * g.S, g.C, k.data(), [&](int64_t c, double s1, double s2) {
-    const Moments m = moments_from_shifted(k[c], s1, s2, g.count());
-    mean_p[c] = static_cast<M>(m.mean);
-    var_p[c] = static_cast<M>(m.var);
+    store_moments(k[c], s1, s2, g.count(), mean_p[c], var_p[c]);
   });
 }
 
@@ -1384,6 +1378,17 @@ void normalize_impl(const Tensor& xt, const Geometry& g, const ChannelCoefs<math
   }
 }
 
+// The tile of a tile-fused pass that reads `inputs` tensors (x; or dy and x), 0 for none: NCHW
+// beyond the cache (its output streams), whole channels per thread, a line-aligned tile, and
+// every thread's tile of the inputs within its share of half the last-level cache.
+template <typename T>
+int64_t fused_tile(const Geometry& g, bool stream, int64_t inputs) {
+  if (!stream || g.layout != Layout::kContiguous || !parallel_over_channels(g)) return 0;
+  const int64_t G = line_aligned_tile(g, sizeof(T));
+  const int64_t tile_bytes = inputs * g.N * G * g.S * static_cast<int64_t>(sizeof(T));
+  return tile_bytes * at::get_num_threads() <= last_level_cache_bytes() / 2 ? G : 0;
+}
+
 // Tile-fused training forward (NCHW beyond the cache), as tile_fused_backward: the statistics'
 // reduction tile by tile, each tile normalized by the thread that reduced it while its runs are
 // still in its cache: x comes from memory once, 2 passes instead of 3. Same sums, mean, var and
@@ -1392,15 +1397,6 @@ void normalize_impl(const Tensor& xt, const Geometry& g, const ChannelCoefs<math
 // 1.42x, 256x2048x7x7 1.57x, 256x512x7x7 1.01x, 32x256x56x56 1.38x, 32x64x112x112 1.46x,
 // 8x32x256x256 1.42x; fp64 1.24-1.42x; bf16 1.02-1.13x. Tiles as the backward's (whole cache
 // lines per piece, one channel for runs of 4 KiB and more).
-template <typename T>
-int64_t tile_fused_forward(const Geometry& g, bool stream) {
-  if (!stream || g.layout != Layout::kContiguous || !parallel_over_channels(g)) return 0;
-  const int64_t run_bytes = g.S * static_cast<int64_t>(sizeof(T));
-  const int64_t G = line_aligned_tile(g, sizeof(T));
-  const bool fits = g.N * G * run_bytes * at::get_num_threads() <= last_level_cache_bytes() / 2;
-  return G > 0 && fits ? G : 0;
-}
-
 template <typename T>
 void tile_fused_forward_impl(const T* x, T* y, const Geometry& g, int64_t tile,
                              const math_t<T>* wp, const math_t<T>* bp, double eps,
@@ -1412,9 +1408,7 @@ void tile_fused_forward_impl(const T* x, T* y, const Geometry& g, int64_t tile,
   contiguous_reduce<T>(
       ShiftedMoments<T>{x}, g, [&](int64_t c) { return shift(x + c * g.S); },
       [&](int64_t c, M k, double s1, double s2) {
-        const Moments m = moments_from_shifted(k, s1, s2, g.count());
-        mean_p[c] = static_cast<M>(m.mean);
-        var_p[c] = static_cast<M>(m.var);
+        store_moments(k, s1, s2, g.count(), mean_p[c], var_p[c]);
         const NormalizeCoef<M> e = normalize_coef<M>(mean_p[c], var_p[c], opt_at<M>(wp, c, 1),
                                                      opt_at<M>(bp, c, 0), eps);
         mu[c] = e.mu;
@@ -1440,7 +1434,7 @@ template <typename T>
 void train_forward_impl(const Tensor& xt, const Geometry& g, const Tensor& weight,
                         const Tensor& bias, double eps, Tensor& yt, Tensor& mean, Tensor& var) {
   using M = math_t<T>;
-  if (const int64_t tile = tile_fused_forward<T>(g, stream_output(2 * xt.nbytes()))) {
+  if (const int64_t tile = fused_tile<T>(g, stream_output(2 * xt.nbytes()), 1)) {
     tile_fused_forward_impl<T>(xt.const_data_ptr<T>(), yt.data_ptr<T>(), g, tile,
                                ptr_or_null<M>(weight), ptr_or_null<M>(bias), eps,
                                mean.data_ptr<M>(), var.data_ptr<M>());
@@ -1636,24 +1630,18 @@ void channel_strips_backward_impl(const T* dy, const T* x, T* dx, const Geometry
 // 0.88x, 32x64x28x28 0.91x. Not bf16/fp16, bound by the conversions: 256x512x7x7 0.91x.
 template <typename T>
 int64_t tile_fused_backward(const Geometry& g, bool stream) {
-  if (at::vec::is_reduced_floating_point_v<T> || !stream || g.layout != Layout::kContiguous ||
-      !parallel_over_channels(g)) {
-    return 0;
-  }
-  const int64_t run_bytes = g.S * static_cast<int64_t>(sizeof(T));
-  const int64_t G = line_aligned_tile(g, sizeof(T));
-  const bool fits = 2 * g.N * G * run_bytes * at::get_num_threads() <= last_level_cache_bytes() / 2;
-  return run_bytes < kLongRunBytes && G > 0 && fits ? G : 0;
+  const bool short_runs = g.S * static_cast<int64_t>(sizeof(T)) < kLongRunBytes;
+  return !at::vec::is_reduced_floating_point_v<T> && short_runs ? fused_tile<T>(g, stream, 2) : 0;
 }
 
-// dx (streamed), grad_weight and grad_bias, as train_backward; the tile_fused_backward path.
+// dx, grad_weight and grad_bias, as train_backward, for both fused paths: `tile` channels
+// reduced, then their dx written (run by run when by_run).
 template <typename T>
-void tile_fused_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g, int64_t tile,
-                              const math_t<T>* mu, const math_t<T>* vp, const math_t<T>* wp,
-                              double eps, math_t<T>* gw, math_t<T>* gb) {
+void fused_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g, int64_t tile,
+                         bool by_run, bool stream, const math_t<T>* mu, const math_t<T>* vp,
+                         const math_t<T>* wp, double eps, math_t<T>* gw, math_t<T>* gb) {
   using M = math_t<T>;
   std::vector<M> a(g.C), b(g.C), d(g.C);
-  const bool by_run = whole_step_runs<T>(g);
   contiguous_reduce<T>(
       CenteredDot<T>{dy, x}, g, [&](int64_t c) { return mu[c]; },
       [&](int64_t c, M, double s1, double s2) {
@@ -1666,9 +1654,9 @@ void tile_fused_backward_impl(const T* dy, const T* x, T* dx, const Geometry& g,
       [&](int64_t c0, int64_t c1) {
         for (int64_t n = 0; n < g.N; ++n) {
           affine2_run_range(dy, x, dx, g, n * g.C + c0, n * g.C + c1, a.data(), mu, b.data(),
-                            d.data(), by_run, /*stream=*/true);
+                            d.data(), by_run, stream);
         }
-        stream_fence();
+        if (stream) stream_fence();
       },
       tile);
 }
@@ -1679,11 +1667,18 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
                          Tensor& dxt, Tensor& grad_weight, Tensor& grad_bias) {
   using M = math_t<T>;
   const bool stream = stream_output(3 * xt.nbytes());
+  const auto fused = [&](int64_t tile, bool by_run) {
+    fused_backward_impl<T>(dyt.const_data_ptr<T>(), xt.const_data_ptr<T>(), dxt.data_ptr<T>(),
+                           g, tile, by_run, stream, mean.const_data_ptr<M>(),
+                           var.const_data_ptr<M>(), ptr_or_null<M>(weight), eps,
+                           grad_weight.data_ptr<M>(), grad_bias.data_ptr<M>());
+  };
   if (const int64_t tile = tile_fused_backward<T>(g, stream)) {
-    tile_fused_backward_impl<T>(dyt.const_data_ptr<T>(), xt.const_data_ptr<T>(),
-                                dxt.data_ptr<T>(), g, tile, mean.const_data_ptr<M>(),
-                                var.const_data_ptr<M>(), ptr_or_null<M>(weight), eps,
-                                grad_weight.data_ptr<M>(), grad_bias.data_ptr<M>());
+    fused(tile, whole_step_runs<T>(g));
+    return;
+  }
+  if (fused_backward(g, sizeof(T))) {
+    fused(1, /*by_run=*/true);  // a channel at a time (channels_per_tile's for long runs)
     return;
   }
   if (channel_strips_backward<T>(g)) {
@@ -1693,37 +1688,11 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
                                     grad_weight.data_ptr<M>(), grad_bias.data_ptr<M>());
     return;
   }
-  if (!fused_backward(g, sizeof(T))) {
-    Tensor sum_dy = at::empty_like(grad_bias), sum_dy_xmu = at::empty_like(grad_weight);
-    backward_reduce_impl<T>(dyt, xt, g, mean, var, eps, sum_dy, sum_dy_xmu, grad_weight,
-                            grad_bias);
-    backward_input_impl<T>(dyt, xt, g, mean, var, weight, sum_dy, sum_dy_xmu,
-                           static_cast<double>(g.count()), eps, dxt);
-    return;
-  }
-  const M* mu = mean.const_data_ptr<M>();
-  const M* vp = var.const_data_ptr<M>();
-  M* gw = grad_weight.data_ptr<M>();
-  M* gb = grad_bias.data_ptr<M>();
-  const M* wp = ptr_or_null<M>(weight);
-  const T* dy = dyt.const_data_ptr<T>();
-  const T* x = xt.const_data_ptr<T>();
-  T* dx = dxt.data_ptr<T>();
-  const CenteredDot<T> red{dy, x};
-  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double s1 = 0, s2 = 0;
-      tile_sums<T>(red, g, c, c + 1, mu + c, &s1, &s2);
-      const BackwardCoefs k = fused_channel_backward<M>(s1, s2, vp[c], opt_at<M>(wp, c, 1), eps,
-                                                        g.count(), gb[c], gw[c]);
-      for (int64_t n = 0; n < g.N; ++n) {
-        const int64_t off = (n * g.C + c) * g.S;
-        affine2_run(dy + off, x + off, dx + off, g.S, static_cast<M>(k.a), mu[c],
-                    static_cast<M>(k.b), static_cast<M>(k.d), stream);
-      }
-    }
-    if (stream) stream_fence();
-  });
+  Tensor sum_dy = at::empty_like(grad_bias), sum_dy_xmu = at::empty_like(grad_weight);
+  backward_reduce_impl<T>(dyt, xt, g, mean, var, eps, sum_dy, sum_dy_xmu, grad_weight,
+                          grad_bias);
+  backward_input_impl<T>(dyt, xt, g, mean, var, weight, sum_dy, sum_dy_xmu,
+                         static_cast<double>(g.count()), eps, dxt);
 }
 
 #define BN_EXT_DISPATCH(x, name, ...) \
