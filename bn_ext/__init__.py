@@ -23,6 +23,4 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "ba
 
 def has_cuda_kernels() -> bool:
     """Whether this build has bn_ext's CUDA kernels."""
-    import torch
-
-    return torch._C._dispatch_has_kernel_for_dispatch_key("bn_ext::normalize", "CUDA")
+    return ops.built_with_cuda()

@@ -588,6 +588,24 @@ void empty_cpu_cache() { cpu::empty_output_cache(); }
 
 std::vector<int64_t> cpu_cache_stats() { return cpu::output_cache_stats(); }
 
+#ifdef BN_EXT_WITH_CUDA
+bool built_with_cuda() { return true; }
+#else
+bool built_with_cuda() { return false; }
+
+// A CPU-only build on a CUDA torch (nvcc not found at install, or BN_EXT_FORCE_CPU=1) still gets
+// CUDA tensors. Without a CUDA kernel the dispatcher's error lists backends; this one names the
+// cause and the fix. Boxed, so one function serves every op.
+void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  const std::string& name = op.schema().name();  // "bn_ext::op"
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      false, "bn_ext.", name.substr(name.rfind(':') + 1), ": got CUDA tensors, but this bn_ext was built without its CUDA ",
+      "kernels (at install time torch had no CUDA, nvcc was not found, or BN_EXT_FORCE_CPU was ",
+      "set). Reinstall with a CUDA build of torch and the CUDA toolkit (set CUDA_HOME if nvcc is ",
+      "not on the PATH): pip install --no-build-isolation --force-reinstall --no-deps .");
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY(bn_ext, m) {
@@ -612,6 +630,7 @@ TORCH_LIBRARY(bn_ext, m) {
   // The CPU output cache (cpu/output_cache.cpp); no tensors in or out, so one kernel for all keys.
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
   m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
 
 #define BN_EXT_REGISTER_IMPLS(m)                              \
@@ -629,6 +648,13 @@ TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) { m.impl("train_forward", &train_forward
 
 #ifdef BN_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) { BN_EXT_REGISTER_IMPLS(m) }
+#else
+TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) {
+  for (const char* name : {"batch_stats", "normalize", "train_forward", "running_stats_update",
+                           "backward_reduce", "backward_input", "train_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
+  }
+}
 #endif
 
 }  // namespace bn_ext
