@@ -249,9 +249,13 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if input.dim() < 2:
         raise ValueError(f"bn_ext.batch_norm: expected input of shape (N, C, *) with at least "
                          f"2 dimensions, got {input.dim()}D input")
+    if not training and (running_mean is None or running_var is None):
+        # torch's RuntimeError (its C++ kernel's check), the missing one named
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"bn_ext.batch_norm: {missing} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
-        raise ValueError("bn_ext.batch_norm: running_mean and running_var must both be given "
-                         "or both be None")
+        raise ValueError("bn_ext.batch_norm: running_mean and running_var must either both be "
+                         "None or neither be None")
     if running_mean is not None:
         # The ops check everything again, but under their own argument names (mean, var); these
         # are the caller's names, and in training they fail before any work is done.
@@ -265,15 +269,17 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                                    f"{input.device}; all tensors must be on one device")
     if training:
         _verify_batch_size(input)
+        if not eps > 0:  # as torch's F.batch_norm (>= 2.11), after the batch-size check
+            raise ValueError(f"bn_ext.batch_norm: eps must be positive during training, but "
+                             f"got {eps}")
         # train_forward also updates the running statistics (and counts an empty batch in
         # num_batches_tracked, leaving the statistics alone, as torch does). Its autograd is in
         # C++ (ops.cpp), with or without grad.
         out, _, _ = _ops.train_forward(input, weight, bias, eps, running_mean, running_var,
                                        num_batches_tracked, momentum)
         return out
-    if running_mean is None:
-        raise ValueError("bn_ext.batch_norm: running_mean and running_var are required when "
-                         "training=False")
+    if not eps >= 0:
+        raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
     # Without autograd the op is called directly: autograd.Function.apply costs tens of
     # microseconds, a few percent of a small eval call.
     if not (torch.is_grad_enabled() and any(

@@ -27,12 +27,15 @@ class _BatchNormForward:
             momentum = 0.0  # as torch: no count to average over, the statistics stay put
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
-        return _batch_norm(
+        out = _batch_norm(
             input,
             self.running_mean if use_buffers else None,
             self.running_var if use_buffers else None,
             self.weight, self.bias, bn_training, momentum, self.eps,
             num_batches_tracked=nbt)
+        if nbt is not None and self.running_mean is None:
+            nbt.add_(1)  # tracking with the statistics set to None: torch still counts
+        return out
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
@@ -68,11 +71,25 @@ def convert_model(module: nn.Module) -> nn.Module:
     torch's classes (bn_ext's own, for one) are left alone. Returns the converted module, which
     is a new object only when `module` itself is a BatchNorm.
     """
+    return _convert(module, {})
+
+
+def _convert(module: nn.Module, done: dict) -> nn.Module:
+    """convert_model, with `done` mapping id(old layer) -> its replacement, so that a layer
+    reachable under several names (self.bn and self.alias) becomes one layer everywhere."""
     cls = _REPLACEMENTS.get(type(module))
     if cls is not None:
-        return _swap(module, cls)
-    for name, child in module.named_children():
-        converted = convert_model(child)
+        if id(module) not in done:
+            done[id(module)] = (module, _swap(module, cls))  # the old layer kept alive: ids stay
+        return done[id(module)][1]
+    if id(module) in done:
+        return module  # a container already walked
+    done[id(module)] = (module, module)
+    # _modules, not named_children(), which lists a child held under two names only once
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        converted = _convert(child, done)
         if converted is not child:
             setattr(module, name, converted)
     return module

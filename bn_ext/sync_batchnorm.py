@@ -106,6 +106,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 momentum, eps, process_group, num_features):
         error = _local_check(input, num_features, weight=weight, bias=bias,
                              running_mean=running_mean, running_var=running_var)
+        if error is None and not eps > 0:  # as F.batch_norm in training
+            error = ValueError(f"SyncBatchNorm: eps must be positive during training, but got "
+                               f"{eps}")
         # The collective's buffer lives where the layer does (the device the backend was set up
         # for), so that even an input on the wrong device cannot keep this rank out of it.
         device = next((t.device for t in (running_mean, weight) if t is not None),
@@ -262,12 +265,15 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         # has joined the collective, so that a rejected input cannot leave the others waiting.
         tracking = self.track_running_stats
         momentum = self.momentum
-        return SyncBatchNormFunction.apply(
+        out = SyncBatchNormFunction.apply(
             input, self.weight, self.bias,
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
             self.num_batches_tracked if tracking else None,
             momentum, self.eps, process_group, self.num_features)
+        if tracking and self.num_batches_tracked is not None and self.running_mean is None:
+            self.num_batches_tracked.add_(1)  # statistics set to None: torch still counts
+        return out
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:

@@ -77,11 +77,14 @@ struct ShiftSamples {
   }
 };
 
-// k from the 8 group sums.
+// k from the 8 group sums; 0 when a sample is inf or NaN. An inf sample would make k inf and
+// every x - k inf - inf = NaN, so the mean NaN where torch's is inf (and the running mean with
+// it); with k = 0 the sums, and so the mean, are inf as torch's. k - k is 0 only for finite k.
 template <typename M>
 BN_EXT_HOST_DEVICE inline M add_shift_groups(const M (&g)[kShiftGroups]) {
-  return (((g[0] + g[1]) + (g[2] + g[3])) + ((g[4] + g[5]) + (g[6] + g[7]))) /
-         static_cast<M>(kShiftSamples);
+  const M k = (((g[0] + g[1]) + (g[2] + g[3])) + ((g[4] + g[5]) + (g[6] + g[7]))) /
+              static_cast<M>(kShiftSamples);
+  return k - k == M(0) ? k : M(0);
 }
 
 inline ShiftSamples shift_samples(const Geometry& g) {

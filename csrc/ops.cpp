@@ -7,6 +7,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/autograd.h>
@@ -277,7 +278,8 @@ void write_back(const Tensor& updated, const Tensor& buffer) {
 }
 
 // The update's arguments besides the buffers: num_batches_tracked an int64 scalar on `like`'s
-// device, momentum in [0, 1] or None (then num_batches_tracked is required).
+// device, momentum a float (any, as torch: outside [0, 1] it extrapolates) or None (then
+// num_batches_tracked is required).
 void check_update_args(const char* op, const Tensor& like,
                        const optional<Tensor>& num_batches_tracked, optional<double> momentum) {
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
@@ -289,10 +291,14 @@ void check_update_args(const char* op, const Tensor& like,
   }
   TORCH_CHECK(momentum.has_value() || has_nbt, "bn_ext.", op,
               ": momentum=None (cumulative average) needs num_batches_tracked");
-  if (momentum.has_value()) {
-    TORCH_CHECK(*momentum >= 0 && *momentum <= 1, "bn_ext.", op,
-                ": momentum must be in [0, 1], got ", *momentum);
-  }
+}
+
+// A running statistic is written in place, after the kernel: one whose elements share memory
+// (an expand()ed tensor) would fail only then, with num_batches_tracked already counted.
+void check_no_internal_overlap(const char* op, const Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "bn_ext.", op, ": ", name,
+              " has elements that share memory (an expanded tensor?) and cannot be updated in "
+              "place; pass a tensor of its own, e.g. ", name, ".clone()");
 }
 
 // running_stats_update's arguments, checked against the batch statistics' channel count C and
@@ -309,6 +315,7 @@ void check_running_stats(const char* op, const Tensor& like, int64_t C,
                 " elements, got ", named[i]->numel());
     TORCH_CHECK(is_supported_dtype(named[i]->scalar_type()), "bn_ext.", op, ": ", names[i],
                 " must be floating point, got ", named[i]->scalar_type());
+    check_no_internal_overlap(op, *named[i], names[i]);
   }
   check_update_args(op, like, num_batches_tracked, momentum);
 }
@@ -368,6 +375,8 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
     // running_stats_update's looser one.
     check_channel_vector(op, input, *running_mean, "running_mean");
     check_channel_vector(op, input, *running_var, "running_var");
+    check_no_internal_overlap(op, *running_mean, "running_mean");
+    check_no_internal_overlap(op, *running_var, "running_var");
     check_update_args(op, input, num_batches_tracked, momentum);
   }
   c10::DeviceGuard guard(input.device());

@@ -198,3 +198,67 @@ def test_cpu_only_build_names_the_missing_cuda_kernels(name):
                        match=rf"bn_ext\.{name}: got CUDA tensors, but this bn_ext was built "
                              "without its CUDA kernels"):
         op.redispatch(cuda, *args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_eps_checked_as_torch(device, eps):
+    # F.batch_norm (torch >= 2.11): ValueError for eps <= 0 in training, eps < 0 in eval
+    m = _trained(bn_ext.BatchNorm2d, 3, device)
+    m.eps = eps
+    before = _snapshot(m)
+    x = torch.randn(4, 3, 3, 3, device=device)
+    with pytest.raises(ValueError, match="eps must be positive during training, but got"):
+        m(x)
+    _assert_unchanged(m, before)
+    m.eval()
+    if eps < 0:
+        with pytest.raises(ValueError, match="eps must be non-negative, but got"):
+            m(x)
+        with pytest.raises(ValueError):
+            torch.nn.functional.batch_norm(x, m.running_mean, m.running_var, eps=eps)
+    else:  # eps = 0 is allowed in eval
+        m(x)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    for f in (torch.nn.functional.batch_norm, bn_ext.batch_norm):
+        with pytest.raises(ValueError, match="eps must be positive during training"):
+            f(x, rm, rv, training=True, eps=eps)
+    assert torch.equal(rm, torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("given", ["neither", "running_mean", "running_var"])
+def test_eval_without_running_statistics_as_torch(device, given):
+    x = torch.randn(4, 3, 2, device=device)
+    stats = {"running_mean": torch.zeros(3, device=device),
+             "running_var": torch.ones(3, device=device)}
+    args = [stats[n] if n == given else None for n in ("running_mean", "running_var")]
+    missing = "running_var" if given == "running_mean" else "running_mean"
+    for f in (torch.nn.functional.batch_norm, bn_ext.batch_norm):
+        with pytest.raises(RuntimeError, match=f"{missing} must be defined in evaluation mode"):
+            f(x, *args, training=False)
+    if given != "neither":  # in training one without the other is torch's ValueError
+        for f in (torch.nn.functional.batch_norm, bn_ext.batch_norm):
+            with pytest.raises(ValueError, match="must either both be None or neither be None"):
+                f(x, *args, training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_expanded_running_statistics_refused_before_counting(device, name):
+    # A running statistic whose elements share memory cannot be updated in place; it used to
+    # fail only after the kernel had counted the batch.
+    m = _trained(bn_ext.BatchNorm2d, 3, device)
+    setattr(m, name, getattr(m, name)[:1].clone().expand(3))
+    before = _snapshot(m)
+    with pytest.raises(RuntimeError, match=f"{name} has elements that share memory"):
+        m(torch.randn(4, 3, 3, 3, device=device))
+    _assert_unchanged(m, before)
+    m.eval()  # read only: fine
+    m(torch.randn(4, 3, 3, 3, device=device))
+    with pytest.raises(RuntimeError, match=f"{name} has elements that share memory"):
+        ops = torch.ops.bn_ext
+        mean, var = ops.batch_stats(torch.randn(4, 3, 3, 3, device=device))
+        ops.running_stats_update(m.running_mean, m.running_var, m.num_batches_tracked, mean, var,
+                                 torch.tensor(36.0, device=device), 0.1)
+    _assert_unchanged(m, before)

@@ -643,3 +643,79 @@ def test_convert_model_nested():
     assert bn_ext.convert_model(model) is model and type(model[1]) is bn_ext.BatchNorm2d
     bn = torch.nn.BatchNorm2d(4)
     assert type(bn_ext.convert_model(bn)) is bn_ext.BatchNorm2d
+
+
+def test_convert_model_alias_and_shared_layer():
+    # One layer under two names of one parent (named_children lists it once), and one layer
+    # shared by two parents: each becomes a single bn_ext layer, still shared.
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+            self.alias = self.bn
+            self.branch = torch.nn.Sequential(self.bn)
+
+    net = Net()
+    assert bn_ext.convert_model(net) is net
+    assert type(net.bn) is bn_ext.BatchNorm2d
+    assert net.alias is net.bn and net.branch[0] is net.bn
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [1.5, -0.5, 1.0, 0.0])
+def test_momentum_outside_unit_interval_as_torch(device, momentum):
+    # torch takes any float momentum (outside [0, 1] the average extrapolates), and so do we
+    ref, ours = make_pair(4, 3, device, torch.float64, momentum=momentum)
+    run_steps(ref, ours, (3, 3, 7, 6), torch.float64, device, "contiguous", steps=2, train=True)
+    x = torch.randn(8, 3, dtype=torch.float64, device=device)
+    rm, rv = torch.zeros(3, dtype=x.dtype, device=device), torch.ones(3, dtype=x.dtype,
+                                                                      device=device)
+    rm2, rv2 = rm.clone(), rv.clone()
+    torch.nn.functional.batch_norm(x, rm, rv, training=True, momentum=momentum)
+    bn_ext.batch_norm(x, rm2, rv2, training=True, momentum=momentum)
+    assert_close(rm2, rm, torch.float64)
+    assert_close(rv2, rv, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_tracking_with_statistics_set_to_none_still_counts(device, momentum):
+    # track_running_stats=True, running_mean/var replaced by None: torch normalizes with the
+    # batch statistics and still counts the batch
+    ref, ours = make_pair(4, 3, device, torch.float64, momentum=momentum)
+    for m in (ref, ours):
+        m.running_mean = m.running_var = None
+    for step in range(2):
+        x = make_input((3, 3, 7, 6), torch.float64, device, seed=step)
+        assert_close(ours(x), ref(x), torch.float64)
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+    ref.eval(), ours.eval()  # eval without statistics: the batch's, and no count
+    assert_close(ours(x), ref(x), torch.float64)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("fill", ["+inf", "-inf", "both", "whole channel"])
+def test_inf_in_a_channel_gives_torchs_running_mean(device, layout, dtype, fill):
+    # An inf among the samples of the shift k once made k inf, every x - k NaN and the mean NaN;
+    # torch's mean (and running mean) is +-inf. Small tensors: every element is a sample.
+    ref, ours = make_pair(4, 3, device, dtype)
+    x = make_input((4, 3, 3, 2), dtype, device, layout).clone()
+    if fill == "whole channel":
+        x[:, 1] = float("inf")
+    else:
+        x[2, 1, 1, 1] = float("-inf") if fill == "-inf" else float("inf")
+        if fill == "both":
+            x[0, 1, 0, 0] = float("-inf")
+    y_ref, y = ref(x), ours(x)
+    assert torch.equal(ours.running_mean.isnan(), ref.running_mean.isnan())
+    assert torch.equal(ours.running_mean.isinf(), ref.running_mean.isinf())
+    assert ours.running_mean[1] == ref.running_mean[1] or (
+        ref.running_mean[1].isnan() and ours.running_mean[1].isnan())
+    assert torch.isnan(ours.running_var[1]) and torch.isnan(ref.running_var[1])
+    assert torch.isnan(y[:, 1]).all() and torch.isnan(y_ref[:, 1]).all()
+    assert_close(y[:, [0, 2]], y_ref[:, [0, 2]], dtype)
+    mean, _ = ops.batch_stats(x)
+    assert mean[1] == x[:, 1].to(mean.dtype).mean() or (fill == "both" and mean[1].isnan())

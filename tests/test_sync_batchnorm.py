@@ -322,6 +322,32 @@ def case_bad_device(rank, world):
                       "input is on meta but the layer's weight is on cpu")
 
 
+def case_eps_zero_refused(rank, world):
+    # F.batch_norm's training rule, on every rank (all fail alike, so no "other rank" error)
+    sbn = SyncBatchNorm(4, eps=0.0)
+    before = {k: v.clone() for k, v in sbn.state_dict().items()}
+    try:
+        sbn(torch.randn(3, 4, 2, 2))
+    except ValueError as exc:
+        assert "eps must be positive during training" in str(exc), str(exc)
+    else:
+        raise AssertionError("no error raised")
+    for k, v in sbn.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a rejected call"
+    sbn.eps = 1e-5
+    sbn(torch.randn(2, 4, 2, 2))
+    assert int(sbn.num_batches_tracked) == 1
+
+
+def case_statistics_set_to_none_still_count(rank, world):
+    # track_running_stats with the statistics replaced by None: torch's layers count the batch
+    sbn = SyncBatchNorm(4)
+    sbn.running_mean = sbn.running_var = None
+    y = sbn(torch.randn(3, 4, 2, 2, dtype=torch.float64).to(torch.float32))
+    assert y.shape == (3, 4, 2, 2)
+    assert int(sbn.num_batches_tracked) == 1
+
+
 def case_double_backward_refused(rank, world):
     sbn = SyncBatchNorm(3)
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
@@ -434,7 +460,8 @@ WORLDS = {
         "case_input_2d_and_3d", "case_no_affine_no_tracking", "case_no_bias", "case_bfloat16",
         "case_large_mean_fp32", "case_all_ranks_empty", "case_one_collective_each_way",
         "case_fallbacks", "case_bad_channel_count", "case_bad_input_rank", "case_bad_dtype",
-        "case_bad_device", "case_double_backward_refused", "case_accelerator_code_path",
+        "case_bad_device", "case_eps_zero_refused", "case_statistics_set_to_none_still_count",
+        "case_double_backward_refused", "case_accelerator_code_path",
         "case_ddp_trajectory", "case_rank_never_calls_times_out"],
     3: ["case_uneven_fp64", "case_uneven_fp32", "case_empty_rank",
         "case_empty_rank_fp32_momentum_none", "case_channels_last", "case_momentum_none",
