@@ -22,6 +22,7 @@ import types
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 try:
@@ -235,6 +236,26 @@ def _verify_batch_size(input: Tensor) -> None:
             f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                      num_batches_tracked):
+    """torch's own batch_norm, for torch.func transforms (vmap, grad, jacrev, jvp) and forward-mode
+    AD, which bn_ext's ops do not support (no batching rules, no jvp; training's autograd is a
+    C++ Function, which functorch refuses). The module's semantics kept: num_batches_tracked is
+    counted after the call, and momentum=None averages over the count it will have."""
+    count = training and running_mean is not None and num_batches_tracked is not None
+    if count and momentum is None:
+        momentum = 1.0 / float(num_batches_tracked + 1)
+    out = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
+                           0.0 if momentum is None else momentum, eps,
+                           torch.backends.cudnn.enabled)
+    if count:
+        num_batches_tracked.add_(1)
+    return out
+
+
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                 momentum: Optional[float], eps: float,
@@ -272,6 +293,10 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         if not eps > 0:  # as torch's F.batch_norm (>= 2.11), after the batch-size check
             raise ValueError(f"bn_ext.batch_norm: eps must be positive during training, but "
                              f"got {eps}")
+    if _functorch_active() or _forward_ad._current_level >= 0:
+        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, num_batches_tracked)
+    if training:
         # train_forward also updates the running statistics (and counts an empty batch in
         # num_batches_tracked, leaving the statistics alone, as torch does). Its autograd is in
         # C++ (ops.cpp), with or without grad.
