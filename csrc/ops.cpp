@@ -7,6 +7,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
@@ -169,8 +170,8 @@ Layout read_layout(const Tensor& input) {
 
 // An output shaped like `input`, with the strides at::empty_like gives it (so that the fake
 // kernels, which call torch.empty_like, agree): the input's own when they are dense and
-// non-overlapping, else contiguous in its suggested memory format. When that is an odd dense
-// permutation, the kernel writes a contiguous temporary that finish_output copies over.
+// non-overlapping, else dense ones in the same order. When that is an odd dense permutation,
+// the kernel writes a contiguous temporary that finish_output copies over.
 struct Output {
   Tensor result;   // what the op returns
   Tensor target;   // what the kernel writes
@@ -180,10 +181,13 @@ struct Output {
 Tensor empty_output_like(const Tensor& input, c10::MemoryFormat format) {
   if (!input.is_cpu()) return at::empty_like(input, format);
   if (format == c10::MemoryFormat::Preserve) {
-    if (input.is_non_overlapping_and_dense()) {
-      return cpu::empty_output(input.sizes(), input.strides(), input.scalar_type());
-    }
-    format = input.suggest_memory_format();
+    // at::empty_like's rule: a dense input's own strides, else dense strides in the input's
+    // order of strides (a sliced channels_last input gives channels_last)
+    return cpu::empty_output(input.sizes(),
+                             input.is_non_overlapping_and_dense()
+                                 ? input.strides().vec()
+                                 : at::infer_dense_strides(input.sizes(), input.strides()),
+                             input.scalar_type());
   }
   std::vector<int64_t> strides(input.dim(), 1);
   if (format == c10::MemoryFormat::ChannelsLast) {
@@ -593,6 +597,61 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
   return {r[0], r[1], r[2]};
 }
 
+// ---- negative-bit views (torch._neg_view) ------------------------------------------------------
+//
+// torch's Negative fallback clones a negative-bit argument, runs the op on the clone and copies it
+// back, assuming a mutable argument is also the op's first output. Ours return nothing
+// (running_stats_update) or something else (train_forward): it then read past the stack
+// (a segfault) or asserted after the buffers were written. These two ops get their own kernel at
+// that key: refuse a negative-bit buffer before anything is written, resolve the read-only
+// arguments, and go on below the key. The other ops, read-only, keep the fallback.
+
+void check_not_neg(const char* op, const optional<Tensor>& t, const char* name) {
+  TORCH_CHECK(!(t.has_value() && t->defined() && t->is_neg()), "bn_ext.", op, ": ", name,
+              " is a negative-bit view (torch._neg_view) and cannot be updated in place; pass a "
+              "tensor without the bit (", name, ".resolve_neg() makes one)");
+}
+
+optional<Tensor> resolve_neg(const optional<Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return t;
+  return t->resolve_neg();
+}
+
+c10::DispatchKeySet below_negative(c10::DispatchKeySet ks) {
+  return ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::Negative);
+}
+
+std::tuple<Tensor, Tensor, Tensor> train_forward_negative(
+    c10::DispatchKeySet ks, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, double eps, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked,
+    optional<double> momentum) {
+  check_not_neg("train_forward", running_mean, "running_mean");
+  check_not_neg("train_forward", running_var, "running_var");
+  check_not_neg("train_forward", num_batches_tracked, "num_batches_tracked");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bn_ext::train_forward", "")
+                             .typed<decltype(train_forward)>();
+  return op.redispatch(below_negative(ks), input.resolve_neg(), resolve_neg(weight),
+                       resolve_neg(bias), eps, running_mean, running_var, num_batches_tracked,
+                       momentum);
+}
+
+void running_stats_update_negative(c10::DispatchKeySet ks, Tensor& running_mean,
+                                   Tensor& running_var,
+                                   const optional<Tensor>& num_batches_tracked,
+                                   const Tensor& mean, const Tensor& var, const Tensor& count,
+                                   optional<double> momentum) {
+  check_not_neg("running_stats_update", running_mean, "running_mean");
+  check_not_neg("running_stats_update", running_var, "running_var");
+  check_not_neg("running_stats_update", num_batches_tracked, "num_batches_tracked");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bn_ext::running_stats_update", "")
+                             .typed<decltype(running_stats_update)>();
+  op.redispatch(below_negative(ks), running_mean, running_var, num_batches_tracked,
+                mean.resolve_neg(), var.resolve_neg(), count.resolve_neg(), momentum);
+}
+
 void empty_cpu_cache() { cpu::empty_output_cache(); }
 
 std::vector<int64_t> cpu_cache_stats() { return cpu::output_cache_stats(); }
@@ -654,6 +713,11 @@ TORCH_LIBRARY(bn_ext, m) {
 TORCH_LIBRARY_IMPL(bn_ext, CPU, m) { BN_EXT_REGISTER_IMPLS(m) }
 
 TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) { m.impl("train_forward", &train_forward_autograd); }
+
+TORCH_LIBRARY_IMPL(bn_ext, Negative, m) {
+  m.impl("train_forward", &train_forward_negative);
+  m.impl("running_stats_update", &running_stats_update_negative);
+}
 
 #ifdef BN_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) { BN_EXT_REGISTER_IMPLS(m) }

@@ -262,3 +262,40 @@ def test_expanded_running_statistics_refused_before_counting(device, name):
         ops.running_stats_update(m.running_mean, m.running_var, m.num_batches_tracked, mean, var,
                                  torch.tensor(36.0, device=device), 0.1)
     _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "num_batches_tracked"])
+@pytest.mark.parametrize("op", ["train_forward", "running_stats_update"])
+def test_negative_bit_buffers_refused(op, name):
+    # torch's Negative fallback assumes a mutated argument is also the op's first output; for
+    # these ops it read past the dispatcher's stack (a segfault) or raised after writing
+    buffers = {"running_mean": torch.zeros(3), "running_var": torch.ones(3),
+               "num_batches_tracked": torch.tensor(2)}
+    buffers[name] = torch._neg_view(-buffers[name])
+    before = {k: v.clone() for k, v in buffers.items()}
+    x = torch.randn(8, 3)
+    mean, var = torch.ops.bn_ext.batch_stats(x)
+    with pytest.raises(RuntimeError, match=f"{name} is a negative-bit view"):
+        if op == "train_forward":
+            torch.ops.bn_ext.train_forward(x, None, None, 1e-5, *buffers.values(), 0.1)
+        else:
+            torch.ops.bn_ext.running_stats_update(*buffers.values(), mean, var,
+                                                  torch.tensor(8.0), 0.1)
+    for k, v in buffers.items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_negative_bit_read_only_arguments_resolved():
+    x, w, b = torch.randn(8, 3, 2), torch.rand(3) + 0.5, torch.randn(3)
+    neg = lambda t: torch._neg_view(-t)  # noqa: E731  (same values, negative bit set)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    got = torch.ops.bn_ext.train_forward(neg(x), neg(w), neg(b), 1e-5, rm, rv, nbt, 0.1)
+    rm2, rv2, nbt2 = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    want = torch.ops.bn_ext.train_forward(x, w, b, 1e-5, rm2, rv2, nbt2, 0.1)
+    for a, e in zip(got + (rm, rv, nbt), want + (rm2, rv2, nbt2)):
+        assert torch.equal(a, e)
+    mean, var = want[1], want[2]
+    torch.ops.bn_ext.running_stats_update(rm, rv, nbt, neg(mean), neg(var),
+                                          neg(torch.tensor(16.0)), 0.1)
+    torch.ops.bn_ext.running_stats_update(rm2, rv2, nbt2, mean, var, torch.tensor(16.0), 0.1)
+    assert torch.equal(rm, rm2) and torch.equal(rv, rv2) and torch.equal(nbt, nbt2)

@@ -263,3 +263,38 @@ def test_compile_inductor(device):
     x = torch.randn(4, 3, 6, 6, device=device)
     torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model.bn.running_var, ref.bn.running_var)
+
+
+def _non_dense_inputs():
+    # dense in no order once sliced: the output takes torch.empty_like's strides (dense, in the
+    # input's order of strides), which is what the fake kernels return
+    yield "3d-permuted-sliced", torch.randn(6, 5, 4).transpose(0, 2)[::2]
+    yield "4d-channels_last-sliced", torch.randn(4, 6, 5, 3).permute(0, 3, 1, 2)[:, :, ::2]
+    yield "4d-CNHW-sliced", torch.randn(3, 4, 5, 6).transpose(0, 1)[..., ::2]
+    yield "4d-NHCW-sliced", torch.randn(4, 5, 3, 6).transpose(1, 2)[:, :, ::2]
+    yield "5d-permuted-sliced", torch.randn(2, 4, 3, 5, 6).permute(0, 2, 4, 1, 3)[..., ::2, :]
+
+
+@pytest.mark.parametrize("name,x", list(_non_dense_inputs()), ids=lambda v: v
+                         if isinstance(v, str) else "")
+def test_output_strides_of_non_dense_inputs_as_empty_like(name, x):
+    C = x.shape[1]
+    mean, var = torch.randn(C), torch.rand(C) + 0.5
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    g = torch.randn(x.shape)
+    expected = torch.empty_like(x).stride()
+    assert expected != x.stride()  # x is not dense
+    outputs = [ops.normalize(x, mean, var, w, b, 1e-5), ops.train_forward(x, w, b, 1e-5)[0],
+               ops.backward_input(g, x, mean, var, w, None, None, None, 1e-5),
+               ops.train_backward(g, x, mean, var, w, 1e-5)[0]]
+    for out in outputs:
+        assert out.stride() == expected
+    y = ops.normalize(x, mean, var, w, b, 1e-5)
+    torch.testing.assert_close(y, (x - mean.view(1, -1, *[1] * (x.dim() - 2)))
+                               * ((var + 1e-5).rsqrt() * w).view(1, -1, *[1] * (x.dim() - 2))
+                               + b.view(1, -1, *[1] * (x.dim() - 2)))
+    for op, args in [(ops.normalize, (x, mean, var, w, b, 1e-5)),
+                     (ops.train_forward, (x, w, b, 1e-5)),
+                     (ops.backward_input, (g, x, mean, var, w, None, None, None, 1e-5)),
+                     (ops.train_backward, (g, x, mean, var, w, 1e-5))]:
+        torch.library.opcheck(op, args)
