@@ -606,10 +606,23 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
 // that key: refuse a negative-bit buffer before anything is written, resolve the read-only
 // arguments, and go on below the key. The other ops, read-only, keep the fallback.
 
-void check_not_neg(const char* op, const optional<Tensor>& t, const char* name) {
-  TORCH_CHECK(!(t.has_value() && t->defined() && t->is_neg()), "bn_ext.", op, ": ", name,
-              " is a negative-bit view (torch._neg_view) and cannot be updated in place; pass a "
-              "tensor without the bit (", name, ".resolve_neg() makes one)");
+void check_buffers_not_neg(const char* op, const optional<Tensor>& running_mean,
+                           const optional<Tensor>& running_var,
+                           const optional<Tensor>& num_batches_tracked) {
+  const optional<Tensor>* buffers[] = {&running_mean, &running_var, &num_batches_tracked};
+  const char* names[] = {"running_mean", "running_var", "num_batches_tracked"};
+  for (int i = 0; i < 3; ++i) {
+    const optional<Tensor>& t = *buffers[i];
+    TORCH_CHECK(!(t.has_value() && t->defined() && t->is_neg()), "bn_ext.", op, ": ", names[i],
+                " is a negative-bit view (torch._neg_view) and cannot be updated in place; pass "
+                "a tensor without the bit (", names[i], ".resolve_neg() makes one)");
+  }
+}
+
+// The op's kernel below the Negative key.
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
 optional<Tensor> resolve_neg(const optional<Tensor>& t) {
@@ -626,12 +639,8 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_negative(
     const optional<Tensor>& bias, double eps, const optional<Tensor>& running_mean,
     const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked,
     optional<double> momentum) {
-  check_not_neg("train_forward", running_mean, "running_mean");
-  check_not_neg("train_forward", running_var, "running_var");
-  check_not_neg("train_forward", num_batches_tracked, "num_batches_tracked");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bn_ext::train_forward", "")
-                             .typed<decltype(train_forward)>();
+  check_buffers_not_neg("train_forward", running_mean, running_var, num_batches_tracked);
+  static const auto op = op_handle<decltype(train_forward)>("bn_ext::train_forward");
   return op.redispatch(below_negative(ks), input.resolve_neg(), resolve_neg(weight),
                        resolve_neg(bias), eps, running_mean, running_var, num_batches_tracked,
                        momentum);
@@ -642,12 +651,8 @@ void running_stats_update_negative(c10::DispatchKeySet ks, Tensor& running_mean,
                                    const optional<Tensor>& num_batches_tracked,
                                    const Tensor& mean, const Tensor& var, const Tensor& count,
                                    optional<double> momentum) {
-  check_not_neg("running_stats_update", running_mean, "running_mean");
-  check_not_neg("running_stats_update", running_var, "running_var");
-  check_not_neg("running_stats_update", num_batches_tracked, "num_batches_tracked");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bn_ext::running_stats_update", "")
-                             .typed<decltype(running_stats_update)>();
+  check_buffers_not_neg("running_stats_update", running_mean, running_var, num_batches_tracked);
+  static const auto op = op_handle<decltype(running_stats_update)>("bn_ext::running_stats_update");
   op.redispatch(below_negative(ks), running_mean, running_var, num_batches_tracked,
                 mean.resolve_neg(), var.resolve_neg(), count.resolve_neg(), momentum);
 }
@@ -667,10 +672,11 @@ bool built_with_cuda() { return false; }
 void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack*) {
   const std::string& name = op.schema().name();  // "bn_ext::op"
   TORCH_CHECK_NOT_IMPLEMENTED(
-      false, "bn_ext.", name.substr(name.rfind(':') + 1), ": got CUDA tensors, but this bn_ext was built without its CUDA ",
-      "kernels (at install time torch had no CUDA, nvcc was not found, or BN_EXT_FORCE_CPU was ",
-      "set). Reinstall with a CUDA build of torch and the CUDA toolkit (set CUDA_HOME if nvcc is ",
-      "not on the PATH): pip install --no-build-isolation --force-reinstall --no-deps .");
+      false, "bn_ext.", name.substr(name.rfind(':') + 1), ": got CUDA tensors, but this ",
+      "bn_ext was built without its CUDA kernels (at install time torch had no CUDA, nvcc was ",
+      "not found, or BN_EXT_FORCE_CPU was set). Reinstall with a CUDA build of torch and the ",
+      "CUDA toolkit (set CUDA_HOME if nvcc is not on the PATH): pip install ",
+      "--no-build-isolation --force-reinstall --no-deps .");
 }
 #endif
 
