@@ -293,6 +293,8 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         if not eps > 0:  # as torch's F.batch_norm (>= 2.11), after the batch-size check
             raise ValueError(f"bn_ext.batch_norm: eps must be positive during training, but "
                              f"got {eps}")
+    elif not eps >= 0:
+        raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
     if _functorch_active() or _forward_ad._current_level >= 0:
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, num_batches_tracked)
@@ -303,8 +305,6 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         out, _, _ = _ops.train_forward(input, weight, bias, eps, running_mean, running_var,
                                        num_batches_tracked, momentum)
         return out
-    if not eps >= 0:
-        raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
     # Without autograd the op is called directly: autograd.Function.apply costs tens of
     # microseconds, a few percent of a small eval call.
     if not (torch.is_grad_enabled() and any(
