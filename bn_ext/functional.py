@@ -288,6 +288,12 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
             if t.device != input.device:
                 raise RuntimeError(f"bn_ext.batch_norm: {name} is on {t.device} but input is on "
                                    f"{input.device}; all tensors must be on one device")
+            if t.requires_grad and torch.is_grad_enabled():
+                # torch's native_batch_norm refuses it too (RuntimeError), in training and eval:
+                # nothing differentiates with respect to the running statistics.
+                raise RuntimeError(f"bn_ext.batch_norm: {name} requires grad, but batch norm is "
+                                   f"not differentiable with respect to the running statistics; "
+                                   f"pass {name}.detach() or run under torch.no_grad()")
     if training:
         _verify_batch_size(input)
         if not eps > 0:  # as torch's F.batch_norm (>= 2.11), after the batch-size check

@@ -266,6 +266,39 @@ def test_expanded_running_statistics_refused_before_counting(device, name):
     _assert_unchanged(m, before)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_running_statistics_requiring_grad_refused_as_torch(device, training, name):
+    # torch refuses a running statistic that requires grad while grad mode is on (it cannot
+    # differentiate through it); bn_ext used to update it, or drop its gradient, silently.
+    m = _trained(bn_ext.BatchNorm2d, 3, device)
+    ref = torch.nn.BatchNorm2d(3, device=device)
+    ref.load_state_dict(m.state_dict())
+    m.train(training)
+    ref.train(training)
+    for layer in (m, ref):
+        getattr(layer, name).requires_grad_()
+    before = _snapshot(m)
+    x = torch.randn(4, 3, 3, 3, device=device)
+    with pytest.raises(RuntimeError) as expected:
+        ref(x)
+    assert name in str(expected.value)
+    with pytest.raises(RuntimeError, match=f"{name} requires grad"):
+        m(x)
+    _assert_unchanged(m, before)
+    with pytest.raises(RuntimeError, match=f"{name} requires grad"):
+        bn_ext.batch_norm(x, m.running_mean, m.running_var, training=training)
+    _assert_unchanged(m, before)
+    # Without grad mode torch accepts it (and, training, updates it): so does bn_ext.
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x))
+    torch.testing.assert_close(m.running_mean, ref.running_mean)
+    torch.testing.assert_close(m.running_var, ref.running_var)
+    # torch counted the batch it then refused in training (see test_one_value_per_channel)
+    assert m.num_batches_tracked.item() == ref.num_batches_tracked.item() - training
+
+
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "num_batches_tracked"])
 @pytest.mark.parametrize("op", ["train_forward", "running_stats_update"])
 def test_negative_bit_buffers_refused(op, name):
