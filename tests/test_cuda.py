@@ -347,6 +347,23 @@ def test_nan_stays_in_its_channel():
     assert torch.isnan(mean[1]) and not torch.isnan(mean[[0, 2]]).any()
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 7, 7), (2, 5, 3, 11)])
+def test_infinite_mean_backward_sums_match_cpu(shape):
+    # float32 values near its largest overflow the channel sums: mean = inf. The masked vector
+    # loads of odd runs (S % 4 != 0) once fed their unused lanes x = mean, dy = 0 to the sums,
+    # adding 0 * (inf - inf) = NaN where the CPU (and whole vectors) give -inf.
+    x = torch.full(shape, 3e38)
+    x[:, :, 0, 0] = 1.0
+    dy = torch.ones_like(x)
+    mean, var = ops.batch_stats(x)
+    assert torch.isinf(mean).all()
+    want = ops.backward_reduce(dy, x, mean, var, None, 1e-5)
+    got = ops.backward_reduce(dy.to(DEV), x.to(DEV), mean.to(DEV), var.to(DEV), None, 1e-5)
+    assert torch.isinf(want[1]).all()
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g.cpu(), w, equal_nan=True)
+
+
 # ---- the persistent (single-pass) training path -----------------------------------------------
 
 # (shape, layout): tiles of one channel (contiguous) or of up to 32 channel vectors

@@ -257,19 +257,19 @@ __device__ __forceinline__ void accumulate_vec(const Vec<T, V>& xv, const Vec<T,
 }
 
 // accumulate_vec over the lanes w of a vector with rel + w < S only (unsigned: a rel that wrapped
-// below 0 excludes the first lanes): a lane left out adds x = k (and dy = 0), which is +0 to both
-// sums of either op, so the sums are those of the lanes taken, whatever the memory under the
-// others holds.
+// below 0 excludes the first lanes); the memory under the others is never read into the sums.
+// (Feeding them x = k, dy = 0 instead would add 0 * (k - k), which is NaN when the center is
+// +-inf: a float32 channel whose sum overflows.)
 template <typename Op, int V, typename T, typename M, typename I>
 __device__ __forceinline__ void accumulate_vec_masked(const Vec<T, V>& xv, const Vec<T, V>& dv,
                                                       I rel, I S, const M (&k)[V], M (&a1)[V],
                                                       M (&a2)[V]) {
 #pragma unroll
   for (int w = 0; w < V; ++w) {
-    const bool in = rel + static_cast<I>(w) < S;
-    const M xw = in ? static_cast<M>(xv.v[w]) : k[w];
-    const M dw = Op::kNeedsDy && in ? static_cast<M>(dv.v[w]) : M(0);
-    Op::accumulate(xw, dw, k[w], a1[w], a2[w]);
+    if (rel + static_cast<I>(w) < S) {
+      Op::accumulate(static_cast<M>(xv.v[w]), Op::kNeedsDy ? static_cast<M>(dv.v[w]) : M(0),
+                     k[w], a1[w], a2[w]);
+    }
   }
 }
 
