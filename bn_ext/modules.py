@@ -6,9 +6,26 @@ input-rank checks are torch's; only forward runs on bn_ext's kernels.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .functional import _batch_norm
+
+
+def _fx_leaf(module: nn.Module, input) -> object:
+    """Under torch.fx symbolic tracing, `module` recorded as one call_module node; else None.
+
+    torch.fx keeps torch.nn's own layers as leaves (Tracer.is_leaf_module looks at __module__)
+    and traces into any other layer, where the input checks of forward() would branch on a
+    Proxy and fail. Recording the call here makes a bn_ext layer a leaf as torch's is, so that
+    symbolic_trace, torchvision's create_feature_extractor and FX passes see the same graph: it
+    calls the layer, which checks its input and reads `training` when the graph runs. A layer
+    traced as the root itself is traced into, as torch's is (and fails as torch's does).
+    """
+    if isinstance(input, torch.fx.Proxy) and input.tracer.root is not module:
+        tracer = input.tracer
+        return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    return None
 
 
 class _BatchNormForward:
@@ -19,6 +36,9 @@ class _BatchNormForward:
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        traced = _fx_leaf(self, input)
+        if traced is not None:
+            return traced
         self._check_input_dim(input)
         tracking = self.training and self.track_running_stats
         nbt = self.num_batches_tracked if tracking else None

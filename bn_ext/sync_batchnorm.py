@@ -56,7 +56,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.autograd.function import once_differentiable
 
 from .functional import _math_dtype, _ops
-from .modules import _BatchNormForward
+from .modules import _BatchNormForward, _fx_leaf
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -252,6 +252,9 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: Tensor) -> Tensor:
+        traced = _fx_leaf(self, input)
+        if traced is not None:
+            return traced
         need_sync = self.training and dist.is_available() and dist.is_initialized()
         if need_sync:
             process_group = self.process_group or dist.group.WORLD
