@@ -281,6 +281,21 @@ void write_back(const Tensor& updated, const Tensor& buffer) {
   if (!updated.is_alias_of(buffer)) buffer.copy_(updated.view_as(buffer));
 }
 
+// A buffer the op writes in place, checked before anything is written:
+// - elements that share memory (an expand()ed tensor) would fail only in the write-back after
+//   the kernel, with num_batches_tracked already counted;
+// - an inference tensor (a layer built under torch.inference_mode()) may be updated only inside
+//   inference mode: torch's in-place ops refuse it outside, and so the update must.
+void check_updatable(const char* op, const Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "bn_ext.", op, ": ", name,
+              " has elements that share memory (an expanded tensor?) and cannot be updated in "
+              "place; pass a tensor of its own, e.g. ", name, ".clone()");
+  TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "bn_ext.", op, ": ", name,
+              " is an inference tensor (made under torch.inference_mode()), and an inplace "
+              "update to an inference tensor outside InferenceMode is not allowed; replace it "
+              "with a clone made outside inference mode");
+}
+
 // The update's arguments besides the buffers: num_batches_tracked an int64 scalar on `like`'s
 // device, momentum a float (any, as torch: outside [0, 1] it extrapolates) or None (then
 // num_batches_tracked is required).
@@ -289,20 +304,13 @@ void check_update_args(const char* op, const Tensor& like,
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (has_nbt) {
     check_same_device(op, like, *num_batches_tracked, "num_batches_tracked");
+    check_updatable(op, *num_batches_tracked, "num_batches_tracked");
     TORCH_CHECK(num_batches_tracked->numel() == 1 &&
                     num_batches_tracked->scalar_type() == at::kLong,
                 "bn_ext.", op, ": num_batches_tracked must be an int64 tensor with one element");
   }
   TORCH_CHECK(momentum.has_value() || has_nbt, "bn_ext.", op,
               ": momentum=None (cumulative average) needs num_batches_tracked");
-}
-
-// A running statistic is written in place, after the kernel: one whose elements share memory
-// (an expand()ed tensor) would fail only then, with num_batches_tracked already counted.
-void check_no_internal_overlap(const char* op, const Tensor& t, const char* name) {
-  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "bn_ext.", op, ": ", name,
-              " has elements that share memory (an expanded tensor?) and cannot be updated in "
-              "place; pass a tensor of its own, e.g. ", name, ".clone()");
 }
 
 // running_stats_update's arguments, checked against the batch statistics' channel count C and
@@ -319,7 +327,7 @@ void check_running_stats(const char* op, const Tensor& like, int64_t C,
                 " elements, got ", named[i]->numel());
     TORCH_CHECK(is_supported_dtype(named[i]->scalar_type()), "bn_ext.", op, ": ", names[i],
                 " must be floating point, got ", named[i]->scalar_type());
-    check_no_internal_overlap(op, *named[i], names[i]);
+    check_updatable(op, *named[i], names[i]);
   }
   check_update_args(op, like, num_batches_tracked, momentum);
 }
@@ -379,8 +387,8 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
     // running_stats_update's looser one.
     check_channel_vector(op, input, *running_mean, "running_mean");
     check_channel_vector(op, input, *running_var, "running_var");
-    check_no_internal_overlap(op, *running_mean, "running_mean");
-    check_no_internal_overlap(op, *running_var, "running_var");
+    check_updatable(op, *running_mean, "running_mean");
+    check_updatable(op, *running_var, "running_var");
     check_update_args(op, input, num_batches_tracked, momentum);
   }
   c10::DeviceGuard guard(input.device());

@@ -299,6 +299,38 @@ def test_running_statistics_requiring_grad_refused_as_torch(device, training, na
     assert m.num_batches_tracked.item() == ref.num_batches_tracked.item() - training
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_inference_tensor_buffers_updated_only_in_inference_mode(device, grad):
+    # A layer built under torch.inference_mode() holds inference tensors: torch refuses to update
+    # them outside inference mode (RuntimeError), and bn_ext used to update them anyway (or,
+    # with grad, update them and then raise).
+    with torch.inference_mode():
+        m = bn_ext.BatchNorm2d(3, device=device)
+        ref = torch.nn.BatchNorm2d(3, device=device)
+    x = torch.randn(4, 3, 3, 3, device=device) + 5
+    before = _snapshot(m)
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(RuntimeError, match="inference tensor"):
+            ref(x)
+        with pytest.raises(RuntimeError, match="running_mean is an inference tensor"):
+            m(x)
+    _assert_unchanged(m, before)
+    mean, var = torch.ops.bn_ext.batch_stats(x)
+    with pytest.raises(RuntimeError, match="running_mean is an inference tensor"):
+        torch.ops.bn_ext.running_stats_update(m.running_mean, m.running_var,
+                                              m.num_batches_tracked, mean, var,
+                                              torch.tensor(36.0, device=device), 0.1)
+    _assert_unchanged(m, before)
+    # Inside inference mode both train; eval reads the buffers anywhere.
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), ref(x))
+        torch.testing.assert_close(m.running_mean, ref.running_mean)
+        assert m.num_batches_tracked.item() == 1
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), ref.eval()(x))
+
+
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "num_batches_tracked"])
 @pytest.mark.parametrize("op", ["train_forward", "running_stats_update"])
 def test_negative_bit_buffers_refused(op, name):
