@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import os
@@ -36,8 +37,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
-from torch import nn
+T_PROCESS = time.monotonic()  # --deadline-s counts from here (torch's import included)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shapes as shapes_mod  # noqa: E402  (bench/shapes.py)
@@ -205,9 +208,19 @@ class CpuTimer:
 
 
 class CudaTimer:
-    """triton.testing.do_bench (median; flushes L2 between calls) when importable and not
-    disabled, else CUDA events: median over samples of a block of calls (one call per sample,
-    after an L2 flush, with --l2-flush)."""
+    """GPU time of one call, seconds: the median over samples of CUDA events around it.
+
+    Before each sample the L2 cache is flushed by reading a 256 MiB buffer (a read leaves clean
+    lines; a write, as triton's do_bench flushes, leaves dirty ones that the timed kernels then
+    write back), and the GPU is held by torch.cuda._sleep for longer than the host takes to
+    launch the call, so that all of its kernels are queued when the start event fires. The time
+    is that of the kernels run back to back: without the host's launch gaps, which a network
+    hides by running ahead of the GPU and which would otherwise favour the peer with the least
+    Python (autograd.grad alone costs 100-200 us of host time, more than a small row's kernels).
+    --triton times with triton.testing.do_bench instead (launch gaps included).
+    """
+
+    FLUSH_BYTES = 256 * 2**20
 
     def __init__(self, quick: bool, use_triton: bool, l2_flush: bool):
         self.rep_ms = 30 if quick else 100
@@ -216,57 +229,55 @@ class CudaTimer:
         self.l2_flush = l2_flush
         self.do_bench = None
         if use_triton:
-            try:
-                from triton.testing import do_bench
-                self.do_bench = do_bench
-            except ImportError:
-                pass
-        self._flush_buf = None
-        if self.do_bench is not None:
-            self.label = f"triton.testing.do_bench (warmup {self.warmup_ms} ms, rep " \
-                         f"{self.rep_ms} ms, L2 flushed), median"
-        else:
-            self.label = f"CUDA events, {self.samples} samples, median" + \
-                         (", L2 flushed before each call" if l2_flush else ", no L2 flush")
+            from triton.testing import do_bench
+            self.do_bench = do_bench
+            self.label = (f"triton.testing.do_bench (warmup {self.warmup_ms} ms, rep "
+                          f"{self.rep_ms} ms, L2 flushed by a write; host launch gaps "
+                          f"included), median")
+            return
+        self._flush_buf = torch.empty(self.FLUSH_BYTES // 4, device="cuda") if l2_flush else None
+        self._cycles_per_s = self._sleep_rate()
+        self.label = (f"CUDA events around one call, {self.samples} samples, median; before "
+                      f"each, " + ("L2 flushed by reading 256 MiB, then " if l2_flush else "")
+                      + "the GPU held (torch.cuda._sleep) until the host has queued the whole "
+                      "call: kernel time without host launch gaps")
+
+    @staticmethod
+    def _sleep_rate() -> float:
+        """torch.cuda._sleep cycles per second on this GPU (its clock under load)."""
+        cycles = 2_000_000
+        torch.cuda._sleep(cycles)  # first call: module load
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        return cycles / (start.elapsed_time(end) / 1e3)
 
     def __call__(self, fn: Callable) -> float:
         if self.do_bench is not None:
-            try:
-                ms = self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                   return_mode="median")
-            except TypeError:  # older triton: no return_mode
-                ms = self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                   quantiles=[0.5])
-                ms = ms[0] if isinstance(ms, (list, tuple)) else ms
-            return float(ms) / 1e3
-        return self._events(fn)
-
-    def _events(self, fn: Callable) -> float:
-        if self.l2_flush and self._flush_buf is None:
-            self._flush_buf = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-        for _ in range(3):
+            return float(self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                       return_mode="median")) / 1e3
+        host = []
+        for _ in range(3):  # warm-up, and the host's time to launch one call
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             fn()
+            host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        one = start.elapsed_time(end) / 1e3
-        # Without a flush, put enough calls in a block to make the event overhead negligible.
-        number = 1 if self.l2_flush else max(1, min(1000, int(1e-3 / max(one, 1e-7))))
+        hold = int(self._cycles_per_s * (2 * statistics.median(host) + 50e-6))
         pairs = []
         for _ in range(self.samples):
-            if self.l2_flush:
-                self._flush_buf.zero_()
+            if self._flush_buf is not None:
+                self._flush_buf.sum()
+            torch.cuda._sleep(hold)
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            for _ in range(number):
-                fn()
+            fn()
             e.record()
             pairs.append((s, e))
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in pairs) / 1e3 / number
+        return statistics.median(s.elapsed_time(e) for s, e in pairs) / 1e3
 
 
 def interleaved(fns: dict, timer: Callable, rounds: int, max_rounds: int = 0,
@@ -336,6 +347,15 @@ def peers_for(device: str) -> list:
     return [Peer("bn_ext", "bn_ext"), Peer("eager", "eager"), Peer("compile", "compile")]
 
 
+def selected_peers(args) -> list:
+    """peers_for(args.device), less those that --peers leaves out (bn_ext always stays)."""
+    peers = peers_for(args.device)
+    if getattr(args, "peers", None):
+        wanted = set(split(args.peers, [p.name for p in peers])) | {"bn_ext"}
+        peers = [p for p in peers if p.name in wanted]
+    return peers
+
+
 @contextlib.contextmanager
 def cudnn_enabled(flag: Optional[bool]):
     if flag is None:
@@ -347,6 +367,18 @@ def cudnn_enabled(flag: Optional[bool]):
         yield
     finally:
         torch.backends.cudnn.enabled = old
+
+
+def cudnn_eligible(x: torch.Tensor, module: nn.Module, training: bool) -> bool:
+    """Whether torch's batch_norm picks cuDNN for this input (not for bfloat16, nor for an (N, C)
+    input): where it does not, the cudnn column would time the native kernel a second time."""
+    select = getattr(torch._C, "_select_batch_norm_backend", None)
+    if select is None:
+        return True
+    with cudnn_enabled(True):
+        backend = select(x, module.weight, module.bias, module.running_mean, module.running_var,
+                         training, module.eps)
+    return "cudnn" in str(backend).lower()
 
 
 class Instance:
@@ -487,39 +519,50 @@ def run(args, plan: list, peers: list, timer: Callable, log: Callable,
     for knob in ("recompile_limit", "cache_size_limit"):  # the name differs across versions
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
-    for shape, layout in plan:
-        for dname in args.dtypes:
-            dtype = DTYPES[dname]
-            size = shape.numel * torch.empty((), dtype=dtype).element_size()
-            group_rows = [Row(shape.label, shape.note, shape.group, layout, dname, p, size / MB,
-                              bytes_moved=PASS_COUNTS[p] * size) for p in args.passes]
-            earlier = [done.get((shape.label, layout, dname, p)) for p in args.passes]
-            if all(earlier):
-                rows += earlier
-                bar.update(len(earlier))
-                continue
-            if args.max_mb is not None and size / MB > args.max_mb:
-                for r in group_rows:
-                    r.status = f"skipped: {size / MB:.0f} MB > --max-mb {args.max_mb:g}"
-                rows += group_rows
-                bar.update(len(group_rows))
-                continue
-            try:
-                compile_total += run_group(args, shape, layout, dtype, peers, group_rows, timer,
-                                           bar, log, copy_fn if size > META["cache_mb"] * MB
-                                           else None)
-            except Exception as e:  # noqa: BLE001  (an OOM or a bn_ext failure: keep the row)
-                msg = f"error: {type(e).__name__}: {first_line(e)}"
-                for r in group_rows:
-                    if r.status == "ok" and not r.times:
-                        r.status = msg
-                        bar.update(1)
-                log(f"{shape.label} {layout} {dname}: {msg}")
+    longest = 0.0  # the longest group so far, seconds
+    # dtype-major: a run cut short (--deadline-s, a lease ending) has every shape in its first
+    # dtype (fp32, the bar's) before any in the next.
+    for dname, (shape, layout) in itertools.product(args.dtypes, plan):
+        dtype = DTYPES[dname]
+        size = shape.numel * torch.empty((), dtype=dtype).element_size()
+        group_rows = [Row(shape.label, shape.note, shape.group, layout, dname, p, size / MB,
+                          bytes_moved=PASS_COUNTS[p] * size) for p in args.passes]
+        earlier = [done.get((shape.label, layout, dname, p)) for p in args.passes]
+        if all(earlier):
+            rows += earlier
+            bar.update(len(earlier))
+            continue
+        if args.max_mb is not None and size / MB > args.max_mb:
+            for r in group_rows:
+                r.status = f"skipped: {size / MB:.0f} MB > --max-mb {args.max_mb:g}"
             rows += group_rows
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            if on_group is not None:
-                on_group(rows, compile_total)
+            bar.update(len(group_rows))
+            continue
+        elapsed = time.monotonic() - T_PROCESS
+        if args.deadline_s is not None and elapsed + 1.25 * longest > args.deadline_s:
+            for r in group_rows:
+                r.status = (f"not timed: --deadline-s {args.deadline_s:g} (--resume times "
+                            f"it)")
+            rows += group_rows
+            bar.update(len(group_rows))
+            continue
+        try:
+            compile_total += run_group(args, shape, layout, dtype, peers, group_rows, timer,
+                                       bar, log, copy_fn if size > META["cache_mb"] * MB
+                                       else None)
+        except Exception as e:  # noqa: BLE001  (an OOM or a bn_ext failure: keep the row)
+            msg = f"error: {type(e).__name__}: {first_line(e)}"
+            for r in group_rows:
+                if r.status == "ok" and not r.times:
+                    r.status = msg
+                    bar.update(1)
+            log(f"{shape.label} {layout} {dname}: {msg}")
+        rows += group_rows
+        longest = max(longest, time.monotonic() - T_PROCESS - elapsed)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if on_group is not None:
+            on_group(rows, compile_total)
     bar.close()
     return rows, compile_total
 
@@ -545,7 +588,7 @@ def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
         inst = Instance(p, len(shape.dims), c, device, weight, bias, args.compile_mode)
         insts.append(inst)
     compile_s = 0.0
-    ref_name = next(p.name for p in peers if p.kind == "eager")
+    ref_name = next((p.name for p in peers if p.kind == "eager"), None)
     for row in group_rows:
         bar.set_postfix_str(f"{row.shape} {row.layout} {row.dtype} {row.pas}")
         t_row = time.perf_counter()
@@ -554,6 +597,9 @@ def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
             name = inst.peer.name
             if inst.error:
                 row.na[name] = inst.error
+                continue
+            if inst.peer.cudnn and not cudnn_eligible(x, inst.module, row.pas != "eval"):
+                row.na[name] = "cuDNN not eligible: torch runs its native kernel for this input"
                 continue
             inst.set_running_stats(run_mean, run_var)
             t0 = time.perf_counter()
@@ -727,10 +773,11 @@ def header(args, meta: dict) -> list:
             "single-pass (persistent) kernels where a tile fits, multi-pass elsewhere "
             "(BN_EXT_CUDA_PERSISTENT=1)" if os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1"
             else "multi-pass (the default)"))
-        lines.append("- peers: cudnn = eager with torch.backends.cudnn.enabled=True (torch "
-                     "never picks cuDNN for bf16, so there it runs native), native = eager "
-                     "with cuDNN disabled, compile = torch.compile(nn.BatchNorm*, mode="
-                     f"{args.compile_mode!r}, dynamic=False)")
+        lines.append("- peers: cudnn = eager with torch.backends.cudnn.enabled=True, n/a on "
+                     "rows where torch does not pick cuDNN (bf16; BatchNorm1d's (N, C) input) "
+                     "and would run native again; native = eager with cuDNN disabled; compile "
+                     f"= torch.compile(nn.BatchNorm*, mode={args.compile_mode!r}, "
+                     f"dynamic=False), compile time in total {meta['compile_s']:.0f} s")
     else:
         lines.append("- peers: eager = torch.nn.BatchNorm*, compile = torch.compile(nn."
                      f"BatchNorm*, mode={args.compile_mode!r}, dynamic=False), compiled once "
@@ -930,14 +977,23 @@ def parse_args(argv=None):
                          "compiles the compile peer and feeds the correctness spot check)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode")
-    ap.add_argument("--no-triton", action="store_true",
-                    help="cuda: time with CUDA events even if triton is importable")
-    ap.add_argument("--l2-flush", action="store_true",
-                    help="cuda, events timer: flush L2 before every call (do_bench always does)")
+    ap.add_argument("--triton", action="store_true",
+                    help="cuda: time with triton.testing.do_bench (host launch gaps included) "
+                         "instead of CUDA events after a GPU hold")
+    ap.add_argument("--no-l2-flush", action="store_true",
+                    help="cuda, events timer: do not flush L2 before every call")
     ap.add_argument("--cuda-persistent", action="store_true",
                     help="cuda: set BN_EXT_CUDA_PERSISTENT=1, so bn_ext's training passes use "
                          "the single-pass kernels where a tile fits (adds -persistent to the "
                          "file stem)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no (shape, layout, dtype) group that would not end this many "
+                         "seconds after the start (judged by the longest group so far); the "
+                         "rest are listed as not timed and the final table and plot written "
+                         "(for a time-limited GPU lease; --resume times the rest later)")
+    ap.add_argument("--peers", default=None,
+                    help="comma list of the peers to time (bn_ext always): on cuda of cudnn, "
+                         "native, compile; on cpu of eager, compile. Default: all")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     ap.add_argument("--plan", action="store_true",
@@ -1015,7 +1071,7 @@ def replot(path: str) -> None:
     META.update(saved["meta"])
     args = argparse.Namespace(**saved["args"])
     png = os.path.splitext(path)[0] + ".png"
-    problem = plot(rows, peers_for(args.device), args, png)
+    problem = plot(rows, selected_peers(args), args, png)
     print(problem or f"wrote {png}")
 
 
@@ -1032,7 +1088,7 @@ def main(argv=None):
         import bn_ext
         if not bn_ext.has_cuda_kernels():
             ap.error("--device cuda: this bn_ext build has no CUDA kernels")
-        timer = CudaTimer(args.quick, not args.no_triton, args.l2_flush)
+        timer = CudaTimer(args.quick, args.triton, not args.no_l2_flush)
         if args.cuda_persistent:
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "1"
     else:
@@ -1049,7 +1105,7 @@ def main(argv=None):
         if unknown:
             ap.error(f"--shape {unknown} not in the plan; --plan lists its shapes")
         plan = [(shape, layout) for shape, layout in plan if shape.label in wanted]
-    peers = peers_for(args.device)
+    peers = selected_peers(args)
     if args.plan:
         print_plan(args, plan)
         return
@@ -1105,6 +1161,14 @@ def load_earlier(path: str, args) -> dict:
     if saved["meta"].get("device_name") != META["device_name"]:
         raise SystemExit(f"--resume: {path} was measured on {saved['meta'].get('device_name')}, "
                          f"not on {META['device_name']}")
+    # Rows timed another way would not compare with this run's.
+    was, now = saved["args"], vars(args)
+    for key in ("triton", "no_l2_flush", "compile_mode", "cuda_persistent", "peers", "rounds",
+                "min_run_time", "threads"):
+        if key in was and was[key] != now.get(key):
+            raise SystemExit(f"--resume: {path} was measured with --{key.replace('_', '-')} "
+                             f"{was.get(key)!r}, this run has {now.get(key)!r}; run it the "
+                             f"same way, or under another --name")
     done = {(r.shape, r.layout, r.dtype, r.pas): r for r in rows if r.status == "ok"}
     META["resumed"] = (f"{len(done)} timed rows taken over from the run of "
                        f"{saved['meta'].get('date')} (repo {saved['meta'].get('git')}) in this "

@@ -78,6 +78,11 @@ print(f"# device: {torch.cuda.get_device_name(0)} (sm_{p.major}{p.minor}, {p.mul
       f"{p.total_memory / 2**30:.1f} GiB)")
 print(f"# torch {torch.__version__}, CUDA runtime {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
       f"Python {platform.python_version()}")
+try:
+    import matplotlib
+    print(f"# matplotlib {matplotlib.__version__}")
+except ImportError:
+    print("# matplotlib: not installed, so no .png (python bench/bench.py --replot X.json, later)")
 EOF
   nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | sed 's/^/# driver: /'
 } >"$SUMMARY"
@@ -189,7 +194,10 @@ run_tests() {  # run_tests pytest-args...
 bench() {  # bench log-name bench.py-args...
   local name=$1
   shift
-  limited "$PY" bench/bench.py --device cuda "$@" >"$LOGS/$name.log" 2>&1
+  # --deadline-s: bench.py starts no group that would run past the stage's limit, and writes
+  # its final table and plot in time (the rest: --resume, later).
+  limited "$PY" bench/bench.py --device cuda --deadline-s $((LIMIT - 30)) "$@" \
+    >"$LOGS/$name.log" 2>&1
   local rc=$?
   tail -n 40 "$LOGS/$name.log"
   return "$rc"
@@ -264,8 +272,10 @@ if [ "$QUICK" = "1" ]; then
   single_pass_ok || SINGLE=0
   stage "bench quick, multi-pass" 120 270 bench bench --quick
   stage "sanitizer memcheck" 45 120 sanitize memcheck
+  # Single-pass: bn_ext against cuDNN and native only (torch.compile's compiles are most of a
+  # group's time, and its times are in the multi-pass table).
   [ "$SINGLE" = "1" ] && stage "bench quick, single-pass" 60 180 bench bench-persistent --quick \
-    --cuda-persistent --pass fwd,bwd,fwdbwd
+    --cuda-persistent --pass fwd,bwd,fwdbwd --peers cudnn,native
   stage "sanitizer racecheck" 45 150 sanitize racecheck
   stage "sanitizer synccheck" 45 120 sanitize synccheck
   stage "tests (other suites, cuda)" 60 300 run_tests tests --ignore tests/test_cuda.py -k cuda \

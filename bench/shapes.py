@@ -90,13 +90,15 @@ def full_plan(layouts: list) -> list:
 
 
 def quick_plan(layouts: list) -> list:
-    """The engineering notes' table (section 4) plus BatchNorm1d (4096, 1024)."""
+    """The engineering notes' table (section 4), 32x256x56x56 channels-last and BatchNorm1d
+    (4096, 1024)."""
     r50 = {s.dims: s for s in resnet50_shapes(32)}
     pairs = [
         (r50[(32, 64, 56, 56)], "nchw"),
         (r50[(32, 256, 56, 56)], "nchw"),
         (r50[(32, 2048, 7, 7)], "nchw"),
         (r50[(32, 64, 56, 56)], "nhwc"),
+        (r50[(32, 256, 56, 56)], "nhwc"),   # channels-last beyond a GPU's L2 too
         (Shape((4096, 1024), "other", "BatchNorm1d"), "n/a"),
     ]
     return [(s, lay) for s, lay in pairs if lay == "n/a" or lay in layouts]

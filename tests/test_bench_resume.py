@@ -4,6 +4,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import pytest
 
@@ -104,3 +105,53 @@ def test_bad_round_arguments_are_rejected(argv, capsys):
         bench.parse_args(["--device", "cpu"] + argv)
     assert e.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_resume_refuses_rows_timed_another_way(setup):
+    args, _, peers, rows, base = setup
+    bench.write_results(base, args, rows, peers, len(rows), final=True)
+    args.compile_mode = "max-autotune"
+    with pytest.raises(SystemExit, match="--compile-mode 'default'"):
+        bench.load_earlier(base + ".json", args)
+
+
+def _fake_groups(monkeypatch, seconds: float, timed: list):
+    """run_group replaced by one that takes `seconds` and records which group it was."""
+    def fake(args, shape, layout, dtype, peers, group_rows, timer, bar, log, copy_fn=None):
+        time.sleep(seconds)
+        timed.append((shape.label, layout, dtype))
+        for r in group_rows:
+            r.times = {p.name: 1e-3 for p in peers}
+            bar.update(1)
+        return 0.0
+    monkeypatch.setattr(bench, "run_group", fake)
+    monkeypatch.setattr(bench, "copy_workload", lambda device: None)  # 0.1-0.3 s of a 256 MB copy
+
+
+def test_groups_run_dtype_major_and_stop_at_the_deadline(setup, monkeypatch):
+    args, plan, peers, _, _ = setup
+    assert len(plan) == 1 and args.dtypes == ["fp32", "bf16"]
+    plan = plan * 3  # three groups per dtype
+    timed = []
+    _fake_groups(monkeypatch, 0.0, timed)
+    bench.run(args, plan, peers, None, lambda msg: None)
+    assert [t[2] for t in timed] == [bench.torch.float32] * 3 + [bench.torch.bfloat16] * 3
+
+    # A group takes 0.4 s; the deadline leaves room for 2.5 of them: the third would end past
+    # it (judged with a 25% margin), so it and the rest are listed as not timed.
+    timed.clear()
+    _fake_groups(monkeypatch, 0.4, timed)
+    args.deadline_s = time.monotonic() - bench.T_PROCESS + 1.0
+    got, _ = bench.run(args, plan, peers, None, lambda msg: None)
+    assert len(timed) == 2
+    assert [r.status == "ok" for r in got] == [True] * 4 + [False] * 8
+    assert all(r.status.startswith("not timed: --deadline-s") for r in got[4:])
+
+
+def test_peers_option_selects_columns():
+    args, _ = bench.parse_args(["--device", "cpu", "--peers", "compile"])
+    assert [p.name for p in bench.selected_peers(args)] == ["bn_ext", "compile"]
+    args, _ = bench.parse_args(["--device", "cpu"])
+    assert [p.name for p in bench.selected_peers(args)] == ["bn_ext", "eager", "compile"]
+    with pytest.raises(SystemExit):
+        bench.selected_peers(bench.parse_args(["--device", "cpu", "--peers", "cudnn"])[0])
