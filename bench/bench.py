@@ -229,12 +229,17 @@ class CudaTimer:
         self.l2_flush = l2_flush
         self.do_bench = None
         if use_triton:
-            from triton.testing import do_bench
+            try:
+                from triton.testing import do_bench
+            except ImportError as e:
+                raise SystemExit(f"--triton: triton is not importable ({e})") from None
             self.do_bench = do_bench
             self.label = (f"triton.testing.do_bench (warmup {self.warmup_ms} ms, rep "
                           f"{self.rep_ms} ms, L2 flushed by a write; host launch gaps "
                           f"included), median")
             return
+        self.short_holds = 0  # samples dropped because the hold ended too soon
+        self._hold_scale = 1
         self._flush_buf = torch.empty(self.FLUSH_BYTES // 4, device="cuda") if l2_flush else None
         self._cycles_per_s = self._sleep_rate()
         self.label = (f"CUDA events around one call, {self.samples} samples, median; before "
@@ -246,7 +251,7 @@ class CudaTimer:
     def _sleep_rate() -> float:
         """torch.cuda._sleep cycles per second on this GPU (its clock under load)."""
         cycles = 2_000_000
-        torch.cuda._sleep(cycles)  # first call: module load
+        torch.cuda._sleep(50 * cycles)  # first call (module load), and the clock up to speed
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         torch.cuda._sleep(cycles)
@@ -265,15 +270,23 @@ class CudaTimer:
             fn()
             host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
-        hold = int(self._cycles_per_s * (2 * statistics.median(host) + 50e-6))
+        hold = int(self._cycles_per_s * (2 * statistics.median(host) + 50e-6) * self._hold_scale)
         pairs = []
-        for _ in range(self.samples):
+        while len(pairs) < self.samples:
             if self._flush_buf is not None:
                 self._flush_buf.sum()
             torch.cuda._sleep(hold)
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()
+            if s.query() and self._hold_scale < 1024:
+                # The start event fired before the host had queued the whole call (the clock
+                # rose after calibration, or the host was slow): this sample could hold launch
+                # gaps. Drop it and hold twice as long from now on.
+                self._hold_scale *= 2
+                hold *= 2
+                self.short_holds += 1
+                continue
             e.record()
             pairs.append((s, e))
         torch.cuda.synchronize()
@@ -588,7 +601,7 @@ def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
         inst = Instance(p, len(shape.dims), c, device, weight, bias, args.compile_mode)
         insts.append(inst)
     compile_s = 0.0
-    ref_name = next((p.name for p in peers if p.kind == "eager"), None)
+
     for row in group_rows:
         bar.set_postfix_str(f"{row.shape} {row.layout} {row.dtype} {row.pas}")
         t_row = time.perf_counter()
@@ -621,7 +634,10 @@ def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
             if inst.peer.kind == "compile":
                 compile_s += time.perf_counter() - t0
             fns[name] = fn
-        if ref_name in first_out:
+        # The reference: the first torch peer that ran this row (cudnn is n/a on some rows).
+        ref_name = next((p.name for p in peers if p.kind != "bn_ext" and p.name in first_out),
+                        None)
+        if ref_name is not None:
             row.rel_err = max_rel_err(first_out["bn_ext"], first_out[ref_name])
         del first_out
         if copy_fn is not None:
@@ -766,6 +782,9 @@ def header(args, meta: dict) -> list:
               ]
     if meta.get("allocation"):
         lines.append(f"- allocation: {meta['allocation']}")
+    if meta.get("short_holds") is not None:
+        lines.append(f"- samples dropped because the GPU hold ended before the host had queued "
+                     f"the call (then held twice as long): {meta['short_holds']}")
     if meta.get("resumed"):
         lines.append(f"- resumed: {meta['resumed']}")
     if args.device == "cuda":
@@ -1140,6 +1159,8 @@ def main(argv=None):
 
     rows, compile_s = run(args, plan, peers, timer, log, done, write_partial)
     META["compile_s"] = compile_s
+    if isinstance(timer, CudaTimer) and timer.do_bench is None:
+        META["short_holds"] = timer.short_holds
     # Measured again at the end; the higher of the two is the reference (a loaded machine
     # only ever makes the copy slower).
     META["copy_gbs_end"] = copy_bandwidth(args.device, timer) / 1e9
@@ -1169,6 +1190,10 @@ def load_earlier(path: str, args) -> dict:
             raise SystemExit(f"--resume: {path} was measured with --{key.replace('_', '-')} "
                              f"{was.get(key)!r}, this run has {now.get(key)!r}; run it the "
                              f"same way, or under another --name")
+    if saved["meta"].get("timer") != META["timer"]:
+        raise SystemExit(f"--resume: {path} was timed with {saved['meta'].get('timer')!r}, this "
+                         f"run with {META['timer']!r}; run it the same way, or under another "
+                         f"--name")
     done = {(r.shape, r.layout, r.dtype, r.pas): r for r in rows if r.status == "ok"}
     META["resumed"] = (f"{len(done)} timed rows taken over from the run of "
                        f"{saved['meta'].get('date')} (repo {saved['meta'].get('git')}) in this "

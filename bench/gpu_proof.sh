@@ -196,7 +196,7 @@ bench() {  # bench log-name bench.py-args...
   shift
   # --deadline-s: bench.py starts no group that would run past the stage's limit, and writes
   # its final table and plot in time (the rest: --resume, later).
-  limited "$PY" bench/bench.py --device cuda --deadline-s $((LIMIT - 30)) "$@" \
+  limited "$PY" bench/bench.py --device cuda --deadline-s $((LIMIT > 60 ? LIMIT - 30 : LIMIT / 2)) "$@" \
     >"$LOGS/$name.log" 2>&1
   local rc=$?
   tail -n 40 "$LOGS/$name.log"

@@ -20,7 +20,9 @@ def _fx_leaf(module: nn.Module, input) -> object:
     Proxy and fail. Recording the call here makes a bn_ext layer a leaf as torch's is, so that
     symbolic_trace, torchvision's create_feature_extractor and FX passes see the same graph: it
     calls the layer, which checks its input and reads `training` when the graph runs. A layer
-    traced as the root itself is traced into, as torch's is (and fails as torch's does).
+    traced as the root itself is traced into, as torch's is (and fails as torch's does). Unlike
+    a true leaf, a layer given a real tensor during tracing (not a Proxy) runs then, and its
+    output becomes a constant; and a tracer's is_leaf_module still says False for it.
     """
     if isinstance(input, torch.fx.Proxy) and input.tracer.root is not module:
         tracer = input.tracer

@@ -304,10 +304,10 @@ void check_update_args(const char* op, const Tensor& like,
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (has_nbt) {
     check_same_device(op, like, *num_batches_tracked, "num_batches_tracked");
-    check_updatable(op, *num_batches_tracked, "num_batches_tracked");
     TORCH_CHECK(num_batches_tracked->numel() == 1 &&
                     num_batches_tracked->scalar_type() == at::kLong,
                 "bn_ext.", op, ": num_batches_tracked must be an int64 tensor with one element");
+    check_updatable(op, *num_batches_tracked, "num_batches_tracked");
   }
   TORCH_CHECK(momentum.has_value() || has_nbt, "bn_ext.", op,
               ": momentum=None (cumulative average) needs num_batches_tracked");
