@@ -265,6 +265,42 @@ def test_compile_inductor(device):
     torch.testing.assert_close(model.bn.running_var, ref.bn.running_var)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_runs_the_ops(training):
+    """torch.export keeps bn_ext's ops in the graph; the exported program computes what the
+    module does, and in training records the running statistics' updates as buffer mutations."""
+    torch.manual_seed(0)
+    model = _Net().train(training)
+    ref = _Net().train(training)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 6, 6)
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    want = "bn_ext.train_forward.default" if training else "bn_ext.normalize.default"
+    assert want in targets, targets
+    if training:  # functionalized (run_decompositions): the op's writes become buffer outputs
+        mutated = set(ep.run_decompositions().graph_signature.buffers_to_mutate.values())
+        assert {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"} <= mutated
+    exported = ep.module()
+    torch.testing.assert_close(exported(x), ref(x))
+    torch.testing.assert_close(exported.bn.running_mean, ref.bn.running_mean)
+    assert exported.bn1.num_batches_tracked.item() == ref.bn1.num_batches_tracked.item()
+
+
+def test_aot_inductor_package(tmp_path):
+    """An AOTInductor package of an exported eval model calls bn_ext's op (the loading process
+    must have imported bn_ext, as this one has)."""
+    torch.manual_seed(0)
+    model = _Net()
+    model(torch.randn(4, 3, 6, 6))  # running statistics away from their initial values
+    model.eval()
+    x = torch.randn(4, 3, 6, 6)
+    ep = torch.export.export(model, (x,))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    torch.testing.assert_close(runner(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def _non_dense_inputs():
     # dense in no order once sliced: the output takes torch.empty_like's strides (dense, in the
     # input's order of strides), which is what the fake kernels return
