@@ -270,12 +270,12 @@ class CudaTimer:
             fn()
             host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
-        hold = int(self._cycles_per_s * (2 * statistics.median(host) + 50e-6) * self._hold_scale)
+        hold_s = 2 * statistics.median(host) + 50e-6
         pairs = []
         while len(pairs) < self.samples:
             if self._flush_buf is not None:
                 self._flush_buf.sum()
-            torch.cuda._sleep(hold)
+            torch.cuda._sleep(int(self._cycles_per_s * hold_s * self._hold_scale))
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()
@@ -284,7 +284,6 @@ class CudaTimer:
                 # rose after calibration, or the host was slow): this sample could hold launch
                 # gaps. Drop it and hold twice as long from now on.
                 self._hold_scale *= 2
-                hold *= 2
                 self.short_holds += 1
                 continue
             e.record()
@@ -601,7 +600,6 @@ def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
         inst = Instance(p, len(shape.dims), c, device, weight, bias, args.compile_mode)
         insts.append(inst)
     compile_s = 0.0
-
     for row in group_rows:
         bar.set_postfix_str(f"{row.shape} {row.layout} {row.dtype} {row.pas}")
         t_row = time.perf_counter()
@@ -1182,10 +1180,10 @@ def load_earlier(path: str, args) -> dict:
     if saved["meta"].get("device_name") != META["device_name"]:
         raise SystemExit(f"--resume: {path} was measured on {saved['meta'].get('device_name')}, "
                          f"not on {META['device_name']}")
-    # Rows timed another way would not compare with this run's.
+    # Rows timed another way would not compare with this run's: the timer's label names its
+    # settings (triton, L2 flush, threads, min_run_time); these are the rest.
     was, now = saved["args"], vars(args)
-    for key in ("triton", "no_l2_flush", "compile_mode", "cuda_persistent", "peers", "rounds",
-                "min_run_time", "threads"):
+    for key in ("compile_mode", "cuda_persistent", "peers", "rounds"):
         if key in was and was[key] != now.get(key):
             raise SystemExit(f"--resume: {path} was measured with --{key.replace('_', '-')} "
                              f"{was.get(key)!r}, this run has {now.get(key)!r}; run it the "

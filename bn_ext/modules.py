@@ -24,10 +24,10 @@ def _fx_leaf(module: nn.Module, input) -> object:
     a true leaf, a layer given a real tensor during tracing (not a Proxy) runs then, and its
     output becomes a constant; and a tracer's is_leaf_module still says False for it.
     """
-    if isinstance(input, torch.fx.Proxy) and input.tracer.root is not module:
-        tracer = input.tracer
-        return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
-    return None
+    tracer = input.tracer if isinstance(input, torch.fx.Proxy) else None
+    if tracer is None or tracer.root is module:
+        return None
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
 class _BatchNormForward:
