@@ -72,12 +72,35 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     __doc__ = "bn_ext drop-in for torch.nn.BatchNorm3d (input (N, C, D, H, W))."
 
 
+# Lazy layers infer num_features from the first input (torch's LazyModuleMixin), run that first
+# call on bn_ext already, and then become the class named by cls_to_become: bn_ext's, not torch's.
+class LazyBatchNorm1d(_BatchNormForward, nn.LazyBatchNorm1d):
+    __doc__ = "bn_ext drop-in for torch.nn.LazyBatchNorm1d; becomes a bn_ext.BatchNorm1d."
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_BatchNormForward, nn.LazyBatchNorm2d):
+    __doc__ = "bn_ext drop-in for torch.nn.LazyBatchNorm2d; becomes a bn_ext.BatchNorm2d."
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_BatchNormForward, nn.LazyBatchNorm3d):
+    __doc__ = "bn_ext drop-in for torch.nn.LazyBatchNorm3d; becomes a bn_ext.BatchNorm3d."
+    cls_to_become = BatchNorm3d
+
+
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
-                 nn.BatchNorm3d: BatchNorm3d}
+                 nn.BatchNorm3d: BatchNorm3d, nn.LazyBatchNorm1d: LazyBatchNorm1d,
+                 nn.LazyBatchNorm2d: LazyBatchNorm2d, nn.LazyBatchNorm3d: LazyBatchNorm3d}
 
 
 def _swap(module: nn.Module, cls: type) -> nn.Module:
-    """A `cls` that holds the very same parameters, buffers, hooks and flags as `module`."""
+    """A `cls` that holds the very same parameters, buffers, hooks and flags as `module`.
+
+    The hook dicts are shared, not copied. A lazy layer's own two hooks are methods bound to
+    `module`, which is harmless: the forward pre-hook initializes the layer it is called on (the
+    new one), and the load hook materializes the Parameter objects, which both layers hold.
+    """
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     for key in ("_parameters", "_buffers", "_modules"):
@@ -87,6 +110,9 @@ def _swap(module: nn.Module, cls: type) -> nn.Module:
 
 def convert_model(module: nn.Module) -> nn.Module:
     """Replace every torch.nn.BatchNorm1d/2d/3d in `module` (nested ones too) with bn_ext's.
+
+    torch's LazyBatchNorm1d/2d/3d are replaced too, by bn_ext's, which become bn_ext's
+    BatchNorm on their first call (one already initialized is a torch BatchNorm, converted as such).
 
     The new layers hold the same Parameter and buffer objects, so an optimizer built before the
     conversion keeps working; the training flag, device, dtype and hooks are kept. Subclasses of

@@ -661,6 +661,86 @@ def test_convert_model_alias_and_shared_layer():
     assert net.alias is net.bn and net.branch[0] is net.bn
 
 
+LAZY = [(torch.nn.LazyBatchNorm1d, bn_ext.LazyBatchNorm1d, bn_ext.BatchNorm1d, (6, 5, 7)),
+        (torch.nn.LazyBatchNorm2d, bn_ext.LazyBatchNorm2d, bn_ext.BatchNorm2d, (6, 5, 4, 3)),
+        (torch.nn.LazyBatchNorm3d, bn_ext.LazyBatchNorm3d, bn_ext.BatchNorm3d, (3, 5, 2, 4, 3))]
+
+
+def count_bn_ext_calls(monkeypatch):
+    calls = []
+    real = bn_ext.modules._batch_norm
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bn_ext.modules, "_batch_norm", spy)
+    return calls
+
+
+@pytest.mark.parametrize("torch_cls,lazy_cls,cls,shape", LAZY,
+                         ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("how", ["bn_ext's own", "converted"])
+def test_lazy_layers_run_on_bn_ext_from_the_first_call(monkeypatch, torch_cls, lazy_cls, cls,
+                                                        shape, how):
+    # A lazy layer infers num_features on its first call and then becomes cls_to_become: bn_ext's
+    # lazy layers (and torch's, converted) become bn_ext's BatchNorm and run even that first call
+    # on bn_ext.
+    torch.manual_seed(0)
+    ref = torch_cls(momentum=None, dtype=torch.float64)
+    if how == "converted":
+        model = torch.nn.Sequential(torch.nn.Identity(), torch_cls(momentum=None,
+                                                                    dtype=torch.float64))
+        hook_calls = []
+        model[1].register_forward_hook(lambda m, i, o: hook_calls.append(type(m)))
+        assert bn_ext.convert_model(model) is model
+        ours = model[1]
+    else:
+        ours = lazy_cls(momentum=None, dtype=torch.float64)
+    assert type(ours) is lazy_cls and ours.has_uninitialized_params()
+    calls = count_bn_ext_calls(monkeypatch)
+    for step in range(3):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        y_ref, y = ref(x), ours(x)
+        assert type(ours) is cls and type(ref) is torch_cls.cls_to_become
+        assert_close(y, y_ref, torch.float64)
+        g_ref = torch.autograd.grad(y_ref.sin().sum(), (x, ref.weight, ref.bias))
+        g = torch.autograd.grad(y.sin().sum(), (x, ours.weight, ours.bias))
+        for a, b in zip(g, g_ref):
+            assert_close(a, b, torch.float64)
+    assert len(calls) == 3
+    assert ours.num_features == shape[1] and int(ours.num_batches_tracked) == 3
+    for k, v in ref.state_dict().items():
+        assert_close(ours.state_dict()[k], v, torch.float64)
+    if how == "converted":
+        assert hook_calls == [cls] * 3  # the user's hook came along
+
+
+@pytest.mark.parametrize("torch_cls,lazy_cls,cls,shape", LAZY[1:2],
+                         ids=lambda v: getattr(v, "__name__", None))
+def test_lazy_layer_materialized_by_load_state_dict(torch_cls, lazy_cls, cls, shape):
+    # Loading a checkpoint into an uninitialized lazy layer materializes it (torch's load hook);
+    # a converted layer's hook still reaches the Parameters the new layer holds.
+    src = torch.nn.BatchNorm2d(shape[1])
+    src(torch.randn(shape))
+    converted = bn_ext.convert_model(torch.nn.Sequential(torch_cls()))
+    for ours in (lazy_cls(), converted[0]):
+        ours.load_state_dict(src.state_dict())
+        assert not ours.has_uninitialized_params()
+        ours.eval(), src.eval()
+        x = torch.randn(shape)
+        assert_close(ours(x), src(x), torch.float32)
+        assert type(ours) is cls
+
+
+def test_convert_model_initialized_lazy_layer_is_a_torch_batchnorm():
+    model = torch.nn.Sequential(torch.nn.LazyBatchNorm2d())
+    model(torch.randn(4, 3, 2, 2))
+    assert type(model[0]) is torch.nn.BatchNorm2d
+    bn_ext.convert_model(model)
+    assert type(model[0]) is bn_ext.BatchNorm2d
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [1.5, -0.5, 1.0, 0.0])
 def test_momentum_outside_unit_interval_as_torch(device, momentum):
