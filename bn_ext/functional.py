@@ -144,7 +144,11 @@ def _differentiable_backward(grad_out, input, weight, running_mean, running_var,
     dims = [0] + list(range(2, input.dim()))
     x = input.to(_math_dtype(input.dtype))
     dy = grad_out.to(x.dtype)
-    if training:
+    if training and x.numel() == 0:
+        # no values: mean and var would be 0/0, and NaN * 0 would reach the weight's second
+        # derivative through w * invstd; torch's gradients of an empty batch are zeros
+        mean = var = x.new_zeros([1, x.shape[1]] + [1] * (x.dim() - 2))
+    elif training:
         mean = x.mean(dims, keepdim=True)
         var = (x - mean).square().mean(dims, keepdim=True)
     else:

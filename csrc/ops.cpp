@@ -276,9 +276,14 @@ Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& var,
   return out.result;
 }
 
-// An update made through as_math_vector(buffer), back into buffer where that was a copy.
+// An update made through as_math_vector(buffer), back into buffer where that was a copy. Below
+// ADInplaceOrView, so that the copy leaves the buffer's version counter alone as the kernels'
+// direct writes do (train_forward's autograd kernel explains why); under inference_mode, where
+// that kernel does not run, copy_ would bump it.
 void write_back(const Tensor& updated, const Tensor& buffer) {
-  if (!updated.is_alias_of(buffer)) buffer.copy_(updated.view_as(buffer));
+  if (updated.is_alias_of(buffer)) return;
+  at::AutoDispatchBelowADInplaceOrView guard;
+  buffer.copy_(updated.view_as(buffer));
 }
 
 // A buffer the op writes in place, checked before anything is written:
@@ -518,8 +523,13 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_train_backward(const Tensor& g
   shape[1] = -1;
   const Tensor x = input.to(math);
   const Tensor dy = grad_out.to(math);
-  const Tensor mean = x.mean(dims, /*keepdim=*/true);
-  const Tensor invstd = ((x - mean).square().mean(dims, true) + eps).rsqrt();
+  // An empty batch has no statistics (0/0); zeros keep NaN * 0 out of the weight's second
+  // derivative through w * invstd, whose gradients are then zeros, as torch's are.
+  const bool empty = input.numel() == 0;
+  const Tensor mean = empty ? at::zeros({input.size(1)}, x.options()).reshape(shape)
+                            : x.mean(dims, /*keepdim=*/true);
+  const Tensor invstd =
+      ((empty ? at::zeros_like(mean) : (x - mean).square().mean(dims, true)) + eps).rsqrt();
   const Tensor xhat = (x - mean) * invstd;
   const Tensor grad_bias = dy.sum(dims);
   const Tensor grad_weight = (dy * xhat).sum(dims);

@@ -366,3 +366,27 @@ def test_negative_bit_read_only_arguments_resolved():
                                           neg(torch.tensor(16.0)), 0.1)
     torch.ops.bn_ext.running_stats_update(rm2, rv2, nbt2, mean, var, torch.tensor(16.0), 0.1)
     assert torch.equal(rm, rm2) and torch.equal(rv, rv2) and torch.equal(nbt, nbt2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+@pytest.mark.parametrize("stats_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_training_update_leaves_version_counters_alone(device, mode, stats_dtype):
+    # torch's batch_norm writes the running statistics without bumping their version counters,
+    # so an eval graph that saved them still backpropagates after a training step; bn_ext's
+    # kernels write them directly, and its write-back of converted (bf16) statistics must not
+    # bump them either (under inference_mode it did: copy_ went through ADInplaceOrView).
+    m = bn_ext.BatchNorm1d(3, device=device, dtype=stats_dtype).eval()
+    x = torch.randn(4, 3, device=device, dtype=torch.bfloat16, requires_grad=True)
+    y = m(x)
+    versions = [t._version for t in (m.running_mean, m.running_var)]
+    m.train()
+    ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
+           "grad": torch.enable_grad}[mode]
+    before = m.running_var.clone()
+    with ctx():
+        m(torch.randn(4, 3, device=device, dtype=torch.bfloat16))
+    assert not torch.equal(m.running_var, before)  # it was updated
+    assert [t._version for t in (m.running_mean, m.running_var)] == versions
+    y.float().sum().backward()
+    assert x.grad is not None

@@ -90,6 +90,32 @@ def test_empty_batch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("path", ["module", "BatchNormFunction"])
+def test_empty_batch_double_backward_is_zero(device, training, path):
+    # An empty batch's statistics are 0/0; the double backward used to carry that NaN into the
+    # weight's gradient through w * invstd. torch's gradients there are zeros.
+    def grads(lib):
+        torch.manual_seed(0)
+        m = lib.BatchNorm1d(3, device=device, dtype=torch.float64).train(training)
+        x = torch.randn(0, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+        if path == "module" or lib is torch.nn:
+            y = m(x)
+        else:
+            y = bn_ext.BatchNormFunction.apply(x, m.weight, m.bias, m.running_mean, m.running_var,
+                                               training, m.eps, None, 0.1)[0]
+        gx, gw = torch.autograd.grad(y, (x, m.weight), torch.randn_like(y), create_graph=True)
+        (gw.sum() + gx.sum()).backward()
+        return m.weight.grad, m.bias.grad
+
+    ours, ref = grads(bn_ext), grads(torch.nn)
+    for a, b in zip(ours, ref):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_nan_stays_in_its_channel(device, layout):
     x = make_input((4, 3, 5, 5), torch.float32, device, layout).clone()
