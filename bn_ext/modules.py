@@ -1,4 +1,4 @@
-"""Drop-in BatchNorm1d/2d/3d modules and convert_model.
+"""Drop-in BatchNorm1d/2d/3d modules (and their lazy forms) and convert_model.
 
 Each module subclasses the installed torch's own class, so the constructor, parameters, buffers,
 state_dict keys, _version, checkpoint loading (old ones without num_batches_tracked too) and
