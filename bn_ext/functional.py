@@ -131,6 +131,29 @@ def _per_channel(t: Tensor, ndim: int) -> Tensor:
     return t.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+class _EvalGradInput(torch.autograd.Function):
+    """Eval's grad_input = dy * scale (scale = w * invstd, per channel), taking input as well.
+
+    It does not depend on input, but torch's batch_norm backward takes input as an argument, so
+    its grad_input requires grad whenever input does, and a second backward gives input no
+    gradient (None) instead of failing for want of a graph when nothing else requires grad (an
+    input-gradient penalty through a frozen eval layer).
+    """
+
+    @staticmethod
+    def forward(ctx, dy, scale, input):
+        ctx.save_for_backward(dy, scale)
+        return dy * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        dy, scale = ctx.saved_tensors
+        dims = [0] + list(range(2, dy.dim()))
+        grad_dy = g * scale if ctx.needs_input_grad[0] else None
+        grad_scale = (g * dy).sum(dims, keepdim=True) if ctx.needs_input_grad[1] else None
+        return grad_dy, grad_scale, None
+
+
 def _differentiable_backward(grad_out, input, weight, running_mean, running_var, training, eps):
     """The backward in torch ops, so that autograd can differentiate it (double backward).
 
@@ -165,7 +188,7 @@ def _differentiable_backward(grad_out, input, weight, running_mean, running_var,
         grad_input = scale / n * (n * dy - _per_channel(grad_bias, x.dim())
                                   - xhat * _per_channel(grad_weight, x.dim()))
     else:
-        grad_input = dy * scale
+        grad_input = _EvalGradInput.apply(dy, scale, input)
     pt = _param_dtype(input, weight)
     return grad_input.to(input.dtype), grad_weight.to(pt), grad_bias.to(pt)
 

@@ -67,3 +67,29 @@ def test_backward_runs_in_cpp(device, monkeypatch):
         y = _fn(training, device, 3)(x, w, b)
         y.sum().backward()
         assert x.grad is not None and w.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "weight_grad"])
+def test_eval_input_gradient_penalty_as_torch(device, frozen):
+    # An input-gradient penalty through an eval layer: grad_input = dy * w * invstd is constant
+    # in x, yet torch's requires grad (x is an argument of its backward), and the second
+    # backward gives x no gradient. With frozen parameters bn_ext's used to need no graph at all,
+    # so the second backward raised.
+    def run(lib):
+        torch.manual_seed(0)
+        m = lib.BatchNorm2d(3, device=device, dtype=torch.float64)
+        m(torch.randn(4, 3, 2, 2, device=device, dtype=torch.float64))
+        m.eval().requires_grad_(not frozen)
+        x = torch.randn(4, 3, 2, 2, device=device, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn_like(x)
+        (g,) = torch.autograd.grad(m(x), x, dy, create_graph=True)
+        assert g.requires_grad
+        g.pow(2).sum().backward()
+        return g.detach(), x.grad, m.weight.grad
+
+    ours, ref = run(bn_ext), run(torch.nn)
+    for a, b in zip(ours, ref):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
