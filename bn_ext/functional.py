@@ -297,6 +297,15 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if input.dim() < 2:
         raise ValueError(f"bn_ext.batch_norm: expected input of shape (N, C, *) with at least "
                          f"2 dimensions, got {input.dim()}D input")
+    # torch's F.batch_norm checks the batch size and eps in Python before its C++ kernel checks
+    # the rest, so with several arguments wrong the error's type is the one torch raises first.
+    if training:
+        _verify_batch_size(input)
+        if not eps > 0:  # as torch's F.batch_norm (>= 2.11), after the batch-size check
+            raise ValueError(f"bn_ext.batch_norm: eps must be positive during training, but "
+                             f"got {eps}")
+    elif not eps >= 0:
+        raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
     if not training and (running_mean is None or running_var is None):
         # torch's RuntimeError (its C++ kernel's check), the missing one named
         missing = "running_mean" if running_mean is None else "running_var"
@@ -321,13 +330,6 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 raise RuntimeError(f"bn_ext.batch_norm: {name} requires grad, but batch norm is "
                                    f"not differentiable with respect to the running statistics; "
                                    f"pass {name}.detach() or run under torch.no_grad()")
-    if training:
-        _verify_batch_size(input)
-        if not eps > 0:  # as torch's F.batch_norm (>= 2.11), after the batch-size check
-            raise ValueError(f"bn_ext.batch_norm: eps must be positive during training, but "
-                             f"got {eps}")
-    elif not eps >= 0:
-        raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
     if _functorch_active() or _forward_ad._current_level >= 0:
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, num_batches_tracked)

@@ -390,3 +390,31 @@ def test_training_update_leaves_version_counters_alone(device, mode, stats_dtype
     assert [t._version for t in (m.running_mean, m.running_var)] == versions
     y.float().sum().backward()
     assert x.grad is not None
+
+
+def _module_one_value_wrong_channels(lib):
+    return lib.BatchNorm1d(4)(torch.randn(1, 5))
+
+
+def _module_eval_no_var_negative_eps(lib):
+    m = lib.BatchNorm1d(3).eval()
+    m.running_var, m.eps = None, -1e-3
+    return m(torch.randn(4, 3))
+
+
+def _functional_wrong_stats_zero_eps(lib):
+    fn = bn_ext.batch_norm if lib is bn_ext else torch.nn.functional.batch_norm
+    return fn(torch.randn(4, 3), torch.zeros(2), torch.ones(2), training=True, eps=0.0)
+
+
+@pytest.mark.parametrize("call", [_module_one_value_wrong_channels,
+                                  _module_eval_no_var_negative_eps,
+                                  _functional_wrong_stats_zero_eps])
+def test_several_wrong_arguments_raise_torchs_first_error(call):
+    # torch's F.batch_norm checks the batch size and eps (ValueError) before its kernel checks
+    # channel counts and statistics (RuntimeError); with both wrong, the type is torch's.
+    with pytest.raises(Exception) as ref:
+        call(torch.nn)
+    with pytest.raises(Exception) as ours:
+        call(bn_ext)
+    assert type(ours.value) is type(ref.value) is ValueError
