@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .functional import _batch_norm
 
@@ -97,14 +98,16 @@ _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
 def _swap(module: nn.Module, cls: type) -> nn.Module:
     """A `cls` that holds the very same parameters, buffers, hooks and flags as `module`.
 
-    The hook dicts are shared, not copied. A lazy layer's own two hooks are methods bound to
-    `module`, which is harmless: the forward pre-hook initializes the layer it is called on (the
-    new one), and the load hook materializes the Parameter objects, which both layers hold.
+    The hook dicts are shared. A lazy layer's own two hooks are methods bound to `module`: the
+    forward pre-hook initializes the layer it is called on (the new one), but the load hook
+    materializes what `module`'s dicts hold, so a lazy layer shares those dicts too, else after
+    a .to() (new buffer objects in the new layer's dict) a checkpoint would not load.
     """
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
-    for key in ("_parameters", "_buffers", "_modules"):
-        new.__dict__[key] = dict(module.__dict__[key])
+    if not isinstance(module, LazyModuleMixin):
+        for key in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[key] = dict(module.__dict__[key])
     return new
 
 

@@ -749,14 +749,20 @@ def test_lazy_layer_materialized_by_load_state_dict(torch_cls, lazy_cls, cls, sh
     # a converted layer's hook still reaches the Parameters the new layer holds.
     src = torch.nn.BatchNorm2d(shape[1])
     src(torch.randn(shape))
-    converted = bn_ext.convert_model(torch.nn.Sequential(torch_cls()))
-    for ours in (lazy_cls(), converted[0]):
-        ours.load_state_dict(src.state_dict())
-        assert not ours.has_uninitialized_params()
-        ours.eval(), src.eval()
-        x = torch.randn(shape)
-        assert_close(ours(x), src(x), torch.float32)
-        assert type(ours) is cls
+    for moved in (False, True):
+        converted = bn_ext.convert_model(torch.nn.Sequential(torch_cls()))
+        for ours in (lazy_cls(), converted[0]):
+            if moved:  # .to() puts new buffer objects in the layer: the load hook must see them
+                ours.double()
+            ours.load_state_dict(src.state_dict())
+            assert not ours.has_uninitialized_params()
+            ours.eval(), src.eval()
+            x = torch.randn(shape)
+            dtype = torch.float64 if moved else torch.float32
+            assert ours.running_mean.dtype == ours.weight.dtype == dtype
+            assert_close(ours(x.to(dtype)), src.to(dtype)(x.to(dtype)), dtype)
+            src.float()
+            assert type(ours) is cls
 
 
 def test_convert_model_initialized_lazy_layer_is_a_torch_batchnorm():
