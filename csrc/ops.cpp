@@ -526,10 +526,10 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_train_backward(const Tensor& g
   // An empty batch has no statistics (0/0); zeros keep NaN * 0 out of the weight's second
   // derivative through w * invstd, whose gradients are then zeros, as torch's are.
   const bool empty = input.numel() == 0;
-  const Tensor mean = empty ? at::zeros({input.size(1)}, x.options()).reshape(shape)
+  const Tensor mean = empty ? at::zeros({1, input.size(1)}, x.options()).reshape(shape)
                             : x.mean(dims, /*keepdim=*/true);
-  const Tensor invstd =
-      ((empty ? at::zeros_like(mean) : (x - mean).square().mean(dims, true)) + eps).rsqrt();
+  const Tensor var = empty ? mean : (x - mean).square().mean(dims, /*keepdim=*/true);
+  const Tensor invstd = (var + eps).rsqrt();
   const Tensor xhat = (x - mean) * invstd;
   const Tensor grad_bias = dy.sum(dims);
   const Tensor grad_weight = (dy * xhat).sum(dims);
