@@ -77,18 +77,17 @@ struct StatsOp {
   // mean = k + s1/n, var = s2/n - (s1/n)^2 (biased), in double, rounded once; a negative
   // rounding residue is clamped to 0 while NaN is kept (NaN stays in its channel); shift is
   // center(c). Stores mean and var (and coef) when `store`; returns the forward coefficients
-  // (mu, alpha, beta).
+  // (mu, alpha, beta), alpha from the rounded var as the eval maps derive it (forward_alpha).
   __device__ __forceinline__ Coefs<M> finish(int64_t c, M shift, M s1, M s2,
                                              bool store = true) const {
     const double k = static_cast<double>(shift);
     const double m1 = static_cast<double>(s1) / n;
     double v = static_cast<double>(s2) / n - m1 * m1;
     v = v < 0 ? 0.0 : v;
-    const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
     Coefs<M> r;
     r.mu = static_cast<M>(k + m1);
     const M vm = static_cast<M>(v);
-    r.p1 = static_cast<M>(w * (1.0 / sqrt(static_cast<double>(vm) + eps)));
+    r.p1 = forward_alpha(vm, static_cast<M>(eps), weight, c);
     r.p2 = bias != nullptr ? bias[c] : M(0);
     r.p3 = 0;
     if (store) {

@@ -192,6 +192,15 @@ struct CoefTable {
   }
 };
 
+// The forward map's alpha = w * invstd, invstd = inv_sqrt_rn(var + eps) in the math type (as
+// torch's kernels compute it). The training forward's finishing step and the eval maps both take
+// it from here, so that train_forward's y is normalize()'s y for the batch statistics, bit for bit.
+template <typename M>
+__device__ __forceinline__ M forward_alpha(M var, M eps, const M* weight, int64_t c) {
+  const M invstd = inv_sqrt_rn(var + eps);
+  return weight != nullptr ? weight[c] * invstd : invstd;
+}
+
 // EvalStats: the eval coefficients, derived from given statistics where a thread needs them, in
 // the math type as torch's kernels do (invstd = inv_sqrt_rn(var + eps)), so that an eval map is
 // one launch:
@@ -211,9 +220,8 @@ struct EvalStats {
   template <Elementwise kOp, typename I>
   __device__ __forceinline__ Coefs<M> at(I /*C*/, I c) const {
     static_assert(kOp != Elementwise::kBackwardTrain, "training coefficients need the sums");
-    const M invstd = inv_sqrt_rn(var[c] + eps);
     Coefs<M> k{0, 0, 0, 0};
-    k.p1 = weight != nullptr ? weight[c] * invstd : invstd;
+    k.p1 = forward_alpha(var[c], eps, weight, static_cast<int64_t>(c));
     if constexpr (kOp == Elementwise::kForward) {
       k.mu = mean[c];
       k.p2 = bias != nullptr ? bias[c] : M(0);
