@@ -28,7 +28,11 @@ namespace {
 
 using c10::optional;
 
-#ifdef BN_EXT_WITH_CUDA
+#if defined(BN_EXT_CUDA_EMULATOR)
+// tests/cuda_emulator's build: the CUDA kernels, compiled for the host, run every op on CPU
+// tensors, so that the whole test suite checks them without a GPU.
+#define BN_EXT_KERNEL(device, fn, ...) cuda::fn(__VA_ARGS__)
+#elif defined(BN_EXT_WITH_CUDA)
 #define BN_EXT_KERNEL(device, fn, ...) \
   ((device).is_cuda() ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
 #else

@@ -3,6 +3,7 @@
 Tests are parametrized over devices; CUDA cases skip where there is no GPU or no CUDA build.
 """
 import inspect
+import os
 
 import pytest
 import torch
@@ -10,6 +11,25 @@ import torch
 import bn_ext
 
 HAS_CUDA = torch.cuda.is_available() and bn_ext.has_cuda_kernels()
+
+# tests/cuda_emulator/build.py runs this suite on a build whose ops run the CUDA kernels, compiled
+# for the host, on CPU tensors; it sets BN_EXT_CUDA_EMULATED=1.
+CUDA_EMULATED = os.environ.get("BN_EXT_CUDA_EMULATED") == "1"
+
+# BN_EXT_CUDA_PERSISTENT=1 sends the CUDA kernels' train_forward and train_backward through the
+# single-pass kernels, whose sums are merged in an order of their own (their grid plan): they
+# agree with the split ops (batch_stats + normalize, backward_reduce + backward_input) to
+# rounding, where every other path gives the split ops' bits.
+SINGLE_PASS = os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1"
+
+
+def assert_same_as_split_path(fused, split, dtype):
+    """A fused training op's output against the split ops': the same bits, or, from the
+    single-pass CUDA kernels, within the dtype's tolerance."""
+    if SINGLE_PASS and (fused.is_cuda or CUDA_EMULATED):
+        assert_close(fused, split, dtype)
+    else:
+        assert torch.equal(fused, split)
 
 # torch's BatchNorm constructors take a keyword-only `bias` from torch 2.13 on; bn_ext's modules
 # have the installed torch's constructor, so the tests of bias=False need it too.
@@ -39,6 +59,19 @@ def assert_close(actual, expected, dtype, scale=True, msg=""):
         atol = atol * max(1.0, expected.detach().abs().max().item())
     torch.testing.assert_close(actual.detach(), expected.detach(), atol=atol, rtol=rtol,
                                equal_nan=True, msg=msg or None)
+
+
+def float64_training_reference(x, dy, w, b, eps=1e-5):
+    """torch's training batch norm in float64: (y, mean, biased var, dx, grad_weight,
+    grad_bias), for the output dy."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, b64, training=True, eps=eps)
+    gx64, gw64, gb64 = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
+    dims = [0] + list(range(2, x.dim()))
+    v64, m64 = torch.var_mean(x.detach().double(), dims, correction=0)
+    return y64.detach(), m64, v64, gx64, gw64, gb64
 
 
 def make_input(shape, dtype, device, layout="contiguous", seed=0, mean=0.5, std=2.0):

@@ -20,7 +20,8 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import bn_ext
-from conftest import assert_close, make_input, make_pair, run_steps
+from conftest import (assert_close, float64_training_reference, make_input, make_pair,
+                      run_steps)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -425,16 +426,8 @@ def test_persistent_path_matches_float64(monkeypatch, dtype, case):
     for a, again in zip(single, _train_pair(x, dy, w, b)):
         assert torch.equal(a, again)
 
-    # float64 references
-    x64 = x.double().requires_grad_()
-    w64 = w.double().requires_grad_()
-    b64 = b.double().requires_grad_()
-    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, b64, training=True, eps=1e-5)
-    gx64, gw64, gb64 = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
-    dims = [0] + list(range(2, x.dim()))
-    v64, m64 = torch.var_mean(x.double(), dims, correction=0)
     names = ["y", "mean", "var", "dx", "grad_weight", "grad_bias"]
-    refs = [y64, m64, v64, gx64, gw64, gb64]
+    refs = float64_training_reference(x, dy, w, b)
     for name, ours, ref64, theirs in zip(names, single, refs, multi):
         tol = dtype if ours.dtype == dtype else mt  # per-channel results: the math type
         assert_close(ours, ref64.to(ours.dtype), tol, msg=f"{name} vs float64")

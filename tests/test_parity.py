@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import bn_ext
-from conftest import (DEVICES, TORCH_HAS_BN_BIAS, assert_close, make_input, make_pair,
-                      needs_bn_bias, run_steps)
+from conftest import (DEVICES, TORCH_HAS_BN_BIAS, assert_close, assert_same_as_split_path,
+                      make_input, make_pair, needs_bn_bias, run_steps)
 
 ops = torch.ops.bn_ext
 
@@ -424,8 +424,9 @@ def _train_backward_as_split_path(g, x, w):
     sum_dy, sum_dy_xmu, gw_split, gb_split = ops.backward_reduce(g, x, mean, var, w, 1e-5)
     count = torch.tensor(float(x.numel() // x.shape[1]), dtype=w.dtype)
     dx_split = ops.backward_input(g, x, mean, var, w, sum_dy, sum_dy_xmu, count, 1e-5)
-    assert torch.equal(gw, gw_split) and torch.equal(gb, gb_split)
-    assert torch.equal(dx, dx_split)
+    for fused, split in ((gw, gw_split), (gb, gb_split)):
+        assert_same_as_split_path(fused, split, w.dtype)
+    assert_same_as_split_path(dx, dx_split, x.dtype)
     return dx, gw
 
 
@@ -514,8 +515,9 @@ def test_tile_fused_forward_matches_split_and_float64(dtype, spatial, C, centere
     one_thread, (y, mean, var) = _on_1_and_2_threads(ops.train_forward, x, w, b, 1e-5)
     assert all(torch.equal(p, q) for p, q in zip((y, mean, var), one_thread))
     mean_split, var_split = ops.batch_stats(x)
-    assert torch.equal(mean, mean_split) and torch.equal(var, var_split)
-    assert torch.equal(y, ops.normalize(x, mean, var, w, b, 1e-5))
+    for fused, split in ((mean, mean_split), (var, var_split)):
+        assert_same_as_split_path(fused, split, pd)
+    assert_same_as_split_path(y, ops.normalize(x, mean, var, w, b, 1e-5), dtype)
     y64 = torch.nn.functional.batch_norm(x.double(), None, None, w.double(), b.double(),
                                          training=True)
     assert_close(y, y64.to(dtype), dtype)

@@ -42,13 +42,21 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+// The host emulator of these kernels (tests/cuda_emulator) checks each access's alignment, which
+// a GPU would fault on; nvcc builds define the check away.
+#ifndef BN_EXT_EMU_CHECK_ALIGNED
+#define BN_EXT_EMU_CHECK_ALIGNED(p, bytes)
+#endif
+
 template <int V, typename T>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  BN_EXT_EMU_CHECK_ALIGNED(p, sizeof(Vec<T, V>));
   return *reinterpret_cast<const Vec<T, V>*>(p);
 }
 
 template <int V, typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  BN_EXT_EMU_CHECK_ALIGNED(p, sizeof(Vec<T, V>));
   *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
 

@@ -1,0 +1,113 @@
+"""Build bn_ext with its CUDA kernels compiled for the host, and run the test suite against them.
+
+No GPU has to be present: csrc/cuda's kernels are compiled with g++ as C++, against the device
+side in emu.h, the runtime in runtime.cpp and the shim headers in include/, and csrc/ops.cpp is
+compiled with BN_EXT_CUDA_EMULATOR so that every op runs those kernels on CPU tensors. The tests
+then compare the CUDA kernels' results with torch, as they do the CPU kernels'.
+
+    python tests/cuda_emulator/build.py [--out DIR] [-- PYTEST ARGS]
+
+builds DIR/bn_ext (default build/cuda-emulator: the package's Python files and the emulated _C)
+and, when pytest arguments follow `--`, runs pytest on them with that package first on the path.
+Switches read by the emulated kernels at run time: BN_EXT_EMU_SMS (streaming multiprocessors,
+default 4), BN_EXT_EMU_BLOCKS_PER_SM (resident blocks per SM of a cooperative launch, default 2),
+BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels, as on a GPU).
+
+What this proves and what it does not is in emu.h: the kernels' indexing, reductions, launch
+geometry and host logic, yes; the GPU's memory model and speed, no.
+"""
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+# `kernel<<<grid, block, bytes, stream>>>(args)` -> `kernel ->* ::emu::launch(grid, ...)(args)`
+# (emu.h's operator->* runs it); a kernel's address taken for cudaLaunchCooperativeKernel keeps its
+# parameter types through ::emu::erase. Neither rewrite adds a line, so errors keep their lines.
+LAUNCH_OPEN = re.compile(r"<<<")
+LAUNCH_CLOSE = re.compile(r">>>")
+ERASE = re.compile(r"reinterpret_cast<const void\*>\((\w+)\)")
+
+
+def translate(src, dst):
+    with open(src) as f:
+        text = f.read()
+    opens, closes = len(LAUNCH_OPEN.findall(text)), len(LAUNCH_CLOSE.findall(text))
+    if opens != closes:
+        raise SystemExit(f"{src}: {opens} '<<<' but {closes} '>>>'")
+    text = LAUNCH_OPEN.sub(" ->* ::emu::launch(", text)
+    text = LAUNCH_CLOSE.sub(")", text)
+    text = ERASE.sub(r"::emu::erase(\1)", text)
+    rel = os.path.relpath(src, ROOT)
+    text = f'#include "emu.h"\n#line 1 "{rel}"\n{text}'
+    if os.path.exists(dst):
+        with open(dst) as f:
+            if f.read() == text:
+                return  # unchanged: ninja keeps the object
+    with open(dst, "w") as f:
+        f.write(text)
+
+
+def build(out):
+    from torch.utils import cpp_extension
+
+    gen = os.path.join(out, "src")
+    lib = os.path.join(out, "lib")
+    os.makedirs(gen, exist_ok=True)
+    os.makedirs(lib, exist_ok=True)
+    sources = [os.path.join(ROOT, "csrc", "ops.cpp"),
+               os.path.join(ROOT, "csrc", "cpu", "output_cache.cpp"),
+               os.path.join(HERE, "runtime.cpp")]
+    for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+        dst = os.path.join(gen, os.path.basename(cu)[:-3] + "_emu.cpp")
+        translate(cu, dst)
+        sources.append(dst)
+    cpp_extension.load(
+        name="_C", sources=sources, build_directory=lib, is_python_module=False,
+        extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(ROOT, "csrc", "cuda")],
+        extra_cflags=["-O2", "-DBN_EXT_WITH_CUDA", "-DBN_EXT_CUDA_EMULATOR"],
+        verbose=False)
+    pkg = os.path.join(out, "bn_ext")
+    os.makedirs(pkg, exist_ok=True)
+    for py in glob.glob(os.path.join(ROOT, "bn_ext", "*.py")):
+        shutil.copy(py, pkg)
+    shutil.copy(os.path.join(lib, "_C.so"), os.path.join(pkg, "_C.so"))
+    return pkg
+
+
+def main():
+    argv = sys.argv[1:]
+    pytest_args = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, pytest_args = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "build", "cuda-emulator"))
+    args = p.parse_args(argv)
+    out = os.path.abspath(args.out)
+    pkg = build(out)
+    print(f"emulated build: {pkg}")
+    if pytest_args is None:
+        return 0
+    env = dict(os.environ, BN_EXT_CUDA_EMULATED="1",
+               PYTHONPATH=out + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Run from `out`, so that neither the checkout's bn_ext nor an installed one is imported.
+    check = ("import bn_ext, torch; "
+             f"assert bn_ext.__file__.startswith({out!r}), bn_ext.__file__; "
+             "assert bn_ext.has_cuda_kernels() and not torch.cuda.is_available()")
+    subprocess.run([sys.executable, "-c", check], cwd=out, env=env, check=True)
+    # Test paths are taken relative to the checkout, as pytest would from there.
+    tests = [os.path.join(ROOT, a) if os.path.exists(os.path.join(ROOT, a.split("::")[0])) else a
+             for a in pytest_args]
+    return subprocess.call([sys.executable, "-m", "pytest", "--rootdir", ROOT, *tests],
+                           cwd=out, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+// The CUDA emulator's device side: what csrc/cuda's sources need from CUDA, on the host.
+//
+// build.py compiles those sources with g++ as C++, with this header first and the shim headers
+// in include/ ahead of torch's. A block's threads run as fibers on one host thread (runtime.cpp);
+// __syncthreads() switches fibers, so every thread of the block reaches it before any passes it,
+// and `__shared__` is `static thread_local`: one copy per host thread, so per block. The blocks of
+// an ordinary launch run one after another; those of a cooperative launch run at once, one host
+// thread each, so that the single-pass kernels' tile barriers can be met.
+//
+// What it checks that a plain host build would not: that all threads of a block wait at the same
+// __syncthreads (divergent barriers hang or corrupt on a GPU), that 128-bit accesses are 16-byte
+// aligned (they fault on a GPU), and that a cooperative grid fits the emulated device.
+// What it cannot check: anything about the GPU memory model (races between threads of a block,
+// missing fences), warp-synchronous code (there is none outside CUB, which is replaced here), and
+// speed. compute-sanitizer on a GPU does those (bench/gpu_proof.sh).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#define BN_EXT_CUDA_EMULATOR 1
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
+
+struct uint3 {
+  unsigned int x, y, z;
+};
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1)
+      : x(x_), y(y_), z(z_) {}
+};
+
+struct CUstream_st;
+typedef CUstream_st* cudaStream_t;
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorCooperativeLaunchTooLarge = 720,
+};
+
+// The fields of cudaDeviceProp that csrc/cuda reads.
+struct cudaDeviceProp {
+  int multiProcessorCount;
+  int maxThreadsPerMultiProcessor;
+  int cooperativeLaunch;
+};
+
+const char* cudaGetErrorString(cudaError_t err);
+cudaError_t cudaGetLastError();
+template <typename K>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int, size_t);
+cudaError_t cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 block, void** args,
+                                        size_t shared_bytes, cudaStream_t stream);
+
+namespace emu {
+
+// One emulated thread's built-in variables.
+struct Thread {
+  uint3 thread_idx;
+  uint3 block_idx;
+  dim3 block_dim;
+  dim3 grid_dim;
+};
+
+const Thread& self();                              // the thread running now
+void syncthreads(const char* file, int line);      // the block barrier
+void spin_wait();                                  // one round of a spin loop (__nanosleep)
+void check_aligned(const void* p, size_t bytes);   // a vector access's alignment
+int blocks_per_sm();                               // the emulated occupancy of every kernel
+
+// The blocks of a grid, each running `block_body` in every thread (block by block, or all at
+// once for a cooperative launch).
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bool cooperative);
+
+// Type erasure for cudaLaunchCooperativeKernel, which gets `const void*` and `void** args`: the
+// kernel's parameter types are kept with its address when build.py's rewrite of
+// reinterpret_cast<const void*>(kernel) calls erase(kernel).
+void register_kernel(const void* key, std::function<void(void**)> call);
+
+template <typename... P, size_t... I>
+void call_with(void (*k)(P...), void** args, std::index_sequence<I...>) {
+  k(*static_cast<std::remove_cv_t<std::remove_reference_t<P>>*>(args[I])...);
+}
+
+template <typename... P>
+const void* erase(void (*k)(P...)) {
+  const void* key = reinterpret_cast<const void*>(k);
+  register_kernel(key, [k](void** args) { call_with(k, args, std::index_sequence_for<P...>{}); });
+  return key;
+}
+
+// build.py rewrites `kernel<<<grid, block, bytes, stream>>>(args...)` as
+// `kernel ->* ::emu::launch(grid, block, bytes, stream)(args...)`: the arguments are copied, as a
+// launch copies them, and operator->* runs the grid.
+template <typename... A>
+struct PendingLaunch {
+  dim3 grid;
+  dim3 block;
+  std::tuple<A...> args;
+};
+
+struct LaunchConfig {
+  dim3 grid;
+  dim3 block;
+  template <typename... A>
+  PendingLaunch<std::decay_t<A>...> operator()(A&&... a) const {
+    return {grid, block, std::tuple<std::decay_t<A>...>(std::forward<A>(a)...)};
+  }
+};
+
+template <typename S = cudaStream_t>
+LaunchConfig launch(dim3 grid, dim3 block, size_t /*shared_bytes*/ = 0, S /*stream*/ = S()) {
+  return {grid, block};
+}
+
+template <typename K, typename... A>
+void operator->*(K kernel, PendingLaunch<A...>&& p) {
+  const auto& args = p.args;
+  run_grid(p.grid, p.block, [&] { std::apply([&](const A&... a) { kernel(a...); }, args); },
+           false);
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::self().thread_idx)
+#define blockIdx (::emu::self().block_idx)
+#define blockDim (::emu::self().block_dim)
+#define gridDim (::emu::self().grid_dim)
+#define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
+#define BN_EXT_EMU_CHECK_ALIGNED(p, bytes) ::emu::check_aligned(p, bytes)
+
+// Device intrinsics, computed as the GPU does (rounding included) where that is cheap to say.
+inline float __frsqrt_rn(float v) {
+  // 1/sqrt in double, rounded once to float: correctly rounded but for double rounding, which
+  // is rarer than 1 in 2^29.
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(v)));
+}
+inline double __dsqrt_rn(double v) { return std::sqrt(v); }
+
+template <typename T>
+inline T __ldcg(const T* p) {
+  T v;
+  __atomic_load(p, &v, __ATOMIC_ACQUIRE);
+  return v;
+}
+
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+inline void __nanosleep(unsigned int) { ::emu::spin_wait(); }
+
+template <typename K>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int, size_t) {
+  *blocks = ::emu::blocks_per_sm();
+  return cudaSuccess;
+}

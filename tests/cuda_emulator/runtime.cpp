@@ -1,0 +1,323 @@
+// The CUDA emulator's runtime: blocks of fibers, launches, and the emulated device (emu.h).
+//
+// A block runs as one fiber (ucontext) per thread on the calling host thread. The scheduler
+// resumes each live fiber in turn until it finishes or reaches a barrier; when every live fiber
+// waits at the same __syncthreads, the next round begins. A thread that has returned counts as
+// arrived, as on the GPU.
+//
+// Errors thrown inside a fiber (a misaligned vector access, say) end that thread; the block
+// finishes without it and the launch rethrows the first error on the host, so a Python test
+// sees a RuntimeError rather than a crashed process.
+#include "emu.h"
+
+#include <ucontext.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/util/Exception.h>
+
+namespace emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;  // kernels keep arrays of vectors on the stack
+
+struct Fiber {
+  ucontext_t context;
+  Thread thread;
+  bool done = false;
+  const char* wait_file = nullptr;  // the __syncthreads it waits at
+  int wait_line = 0;
+  std::exception_ptr error;
+};
+
+struct Block {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  Fiber* running = nullptr;
+  const std::function<void()>* body = nullptr;
+};
+
+thread_local Block* tl_block = nullptr;
+thread_local std::vector<std::unique_ptr<char[]>> tl_stacks;
+
+// A cooperative launch in flight: its start, and whether a block has failed (the others stop
+// spinning at their barriers then).
+std::atomic<bool> g_grid_failed{false};
+std::atomic<int64_t> g_grid_start_ns{0};
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
+}
+
+void fiber_main() {
+  Block* b = tl_block;
+  Fiber* f = b->running;
+  try {
+    (*b->body)();
+  } catch (...) {
+    f->error = std::current_exception();
+  }
+  f->done = true;
+  // Returning resumes uc_link: the scheduler.
+}
+
+std::string where(const Fiber& f) {
+  return std::string(f.wait_file) + ":" + std::to_string(f.wait_line);
+}
+
+void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 block_idx) {
+  const size_t n = static_cast<size_t>(block.x) * block.y * block.z;
+  TORCH_CHECK(n >= 1 && n <= 1024, "emulated launch: ", n, " threads per block");
+  while (tl_stacks.size() < n) tl_stacks.emplace_back(new char[kStackBytes]);
+  Block b;
+  b.body = &body;
+  b.fibers.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    Fiber& f = b.fibers[i];
+    const unsigned int t = static_cast<unsigned int>(i);
+    f.thread.thread_idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+    f.thread.block_idx = block_idx;
+    f.thread.block_dim = block;
+    f.thread.grid_dim = grid;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = tl_stacks[i].get();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &b.scheduler;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  Block* outer = tl_block;
+  tl_block = &b;
+  std::string divergence;
+  for (;;) {
+    for (Fiber& f : b.fibers) {
+      if (f.done) continue;
+      b.running = &f;
+      swapcontext(&b.scheduler, &f.context);
+    }
+    const Fiber* first = nullptr;
+    for (const Fiber& f : b.fibers) {
+      if (f.done) continue;
+      if (first == nullptr) {
+        first = &f;
+      } else if (f.wait_line != first->wait_line || f.wait_file != first->wait_file) {
+        divergence = "threads of one block wait at different __syncthreads: " + where(*first) +
+                     " and " + where(f);
+        break;
+      }
+    }
+    if (first == nullptr || !divergence.empty()) break;
+  }
+  tl_block = outer;
+  // A divergent block's suspended fibers are abandoned with their stacks (the error ends the
+  // test); their stacks are reused by the next block.
+  TORCH_CHECK(divergence.empty(), "emulated kernel, block (", block_idx.x, ", ", block_idx.y,
+              "): ", divergence);
+  for (const Fiber& f : b.fibers) {
+    if (f.error) std::rethrow_exception(f.error);
+  }
+}
+
+// Grids run so far, ordinary and cooperative: tests read them (bn_ext_emu_launches, below) to see
+// which path an op took, as test_cuda.py reads the profiler on a GPU.
+std::atomic<int64_t> g_launches[2];
+
+std::mutex g_kernels_mutex;
+std::unordered_map<const void*, std::function<void(void**)>>& kernels() {
+  static std::unordered_map<const void*, std::function<void(void**)>> table;
+  return table;
+}
+
+}  // namespace
+
+const Thread& self() {
+  TORCH_CHECK(tl_block != nullptr && tl_block->running != nullptr,
+              "emulated device code called outside a launch");
+  return tl_block->running->thread;
+}
+
+void syncthreads(const char* file, int line) {
+  Fiber* f = tl_block->running;
+  f->wait_file = file;
+  f->wait_line = line;
+  swapcontext(&f->context, &tl_block->scheduler);
+}
+
+void spin_wait() {
+  TORCH_CHECK(!g_grid_failed.load(), "emulated cooperative grid: another block failed");
+  const int64_t limit_s = env_int("BN_EXT_EMU_DEADLOCK_S", 120);
+  TORCH_CHECK(now_ns() - g_grid_start_ns.load() < limit_s * 1000000000LL,
+              "emulated cooperative grid: a block has waited ", limit_s,
+              " s at a barrier (deadlock?)");
+  std::this_thread::yield();
+}
+
+void check_aligned(const void* p, size_t bytes) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % bytes == 0, "emulated kernel: a ", bytes,
+              "-byte vector access at ", p, " is misaligned (it faults on a GPU)");
+}
+
+int blocks_per_sm() { return env_int("BN_EXT_EMU_BLOCKS_PER_SM", 2); }
+
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bool cooperative) {
+  std::vector<uint3> ids;
+  for (unsigned int z = 0; z < grid.z; ++z) {
+    for (unsigned int y = 0; y < grid.y; ++y) {
+      for (unsigned int x = 0; x < grid.x; ++x) ids.push_back({x, y, z});
+    }
+  }
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: grid (", grid.x, ", ",
+              grid.y, ", ", grid.z, ") is over the limit of 65535 in y and z");
+  ++g_launches[cooperative ? 1 : 0];
+  if (!cooperative) {
+    for (const uint3& id : ids) run_block(block_body, grid, block, id);
+    return;
+  }
+  // All blocks at once, a host thread each (their barriers spin until the others arrive).
+  g_grid_failed = false;
+  g_grid_start_ns = now_ns();
+  std::vector<std::exception_ptr> errors(ids.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        run_block(block_body, grid, block, ids[i]);
+      } catch (...) {
+        errors[i] = std::current_exception();
+        g_grid_failed = true;
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (const auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+void register_kernel(const void* key, std::function<void(void**)> call) {
+  std::lock_guard<std::mutex> lock(g_kernels_mutex);
+  kernels().emplace(key, std::move(call));
+}
+
+}  // namespace emu
+
+namespace at {
+namespace cuda {
+
+cudaDeviceProp* getCurrentDeviceProperties() {
+  static thread_local cudaDeviceProp prop;
+  prop.multiProcessorCount = emu::env_int("BN_EXT_EMU_SMS", 4);
+  prop.maxThreadsPerMultiProcessor = 2048;
+  prop.cooperativeLaunch = 1;
+  return &prop;
+}
+
+}  // namespace cuda
+}  // namespace at
+
+const char* cudaGetErrorString(cudaError_t err) {
+  switch (err) {
+    case cudaSuccess: return "no error";
+    case cudaErrorCooperativeLaunchTooLarge: return "cooperative launch too large";
+    case cudaErrorInvalidDeviceFunction: return "invalid device function";
+    default: return "invalid value";
+  }
+}
+
+cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+cudaError_t cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 block, void** args,
+                                        size_t, cudaStream_t) {
+  std::function<void(void**)> call;
+  {
+    std::lock_guard<std::mutex> lock(emu::g_kernels_mutex);
+    auto it = emu::kernels().find(kernel);
+    if (it == emu::kernels().end()) return cudaErrorInvalidDeviceFunction;
+    call = it->second;
+  }
+  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  const int64_t resident =
+      int64_t(emu::blocks_per_sm()) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (blocks > resident) return cudaErrorCooperativeLaunchTooLarge;
+  emu::run_grid(grid, block, [&] { call(args); }, true);
+  return cudaSuccess;
+}
+
+// For ctypes: the number of grids run so far, cooperative (1) or ordinary (0).
+extern "C" int64_t bn_ext_emu_launches(int cooperative) {
+  return emu::g_launches[cooperative != 0 ? 1 : 0].load();
+}
+
+namespace {
+
+void cooperative_probe_kernel(int) {}
+
+}  // namespace
+
+// For ctypes (tests/test_cuda_emulator.py): 1 where the emulator behaves as a GPU must, else 0.
+//   0  threads of a block that wait at different __syncthreads raise
+//   1  a misaligned 16-byte vector access raises
+//   2  a barrier orders shared memory: each thread reads what its neighbour stored before it
+//   3  a cooperative grid larger than the resident blocks is refused, as the runtime refuses it
+extern "C" int bn_ext_emu_self_test(int which) {
+  try {
+    switch (which) {
+      case 0:
+        emu::run_grid(dim3(1), dim3(64), [] {
+          if (threadIdx.x < 32) {
+            __syncthreads();
+          } else {
+            __syncthreads();
+          }
+        }, false);
+        return 0;
+      case 1:
+        emu::run_grid(dim3(1), dim3(32), [] {
+          alignas(16) static float buffer[8];
+          emu::check_aligned(buffer + 1, 16);
+        }, false);
+        return 0;
+      case 2: {
+        std::atomic<int> wrong{0};
+        emu::run_grid(dim3(2), dim3(128), [&] {
+          __shared__ unsigned int stored[128];
+          const unsigned int t = threadIdx.x;
+          stored[t] = t + 1000 * blockIdx.x;
+          __syncthreads();
+          if (stored[(t + 1) % 128] != (t + 1) % 128 + 1000 * blockIdx.x) ++wrong;
+        }, false);
+        return wrong.load() == 0 ? 1 : 0;
+      }
+      case 3: {
+        const int64_t resident = int64_t(emu::blocks_per_sm()) *
+                                 at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        int arg = 0;
+        void* args[] = {&arg};
+        const cudaError_t err = cudaLaunchCooperativeKernel(
+            emu::erase(cooperative_probe_kernel), dim3(static_cast<unsigned int>(resident + 1)),
+            dim3(32), args, 0, nullptr);
+        return err == cudaErrorCooperativeLaunchTooLarge ? 1 : 0;
+      }
+      default:
+        return 0;
+    }
+  } catch (const std::exception&) {
+    return which == 0 || which == 1 ? 1 : 0;
+  }
+}

@@ -1,0 +1,128 @@
+"""Tests that only the CUDA emulator's build runs (tests/cuda_emulator/build.py; skipped elsewhere).
+
+The rest of the suite already runs on that build, through the CUDA kernels. These add what the
+GPU-only tests in test_cuda.py check with the profiler, through the emulator's launch counters:
+that BN_EXT_CUDA_PERSISTENT=1 runs the single-pass (cooperative) kernels and =0 does not, that
+they fall back where a channel does not fit, and that the launch plans hold from 1 SM to an
+H100's 132.
+"""
+import ctypes
+
+import pytest
+import torch
+
+import bn_ext
+from conftest import CUDA_EMULATED, assert_close, float64_training_reference, make_input
+
+pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="needs the CUDA emulator's build")
+
+ops = torch.ops.bn_ext
+
+
+def _launches():
+    """(ordinary, cooperative) grids run so far by the emulated device."""
+    lib = ctypes.CDLL(bn_ext._C.__file__)
+    lib.bn_ext_emu_launches.restype = ctypes.c_int64
+    return lib.bn_ext_emu_launches(0), lib.bn_ext_emu_launches(1)
+
+
+def _train_pair(x, dy, w, b):
+    y, mean, var = ops.train_forward(x, w, b, 1e-5)
+    dx, gw, gb = ops.train_backward(dy, x, mean, var, w, 1e-5)
+    return y, mean, var, dx, gw, gb
+
+
+def _case(shape, dtype, layout):
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_input(shape, dtype, "cpu", layout, seed=21, mean=3.0, std=0.5)
+    dy = make_input(shape, dtype, "cpu", layout, seed=22)
+    w = torch.rand(shape[1], dtype=mt) + 0.5
+    b = torch.randn(shape[1], dtype=mt)
+    return x, dy, w, b, mt
+
+
+def _check_against_float64(results, x, dy, w, b, dtype, mt, others=None):
+    names = ["y", "mean", "var", "dx", "grad_weight", "grad_bias"]
+    refs = float64_training_reference(x, dy, w, b)
+    for i, (name, ours, ref) in enumerate(zip(names, results, refs)):
+        tol = dtype if ours.dtype == dtype else mt  # per-channel results: the math type
+        assert_close(ours, ref.to(ours.dtype), tol, msg=f"{name} vs float64")
+        if others is not None:
+            assert_close(ours, others[i], tol, msg=f"{name} vs the multi-pass kernels")
+
+
+# (shape, layout): tiles of one channel or of up to 32 channel vectors, on one block or many.
+SINGLE_PASS_CASES = [
+    ((8, 32, 28, 28), "contiguous"),     # vectorized; each channel over several blocks
+    ((4, 16, 33, 31), "contiguous"),     # scalar (odd runs)
+    ((2, 3, 64, 64), "contiguous"),      # few channels, many blocks each
+    ((8, 32, 28, 28), "channels_last"),  # one tile
+    ((300, 6), "channels_last"),         # C not a multiple of the vector width
+    ((64, 1000), "channels_last"),       # several tiles, the last one partial
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", SINGLE_PASS_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in SINGLE_PASS_CASES])
+def test_single_pass_kernels_run_and_match_float64(monkeypatch, dtype, case):
+    """On 16 SMs (32 resident blocks, enough for a tile of each case) the single-pass kernels run
+    for train_forward and train_backward, repeat to the bit, and agree with float64 and with the
+    multi-pass kernels."""
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    shape, layout = case
+    x, dy, w, b, mt = _case(shape, dtype, layout)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    before = _launches()
+    multi = _train_pair(x, dy, w, b)
+    assert _launches()[1] == before[1], "the multi-pass path ran a cooperative grid"
+
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
+    before = _launches()
+    single = _train_pair(x, dy, w, b)
+    assert _launches()[1] == before[1] + 2, "train_forward and train_backward: one grid each"
+    for a, again in zip(single, _train_pair(x, dy, w, b)):
+        assert torch.equal(a, again)
+    _check_against_float64(single, x, dy, w, b, dtype, mt, others=multi)
+
+
+def test_single_pass_falls_back_where_a_channel_does_not_fit(monkeypatch):
+    """On 1 SM with 2 resident blocks, a tile holds 2 * 256 threads * 32 float32 values: a
+    channel of 40000 runs the multi-pass kernels, and the result is still right."""
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "1")
+    x, dy, w, b, mt = _case((1, 2, 40000), torch.float32, "contiguous")
+    before = _launches()
+    results = _train_pair(x, dy, w, b)
+    assert _launches()[1] == before[1]
+    _check_against_float64(results, x, dy, w, b, torch.float32, mt)
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("single_pass", ["0", "1"], ids=["multi-pass", "single-pass"])
+@pytest.mark.parametrize("case", [((2, 3, 64, 64), "contiguous"), ((4, 16, 33, 31), "contiguous"),
+                                  ((16, 72, 6, 6), "channels_last"), ((512, 40), "channels_last")],
+                         ids=["few-channels", "odd-runs", "cl", "2d"])
+def test_launch_plans_from_1_to_132_sms(monkeypatch, sms, single_pass, case):
+    """The grid plans (blocks per channel, two-stage reductions, tiles in flight) scale with the
+    SM count; every plan must give the same results within rounding."""
+    monkeypatch.setenv("BN_EXT_EMU_SMS", str(sms))
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", single_pass)
+    shape, layout = case
+    x, dy, w, b, mt = _case(shape, torch.float32, layout)
+    _check_against_float64(_train_pair(x, dy, w, b), x, dy, w, b, torch.float32, mt)
+    mean, var = ops.batch_stats(x)
+    y = ops.normalize(x, mean, var, w, b, 1e-5)
+    refs = float64_training_reference(x, dy, w, b)
+    assert_close(y, refs[0].float(), torch.float32)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2, 3],
+                         ids=["divergent-barrier", "misaligned-vector", "barrier-orders-shared",
+                              "cooperative-too-large"])
+def test_emulator_behaves_as_a_gpu(which):
+    """The emulator's own checks (runtime.cpp's self test): faults a GPU would hang or trap on
+    raise, and a barrier really orders a block's shared memory."""
+    lib = ctypes.CDLL(bn_ext._C.__file__)
+    assert lib.bn_ext_emu_self_test(which) == 1
