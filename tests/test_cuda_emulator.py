@@ -118,9 +118,9 @@ def test_launch_plans_from_1_to_132_sms(monkeypatch, sms, single_pass, case):
     assert_close(y, refs[0].float(), torch.float32)
 
 
-@pytest.mark.parametrize("which", [0, 1, 2, 3],
+@pytest.mark.parametrize("which", [0, 1, 2, 3, 4],
                          ids=["divergent-barrier", "misaligned-vector", "barrier-orders-shared",
-                              "cooperative-too-large"])
+                              "cooperative-too-large", "returned-before-barrier"])
 def test_emulator_behaves_as_a_gpu(which):
     """The emulator's own checks (runtime.cpp's self test): faults a GPU would hang or trap on
     raise, and a barrier really orders a block's shared memory."""

@@ -30,6 +30,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "channel_ops.cuh"
 
@@ -304,12 +305,19 @@ bool plan_grid(int64_t tiles, int64_t work, int64_t per_item, int64_t items, int
   return true;
 }
 
-// A cooperative launch; false (and nothing launched) where the device cannot hold the grid at
-// once after all (a partitioned device, say).
-bool launch_cooperative(const void* kernel, int64_t blocks, dim3 block, void** args,
-                        cudaStream_t stream) {
-  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)),
-                                                      block, args, 0, stream);
+// A cooperative launch of kernel(args...); false (and nothing launched) where the device cannot
+// hold the grid at once after all (a partitioned device, say). The runtime copies each parameter
+// from its pointer by the parameter's size, so each argument must have its parameter's type
+// exactly: checked here at compile time.
+template <typename... P, typename... A>
+bool launch_cooperative(void (*kernel)(P...), int64_t blocks, dim3 block, cudaStream_t stream,
+                        const A&... args) {
+  static_assert(sizeof...(P) == sizeof...(A) && (std::is_same_v<std::remove_cv_t<P>, A> && ...),
+                "a cooperative launch's arguments must have its parameters' types");
+  void* arg_ptrs[] = {const_cast<void*>(static_cast<const void*>(&args))...};
+  const cudaError_t err =
+      cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                                  dim3(static_cast<unsigned>(blocks)), block, arg_ptrs, 0, stream);
   if (err == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError();  // clear it: the multi-pass path runs instead
     return false;
@@ -355,10 +363,8 @@ bool persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& o
       at::cuda::detail::IntDivider<I> div(static_cast<I>(per_run));
       M* pp = partial.mutable_data_ptr<M>();
       auto* ap = reinterpret_cast<unsigned int*>(arrived.mutable_data_ptr<int>());
-      void* args[] = {const_cast<Op*>(&op), &xp, &dyp, &outp, const_cast<I*>(&Ci), &Si, &div,
-                      &nvi, &G, &pp, &ap};
-      launched = launch_cooperative(reinterpret_cast<const void*>(kernel), P * G,
-                                    dim3(kThreads), args, stream);
+      launched = launch_cooperative(kernel, P * G, dim3(kThreads), stream, op, xp, dyp, outp, Ci,
+                                    Si, div, nvi, G, pp, ap);
     } else {
       const auto kernel = persistent_channels_last_kernel<T, Op, I, V>;
       static std::array<std::atomic<int>, 64> occupancy{};
@@ -381,10 +387,8 @@ bool persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& o
       I rowsi = static_cast<I>(rows);
       M* pp = partial.mutable_data_ptr<M>();
       auto* ap = reinterpret_cast<unsigned int*>(arrived.mutable_data_ptr<int>());
-      void* args[] = {const_cast<Op*>(&op), &xp, &dyp, &outp, &rowsi, const_cast<I*>(&Ci),
-                      &tiles, &G, &pp, &ap};
-      launched = launch_cooperative(reinterpret_cast<const void*>(kernel), P * G, dim3(bx, by),
-                                    args, stream);
+      launched = launch_cooperative(kernel, P * G, dim3(bx, by), stream, op, xp, dyp, outp, rowsi,
+                                    Ci, tiles, G, pp, ap);
     }
   });
   return launched;

@@ -10,8 +10,11 @@ then compare the CUDA kernels' results with torch, as they do the CPU kernels'.
 builds DIR/bn_ext (default build/cuda-emulator: the package's Python files and the emulated _C)
 and, when pytest arguments follow `--`, runs pytest on them with that package first on the path.
 Switches read by the emulated kernels at run time: BN_EXT_EMU_SMS (streaming multiprocessors,
-default 4), BN_EXT_EMU_BLOCKS_PER_SM (resident blocks per SM of a cooperative launch, default 2),
-BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels, as on a GPU).
+default 4), BN_EXT_EMU_BLOCKS_PER_SM (resident blocks per SM of a cooperative launch, default 2;
+the kernels cache it at their first launch, so set it before the process starts),
+BN_EXT_EMU_ORDER=reverse (a block's threads run last to first between barriers),
+BN_EXT_EMU_DEADLOCK_S (default 120), BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels, as on a
+GPU).
 
 What this proves and what it does not is in emu.h: the kernels' indexing, reductions, launch
 geometry and host logic, yes; the GPU's memory model and speed, no.
@@ -71,7 +74,9 @@ def build(out):
     cpp_extension.load(
         name="_C", sources=sources, build_directory=lib, is_python_module=False,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(ROOT, "csrc", "cuda")],
-        extra_cflags=["-O2", "-DBN_EXT_WITH_CUDA", "-DBN_EXT_CUDA_EMULATOR"],
+        # No contraction of a * b + c into an FMA the source did not ask for (nvcc does
+        # contract, g++ does on some hosts): the kernels' explicit fmaf/fma are what they are.
+        extra_cflags=["-O2", "-ffp-contract=off", "-DBN_EXT_WITH_CUDA", "-DBN_EXT_CUDA_EMULATOR"],
         verbose=False)
     pkg = os.path.join(out, "bn_ext")
     os.makedirs(pkg, exist_ok=True)

@@ -10,9 +10,14 @@
 // What it checks that a plain host build would not: that all threads of a block wait at the same
 // __syncthreads (divergent barriers hang or corrupt on a GPU), that 128-bit accesses are 16-byte
 // aligned (they fault on a GPU), and that a cooperative grid fits the emulated device.
-// What it cannot check: anything about the GPU memory model (races between threads of a block,
-// missing fences), warp-synchronous code (there is none outside CUB, which is replaced here), and
-// speed. compute-sanitizer on a GPU does those (bench/gpu_proof.sh).
+// A block's threads run in thread order between barriers, or the other way round with
+// BN_EXT_EMU_ORDER=reverse, so that a value one thread stores in shared memory and others read
+// without a barrier between is caught in one of the two orders.
+// What it cannot check: the GPU memory model (fences, L1 coherence: x86 orders more strongly),
+// concurrent blocks of an ordinary launch, warp-synchronous code (none outside CUB, which is
+// replaced here), 64-bit index paths (tensors of 2^31 elements), shared memory read before it is
+// written in a launch (it keeps the previous block's values here), and speed. compute-sanitizer
+// on a GPU does the first ones (bench/gpu_proof.sh).
 #pragma once
 
 #include <cmath>
@@ -79,6 +84,7 @@ struct Thread {
 const Thread& self();                              // the thread running now
 void syncthreads(const char* file, int line);      // the block barrier
 void spin_wait();                                  // one round of a spin loop (__nanosleep)
+void note_progress();                              // a block has arrived (atomicAdd)
 void check_aligned(const void* p, size_t bytes);   // a vector access's alignment
 int blocks_per_sm();                               // the emulated occupancy of every kernel
 
@@ -145,8 +151,8 @@ void operator->*(K kernel, PendingLaunch<A...>&& p) {
 
 // Device intrinsics, computed as the GPU does (rounding included) where that is cheap to say.
 inline float __frsqrt_rn(float v) {
-  // 1/sqrt in double, rounded once to float: correctly rounded but for double rounding, which
-  // is rarer than 1 in 2^29.
+  // 1/sqrt in double, then rounded to float: the GPU's correctly rounded result but for double
+  // rounding (about 1 case in 2^27).
   return static_cast<float>(1.0 / std::sqrt(static_cast<double>(v)));
 }
 inline double __dsqrt_rn(double v) { return std::sqrt(v); }
@@ -159,6 +165,7 @@ inline T __ldcg(const T* p) {
 }
 
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+  ::emu::note_progress();
   return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
 

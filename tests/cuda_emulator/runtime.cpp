@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <cstdlib>
 #include <exception>
 #include <memory>
@@ -30,6 +31,21 @@ namespace emu {
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;  // kernels keep arrays of vectors on the stack
+constexpr size_t kCanaryBytes = 256;        // at the bottom of each stack: checked after a block
+
+// A fiber stack, whose lowest bytes hold a pattern: a kernel that overflowed its stack has
+// overwritten it by the time its block ends. (A guard page per stack would need two memory maps
+// per fiber, more than the kernel allows for a cooperative grid of 264 blocks of 256 threads.)
+struct Stack {
+  std::unique_ptr<char[]> bytes{new char[kStackBytes]};
+  Stack() { std::memset(bytes.get(), 0x5A, kCanaryBytes); }
+  bool intact() const {
+    for (size_t i = 0; i < kCanaryBytes; ++i) {
+      if (bytes[i] != 0x5A) return false;
+    }
+    return true;
+  }
+};
 
 struct Fiber {
   ucontext_t context;
@@ -48,12 +64,11 @@ struct Block {
 };
 
 thread_local Block* tl_block = nullptr;
-thread_local std::vector<std::unique_ptr<char[]>> tl_stacks;
+thread_local std::vector<std::unique_ptr<Stack>> tl_stacks;
 
 // A cooperative launch in flight: its start, and whether a block has failed (the others stop
 // spinning at their barriers then).
 std::atomic<bool> g_grid_failed{false};
-std::atomic<int64_t> g_grid_start_ns{0};
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -64,6 +79,11 @@ int64_t now_ns() {
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
+}
+
+bool reverse_order() {
+  const char* v = std::getenv("BN_EXT_EMU_ORDER");
+  return v != nullptr && std::string(v) == "reverse";
 }
 
 void fiber_main() {
@@ -85,7 +105,7 @@ std::string where(const Fiber& f) {
 void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 block_idx) {
   const size_t n = static_cast<size_t>(block.x) * block.y * block.z;
   TORCH_CHECK(n >= 1 && n <= 1024, "emulated launch: ", n, " threads per block");
-  while (tl_stacks.size() < n) tl_stacks.emplace_back(new char[kStackBytes]);
+  while (tl_stacks.size() < n) tl_stacks.emplace_back(new Stack());
   Block b;
   b.body = &body;
   b.fibers.resize(n);
@@ -97,41 +117,59 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 b
     f.thread.block_dim = block;
     f.thread.grid_dim = grid;
     getcontext(&f.context);
-    f.context.uc_stack.ss_sp = tl_stacks[i].get();
+    f.context.uc_stack.ss_sp = tl_stacks[i]->bytes.get();
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = &b.scheduler;
     makecontext(&f.context, fiber_main, 0);
   }
   Block* outer = tl_block;
   tl_block = &b;
-  std::string divergence;
+  const bool reverse = reverse_order();
+  std::exception_ptr error;
+  std::string fault;
   for (;;) {
-    for (Fiber& f : b.fibers) {
+    // One round: every live thread runs to its next barrier or its end, in thread order or
+    // (BN_EXT_EMU_ORDER=reverse) the other way round, so that a shared value that one thread
+    // stores and others read without a barrier between is caught in one order or the other.
+    for (size_t k = 0; k < n && !error; ++k) {
+      Fiber& f = b.fibers[reverse ? n - 1 - k : k];
       if (f.done) continue;
       b.running = &f;
       swapcontext(&b.scheduler, &f.context);
+      error = f.error;  // the first error ends the block: its shared data is incomplete
     }
-    const Fiber* first = nullptr;
+    if (error) break;
+    const Fiber* waiting = nullptr;
+    const Fiber* ended = nullptr;
     for (const Fiber& f : b.fibers) {
-      if (f.done) continue;
-      if (first == nullptr) {
-        first = &f;
-      } else if (f.wait_line != first->wait_line || f.wait_file != first->wait_file) {
-        divergence = "threads of one block wait at different __syncthreads: " + where(*first) +
-                     " and " + where(f);
+      if (f.done) {
+        ended = &f;
+      } else if (waiting == nullptr) {
+        waiting = &f;
+      } else if (f.wait_line != waiting->wait_line || f.wait_file != waiting->wait_file) {
+        fault = "threads of one block wait at different __syncthreads: " + where(*waiting) +
+                " and " + where(f);
         break;
       }
     }
-    if (first == nullptr || !divergence.empty()) break;
+    if (waiting == nullptr || !fault.empty()) break;
+    if (ended != nullptr) {
+      // CUDA leaves a barrier that not every thread of the block reaches undefined.
+      fault = "a thread of the block has returned while the others wait at __syncthreads " +
+              where(*waiting);
+      break;
+    }
   }
   tl_block = outer;
-  // A divergent block's suspended fibers are abandoned with their stacks (the error ends the
-  // test); their stacks are reused by the next block.
-  TORCH_CHECK(divergence.empty(), "emulated kernel, block (", block_idx.x, ", ", block_idx.y,
-              "): ", divergence);
-  for (const Fiber& f : b.fibers) {
-    if (f.error) std::rethrow_exception(f.error);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(tl_stacks[i]->intact(), "emulated kernel: thread ", i, " of block (",
+                block_idx.x, ", ", block_idx.y, ") overflowed its ", kStackBytes, "-byte stack");
   }
+  // The suspended fibers of a failed block are abandoned with their stacks (the error ends the
+  // test); their stacks are reused by the next block.
+  if (error) std::rethrow_exception(error);
+  TORCH_CHECK(fault.empty(), "emulated kernel, block (", block_idx.x, ", ", block_idx.y, "): ",
+              fault);
 }
 
 // Grids run so far, ordinary and cooperative: tests read them (bn_ext_emu_launches, below) to see
@@ -159,12 +197,24 @@ void syncthreads(const char* file, int line) {
   swapcontext(&f->context, &tl_block->scheduler);
 }
 
+std::atomic<int64_t> g_progress{0};
+
+void note_progress() { ++g_progress; }
+
 void spin_wait() {
+  // A deadlock: no block has arrived at any barrier (atomicAdd) for the limit.
+  thread_local int64_t seen = -1;
+  thread_local int64_t since_ns = 0;
+  const int64_t progress = g_progress.load();
+  if (progress != seen) {
+    seen = progress;
+    since_ns = now_ns();
+  }
   TORCH_CHECK(!g_grid_failed.load(), "emulated cooperative grid: another block failed");
   const int64_t limit_s = env_int("BN_EXT_EMU_DEADLOCK_S", 120);
-  TORCH_CHECK(now_ns() - g_grid_start_ns.load() < limit_s * 1000000000LL,
-              "emulated cooperative grid: a block has waited ", limit_s,
-              " s at a barrier (deadlock?)");
+  TORCH_CHECK(now_ns() - since_ns < limit_s * 1000000000LL,
+              "emulated cooperative grid: no block has reached a barrier for ", limit_s,
+              " s (deadlock?)");
   std::this_thread::yield();
 }
 
@@ -191,20 +241,26 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bo
   }
   // All blocks at once, a host thread each (their barriers spin until the others arrive).
   g_grid_failed = false;
-  g_grid_start_ns = now_ns();
   std::vector<std::exception_ptr> errors(ids.size());
   std::vector<std::thread> threads;
-  for (size_t i = 0; i < ids.size(); ++i) {
-    threads.emplace_back([&, i] {
-      try {
-        run_block(block_body, grid, block, ids[i]);
-      } catch (...) {
-        errors[i] = std::current_exception();
-        g_grid_failed = true;
-      }
-    });
+  std::exception_ptr start_error;
+  try {
+    for (size_t i = 0; i < ids.size(); ++i) {
+      threads.emplace_back([&, i] {
+        try {
+          run_block(block_body, grid, block, ids[i]);
+        } catch (...) {
+          errors[i] = std::current_exception();
+          g_grid_failed = true;
+        }
+      });
+    }
+  } catch (...) {  // no host thread for a block: the started ones stop at their barriers
+    start_error = std::current_exception();
+    g_grid_failed = true;
   }
   for (std::thread& t : threads) t.join();
+  if (start_error) std::rethrow_exception(start_error);
   for (const auto& e : errors) {
     if (e) std::rethrow_exception(e);
   }
@@ -275,6 +331,7 @@ void cooperative_probe_kernel(int) {}
 //   1  a misaligned 16-byte vector access raises
 //   2  a barrier orders shared memory: each thread reads what its neighbour stored before it
 //   3  a cooperative grid larger than the resident blocks is refused, as the runtime refuses it
+//   4  a thread that returns while the others wait at a barrier raises
 extern "C" int bn_ext_emu_self_test(int which) {
   try {
     switch (which) {
@@ -291,6 +348,12 @@ extern "C" int bn_ext_emu_self_test(int which) {
         emu::run_grid(dim3(1), dim3(32), [] {
           alignas(16) static float buffer[8];
           emu::check_aligned(buffer + 1, 16);
+        }, false);
+        return 0;
+      case 4:
+        emu::run_grid(dim3(1), dim3(64), [] {
+          if (threadIdx.x == 5) return;
+          __syncthreads();
         }, false);
         return 0;
       case 2: {
@@ -318,6 +381,6 @@ extern "C" int bn_ext_emu_self_test(int which) {
         return 0;
     }
   } catch (const std::exception&) {
-    return which == 0 || which == 1 ? 1 : 0;
+    return which == 0 || which == 1 || which == 4 ? 1 : 0;
   }
 }

@@ -6,6 +6,10 @@
 
 #include "emu.h"
 
+#include <c10/util/Exception.h>
+
+#include <cstring>
+
 namespace cub {
 
 enum BlockReduceAlgorithm {
@@ -28,11 +32,18 @@ class BlockReduce {
 
   template <typename Op>
   T Reduce(T value, Op op) {
-    const unsigned int tid =
-        threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    // CUB's default block is 1-D: a 2-D launch would index its storage wrongly on a GPU.
+    TORCH_CHECK(blockDim.x == kBlockThreads && blockDim.y == 1 && blockDim.z == 1,
+                "emulated cub::BlockReduce<", kBlockThreads, "> in a block of (", blockDim.x,
+                ", ", blockDim.y, ", ", blockDim.z, ")");
+    const unsigned int tid = threadIdx.x;
     storage_.values[tid] = value;
     __syncthreads();
-    if (tid != 0) return value;
+    if (tid != 0) {
+      // Undefined outside thread 0 in CUB: all-ones bits (NaN for floats) make a use show.
+      std::memset(static_cast<void*>(&value), 0xFF, sizeof(T));
+      return value;
+    }
     T block{};
     for (int w = 0; w < kBlockThreads / 32; ++w) {
       T lanes[32];
