@@ -36,6 +36,31 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 LAUNCH_OPEN = re.compile(r"<<<")
 LAUNCH_CLOSE = re.compile(r">>>")
 ERASE = re.compile(r"reinterpret_cast<const void\*>\((\w+)\)")
+# `__shared__ T a[...], b;` (one line each in csrc/cuda) gains, on the same line,
+# `::emu::poison_shared(&a, sizeof(a)); ...`: the first thread of a block to pass it fills the
+# variable with all-ones bits (NaN), so that a read before any write shows, where a GPU would
+# read whatever the SM held.
+SHARED = re.compile(r"^(\s*)__shared__\s+(.*);\s*$", re.M)
+
+
+def _top_level_split(text):
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[(<"
+        depth -= ch in "])>"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def _poison(match):
+    names = []
+    for part in _top_level_split(match.group(2)):
+        declarator = part.split("[", 1)[0].strip()
+        names.append(re.findall(r"\w+", declarator)[-1])
+    poison = " ".join(f"::emu::poison_shared(&{n}, sizeof({n}));" for n in names)
+    return f"{match.group(0)} {poison}"
 
 
 def translate(src, dst):
@@ -47,6 +72,9 @@ def translate(src, dst):
     text = LAUNCH_OPEN.sub(" ->* ::emu::launch(", text)
     text = LAUNCH_CLOSE.sub(")", text)
     text = ERASE.sub(r"::emu::erase(\1)", text)
+    text, poisoned = SHARED.subn(_poison, text)
+    if poisoned != text.count("__shared__"):
+        raise SystemExit(f"{src}: a __shared__ declaration that is not one line of its own")
     rel = os.path.relpath(src, ROOT)
     text = f'#include "emu.h"\n#line 1 "{rel}"\n{text}'
     if os.path.exists(dst):

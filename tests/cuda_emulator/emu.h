@@ -15,9 +15,9 @@
 // without a barrier between is caught in one of the two orders.
 // What it cannot check: the GPU memory model (fences, L1 coherence: x86 orders more strongly),
 // concurrent blocks of an ordinary launch, warp-synchronous code (none outside CUB, which is
-// replaced here), 64-bit index paths (tensors of 2^31 elements), shared memory read before it is
-// written in a launch (it keeps the previous block's values here), and speed. compute-sanitizer
-// on a GPU does the first ones (bench/gpu_proof.sh).
+// replaced here), 64-bit index paths (tensors of 2^31 elements), and speed. compute-sanitizer on
+// a GPU does the first ones (bench/gpu_proof.sh). Shared memory starts each block as all-ones
+// bits (NaN), so a read before any write shows.
 #pragma once
 
 #include <cmath>
@@ -86,6 +86,7 @@ void syncthreads(const char* file, int line);      // the block barrier
 void spin_wait();                                  // one round of a spin loop (__nanosleep)
 void note_progress();                              // a block has arrived (atomicAdd)
 void check_aligned(const void* p, size_t bytes);   // a vector access's alignment
+void poison_shared(void* p, size_t bytes);         // all ones, once per block (build.py)
 int blocks_per_sm();                               // the emulated occupancy of every kernel
 
 // The blocks of a grid, each running `block_body` in every thread (block by block, or all at

@@ -22,6 +22,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -61,6 +62,7 @@ struct Block {
   std::vector<Fiber> fibers;
   Fiber* running = nullptr;
   const std::function<void()>* body = nullptr;
+  std::unordered_set<const void*> poisoned;  // the __shared__ variables filled so far
 };
 
 thread_local Block* tl_block = nullptr;
@@ -221,6 +223,10 @@ void spin_wait() {
 void check_aligned(const void* p, size_t bytes) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % bytes == 0, "emulated kernel: a ", bytes,
               "-byte vector access at ", p, " is misaligned (it faults on a GPU)");
+}
+
+void poison_shared(void* p, size_t bytes) {
+  if (tl_block->poisoned.insert(p).second) std::memset(p, 0xFF, bytes);
 }
 
 int blocks_per_sm() { return env_int("BN_EXT_EMU_BLOCKS_PER_SM", 2); }
