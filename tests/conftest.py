@@ -23,14 +23,6 @@ CUDA_EMULATED = os.environ.get("BN_EXT_CUDA_EMULATED") == "1"
 SINGLE_PASS = os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1"
 
 
-def assert_same_as_split_path(fused, split, dtype):
-    """A fused training op's output against the split ops': the same bits, or, from the
-    single-pass CUDA kernels, within the dtype's tolerance."""
-    if SINGLE_PASS and (fused.is_cuda or CUDA_EMULATED):
-        assert_close(fused, split, dtype)
-    else:
-        assert torch.equal(fused, split)
-
 # torch's BatchNorm constructors take a keyword-only `bias` from torch 2.13 on; bn_ext's modules
 # have the installed torch's constructor, so the tests of bias=False need it too.
 TORCH_HAS_BN_BIAS = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
@@ -61,6 +53,14 @@ def assert_close(actual, expected, dtype, scale=True, msg=""):
                                equal_nan=True, msg=msg or None)
 
 
+def assert_same_as_split_path(fused, split, dtype):
+    """A fused training op's output against the split ops': the same bits, or, from the
+    single-pass CUDA kernels, within the dtype's tolerance."""
+    if SINGLE_PASS and (fused.is_cuda or CUDA_EMULATED):
+        assert_close(fused, split, dtype)
+    else:
+        assert torch.equal(fused, split)
+
 def float64_training_reference(x, dy, w, b, eps=1e-5):
     """torch's training batch norm in float64: (y, mean, biased var, dx, grad_weight,
     grad_bias), for the output dy."""
@@ -72,6 +72,26 @@ def float64_training_reference(x, dy, w, b, eps=1e-5):
     dims = [0] + list(range(2, x.dim()))
     v64, m64 = torch.var_mean(x.detach().double(), dims, correction=0)
     return y64.detach(), m64, v64, gx64, gw64, gb64
+
+
+def train_ops(x, dy, w, b, eps=1e-5):
+    """The raw training ops, forward then backward: (y, mean, var, dx, grad_weight, grad_bias)."""
+    y, mean, var = torch.ops.bn_ext.train_forward(x, w, b, eps)
+    dx, gw, gb = torch.ops.bn_ext.train_backward(dy, x, mean, var, w, eps)
+    return y, mean, var, dx, gw, gb
+
+
+def assert_training_matches_float64(results, x, dy, w, b, others=None):
+    """train_ops' results against float64_training_reference (and, when given, another path's
+    results), within x's dtype's tolerance, or the math type's for the per-channel ones."""
+    math = torch.float64 if x.dtype == torch.float64 else torch.float32
+    names = ["y", "mean", "var", "dx", "grad_weight", "grad_bias"]
+    refs = float64_training_reference(x, dy, w, b)
+    for i, (name, ours, ref) in enumerate(zip(names, results, refs)):
+        tol = x.dtype if ours.dtype == x.dtype else math
+        assert_close(ours, ref.to(ours.dtype), tol, msg=f"{name} vs float64")
+        if others is not None:
+            assert_close(ours, others[i], tol, msg=f"{name} vs the other path")
 
 
 def make_input(shape, dtype, device, layout="contiguous", seed=0, mean=0.5, std=2.0):

@@ -20,8 +20,8 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import bn_ext
-from conftest import (assert_close, float64_training_reference, make_input, make_pair,
-                      run_steps)
+from conftest import (assert_close, assert_training_matches_float64, make_input, make_pair,
+                      run_steps, train_ops)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -391,12 +391,6 @@ def _kernels_run(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def _train_pair(x, dy, w, b):
-    y, mean, var = ops.train_forward(x, w, b, 1e-5)
-    dx, gw, gb = ops.train_backward(dy, x, mean, var, w, 1e-5)
-    return y, mean, var, dx, gw, gb
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", PERSISTENT_CASES,
@@ -414,24 +408,19 @@ def test_persistent_path_matches_float64(monkeypatch, dtype, case):
     b = torch.randn(C, device=DEV, dtype=mt)
 
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
-    names = _kernels_run(lambda: _train_pair(x, dy, w, b))
+    names = _kernels_run(lambda: train_ops(x, dy, w, b))
     assert not any("persistent" in n for n in names), names
-    multi = _train_pair(x, dy, w, b)
+    multi = train_ops(x, dy, w, b)
 
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
-    names = _kernels_run(lambda: _train_pair(x, dy, w, b))
+    names = _kernels_run(lambda: train_ops(x, dy, w, b))
     assert sum("persistent_contiguous_kernel" in n or "persistent_channels_last_kernel" in n
                for n in names) == 2, names
-    single = _train_pair(x, dy, w, b)
-    for a, again in zip(single, _train_pair(x, dy, w, b)):
+    single = train_ops(x, dy, w, b)
+    for a, again in zip(single, train_ops(x, dy, w, b)):
         assert torch.equal(a, again)
 
-    names = ["y", "mean", "var", "dx", "grad_weight", "grad_bias"]
-    refs = float64_training_reference(x, dy, w, b)
-    for name, ours, ref64, theirs in zip(names, single, refs, multi):
-        tol = dtype if ours.dtype == dtype else mt  # per-channel results: the math type
-        assert_close(ours, ref64.to(ours.dtype), tol, msg=f"{name} vs float64")
-        assert_close(ours, theirs, tol, msg=f"{name} vs the multi-pass kernels")
+    assert_training_matches_float64(single, x, dy, w, b, others=multi)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

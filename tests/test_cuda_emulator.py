@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import bn_ext
-from conftest import CUDA_EMULATED, assert_close, float64_training_reference, make_input
+from conftest import (CUDA_EMULATED, assert_close, assert_training_matches_float64,
+                      float64_training_reference, make_input, train_ops)
 
 pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="needs the CUDA emulator's build")
 
@@ -26,29 +27,13 @@ def _launches():
     return lib.bn_ext_emu_launches(0), lib.bn_ext_emu_launches(1)
 
 
-def _train_pair(x, dy, w, b):
-    y, mean, var = ops.train_forward(x, w, b, 1e-5)
-    dx, gw, gb = ops.train_backward(dy, x, mean, var, w, 1e-5)
-    return y, mean, var, dx, gw, gb
-
-
 def _case(shape, dtype, layout):
     mt = torch.float64 if dtype == torch.float64 else torch.float32
     x = make_input(shape, dtype, "cpu", layout, seed=21, mean=3.0, std=0.5)
     dy = make_input(shape, dtype, "cpu", layout, seed=22)
     w = torch.rand(shape[1], dtype=mt) + 0.5
     b = torch.randn(shape[1], dtype=mt)
-    return x, dy, w, b, mt
-
-
-def _check_against_float64(results, x, dy, w, b, dtype, mt, others=None):
-    names = ["y", "mean", "var", "dx", "grad_weight", "grad_bias"]
-    refs = float64_training_reference(x, dy, w, b)
-    for i, (name, ours, ref) in enumerate(zip(names, results, refs)):
-        tol = dtype if ours.dtype == dtype else mt  # per-channel results: the math type
-        assert_close(ours, ref.to(ours.dtype), tol, msg=f"{name} vs float64")
-        if others is not None:
-            assert_close(ours, others[i], tol, msg=f"{name} vs the multi-pass kernels")
+    return x, dy, w, b
 
 
 # (shape, layout): tiles of one channel or of up to 32 channel vectors, on one block or many.
@@ -72,19 +57,19 @@ def test_single_pass_kernels_run_and_match_float64(monkeypatch, dtype, case):
     multi-pass kernels."""
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
     shape, layout = case
-    x, dy, w, b, mt = _case(shape, dtype, layout)
+    x, dy, w, b = _case(shape, dtype, layout)
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
     before = _launches()
-    multi = _train_pair(x, dy, w, b)
+    multi = train_ops(x, dy, w, b)
     assert _launches()[1] == before[1], "the multi-pass path ran a cooperative grid"
 
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
     before = _launches()
-    single = _train_pair(x, dy, w, b)
+    single = train_ops(x, dy, w, b)
     assert _launches()[1] == before[1] + 2, "train_forward and train_backward: one grid each"
-    for a, again in zip(single, _train_pair(x, dy, w, b)):
+    for a, again in zip(single, train_ops(x, dy, w, b)):
         assert torch.equal(a, again)
-    _check_against_float64(single, x, dy, w, b, dtype, mt, others=multi)
+    assert_training_matches_float64(single, x, dy, w, b, others=multi)
 
 
 def test_single_pass_falls_back_where_a_channel_does_not_fit(monkeypatch):
@@ -92,11 +77,11 @@ def test_single_pass_falls_back_where_a_channel_does_not_fit(monkeypatch):
     channel of 40000 runs the multi-pass kernels, and the result is still right."""
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
     monkeypatch.setenv("BN_EXT_EMU_SMS", "1")
-    x, dy, w, b, mt = _case((1, 2, 40000), torch.float32, "contiguous")
+    x, dy, w, b = _case((1, 2, 40000), torch.float32, "contiguous")
     before = _launches()
-    results = _train_pair(x, dy, w, b)
+    results = train_ops(x, dy, w, b)
     assert _launches()[1] == before[1]
-    _check_against_float64(results, x, dy, w, b, torch.float32, mt)
+    assert_training_matches_float64(results, x, dy, w, b)
 
 
 @pytest.mark.parametrize("sms", [1, 132])
@@ -110,8 +95,8 @@ def test_launch_plans_from_1_to_132_sms(monkeypatch, sms, single_pass, case):
     monkeypatch.setenv("BN_EXT_EMU_SMS", str(sms))
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", single_pass)
     shape, layout = case
-    x, dy, w, b, mt = _case(shape, torch.float32, layout)
-    _check_against_float64(_train_pair(x, dy, w, b), x, dy, w, b, torch.float32, mt)
+    x, dy, w, b = _case(shape, torch.float32, layout)
+    assert_training_matches_float64(train_ops(x, dy, w, b), x, dy, w, b)
     mean, var = ops.batch_stats(x)
     y = ops.normalize(x, mean, var, w, b, 1e-5)
     refs = float64_training_reference(x, dy, w, b)

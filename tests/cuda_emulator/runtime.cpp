@@ -2,12 +2,11 @@
 //
 // A block runs as one fiber (ucontext) per thread on the calling host thread. The scheduler
 // resumes each live fiber in turn until it finishes or reaches a barrier; when every live fiber
-// waits at the same __syncthreads, the next round begins. A thread that has returned counts as
-// arrived, as on the GPU.
+// waits at the same __syncthreads, the next round begins. Live threads at different barriers, or
+// at a barrier while another thread has returned, are an error.
 //
-// Errors thrown inside a fiber (a misaligned vector access, say) end that thread; the block
-// finishes without it and the launch rethrows the first error on the host, so a Python test
-// sees a RuntimeError rather than a crashed process.
+// An error thrown inside a fiber (a misaligned vector access, say) ends its block, and the launch
+// rethrows it on the host, so a Python test sees a RuntimeError rather than a crashed process.
 #include "emu.h"
 
 #include <ucontext.h>
@@ -38,7 +37,7 @@ constexpr size_t kCanaryBytes = 256;        // at the bottom of each stack: chec
 // overwritten it by the time its block ends. (A guard page per stack would need two memory maps
 // per fiber, more than the kernel allows for a cooperative grid of 264 blocks of 256 threads.)
 struct Stack {
-  std::unique_ptr<char[]> bytes{new char[kStackBytes]};
+  std::unique_ptr<char[]> bytes{new char[kStackBytes]};  // moves keep the bytes where they are
   Stack() { std::memset(bytes.get(), 0x5A, kCanaryBytes); }
   bool intact() const {
     for (size_t i = 0; i < kCanaryBytes; ++i) {
@@ -66,10 +65,10 @@ struct Block {
 };
 
 thread_local Block* tl_block = nullptr;
-thread_local std::vector<std::unique_ptr<Stack>> tl_stacks;
+thread_local std::vector<Stack> tl_stacks;
 
-// A cooperative launch in flight: its start, and whether a block has failed (the others stop
-// spinning at their barriers then).
+// Whether a block of the cooperative launch in flight has failed (the others stop spinning at
+// their barriers then).
 std::atomic<bool> g_grid_failed{false};
 
 int64_t now_ns() {
@@ -107,7 +106,7 @@ std::string where(const Fiber& f) {
 void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 block_idx) {
   const size_t n = static_cast<size_t>(block.x) * block.y * block.z;
   TORCH_CHECK(n >= 1 && n <= 1024, "emulated launch: ", n, " threads per block");
-  while (tl_stacks.size() < n) tl_stacks.emplace_back(new Stack());
+  while (tl_stacks.size() < n) tl_stacks.emplace_back();
   Block b;
   b.body = &body;
   b.fibers.resize(n);
@@ -119,7 +118,7 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 b
     f.thread.block_dim = block;
     f.thread.grid_dim = grid;
     getcontext(&f.context);
-    f.context.uc_stack.ss_sp = tl_stacks[i]->bytes.get();
+    f.context.uc_stack.ss_sp = tl_stacks[i].bytes.get();
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = &b.scheduler;
     makecontext(&f.context, fiber_main, 0);
@@ -164,7 +163,7 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 b
   }
   tl_block = outer;
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(tl_stacks[i]->intact(), "emulated kernel: thread ", i, " of block (",
+    TORCH_CHECK(tl_stacks[i].intact(), "emulated kernel: thread ", i, " of block (",
                 block_idx.x, ", ", block_idx.y, ") overflowed its ", kStackBytes, "-byte stack");
   }
   // The suspended fibers of a failed block are abandoned with their stacks (the error ends the
@@ -230,6 +229,15 @@ void poison_shared(void* p, size_t bytes) {
 }
 
 int blocks_per_sm() { return env_int("BN_EXT_EMU_BLOCKS_PER_SM", 2); }
+
+namespace {
+
+// The blocks a cooperative grid may have: all resident at once.
+int64_t resident_blocks() {
+  return int64_t(blocks_per_sm()) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+}  // namespace
 
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bool cooperative) {
   std::vector<uint3> ids;
@@ -313,10 +321,9 @@ cudaError_t cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 bloc
     if (it == emu::kernels().end()) return cudaErrorInvalidDeviceFunction;
     call = it->second;
   }
-  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
-  const int64_t resident =
-      int64_t(emu::blocks_per_sm()) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (blocks > resident) return cudaErrorCooperativeLaunchTooLarge;
+  if (int64_t(grid.x) * grid.y * grid.z > emu::resident_blocks()) {
+    return cudaErrorCooperativeLaunchTooLarge;
+  }
   emu::run_grid(grid, block, [&] { call(args); }, true);
   return cudaSuccess;
 }
@@ -356,12 +363,6 @@ extern "C" int bn_ext_emu_self_test(int which) {
           emu::check_aligned(buffer + 1, 16);
         }, false);
         return 0;
-      case 4:
-        emu::run_grid(dim3(1), dim3(64), [] {
-          if (threadIdx.x == 5) return;
-          __syncthreads();
-        }, false);
-        return 0;
       case 2: {
         std::atomic<int> wrong{0};
         emu::run_grid(dim3(2), dim3(128), [&] {
@@ -374,15 +375,20 @@ extern "C" int bn_ext_emu_self_test(int which) {
         return wrong.load() == 0 ? 1 : 0;
       }
       case 3: {
-        const int64_t resident = int64_t(emu::blocks_per_sm()) *
-                                 at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
         int arg = 0;
         void* args[] = {&arg};
         const cudaError_t err = cudaLaunchCooperativeKernel(
-            emu::erase(cooperative_probe_kernel), dim3(static_cast<unsigned int>(resident + 1)),
-            dim3(32), args, 0, nullptr);
+            emu::erase(cooperative_probe_kernel),
+            dim3(static_cast<unsigned int>(emu::resident_blocks() + 1)), dim3(32), args, 0,
+            nullptr);
         return err == cudaErrorCooperativeLaunchTooLarge ? 1 : 0;
       }
+      case 4:
+        emu::run_grid(dim3(1), dim3(64), [] {
+          if (threadIdx.x == 5) return;
+          __syncthreads();
+        }, false);
+        return 0;
       default:
         return 0;
     }
