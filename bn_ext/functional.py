@@ -310,14 +310,13 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         # torch's RuntimeError (its C++ kernel's check), the missing one named
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"bn_ext.batch_norm: {missing} must be defined in evaluation mode")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("bn_ext.batch_norm: running_mean and running_var must either both be "
-                         "None or neither be None")
-    if running_mean is not None:
-        # The ops check everything again, but under their own argument names (mean, var); these
-        # are the caller's names, and in training they fail before any work is done.
-        C = input.shape[1]
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+    # The ops check everything again, but under their own argument names (mean, var); these are
+    # the caller's names, and in training they fail before any work is done. One statistic
+    # without the other is train_forward's ValueError, after it has checked weight and bias:
+    # torch's order (its kernel checks the channel counts, then the pairing).
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
             if t.numel() != C:
                 raise RuntimeError(f"bn_ext.batch_norm: {name} should contain {C} elements (one "
                                    f"per channel of the input), got {t.numel()}")

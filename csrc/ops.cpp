@@ -67,12 +67,18 @@ void check_same_device(const char* op, const Tensor& input, const Tensor& t, con
 // device, of the input's dtype, or of float32 when the input is float16/bfloat16 (autocast; the
 // math type, which statistics that our own ops returned also have). As torch: float16 input
 // takes no bfloat16 parameter (nor the reverse), float32 input no float64 one.
+void check_channel_count(const char* op, const Tensor& input, const optional<Tensor>& t,
+                         const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  const int64_t C = input.size(1);
+  check_same_device(op, input, *t, name);
+  TORCH_CHECK(t->numel() == C, "bn_ext.", op, ": ", name, " should contain ", C,
+              " elements (one per channel of the input), got ", t->numel());
+}
+
 void check_channel_vector(const char* op, const Tensor& input, const Tensor& t,
                           const char* name) {
-  const int64_t C = input.size(1);
-  check_same_device(op, input, t, name);
-  TORCH_CHECK(t.numel() == C, "bn_ext.", op, ": ", name, " should contain ", C,
-              " elements (one per channel of the input), got ", t.numel());
+  check_channel_count(op, input, t, name);
   const auto dt = t.scalar_type();
   const auto in = input.scalar_type();
   TORCH_CHECK(dt == in || dt == math_type(in), "bn_ext.", op, ": ", name, " has dtype ", dt,
@@ -385,12 +391,17 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
     const optional<Tensor>& num_batches_tracked, optional<double> momentum) {
   const char* op = "train_forward";
   check_input(op, input);
+  // torch's order: the channel counts (RuntimeError), then the pairing of the running statistics
+  // (ValueError), then the dtypes (RuntimeError)
+  check_channel_count(op, input, weight, "weight");
+  check_channel_count(op, input, bias, "bias");
+  const bool update = running_mean.has_value() && running_mean->defined();
+  TORCH_CHECK_VALUE(update == (running_var.has_value() && running_var->defined()), "bn_ext.", op,
+                    ": running_mean and running_var must either both be None or neither be "
+                    "None");
   check_optional_vector(op, input, weight, "weight");
   check_optional_vector(op, input, bias, "bias");
   check_eps(op, eps);
-  const bool update = running_mean.has_value() && running_mean->defined();
-  TORCH_CHECK(update == (running_var.has_value() && running_var->defined()), "bn_ext.", op,
-              ": running_mean and running_var come together or not at all");
   if (update) {
     // A layer's buffers: weight's and bias's rule (as torch, and as eval's normalize), not
     // running_stats_update's looser one.

@@ -1,9 +1,11 @@
 """Bad input: torch's exception types and wording, names in messages, and no buffer touched."""
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import bn_ext
-from conftest import DEVICES
+from conftest import DEVICES, assert_close
 
 
 def _snapshot(m):
@@ -407,14 +409,185 @@ def _functional_wrong_stats_zero_eps(lib):
     return fn(torch.randn(4, 3), torch.zeros(2), torch.ones(2), training=True, eps=0.0)
 
 
-@pytest.mark.parametrize("call", [_module_one_value_wrong_channels,
-                                  _module_eval_no_var_negative_eps,
-                                  _functional_wrong_stats_zero_eps])
-def test_several_wrong_arguments_raise_torchs_first_error(call):
+def _functional_one_statistic_wrong_weight(lib):
+    fn = bn_ext.batch_norm if lib is bn_ext else torch.nn.functional.batch_norm
+    return fn(torch.randn(4, 3), None, torch.ones(3), torch.ones(5), training=True)
+
+
+def _functional_one_statistic_wrong_bias(lib):
+    fn = bn_ext.batch_norm if lib is bn_ext else torch.nn.functional.batch_norm
+    return fn(torch.randn(4, 3), torch.zeros(3), None, None, torch.zeros(2), training=True)
+
+
+def _functional_one_statistic_wrong_channels(lib):
+    fn = bn_ext.batch_norm if lib is bn_ext else torch.nn.functional.batch_norm
+    return fn(torch.randn(4, 3), None, torch.ones(2), training=True)
+
+
+@pytest.mark.parametrize("call,error,name", [
+    (_module_one_value_wrong_channels, ValueError, "more than 1 value"),
+    (_module_eval_no_var_negative_eps, ValueError, "eps"),
+    (_functional_wrong_stats_zero_eps, ValueError, "eps"),
+    (_functional_one_statistic_wrong_weight, RuntimeError, "weight"),
+    (_functional_one_statistic_wrong_bias, RuntimeError, "bias"),
+    (_functional_one_statistic_wrong_channels, RuntimeError, "running_var"),
+])
+def test_several_wrong_arguments_raise_torchs_first_error(call, error, name):
     # torch's F.batch_norm checks the batch size and eps (ValueError) before its kernel checks
-    # channel counts and statistics (RuntimeError); with both wrong, the type is torch's.
+    # the channel counts of the running statistics, weight and bias (RuntimeError), and those
+    # before it pairs running_mean with running_var (ValueError); with several wrong, the error is
+    # torch's first.
     with pytest.raises(Exception) as ref:
         call(torch.nn)
     with pytest.raises(Exception) as ours:
         call(bn_ext)
-    assert type(ours.value) is type(ref.value) is ValueError
+    assert type(ours.value) is type(ref.value) is error
+    assert name in str(ours.value) and name in str(ref.value)
+
+
+# ---- random calls, wrong arguments among them, against torch -------------------------------
+#
+# Each argument is drawn right or wrong in one of the ways a caller gets it wrong; torch decides
+# what is an error. Where torch raises, bn_ext raises the same type and leaves every buffer as it
+# was; where torch accepts, bn_ext returns torch's output and buffers.
+
+# Not drawn: a (1, C) matrix, which torch's CPU kernel refuses by accident (a TensorAccessor's
+# rank check) and bn_ext, counting C values, accepts.
+_VECTOR_KINDS = [None, "ok", "ok", "strided", "fewer", "more", "float64", "bfloat16", "float16"]
+
+
+def _vector(kind, C, fill):
+    """A per-channel vector of the drawn kind (None: absent), values from fill(n)."""
+    if kind is None:
+        return None
+    n = {"fewer": C - 1, "more": C + 1}.get(kind, C)
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}.get(kind, torch.float32)
+    if kind == "strided":
+        return fill(2 * n).to(dtype)[::2]
+    return fill(n).to(dtype)
+
+
+@st.composite
+def _functional_calls(draw):
+    ndim = draw(st.integers(2, 4))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 3)),
+             *[draw(st.integers(1, 2)) for _ in range(ndim - 2)])
+    x_dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+    kinds = {name: draw(st.sampled_from(_VECTOR_KINDS))
+             for name in ("weight", "bias", "running_mean", "running_var")}
+    training = draw(st.booleans())
+    eps = draw(st.sampled_from([1e-5, 1e-5, 0.0, -1e-3]))
+    momentum = draw(st.sampled_from([0.1, 1.0]))
+    return shape, x_dtype, kinds, training, eps, momentum
+
+
+def _outcome(fn):
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return None, e
+
+
+def _assert_same_outcome(ref, ours, ref_tensors, our_tensors, before, dtype):
+    (ref_out, ref_err), (our_out, our_err) = ref, ours
+    if ref_err is not None:
+        assert our_err is not None, f"torch raised {ref_err!r}; bn_ext returned"
+        assert type(our_err) is type(ref_err), f"torch: {ref_err!r}\nbn_ext: {our_err!r}"
+        for name, t in our_tensors.items():
+            assert t is None or torch.equal(t, before[name]), f"{name} changed by a rejected call"
+        return
+    assert our_err is None, f"torch returned; bn_ext raised {our_err!r}"
+    assert our_out.dtype == ref_out.dtype and our_out.shape == ref_out.shape
+    assert_close(our_out, ref_out, dtype)
+    for name, t in our_tensors.items():
+        if t is not None:
+            assert t.dtype == ref_tensors[name].dtype
+            assert_close(t.float(), ref_tensors[name].float(),
+                         torch.bfloat16 if t.dtype in (torch.bfloat16, torch.float16) else dtype,
+                         msg=name)
+
+
+def _mixed_among_themselves(x_dtype, tensors):
+    dtypes = {t.dtype for t in tensors.values() if t is not None}
+    return x_dtype in (torch.bfloat16, torch.float16) and len(dtypes) > 1
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+    "known gap: with a bf16 input, torch's CPU kernel wants its defined parameters and running "
+    "statistics all in one dtype (all float32, or all the input's); bn_ext checks each against "
+    "the input alone, so a float32 running_mean with a bf16 running_var runs"))
+def test_mixed_parameter_dtypes_among_themselves():
+    x = torch.randn(4, 3).bfloat16()
+    args = (torch.zeros(3), torch.ones(3).bfloat16())
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        torch.nn.functional.batch_norm(x, *args)
+    with pytest.raises(RuntimeError):
+        bn_ext.batch_norm(x, *args)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_functional_calls())
+def test_random_functional_calls_as_torch(call):
+    shape, x_dtype, kinds, training, eps, momentum = call
+    C = shape[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(x_dtype)
+    fills = {"weight": lambda n: torch.rand(n, generator=g) + 0.5,
+             "bias": lambda n: torch.randn(n, generator=g),
+             "running_mean": lambda n: torch.randn(n, generator=g),
+             "running_var": lambda n: torch.rand(n, generator=g) + 0.5}
+    tensors = {name: _vector(kind, C, fills[name]) for name, kind in kinds.items()}
+    # A known gap, tested apart (test_mixed_parameter_dtypes_among_themselves below).
+    assume(not _mixed_among_themselves(x_dtype, tensors))
+    before = {k: None if t is None else t.clone() for k, t in tensors.items()}
+    ref_tensors = {k: None if t is None else t.clone() for k, t in tensors.items()}
+
+    def call_with(fn, ts):
+        return lambda: fn(x, ts["running_mean"], ts["running_var"], ts["weight"], ts["bias"],
+                          training=training, momentum=momentum, eps=eps)
+
+    ref = _outcome(call_with(torch.nn.functional.batch_norm, ref_tensors))
+    ours = _outcome(call_with(bn_ext.batch_norm, tensors))
+    _assert_same_outcome(ref, ours, ref_tensors, tensors, before, x_dtype)
+
+
+@st.composite
+def _module_calls(draw):
+    ndim = draw(st.integers(2, 5))
+    # C >= 2, so that "fewer" channels never makes an empty input: torch checks nothing for one
+    # (it returns early), bn_ext still checks the channel counts (a known deviation)
+    C = draw(st.integers(2, 3))
+    shape = [draw(st.integers(1, 3)), C, *[draw(st.integers(1, 2)) for _ in range(ndim - 2)]]
+    channels = draw(st.sampled_from(["right", "right", "fewer", "more"]))
+    shape[1] += {"right": 0, "fewer": -1, "more": 1}[channels]
+    cls = draw(st.sampled_from(["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]))
+    options = dict(affine=draw(st.booleans()), track_running_stats=draw(st.booleans()),
+                   momentum=draw(st.sampled_from([0.1, None])))
+    training = draw(st.booleans())
+    eps = draw(st.sampled_from([1e-5, 1e-5, 0.0, -1e-3]))
+    stats_none = draw(st.booleans())  # running stats set to None after construction
+    return cls, C, tuple(shape), options, training, eps, stats_none
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_module_calls())
+def test_random_module_calls_as_torch(call):
+    cls, C, shape, options, training, eps, stats_none = call
+    # SyncBatchNorm without a process group is BatchNorm over any rank >= 2
+    ref = getattr(torch.nn, cls)(C, eps=eps, **options)
+    ours = getattr(bn_ext, cls)(C, eps=eps, **options)
+    with torch.no_grad():
+        for m in (ref, ours):
+            if m.running_mean is not None:
+                m.running_mean.copy_(torch.linspace(-1, 1, C))
+                m.running_var.copy_(torch.linspace(0.5, 2, C))
+                m.num_batches_tracked.fill_(3)
+            if stats_none:
+                m.running_mean = m.running_var = None
+            m.train(training)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ref_result, ours_result = _outcome(lambda: ref(x)), _outcome(lambda: ours(x))
+    _assert_same_outcome(ref_result, ours_result, dict(ref.state_dict()),
+                         dict(ours.state_dict()), before, torch.float32)
