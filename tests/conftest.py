@@ -4,6 +4,9 @@ Tests are parametrized over devices; CUDA cases skip where there is no GPU or no
 """
 import inspect
 import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -92,6 +95,17 @@ def assert_training_matches_float64(results, x, dy, w, b, others=None):
         assert_close(ours, ref.to(ours.dtype), tol, msg=f"{name} vs float64")
         if others is not None:
             assert_close(ours, others[i], tol, msg=f"{name} vs the other path")
+
+
+def run_python(code, timeout=120, **env):
+    """`python -c code` in a child process with extra environment variables, importing the bn_ext
+    this process imported (`python -c` puts its working directory first on sys.path, and from the
+    repository root that is the unbuilt source folder, so it runs from the temp directory)."""
+    home = os.path.dirname(os.path.dirname(os.path.abspath(bn_ext.__file__)))
+    path = os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, **env}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=tempfile.gettempdir())
 
 
 def make_input(shape, dtype, device, layout="contiguous", seed=0, mean=0.5, std=2.0):

@@ -4,17 +4,13 @@ Large CPU outputs come from blocks that earlier outputs freed. These tests check
 reused, that the limit and the switch hold, that outputs keep torch.empty_like's strides and stay
 resizable, and that blocks freed on other threads come back safely.
 """
-import os
-import subprocess
-import sys
-import tempfile
 import threading
 
 import pytest
 import torch
 
 import bn_ext
-from conftest import assert_close, make_input
+from conftest import assert_close, make_input, run_python
 
 ops = torch.ops.bn_ext
 MiB = 1 << 20
@@ -126,16 +122,6 @@ def test_outputs_freed_on_other_threads():
     assert stats["cached_bytes"] <= stats["limit_bytes"]
 
 
-def _run(code, **env):
-    # The child must import the bn_ext this process imported: `python -c` puts its working
-    # directory first on sys.path, and from the repository root that is the unbuilt source folder.
-    home = os.path.dirname(os.path.dirname(os.path.abspath(bn_ext.__file__)))
-    path = os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)
-    full_env = {**os.environ, "PYTHONPATH": path, **env}
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
-                          text=True, timeout=120, cwd=tempfile.gettempdir())
-
-
 _PROBE = """
 import torch, bn_ext
 C = 8
@@ -150,25 +136,25 @@ print(s["limit_bytes"], s["cached_bytes"], s["cached_blocks"])
 
 
 def test_limit_drops_blocks_that_do_not_fit():
-    r = _run(_PROBE, BN_EXT_CPU_CACHE_MB="4")
+    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB="4")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(4 * MiB), str(2 * MiB), "1"]
 
 
 def test_limit_drops_oldest_blocks_first():
-    r = _run(_PROBE, BN_EXT_CPU_CACHE_MB="9")
+    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB="9")
     assert r.returncode == 0, r.stderr
     # 8 MiB cached first, then 2 MiB: 10 > 9, so the older 8 MiB block goes.
     assert r.stdout.split() == [str(9 * MiB), str(2 * MiB), "1"]
 
 
 def test_cache_can_be_switched_off():
-    r = _run(_PROBE, BN_EXT_CPU_CACHE_MB="0")
+    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB="0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "0", "0"]
 
 
 def test_bad_limit_is_a_clear_error():
-    r = _run(_PROBE, BN_EXT_CPU_CACHE_MB="lots")
+    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB="lots")
     assert r.returncode != 0
     assert "BN_EXT_CPU_CACHE_MB must be a whole number of MiB" in r.stderr

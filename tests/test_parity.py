@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import bn_ext
-from conftest import (DEVICES, TORCH_HAS_BN_BIAS, assert_close, assert_same_as_split_path,
-                      make_input, make_pair, needs_bn_bias, run_steps)
+from conftest import (CUDA_EMULATED, DEVICES, TORCH_HAS_BN_BIAS, assert_close,
+                      assert_same_as_split_path, make_input, make_pair, needs_bn_bias, run_python,
+                      run_steps)
 
 ops = torch.ops.bn_ext
 
@@ -390,6 +391,65 @@ def test_streaming_stores_match_float64(layout, dtype, spatial):
     ye64 = torch.nn.functional.batch_norm(x.double(), rm.double(), rv.double(), w.double(),
                                           b.double(), training=False)
     assert_close(ye, ye64.to(dtype), dtype)
+
+
+# Small tensors, each well within any host's caches, so that in this process no pass streams; the
+# child process runs them with BN_EXT_CPU_STREAM_MB=0, where every pass streams its output and the
+# NCHW training passes take their tile-fused paths. Neither may change a bit.
+_STREAM_CASES = """
+import torch
+import bn_ext  # registers the ops
+torch.manual_seed(5)
+ops = torch.ops.bn_ext
+cases = [((8, 32, 7, 7), torch.float32, False), ((4, 8, 28, 28), torch.float32, False),
+         ((4, 6, 14, 14), torch.float64, False), ((4, 16, 12, 12), torch.bfloat16, False),
+         ((8, 24, 10, 10), torch.float32, True), ((8, 9, 5, 6), torch.float32, True),
+         ((64, 100), torch.float32, False), ((3, 5, 7, 7), torch.float32, False)]
+out = []
+for shape, dtype, cl in cases:
+    x = torch.randn(shape, dtype=dtype) * 2 + 1
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x[:, 0] += 3000  # channel 0 stays centered, the others are folded
+    g = torch.randn_like(x)
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    C = shape[1]
+    w, b = torch.rand(C, dtype=pd) + 0.5, torch.randn(C, dtype=pd)
+    rm, rv = torch.randn(C, dtype=pd), torch.rand(C, dtype=pd) + 0.5
+    y, mean, var = ops.train_forward(x, w, b, 1e-5)
+    dx, gw, gb = ops.train_backward(g, x, mean, var, w, 1e-5)
+    out.append([ops.normalize(x, rm, rv, w, b, 1e-5), y, mean, var, dx, gw, gb])
+torch.save(out, OUT)
+"""
+
+
+@pytest.mark.skipif(CUDA_EMULATED, reason="BN_EXT_CPU_STREAM_MB steers the CPU kernels only")
+def test_streaming_threshold_from_env_changes_no_bit(tmp_path):
+    """BN_EXT_CPU_STREAM_MB=0 makes every pass stream (and the NCHW training passes tile-fuse)
+    however small the tensor: the outputs, statistics and gradients must be the default paths'
+    bits, for every layout and dtype."""
+    path = tmp_path / "streamed.pt"
+    code = f"OUT = {str(path)!r}\n" + _STREAM_CASES
+    r = run_python(code, timeout=300, BN_EXT_CPU_STREAM_MB="0")
+    assert r.returncode == 0, r.stderr
+    scope = {"OUT": str(tmp_path / "default.pt")}
+    exec(_STREAM_CASES, scope)
+    streamed = torch.load(path)
+    default = torch.load(tmp_path / "default.pt")
+    names = ["eval y", "y", "mean", "var", "dx", "grad_weight", "grad_bias"]
+    for i, (a, b) in enumerate(zip(streamed, default)):
+        for name, p, q in zip(names, a, b):
+            assert p.stride() == q.stride(), (i, name)
+            assert torch.equal(p, q), (i, name, (p.double() - q.double()).abs().max())
+
+
+@pytest.mark.skipif(CUDA_EMULATED, reason="BN_EXT_CPU_STREAM_MB steers the CPU kernels only")
+def test_bad_streaming_threshold_is_a_clear_error():
+    code = ("import torch, bn_ext\n"
+            "bn_ext.batch_norm(torch.randn(4, 3, 8, 8), None, None, training=True)\n")
+    r = run_python(code, BN_EXT_CPU_STREAM_MB="lots")
+    assert r.returncode != 0
+    assert "BN_EXT_CPU_STREAM_MB must be a whole number of MiB" in r.stderr
 
 
 def _on_1_and_2_threads(fn, *args):

@@ -24,11 +24,17 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <numeric>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "../bn_ext.h"
 
@@ -179,33 +185,94 @@ inline void prefetch_step(const T* p) {
   for (int64_t b = 0; b < kBytes; b += 64) __builtin_prefetch(c + b);
 }
 
-// The largest cache that cpu0 lists in sysfs: its last level, as one core sees it. Not
+// The size of one of cpu0's caches as sysfs lists it: the largest (its last level, as one core
+// sees it) for level 0, else the data or unified cache of that level; 0 if none is listed. Not
 // sysconf(_SC_LEVEL3_CACHE_SIZE): on the 2-core EPYC VM glibc reports the whole package's L3
 // there, 384 MiB, where the core sees 32 MiB.
+int64_t listed_cache_bytes(int level) {
+  int64_t best = 0;
+  const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index";
+  for (int i = 0; i < 16; ++i) {
+    std::ifstream size_file(dir + std::to_string(i) + "/size");
+    int64_t v = 0;
+    char unit = 0;
+    if (!(size_file >> v)) continue;
+    size_file >> unit;
+    const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+    if (level != 0) {
+      std::ifstream level_file(dir + std::to_string(i) + "/level");
+      std::ifstream type_file(dir + std::to_string(i) + "/type");
+      int l = 0;
+      std::string type;
+      if (!(level_file >> l) || l != level || !(type_file >> type) || type == "Instruction") {
+        continue;
+      }
+    }
+    best = std::max(best, v << shift);
+  }
+  return best;
+}
+
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
-    int64_t best = 0;
-    for (int i = 0; i < 16; ++i) {
-      std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/size");
-      int64_t v = 0;
-      char unit = 0;
-      if (!(f >> v)) continue;
-      f >> unit;
-      const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
-      best = std::max(best, v << shift);
-    }
-    return best > 0 ? best : int64_t{8} << 20;
+    const int64_t b = listed_cache_bytes(0);
+    return b > 0 ? b : int64_t{8} << 20;
+  }();
+  return bytes;
+}
+
+bool intel_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) return false;
+  char vendor[13] = {};
+  std::memcpy(vendor, &ebx, 4);
+  std::memcpy(vendor + 4, &edx, 4);
+  std::memcpy(vendor + 8, &ecx, 4);
+  return std::strcmp(vendor, "GenuineIntel") == 0;
+#else
+  return false;
+#endif
+}
+
+// BN_EXT_CPU_STREAM_MB: the threshold of stream_output in MiB, in place of the default below
+// (0: every pass streams). Read once.
+int64_t stream_threshold_from_env() {
+  static const int64_t bytes = [] {
+    const char* v = std::getenv("BN_EXT_CPU_STREAM_MB");
+    if (v == nullptr || *v == '\0') return int64_t{-1};
+    char* end = nullptr;
+    const long long mb = std::strtoll(v, &end, 10);
+    TORCH_CHECK(end != v && *end == '\0' && mb >= 0 && mb < (int64_t{1} << 40),
+                "bn_ext: BN_EXT_CPU_STREAM_MB must be a whole number of MiB >= 0, got '", v, "'");
+    return static_cast<int64_t>(mb) << 20;
   }();
   return bytes;
 }
 
 // Whether an elementwise pass streams its output (stream_reg): when the tensors it reads and
-// writes, `bytes` in all, exceed the last-level cache, so that the output's lines would have left
-// the cache before anything read them again. Regular -> streaming stores, 2-core Zen 5, fp32,
-// 32 MiB L3: 32x1024x14x14 NCHW train_forward 1043 -> 634 us, 32x256x56x56 NCHW eval 2.65 ->
-// 2.18 ms, 32x64x56x56 NHWC train_backward 2.34 -> 2.00 ms, 4096x1024 train_backward 698 ->
-// 575 us. Within the cache they cost: 32x2048x7x7 NHWC eval (26 MB) 180 -> 305 us.
-bool stream_output(int64_t bytes) { return bytes > last_level_cache_bytes(); }
+// writes, `bytes` in all, exceed the cache that would still hold the output when the next layer
+// reads it.
+//  - AMD (and by default): the last-level cache. Regular -> streaming stores, 2-core Zen 5, fp32,
+//    32 MiB L3: 32x1024x14x14 NCHW train_forward 1043 -> 634 us, 32x256x56x56 NCHW eval 2.65 ->
+//    2.18 ms, 32x64x56x56 NHWC train_backward 2.34 -> 2.00 ms, 4096x1024 train_backward 698 ->
+//    575 us. Within the L3 they cost: 32x2048x7x7 NHWC eval (26 MB) 180 -> 305 us.
+//  - Intel: the threads' private L2s. On the 2-core Xeon VM (2 MiB L2 per core, a 105 MiB L3
+//    shared over the mesh with the rest of the socket) regular stores lost far inside the L3:
+//    the threshold at 4 MiB instead of 105, fp32, op level, medians of 11 rotating rounds:
+//    32x512x14x14 NCHW eval 2.59 -> 0.79 ms, training forward 1.22 -> 1.02, backward 3.83 ->
+//    2.08; 32x64x56x56 NCHW forward 4.81 -> 2.47, backward 6.15 -> 4.68; 32x2048x7x7 NCHW
+//    backward 3.66 -> 1.90; 32x256x14x14 NHWC eval 0.56 -> 0.40. Within the L2s streaming still
+//    won ~10% at op level (32x64x14x14), but there the next layer finds the output in cache.
+bool stream_output(int64_t bytes) {
+  static const bool intel = intel_cpu();
+  static const int64_t l2 = listed_cache_bytes(2);
+  int64_t threshold = stream_threshold_from_env();
+  if (threshold < 0) {
+    threshold = intel && l2 > 0 ? l2 * at::get_num_threads() : last_level_cache_bytes();
+  }
+  return bytes > threshold;
+}
 
 // ---- vector steps of the two reductions ----------------------------------------------------
 //
