@@ -1,7 +1,7 @@
 """Bad input: torch's exception types and wording, names in messages, and no buffer touched."""
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bn_ext
@@ -512,22 +512,34 @@ def _assert_same_outcome(ref, ours, ref_tensors, our_tensors, before, dtype):
                          msg=name)
 
 
-def _mixed_among_themselves(x_dtype, tensors):
-    dtypes = {t.dtype for t in tensors.values() if t is not None}
-    return x_dtype in (torch.bfloat16, torch.float16) and len(dtypes) > 1
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("low", ["running_var", "running_mean", "weight", "bias"])
+def test_mixed_parameter_dtypes_among_themselves(low, dtype, training):
+    """With a reduced-precision input, torch's CPU kernel takes the parameters and running
+    statistics in float32 or in the input's dtype, but all in the same one. One of them in the
+    input's dtype among float32 others is refused (RuntimeError), and nothing is written."""
+    x = torch.randn(4, 3).to(dtype)
+    tensors = {"running_mean": torch.zeros(3), "running_var": torch.ones(3),
+               "weight": torch.rand(3) + 0.5, "bias": torch.randn(3)}
+    tensors[low] = tensors[low].to(dtype)
+    before = {k: t.clone() for k, t in tensors.items()}
 
+    def call(fn):
+        return fn(x, tensors["running_mean"], tensors["running_var"], tensors["weight"],
+                  tensors["bias"], training=training)
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "known gap: with a bf16 input, torch's CPU kernel wants its defined parameters and running "
-    "statistics all in one dtype (all float32, or all the input's); bn_ext checks each against "
-    "the input alone, so a float32 running_mean with a bf16 running_var runs"))
-def test_mixed_parameter_dtypes_among_themselves():
-    x = torch.randn(4, 3).bfloat16()
-    args = (torch.zeros(3), torch.ones(3).bfloat16())
-    with pytest.raises(RuntimeError, match="mixed dtype"):
-        torch.nn.functional.batch_norm(x, *args)
-    with pytest.raises(RuntimeError):
-        bn_ext.batch_norm(x, *args)
+    with pytest.raises(RuntimeError):  # "mixed dtype", or a scalar type expected, as it falls
+        call(torch.nn.functional.batch_norm)
+    with pytest.raises(RuntimeError, match="must share one dtype"):
+        call(bn_ext.batch_norm)
+    for k, t in tensors.items():
+        assert torch.equal(t, before[k]), k
+    # All float32, or all the input's dtype, runs.
+    for pd in (torch.float32, dtype):
+        for k in tensors:
+            tensors[k] = before[k].to(pd)
+        call(bn_ext.batch_norm)
 
 
 @_TORCH_AS_BN_EXT
@@ -543,8 +555,6 @@ def test_random_functional_calls_as_torch(call):
              "running_mean": lambda n: torch.randn(n, generator=g),
              "running_var": lambda n: torch.rand(n, generator=g) + 0.5}
     tensors = {name: _vector(kind, C, fills[name]) for name, kind in kinds.items()}
-    # A known gap, tested apart (test_mixed_parameter_dtypes_among_themselves below).
-    assume(not _mixed_among_themselves(x_dtype, tensors))
     before = {k: None if t is None else t.clone() for k, t in tensors.items()}
     ref_tensors = {k: None if t is None else t.clone() for k, t in tensors.items()}
 
