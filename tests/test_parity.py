@@ -445,11 +445,20 @@ def test_streaming_threshold_from_env_changes_no_bit(tmp_path):
 
 @pytest.mark.skipif(CUDA_EMULATED, reason="BN_EXT_CPU_STREAM_MB steers the CPU kernels only")
 def test_bad_streaming_threshold_is_a_clear_error():
+    """A bad BN_EXT_CPU_STREAM_MB fails the first pass that reads it, with the module's running
+    statistics and num_batches_tracked left as they were."""
     code = ("import torch, bn_ext\n"
-            "bn_ext.batch_norm(torch.randn(4, 3, 8, 8), None, None, training=True)\n")
+            "m = bn_ext.BatchNorm2d(3)\n"
+            "before = {k: v.clone() for k, v in m.state_dict().items()}\n"
+            "try:\n"
+            "    m(torch.randn(4, 3, 8, 8))\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n"
+            "print('unchanged', all(torch.equal(v, before[k]) for k, v in m.state_dict().items()))\n")
     r = run_python(code, BN_EXT_CPU_STREAM_MB="lots")
-    assert r.returncode != 0
-    assert "BN_EXT_CPU_STREAM_MB must be a whole number of MiB" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "BN_EXT_CPU_STREAM_MB must be a whole number of MiB" in r.stdout
+    assert r.stdout.rstrip().endswith("unchanged True")
 
 
 def _on_1_and_2_threads(fn, *args):
