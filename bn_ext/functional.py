@@ -323,6 +323,12 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
             if t.device != input.device:
                 raise RuntimeError(f"bn_ext.batch_norm: {name} is on {t.device} but input is on "
                                    f"{input.device}; all tensors must be on one device")
+            if t.dim() != 1:
+                # torch's kernels then read the running statistics through a 1-D accessor and
+                # refuse any other shape (RuntimeError); weight and bias need only C elements
+                raise RuntimeError(f"bn_ext.batch_norm: {name} must be a 1-D tensor of {C} "
+                                   f"elements (one per channel of the input), got shape "
+                                   f"{tuple(t.shape)}")
             if t.requires_grad and torch.is_grad_enabled():
                 # torch's native_batch_norm refuses it too (RuntimeError), in training and eval:
                 # nothing differentiates with respect to the running statistics.

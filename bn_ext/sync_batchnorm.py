@@ -89,6 +89,9 @@ def _local_check(input: Tensor, num_features: int, **tensors) -> Optional[Except
         if t is not None and t.device != input.device:
             return RuntimeError(f"SyncBatchNorm: input is on {input.device} but the layer's "
                                 f"{name} is on {t.device}")
+        if name.startswith("running_") and t is not None and t.dim() != 1:
+            return RuntimeError(f"SyncBatchNorm: the layer's {name} must be a 1-D tensor of "
+                                f"{num_features} elements, got shape {tuple(t.shape)}")
     return None
 
 

@@ -296,6 +296,17 @@ void write_back(const Tensor& updated, const Tensor& buffer) {
   buffer.copy_(updated.view_as(buffer));
 }
 
+// torch's modules count a batch with num_batches_tracked.add_(1), which bumps its version counter
+// (and torch's kernel writes the running statistics without bumping theirs). Our kernels count it
+// with a direct write, below autograd, so the op bumps it here, once a call, in every mode. An
+// inference tensor has no counter to bump.
+void bump_count_version(const optional<Tensor>& num_batches_tracked) {
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined() &&
+      !num_batches_tracked->is_inference()) {
+    num_batches_tracked->unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 // A buffer the op writes in place, checked before anything is written:
 // - elements that share memory (an expand()ed tensor) would fail only in the write-back after
 //   the kernel, with num_batches_tracked already counted;
@@ -380,6 +391,7 @@ void running_stats_update(Tensor& running_mean, Tensor& running_var,
   check_running_stats(op, mean, C, running_mean, running_var, num_batches_tracked, momentum);
   c10::DeviceGuard guard(mean.device());
   apply_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum);
+  bump_count_version(num_batches_tracked);
 }
 
 // With running_mean given, also running_stats_update with the batch statistics (one op call
@@ -417,7 +429,11 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   Tensor var = math_output(input);
   if (input.numel() == 0) {
     if (update && num_batches_tracked.has_value() && num_batches_tracked->defined()) {
-      num_batches_tracked->add_(1);
+      {
+        at::AutoDispatchBelowADInplaceOrView below;  // the one bump is bump_count_version's
+        num_batches_tracked->add_(1);
+      }
+      bump_count_version(num_batches_tracked);
     }
     return {out.result, mean, var};
   }
@@ -437,6 +453,7 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   if (update) {
     write_back(running.mean, *running_mean);
     write_back(running.var, *running_var);
+    bump_count_version(num_batches_tracked);
   }
   return {out.result, mean, var};
 }

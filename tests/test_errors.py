@@ -86,6 +86,11 @@ def test_functional_bad_per_channel_tensors(device):
         bn_ext.batch_norm(x, torch.zeros(4, device=device), rv, training=True)
     with pytest.raises(RuntimeError, match="running_var should contain 3 elements"):
         bn_ext.batch_norm(x, rm, torch.ones(2, device=device), training=False)
+    for training in (True, False):  # C values as a (1, C) matrix: torch refuses them too
+        with pytest.raises(RuntimeError, match=r"running_mean must be a 1-D tensor.*\(1, 3\)"):
+            bn_ext.batch_norm(x, rm.view(1, 3), rv, training=training)
+        with pytest.raises(RuntimeError, match=r"running_var must be a 1-D tensor.*\(3, 1\)"):
+            bn_ext.batch_norm(x, rm, rv.view(3, 1), training=training)
     assert torch.equal(rm, torch.zeros(3, device=device))
     assert torch.equal(rv, torch.ones(3, device=device))
     with pytest.raises(ValueError, match="both"):
@@ -94,6 +99,22 @@ def test_functional_bad_per_channel_tensors(device):
         bn_ext.batch_norm(x, rm, rv, training=True, momentum=None)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         bn_ext.batch_norm(torch.randn(3, device=device), None, None, training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_input_checks_its_arguments(device, training):
+    # A deliberate difference (README): torch returns before its checks when input.numel() == 0.
+    x = torch.randn(0, 3, 4, device=device)
+    m = bn_ext.BatchNorm1d(3, device=device).train(training)
+    m.weight = torch.nn.Parameter(torch.ones(5, device=device))
+    before = _snapshot(m)
+    with pytest.raises(RuntimeError, match="weight should contain 3 elements"):
+        m(x)
+    _assert_unchanged(m, before)
+    ref = torch.nn.BatchNorm1d(3, device=device).train(training)
+    ref.weight = torch.nn.Parameter(torch.ones(5, device=device))
+    assert ref(x).shape == x.shape  # torch takes it
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -394,6 +415,29 @@ def test_training_update_leaves_version_counters_alone(device, mode, stats_dtype
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+@pytest.mark.parametrize("batch", [4, 0], ids=["batch", "empty"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_counting_a_batch_bumps_its_version_as_torch(device, mode, batch, momentum):
+    # torch's modules count with num_batches_tracked.add_(1), one version bump a training call;
+    # the running statistics keep theirs (the test above)
+    ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
+           "grad": torch.enable_grad}[mode]
+    x = torch.randn(batch, 3, 5, device=device, requires_grad=mode == "grad")
+    bumps = []
+    for lib in (torch.nn, bn_ext):
+        m = lib.BatchNorm1d(3, momentum=momentum, device=device)
+        before = [t._version for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        with ctx():
+            m(x)
+            m(x)
+        after = [t._version for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        assert int(m.num_batches_tracked) == 2
+        bumps.append([a - b for a, b in zip(after, before)])
+    assert bumps[1] == bumps[0] == [0, 0, 2], f"torch {bumps[0]}, bn_ext {bumps[1]}"
+
+
 def _module_one_value_wrong_channels(lib):
     return lib.BatchNorm1d(4)(torch.randn(1, 5))
 
@@ -455,9 +499,10 @@ _TORCH_AS_BN_EXT = pytest.mark.skipif(
     tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
     reason="bn_ext's argument checks follow torch 2.13's")
 
-# Not drawn: a (1, C) matrix, which torch's CPU kernel refuses by accident (a TensorAccessor's
-# rank check) and bn_ext, counting C values, accepts.
-_VECTOR_KINDS = [None, "ok", "ok", "strided", "fewer", "more", "float64", "bfloat16", "float16"]
+# "row" and "column" are (1, C) and (C, 1) matrices: torch takes them as weight and bias (it counts
+# C values) and refuses them as running statistics (its kernels read those as 1-D).
+_VECTOR_KINDS = [None, "ok", "ok", "strided", "fewer", "more", "float64", "bfloat16", "float16",
+                 "row", "column"]
 
 
 def _vector(kind, C, fill):
@@ -469,6 +514,8 @@ def _vector(kind, C, fill):
              "float16": torch.float16}.get(kind, torch.float32)
     if kind == "strided":
         return fill(2 * n).to(dtype)[::2]
+    if kind in ("row", "column"):
+        return fill(n).to(dtype).reshape((1, n) if kind == "row" else (n, 1))
     return fill(n).to(dtype)
 
 

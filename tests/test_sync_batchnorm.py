@@ -322,6 +322,25 @@ def case_bad_device(rank, world):
                       "input is on meta but the layer's weight is on cpu")
 
 
+def case_bad_running_stats_shape(rank, world):
+    # C running means as a (1, C) matrix on one rank: refused there (torch's kernels read the
+    # running statistics as 1-D), and so on the others, with every buffer left as it was
+    sbn = SyncBatchNorm(4)
+    if rank == 1:
+        sbn.running_mean = sbn.running_mean.view(1, 4)
+    before = {k: v.clone() for k, v in sbn.state_dict().items()}
+    try:
+        sbn(torch.randn(3, 4, 2, 2))
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    else:
+        raise AssertionError("no error raised")
+    expected = "running_mean must be a 1-D tensor" if rank == 1 else "rejected their input"
+    assert isinstance(error, RuntimeError) and expected in str(error), repr(error)
+    for k, v in sbn.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a rejected call"
+
+
 def case_eps_zero_refused(rank, world):
     # F.batch_norm's training rule, on every rank (all fail alike, so no "other rank" error)
     sbn = SyncBatchNorm(4, eps=0.0)
@@ -460,7 +479,8 @@ WORLDS = {
         "case_input_2d_and_3d", "case_no_affine_no_tracking", "case_no_bias", "case_bfloat16",
         "case_large_mean_fp32", "case_all_ranks_empty", "case_one_collective_each_way",
         "case_fallbacks", "case_bad_channel_count", "case_bad_input_rank", "case_bad_dtype",
-        "case_bad_device", "case_eps_zero_refused", "case_statistics_set_to_none_still_count",
+        "case_bad_device", "case_bad_running_stats_shape",
+        "case_eps_zero_refused", "case_statistics_set_to_none_still_count",
         "case_double_backward_refused", "case_accelerator_code_path",
         "case_ddp_trajectory", "case_rank_never_calls_times_out"],
     3: ["case_uneven_fp64", "case_uneven_fp32", "case_empty_rank",
