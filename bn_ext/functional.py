@@ -263,6 +263,8 @@ def _verify_batch_size(input: Tensor) -> None:
             f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
@@ -323,20 +325,24 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
             if t.device != input.device:
                 raise RuntimeError(f"bn_ext.batch_norm: {name} is on {t.device} but input is on "
                                    f"{input.device}; all tensors must be on one device")
-            if t.dim() != 1:
-                # torch's kernels then read the running statistics through a 1-D accessor and
-                # refuse any other shape (RuntimeError); weight and bias need only C elements
-                raise RuntimeError(f"bn_ext.batch_norm: {name} must be a 1-D tensor of {C} "
-                                   f"elements (one per channel of the input), got shape "
-                                   f"{tuple(t.shape)}")
             if t.requires_grad and torch.is_grad_enabled():
                 # torch's native_batch_norm refuses it too (RuntimeError), in training and eval:
                 # nothing differentiates with respect to the running statistics.
                 raise RuntimeError(f"bn_ext.batch_norm: {name} requires grad, but batch norm is "
                                    f"not differentiable with respect to the running statistics; "
                                    f"pass {name}.detach() or run under torch.no_grad()")
-    if input.dtype in (torch.bfloat16, torch.float16) and (running_mean is None) == (
-            running_var is None):
+    paired = (running_mean is None) == (running_var is None)
+    if paired and input.dtype in _SUPPORTED_DTYPES:
+        # torch's kernels read the running statistics through a 1-D accessor, after their checks
+        # (so an unpaired statistic is still train_forward's ValueError, an unsupported input
+        # dtype its NotImplementedError), and refuse any other shape; weight and bias need only
+        # C elements
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.dim() != 1:
+                raise RuntimeError(f"bn_ext.batch_norm: {name} must be a 1-D tensor of {C} "
+                                   f"elements (one per channel of the input), got shape "
+                                   f"{tuple(t.shape)}")
+    if input.dtype in (torch.bfloat16, torch.float16) and paired:
         # The ops take each of these in the input's dtype or in float32. torch's CPU kernel also
         # wants them all in the same one of the two (after its pairing check, left to the op).
         given = [(n, t) for n, t in (("weight", weight), ("bias", bias),
