@@ -111,7 +111,10 @@ def extensions():
     # --warn-on-spills: ptxas names every kernel that spills registers to local memory (a
     # bandwidth-bound kernel should not); .ci/cuda_build.sh fails on any outside the single-pass
     # kernels, which hold a tile in registers.
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    # --fmad=false: no multiply-add that the source does not write (fmaf/fma), as in the host
+    # emulator's build (-ffp-contract=off), so that the emulator's results are the GPU's bits. On
+    # sm_90 it changes only float64 code (the float kernels' fused multiply-adds are all explicit).
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false",
             "-Xptxas=--warn-on-spills", "-DBN_EXT_WITH_CUDA"]
     extra_include = []
     # ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers; with pip's CUDA torch they live in

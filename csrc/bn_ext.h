@@ -113,13 +113,16 @@ struct RunningStats {
 // One channel of that update: running = (1 - m) running + m batch, the batch variance unbiased
 // by unbias = n / (n - 1) (inf/nan for n == 1, as in torch); in double, rounded once to M. Every
 // backend and path (CPU, the CUDA update kernel, the CUDA reductions' finishing step) calls it.
+// The second product is added by an explicit fma: written as a * b + c * d, g++ with -mfma fused
+// one of the products, and the emulator's build (-ffp-contract=off) neither, so the backends
+// rounded differently; this way they give the same bits from the same batch statistics.
 template <typename M>
 BN_EXT_HOST_DEVICE inline void blend_running_stats(M& running_mean, M& running_var, M mean, M var,
                                                    double m, double unbias) {
-  running_mean = static_cast<M>((1 - m) * static_cast<double>(running_mean) +
-                                m * static_cast<double>(mean));
-  running_var = static_cast<M>((1 - m) * static_cast<double>(running_var) +
-                               m * unbias * static_cast<double>(var));
+  running_mean = static_cast<M>(
+      ::fma(m, static_cast<double>(mean), (1 - m) * static_cast<double>(running_mean)));
+  running_var = static_cast<M>(
+      ::fma(m * unbias, static_cast<double>(var), (1 - m) * static_cast<double>(running_var)));
 }
 
 // Per-channel tensors handed to kernels are contiguous 1-D [C] tensors of the math type

@@ -7,6 +7,10 @@ they fall back where a channel does not fit, and that the launch plans hold from
 H100's 132.
 """
 import ctypes
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -111,3 +115,42 @@ def test_emulator_behaves_as_a_gpu(which):
     raise, and a barrier really orders a block's shared memory."""
     lib = ctypes.CDLL(bn_ext._C.__file__)
     assert lib.bn_ext_emu_self_test(which) == 1
+
+
+_RUNNING_STATS_CASE = """
+import sys, torch, bn_ext
+ops = torch.ops.bn_ext
+out = []
+for mt in (torch.float32, torch.float64):
+    for momentum in (0.1, None):
+        g = torch.Generator().manual_seed(3)
+        mean = torch.randn(4096, generator=g, dtype=mt)
+        var = torch.rand(4096, generator=g, dtype=mt)
+        state = [torch.randn(4096, generator=g, dtype=mt),
+                 torch.rand(4096, generator=g, dtype=mt) + 1, torch.tensor(4)]
+        for step in range(3):
+            count = torch.tensor(7.0 + step, dtype=mt)
+            ops.running_stats_update(*state, mean, var, count, momentum)
+        out += state[:2]
+"""
+
+
+def test_running_stats_update_has_the_cpu_builds_bits(tmp_path):
+    """The CUDA update kernel and the CPU build's, from the same batch statistics, give the same
+    bits: one formula (blend_running_stats) with its fused multiply-add written out, where before
+    g++ -mfma fused a product on its own in the CPU build (half the float64 values differed).
+    On a GPU, nvcc --fmad=false keeps the same rounding (test_cuda.py compares there)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BN_EXT_CUDA_EMULATED")}
+    probe = subprocess.run([sys.executable, "-c", "import bn_ext; print(bn_ext._C.__file__)"],
+                           env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if probe.returncode != 0 or os.path.samefile(probe.stdout.strip(), bn_ext._C.__file__):
+        pytest.skip("no CPU build of bn_ext outside the emulator's (pip install . makes one)")
+    saved = tmp_path / "cpu.pt"
+    code = _RUNNING_STATS_CASE + "torch.save(out, sys.argv[1])"
+    child = subprocess.run([sys.executable, "-c", code, str(saved)], env=env, capture_output=True,
+                           text=True, cwd=tempfile.gettempdir())
+    assert child.returncode == 0, child.stderr
+    namespace = {"__name__": "emulated"}
+    exec(_RUNNING_STATS_CASE, namespace)  # noqa: S102 - the same code, on the emulated kernels
+    for cpu, emulated in zip(torch.load(saved), namespace["out"], strict=True):
+        assert torch.equal(cpu, emulated), f"{int((cpu != emulated).sum())} values differ"

@@ -92,7 +92,9 @@ inline int64_t full_wave_blocks() {
 
 // Index type: unsigned 32-bit when every element index fits in 31 bits (fast division with
 // at::cuda::detail::IntDivider, cheaper address arithmetic), 64-bit otherwise. Loop counters may
-// run up to one grid stride past the end, which unsigned 32-bit still holds.
+// run up to one grid stride past the end, which unsigned 32-bit still holds. 31 bits, not 32:
+// IntDivider<uint32_t>'s device division computes (t + n) >> shift in 32 bits, exact only for
+// dividends below 2^31; the emulator runs its host branch, 64-bit, and would not see a wider bound.
 template <typename F>
 void dispatch_index(int64_t numel, const F& f) {
   if (numel < (int64_t(1) << 31)) {
