@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from fractions import Fraction
 
 import pytest
 import torch
@@ -154,3 +155,47 @@ def test_running_stats_update_has_the_cpu_builds_bits(tmp_path):
     exec(_RUNNING_STATS_CASE, namespace)  # noqa: S102 - the same code, on the emulated kernels
     for cpu, emulated in zip(torch.load(saved), namespace["out"], strict=True):
         assert torch.equal(cpu, emulated), f"{int((cpu != emulated).sum())} values differ"
+
+
+def _not_correctly_rounded(v, f):
+    """Which f[i] are not 1/sqrt(v[i]) rounded to the nearest float (v positive and finite).
+
+    f is correct iff 1/sqrt(v) lies between the midpoints m to f's neighbours, and 1/sqrt(v) > m
+    iff m^2 v < 1. In double m^2 is exact (m has 25 significant bits) and m^2 v is rounded once
+    (2^-53 relative), so only products within 2^-50 of 1 need the exact rational check."""
+    inf = torch.tensor(float("inf"))
+    f64, v64 = f.double(), v.double()
+    up = (f64 + torch.nextafter(f, inf).double()) / 2
+    down = (f64 + torch.nextafter(f, torch.tensor(0.0)).double()) / 2
+    pu, pd = up * up * v64, down * down * v64
+    wrong = (pu < 1 - 2.0**-50) | (pd > 1 + 2.0**-50)
+    near = ((pu - 1).abs() <= 2.0**-50) | ((pd - 1).abs() <= 2.0**-50)
+    for i in near.nonzero().flatten().tolist():
+        x = Fraction(v[i].item())
+        wrong[i] = Fraction(up[i].item()) ** 2 * x < 1 or Fraction(down[i].item()) ** 2 * x > 1
+    return wrong
+
+
+def test_frsqrt_rn_is_correctly_rounded_on_every_float():
+    """The emulated __frsqrt_rn (1/sqrt in double, rounded to float: two roundings) gives the
+    GPU's correctly rounded result for every float: every subnormal and every float in [1, 4),
+    the others being these times powers of 4, which 1/sqrt maps to powers of 2, exactly."""
+    lib = ctypes.CDLL(bn_ext._C.__file__)
+    bits = torch.cat([torch.arange(1, 1 << 23, dtype=torch.int32),
+                      torch.arange(127 << 23, 129 << 23, dtype=torch.int32)])
+    v = bits.view(torch.float32)
+    f = torch.empty_like(v)
+    lib.bn_ext_emu_frsqrt_rn(ctypes.c_void_p(v.data_ptr()), ctypes.c_void_p(f.data_ptr()),
+                             ctypes.c_int64(v.numel()))
+    assert not _not_correctly_rounded(v, f).any()
+    # the check fails a result one float off
+    off = f.clone()
+    off[::4099] = torch.nextafter(off[::4099], torch.tensor(float("inf")))
+    assert torch.equal(_not_correctly_rounded(v, off).nonzero().flatten(),
+                       torch.arange(0, v.numel(), 4099))
+    # IEEE's special values, as the GPU's: 1/sqrt(+-0) = +-inf, of inf 0, of a negative or NaN NaN
+    special = torch.tensor([0.0, -0.0, float("inf"), -1.0, float("nan")])
+    out = torch.empty_like(special)
+    lib.bn_ext_emu_frsqrt_rn(ctypes.c_void_p(special.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+                             ctypes.c_int64(5))
+    assert out[:3].tolist() == [float("inf"), float("-inf"), 0.0] and out[3:].isnan().all()
