@@ -331,29 +331,28 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 raise RuntimeError(f"bn_ext.batch_norm: {name} requires grad, but batch norm is "
                                    f"not differentiable with respect to the running statistics; "
                                    f"pass {name}.detach() or run under torch.no_grad()")
-    paired = (running_mean is None) == (running_var is None)
-    if paired and input.dtype in _SUPPORTED_DTYPES:
-        # torch's kernels read the running statistics through a 1-D accessor, after their checks
-        # (so an unpaired statistic is still train_forward's ValueError, an unsupported input
-        # dtype its NotImplementedError), and refuse any other shape; weight and bias need only
-        # C elements
+    # Two checks of torch's kernel that come after its pairing check (an unpaired statistic is
+    # train_forward's ValueError) and its dtype dispatch (NotImplementedError), left to the op.
+    if (running_mean is None) == (running_var is None) and input.dtype in _SUPPORTED_DTYPES:
+        # It reads the running statistics through a 1-D accessor; weight and bias need only C
+        # elements.
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is not None and t.dim() != 1:
                 raise RuntimeError(f"bn_ext.batch_norm: {name} must be a 1-D tensor of {C} "
                                    f"elements (one per channel of the input), got shape "
                                    f"{tuple(t.shape)}")
-    if input.dtype in (torch.bfloat16, torch.float16) and paired:
-        # The ops take each of these in the input's dtype or in float32. torch's CPU kernel also
-        # wants them all in the same one of the two (after its pairing check, left to the op).
-        given = [(n, t) for n, t in (("weight", weight), ("bias", bias),
-                                     ("running_mean", running_mean), ("running_var", running_var))
-                 if t is not None]
-        dtypes = {t.dtype for _, t in given}
-        if len(dtypes) > 1 and dtypes <= {input.dtype, torch.float32}:  # else the ops say which
-            listed = ", ".join(f"{n} {t.dtype}" for n, t in given)
-            raise RuntimeError(f"bn_ext.batch_norm: with {input.dtype} input, weight, bias and "
-                               f"the running statistics must share one dtype (all float32, or "
-                               f"all {input.dtype}); got {listed}")
+        if input.dtype in (torch.bfloat16, torch.float16):
+            # The ops take each of these in the input's dtype or in float32; torch's CPU kernel
+            # wants them all in the same one of the two.
+            given = [(n, t) for n, t in (("weight", weight), ("bias", bias),
+                                         ("running_mean", running_mean),
+                                         ("running_var", running_var)) if t is not None]
+            dtypes = {t.dtype for _, t in given}
+            if len(dtypes) > 1 and dtypes <= {input.dtype, torch.float32}:  # else the op says
+                listed = ", ".join(f"{n} {t.dtype}" for n, t in given)
+                raise RuntimeError(f"bn_ext.batch_norm: with {input.dtype} input, weight, bias "
+                                   f"and the running statistics must share one dtype (all "
+                                   f"float32, or all {input.dtype}); got {listed}")
     if _functorch_active() or _forward_ad._current_level >= 0:
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, num_batches_tracked)

@@ -55,10 +55,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.autograd.function import once_differentiable
 
-from .functional import _math_dtype, _ops
+from .functional import _SUPPORTED_DTYPES, _math_dtype, _ops
 from .modules import _BatchNormForward, _fx_leaf
-
-_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 # Header of the forward buffer: [count, number of ranks that rejected their input].
 _HEADER = 2

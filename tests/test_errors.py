@@ -391,8 +391,12 @@ def test_negative_bit_read_only_arguments_resolved():
     assert torch.equal(rm, rm2) and torch.equal(rv, rv2) and torch.equal(nbt, nbt2)
 
 
+_GRAD_MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
+               "grad": torch.enable_grad}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+@pytest.mark.parametrize("mode", list(_GRAD_MODES))
 @pytest.mark.parametrize("stats_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_training_update_leaves_version_counters_alone(device, mode, stats_dtype):
     # torch's batch_norm writes the running statistics without bumping their version counters,
@@ -404,8 +408,7 @@ def test_training_update_leaves_version_counters_alone(device, mode, stats_dtype
     y = m(x)
     versions = [t._version for t in (m.running_mean, m.running_var)]
     m.train()
-    ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
-           "grad": torch.enable_grad}[mode]
+    ctx = _GRAD_MODES[mode]
     before = m.running_var.clone()
     with ctx():
         m(torch.randn(4, 3, device=device, dtype=torch.bfloat16))
@@ -416,14 +419,13 @@ def test_training_update_leaves_version_counters_alone(device, mode, stats_dtype
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+@pytest.mark.parametrize("mode", list(_GRAD_MODES))
 @pytest.mark.parametrize("batch", [4, 0], ids=["batch", "empty"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_counting_a_batch_bumps_its_version_as_torch(device, mode, batch, momentum):
     # torch's modules count with num_batches_tracked.add_(1), one version bump a training call;
     # the running statistics keep theirs (the test above)
-    ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
-           "grad": torch.enable_grad}[mode]
+    ctx = _GRAD_MODES[mode]
     x = torch.randn(batch, 3, 5, device=device, requires_grad=mode == "grad")
     bumps = []
     for lib in (torch.nn, bn_ext):

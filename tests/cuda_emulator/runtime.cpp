@@ -328,12 +328,13 @@ cudaError_t cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 bloc
   return cudaSuccess;
 }
 
-// For ctypes: the number of grids run so far, cooperative (1) or ordinary (0).
-// The emulated __frsqrt_rn over n floats, for the test that compares it with the exact result.
+// For ctypes: the emulated __frsqrt_rn over n floats, for the test that compares it with the
+// exact result.
 extern "C" void bn_ext_emu_frsqrt_rn(const float* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = __frsqrt_rn(in[i]);
 }
 
+// For ctypes: the number of grids run so far, cooperative (1) or ordinary (0).
 extern "C" int64_t bn_ext_emu_launches(int cooperative) {
   return emu::g_launches[cooperative != 0 ? 1 : 0].load();
 }
