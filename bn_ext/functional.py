@@ -1,4 +1,4 @@
-"""bn_ext.batch_norm, an autograd.Function over the C++ ops, and the ops' fake kernels.
+"""bn_ext.batch_norm and an autograd.Function over the C++ ops (their fake kernels: _fake.py).
 
 The C++ ops (csrc/ops.cpp) are the maths, split so that SyncBatchNorm can put collectives between
 the phases:
@@ -34,6 +34,9 @@ except ImportError as e:  # pragma: no cover - an install problem, not a code pa
         "you may be importing the source folder from the repository root instead of the "
         f"installed package. Original error: {e}") from e
 
+# importing _fake registers the ops' fake kernels
+from ._fake import _SUPPORTED_DTYPES, _math_dtype, _param_dtype
+
 ops = torch.ops.bn_ext
 
 # The ops' one overload each, which the Python here calls instead of the packets in `ops`: a
@@ -41,87 +44,6 @@ ops = torch.ops.bn_ext
 _ops = types.SimpleNamespace(**{name: getattr(ops, name).default for name in (
     "batch_stats", "normalize", "train_forward", "running_stats_update", "backward_reduce",
     "backward_input", "train_backward")})
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _param_dtype(input: Tensor, weight: Optional[Tensor]) -> torch.dtype:
-    return weight.dtype if weight is not None else _math_dtype(input.dtype)
-
-
-# ---- fake kernels: shapes, dtypes and strides, for torch.compile and meta tensors ------------
-
-def _channel_vector(input: Tensor, dtype: torch.dtype) -> Tensor:
-    return input.new_empty((input.shape[1],), dtype=dtype)
-
-
-def _fake_check_devices(op: str, input: Tensor, **tensors) -> None:
-    """Device agreement, checked in the fake kernels too.
-
-    A meta tensor among CPU ones sends the call to the Meta kernel, that is to these functions,
-    so without this a mixed-device call would return uninitialised memory instead of raising.
-    """
-    for name, t in tensors.items():
-        if t is not None and t.device != input.device:
-            raise RuntimeError(f"bn_ext.{op}: {name} is on {t.device} but input is on "
-                               f"{input.device}; all tensors must be on one device")
-
-
-@torch.library.register_fake("bn_ext::batch_stats")
-def _batch_stats_fake(input):
-    dt = _math_dtype(input.dtype)
-    return _channel_vector(input, dt), _channel_vector(input, dt)
-
-
-@torch.library.register_fake("bn_ext::normalize")
-def _normalize_fake(input, mean, var, weight, bias, eps):
-    _fake_check_devices("normalize", input, mean=mean, var=var, weight=weight, bias=bias)
-    return torch.empty_like(input)
-
-
-@torch.library.register_fake("bn_ext::train_forward")
-def _train_forward_fake(input, weight, bias, eps, running_mean=None, running_var=None,
-                        num_batches_tracked=None, momentum=None):
-    _fake_check_devices("train_forward", input, weight=weight, bias=bias,
-                        running_mean=running_mean, running_var=running_var,
-                        num_batches_tracked=num_batches_tracked)
-    dt = _math_dtype(input.dtype)
-    return torch.empty_like(input), _channel_vector(input, dt), _channel_vector(input, dt)
-
-
-@torch.library.register_fake("bn_ext::running_stats_update")
-def _running_stats_update_fake(running_mean, running_var, num_batches_tracked, mean, var, count,
-                               momentum):
-    _fake_check_devices("running_stats_update", mean, running_mean=running_mean,
-                        running_var=running_var, num_batches_tracked=num_batches_tracked,
-                        var=var, count=count)
-    return None
-
-
-@torch.library.register_fake("bn_ext::backward_reduce")
-def _backward_reduce_fake(grad_out, input, mean, var, weight, eps):
-    _fake_check_devices("backward_reduce", input, grad_out=grad_out, mean=mean, var=var,
-                        weight=weight)
-    dt, pt = _math_dtype(input.dtype), _param_dtype(input, weight)
-    return (_channel_vector(input, dt), _channel_vector(input, dt),
-            _channel_vector(input, pt), _channel_vector(input, pt))
-
-
-@torch.library.register_fake("bn_ext::backward_input")
-def _backward_input_fake(grad_out, input, mean, var, weight, sum_dy, sum_dy_xmu, count, eps):
-    _fake_check_devices("backward_input", input, grad_out=grad_out, mean=mean, var=var,
-                        weight=weight, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, count=count)
-    return torch.empty_like(input)
-
-
-@torch.library.register_fake("bn_ext::train_backward")
-def _train_backward_fake(grad_out, input, mean, var, weight, eps):
-    _fake_check_devices("train_backward", input, grad_out=grad_out, mean=mean, var=var,
-                        weight=weight)
-    pt = _param_dtype(input, weight)
-    return torch.empty_like(input), _channel_vector(input, pt), _channel_vector(input, pt)
 
 
 # ---- autograd ----------------------------------------------------------------------------
@@ -262,8 +184,6 @@ def _verify_batch_size(input: Tensor) -> None:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {size}")
 
-
-_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 

@@ -1,6 +1,8 @@
 """torch.library.opcheck on every op, the op split against references, and torch.compile."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import bn_ext
 from conftest import DEVICES, assert_same_as_split_path, make_input
@@ -267,6 +269,33 @@ def test_compile_inductor(device):
     torch.testing.assert_close(model.bn.running_var, ref.bn.running_var)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_dynamic_shapes_one_graph(device):
+    """With dynamic=True the graph of the first call serves every later batch and spatial size:
+    the fake kernels' checks on symbolic sizes guard only on the channel count. Forward, backward
+    and buffers as torch's. (The first call compiles twice, for torch's BatchNorm2d too: dynamo
+    traces eps and momentum as symbolic floats, then restarts with them specialized.)"""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    ours, ref = bn_ext.BatchNorm2d(3).to(device), torch.nn.BatchNorm2d(3).to(device)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ours, backend=counter, dynamic=True, fullgraph=True)
+    first = None
+    for n, h in [(2, 5), (3, 7), (5, 4)]:
+        x = torch.randn(n, 3, h, h + 1, device=device)
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = compiled(xo), ref(xr)
+        torch.testing.assert_close(yo, yr)
+        yo.square().sum().backward()
+        yr.square().sum().backward()
+        torch.testing.assert_close(xo.grad, xr.grad)
+        first = first or counter.frame_count
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    assert counter.frame_count == first, "a new batch or spatial size recompiled"
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_export_runs_the_ops(training):
     """torch.export keeps bn_ext's ops in the graph; the exported program computes what the
@@ -336,3 +365,129 @@ def test_output_strides_of_non_dense_inputs_as_empty_like(name, x):
                      (ops.backward_input, (g, x, mean, var, w, None, None, None, 1e-5)),
                      (ops.train_backward, (g, x, mean, var, w, 1e-5))]:
         torch.library.opcheck(op, args)
+
+
+# ---- the fake kernels refuse what the ops refuse ---------------------------------------------
+#
+# A random call of a random op, each argument drawn right or wrong in one of the ways a caller
+# gets it wrong, is made three times: on CPU tensors (the C++ op and its checks), on meta tensors
+# and under FakeTensorMode (the fake kernels, bn_ext/_fake.py). All three must raise the same
+# type with the same opening words (op, argument, check), or all three return the same shapes,
+# dtypes and strides.
+
+_VECTOR_ARGS = {"mean", "var", "weight", "bias", "running_mean", "running_var", "sum_dy",
+                "sum_dy_xmu"}
+# Per argument: the right kinds, then the wrong ones. A call gets up to two wrong arguments, so
+# that checks late in an op's order are reached as often as early ones.
+_KINDS = {
+    "input": (["ok"], ["1d", "int64"]),
+    "vector": (["ok"], ["fewer", "more", "float64", "bfloat16", "float16", "int64", "row",
+                        "expanded", "inference"]),
+    "grad_out": (["ok"], ["shape", "dtype"]),
+    "count": (["ok"], ["two", "int64"]),
+    "num_batches_tracked": (["ok", None], ["float", "two", "expanded", "inference"]),
+    "eps": ([1e-5, 0.0], [-1e-3]),
+    "momentum": ([0.1, None], []),
+}
+
+
+def _schema_args(name):
+    return getattr(ops, name).default._schema.arguments
+
+
+@st.composite
+def _op_calls(draw):
+    name = draw(st.sampled_from(["batch_stats", "normalize", "train_forward",
+                                 "running_stats_update", "backward_reduce", "backward_input",
+                                 "train_backward"]))
+    args = _schema_args(name)
+    wrong = draw(st.sets(st.sampled_from([a.name for a in args]), max_size=2))
+    kinds = {}
+    for a in args:
+        right, bad = _KINDS["vector" if a.name in _VECTOR_ARGS else a.name]
+        if isinstance(a.type, torch.OptionalType) and None not in right:
+            right = right + [None]
+        kinds[a.name] = draw(st.sampled_from(bad if a.name in wrong and bad else right))
+    shape = (draw(st.integers(0, 3)), *[draw(st.integers(1, 3))
+                                       for _ in range(draw(st.integers(1, 3)))])
+    if kinds.get("input") == "1d":
+        shape = shape[:1]
+    x_dtype = torch.int64 if kinds.get("input") == "int64" else draw(
+        st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+    return name, shape, x_dtype, kinds
+
+
+def _op_args(name, shape, x_dtype, kinds, device):
+    """The call's arguments, made afresh on `device` (the op may write to them)."""
+    C = shape[1] if len(shape) > 1 else 1
+    md = torch.float64 if x_dtype == torch.float64 else torch.float32
+    x = torch.rand(shape, device=device).to(x_dtype)
+
+    def make(kind, n, dtype):
+        if kind is None:
+            return None
+        if kind == "inference":
+            with torch.inference_mode():
+                return torch.rand(n, device=device).to(dtype)
+        if kind == "expanded":
+            return torch.rand(1, device=device).to(dtype).expand(n)
+        if kind == "row":
+            return torch.rand(1, n, device=device).to(dtype)
+        return torch.rand(n, device=device).to(dtype)
+
+    def vector(kind):
+        n = {"fewer": C - 1, "more": C + 1}.get(kind, C)
+        dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "int64": torch.int64}.get(kind, md)
+        return make(kind, n, dtype)
+
+    args = []
+    for a in _schema_args(name):
+        kind = kinds.get(a.name)
+        if a.name == "input":
+            args.append(x)
+        elif a.name in _VECTOR_ARGS:
+            args.append(vector(kind))
+        elif a.name == "grad_out":
+            g_shape = (shape[0] + 1, *shape[1:]) if kind == "shape" else shape
+            g_dtype = (torch.float64 if x_dtype != torch.float64 else torch.float32) \
+                if kind == "dtype" else x_dtype
+            args.append(torch.rand(g_shape, device=device).to(g_dtype))
+        elif a.name == "count":
+            args.append(None if kind is None else torch.full(
+                (2,) if kind == "two" else (), 4.0, device=device,
+                dtype=torch.int64 if kind == "int64" else md))
+        elif a.name == "num_batches_tracked":
+            n = 2 if kind == "two" else 1
+            t = make(kind, n, torch.float32 if kind == "float" else torch.int64)
+            args.append(None if t is None else t.reshape(()) if n == 1 and kind != "expanded"
+                        else t)
+        else:  # eps, momentum
+            args.append(kind)
+    return args
+
+
+def _op_outcome(op, args):
+    try:
+        out = op(*args)
+    except Exception as e:  # noqa: BLE001 - the type and wording are what is compared
+        return type(e), " ".join(str(e).split()[:4])
+    outs = out if isinstance(out, tuple) else (out,)
+    return [None if t is None else (tuple(t.shape), t.dtype, t.stride()) for t in outs]
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_op_calls())
+def test_fake_kernels_refuse_what_the_ops_refuse(call):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    name, shape, x_dtype, kinds = call
+    op = getattr(ops, name).default
+    real = _op_outcome(op, _op_args(name, shape, x_dtype, kinds, "cpu"))
+    meta = _op_outcome(op, _op_args(name, shape, x_dtype, kinds, "meta"))
+    assert meta == real, f"{name} {kinds}: the op gave {real}, its meta kernel {meta}"
+    mode = FakeTensorMode()
+    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                 for a in _op_args(name, shape, x_dtype, kinds, "cpu")]
+    with mode:
+        fake = _op_outcome(op, fake_args)
+    assert fake == real, f"{name} {kinds}: the op gave {real}, its fake kernel {fake}"
