@@ -6,7 +6,8 @@ not hand back a plausible tensor (torch's own meta kernels raise for a weight of
 size, say). So each kernel first runs the checks of csrc/ops.cpp's front door, mirrored below
 check for check, in the same order and with the same exception types; tests/test_ops.py draws
 random calls and holds the two to the same outcome. The messages differ only in how they spell
-a dtype (torch.float32 here, Float in C++).
+a dtype (torch.float32 here, Float in C++). The one op written in Python,
+_differentiable_train_backward (functional.py), runs these checks too.
 """
 from __future__ import annotations
 
@@ -72,13 +73,17 @@ def _check_eps(op: str, eps: float) -> None:
     _check(eps >= 0, op, f"eps must be non-negative, got {eps}")
 
 
-def _check_backward_args(op, grad_out, input, mean, var, weight, eps) -> None:
-    _check_input(op, input)
+def _check_grad_out(op: str, input: Tensor, grad_out: Tensor) -> None:
     _check_same_device(op, input, grad_out, "grad_out")
     _check(grad_out.shape == input.shape, op, f"grad_out has shape {list(grad_out.shape)} but "
            f"input has shape {list(input.shape)}")
     _check(grad_out.dtype == input.dtype, op, f"grad_out has dtype {grad_out.dtype} but input "
            f"has dtype {input.dtype}")
+
+
+def _check_backward_args(op, grad_out, input, mean, var, weight, eps) -> None:
+    _check_input(op, input)
+    _check_grad_out(op, input, grad_out)
     _check_channel_vector(op, input, mean, "mean")
     _check_channel_vector(op, input, var, "var")
     _check_channel_vector(op, input, weight, "weight")

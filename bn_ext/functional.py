@@ -35,7 +35,8 @@ except ImportError as e:  # pragma: no cover - an install problem, not a code pa
         f"installed package. Original error: {e}") from e
 
 # importing _fake registers the ops' fake kernels
-from ._fake import _SUPPORTED_DTYPES, _math_dtype, _param_dtype
+from ._fake import (_SUPPORTED_DTYPES, _check_channel_vector, _check_eps, _check_grad_out,
+                    _check_input, _math_dtype, _param_dtype)
 
 ops = torch.ops.bn_ext
 
@@ -43,7 +44,7 @@ ops = torch.ops.bn_ext
 # packet resolves its overload on every call, ~6 us of a small training layer's ~60 (2-core VM).
 _ops = types.SimpleNamespace(**{name: getattr(ops, name).default for name in (
     "batch_stats", "normalize", "train_forward", "running_stats_update", "backward_reduce",
-    "backward_input", "train_backward")})
+    "backward_input", "train_backward", "_differentiable_train_backward")})
 
 
 # ---- autograd ----------------------------------------------------------------------------
@@ -76,41 +77,67 @@ class _EvalGradInput(torch.autograd.Function):
         return grad_dy, grad_scale, None
 
 
-def _differentiable_backward(grad_out, input, weight, running_mean, running_var, training, eps):
-    """The backward in torch ops, so that autograd can differentiate it (double backward).
+def _differentiable_train_backward(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
+                                   eps: float):
+    """Training's backward in torch ops, so that autograd can differentiate it (double backward):
+    the op bn_ext::_differentiable_train_backward, which train_forward's C++ autograd runs too.
 
-    Training, with xhat = (x - mean) * invstd over the batch statistics, n values per channel:
+    With xhat = (x - mean) * invstd over the batch statistics, n values per channel:
         grad_bias   = sum(dy)
         grad_weight = sum(dy * xhat)
         grad_input  = w * invstd / n * (n * dy - grad_bias - xhat * grad_weight)
     The batch statistics are recomputed here from `input`, so their dependence on it is part of
-    the graph. Eval uses the running statistics, constants: grad_input = dy * w * invstd.
+    the graph.
     """
+    op = "_differentiable_train_backward"
+    _check_input(op, input)
+    _check_grad_out(op, input, grad_out)
+    _check_channel_vector(op, input, weight, "weight")
+    _check_eps(op, eps)
     dims = [0] + list(range(2, input.dim()))
     x = input.to(_math_dtype(input.dtype))
     dy = grad_out.to(x.dtype)
-    if training and x.numel() == 0:
+    if x.numel() == 0:
         # no values: mean and var would be 0/0, and NaN * 0 would reach the weight's second
         # derivative through w * invstd; torch's gradients of an empty batch are zeros
         mean = var = x.new_zeros([1, x.shape[1]] + [1] * (x.dim() - 2))
-    elif training:
+    else:
         mean = x.mean(dims, keepdim=True)
         var = (x - mean).square().mean(dims, keepdim=True)
-    else:
-        mean = _per_channel(running_mean.to(x.dtype), x.dim())
-        var = _per_channel(running_var.to(x.dtype), x.dim())
     invstd = (var + eps).rsqrt()
     xhat = (x - mean) * invstd
-    w = _per_channel(weight.to(x.dtype), x.dim()) if weight is not None else None
     grad_bias = dy.sum(dims)
     grad_weight = (dy * xhat).sum(dims)
-    scale = invstd if w is None else w * invstd
+    scale = invstd if weight is None else _per_channel(weight.to(x.dtype), x.dim()) * invstd
+    n = x.numel() // x.shape[1] if x.numel() else 1
+    grad_input = scale / n * (n * dy - _per_channel(grad_bias, x.dim())
+                              - xhat * _per_channel(grad_weight, x.dim()))
+    pt = _param_dtype(input, weight)
+    return grad_input.to(input.dtype), grad_weight.to(pt), grad_bias.to(pt)
+
+
+# CompositeImplicitAutograd: autograd records the torch ops inside, and fake tensors and
+# torch.compile decompose the op into them (no fake kernel).
+_library = torch.library.Library("bn_ext", "IMPL")
+_library.impl("_differentiable_train_backward", _differentiable_train_backward,
+              "CompositeImplicitAutograd")
+
+
+def _differentiable_backward(grad_out, input, weight, running_mean, running_var, training, eps):
+    """BatchNormFunction's backward in torch ops, for double backward. Eval uses the running
+    statistics, constants: grad_input = dy * w * invstd, grad_weight = sum(dy * xhat),
+    grad_bias = sum(dy)."""
     if training:
-        n = x.numel() // x.shape[1] if x.numel() else 1
-        grad_input = scale / n * (n * dy - _per_channel(grad_bias, x.dim())
-                                  - xhat * _per_channel(grad_weight, x.dim()))
-    else:
-        grad_input = _EvalGradInput.apply(dy, scale, input)
+        return _ops._differentiable_train_backward(grad_out, input, weight, eps)
+    dims = [0] + list(range(2, input.dim()))
+    x = input.to(_math_dtype(input.dtype))
+    dy = grad_out.to(x.dtype)
+    mean = _per_channel(running_mean.to(x.dtype), x.dim())
+    invstd = (_per_channel(running_var.to(x.dtype), x.dim()) + eps).rsqrt()
+    scale = invstd if weight is None else _per_channel(weight.to(x.dtype), x.dim()) * invstd
+    grad_bias = dy.sum(dims)
+    grad_weight = (dy * ((x - mean) * invstd)).sum(dims)
+    grad_input = _EvalGradInput.apply(dy, scale, input)
     pt = _param_dtype(input, weight)
     return grad_input.to(input.dtype), grad_weight.to(pt), grad_bias.to(pt)
 

@@ -541,38 +541,9 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& grad_out, const 
 // forward and a few a backward of interpreter and Function bookkeeping, a tenth of a 256x1000
 // layer. This Autograd kernel does the same in C++. It redispatches below autograd, so fake,
 // meta and compile tracing reach the same op. The backward runs train_backward (or
-// backward_reduce when grad_input is not needed); with create_graph it is written in ATen ops so
-// that autograd can differentiate it again (double backward), as functional.py does for eval.
-
-// Training backward in differentiable ATen ops, with the batch statistics recomputed from input:
-//   grad_bias = sum(dy), grad_weight = sum(dy * xhat),
-//   grad_input = w * invstd / n * (n * dy - grad_bias - xhat * grad_weight).
-std::tuple<Tensor, Tensor, Tensor> differentiable_train_backward(const Tensor& grad_out,
-                                                                 const Tensor& input,
-                                                                 const Tensor& weight, double eps) {
-  const auto math = math_type(input.scalar_type());
-  std::vector<int64_t> dims{0}, shape(input.dim(), 1);
-  for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
-  shape[1] = -1;
-  const Tensor x = input.to(math);
-  const Tensor dy = grad_out.to(math);
-  // An empty batch has no statistics (0/0); zeros keep NaN * 0 out of the weight's second
-  // derivative through w * invstd, whose gradients are then zeros, as torch's are.
-  const bool empty = input.numel() == 0;
-  const Tensor mean = empty ? at::zeros({1, input.size(1)}, x.options()).reshape(shape)
-                            : x.mean(dims, /*keepdim=*/true);
-  const Tensor var = empty ? mean : (x - mean).square().mean(dims, /*keepdim=*/true);
-  const Tensor invstd = (var + eps).rsqrt();
-  const Tensor xhat = (x - mean) * invstd;
-  const Tensor grad_bias = dy.sum(dims);
-  const Tensor grad_weight = (dy * xhat).sum(dims);
-  const Tensor scale = weight.defined() ? weight.to(math).reshape(shape) * invstd : invstd;
-  const double n = input.numel() > 0 ? static_cast<double>(input.numel() / input.size(1)) : 1.0;
-  const Tensor grad_input = scale / n * (n * dy - grad_bias.reshape(shape) -
-                                         xhat * grad_weight.reshape(shape));
-  const auto pt = weight.defined() ? weight.scalar_type() : math;
-  return {grad_input.to(input.scalar_type()), grad_weight.to(pt), grad_bias.to(pt)};
-}
+// backward_reduce when grad_input is not needed); with create_graph it runs the op
+// _differentiable_train_backward, ATen ops that autograd can differentiate again (double
+// backward).
 
 class TrainForwardFunction : public torch::autograd::Function<TrainForwardFunction> {
  public:
@@ -620,7 +591,14 @@ class TrainForwardFunction : public torch::autograd::Function<TrainForwardFuncti
     const optional<Tensor> w = weight.defined() ? optional<Tensor>(weight) : c10::nullopt;
     Tensor gi, gw, gb;
     if (at::GradMode::is_enabled()) {
-      std::tie(gi, gw, gb) = differentiable_train_backward(grad_out, input, weight, eps);
+      // A graph is being built (double backward): the backward in differentiable ATen ops,
+      // written once, in Python (functional.py), for this and for BatchNormFunction.
+      static const auto op =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("bn_ext::_differentiable_train_backward", "")
+              .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                        const optional<Tensor>&, double)>();
+      std::tie(gi, gw, gb) = op.call(grad_out, input, w, eps);
     } else if (need_input) {
       static const auto op = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("bn_ext::train_backward", "")
@@ -753,6 +731,10 @@ TORCH_LIBRARY(bn_ext, m) {
         "Tensor? weight, float eps) -> (Tensor grad_input, Tensor grad_weight, "
         "Tensor grad_bias)");
   // The CPU output cache (cpu/output_cache.cpp); no tensors in or out, so one kernel for all keys.
+  // The training backward in differentiable ATen ops, for double backward: a
+  // CompositeImplicitAutograd kernel in Python (functional.py).
+  m.def("_differentiable_train_backward(Tensor grad_out, Tensor input, Tensor? weight, "
+        "float eps) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
   m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
@@ -770,6 +752,7 @@ TORCH_LIBRARY(bn_ext, m) {
 TORCH_LIBRARY_IMPL(bn_ext, CPU, m) { BN_EXT_REGISTER_IMPLS(m) }
 
 TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) { m.impl("train_forward", &train_forward_autograd); }
+
 
 TORCH_LIBRARY_IMPL(bn_ext, Negative, m) {
   m.impl("train_forward", &train_forward_negative);

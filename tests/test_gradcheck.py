@@ -93,3 +93,42 @@ def test_eval_input_gradient_penalty_as_torch(device, frozen):
         assert (a is None) == (b is None)
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_batch_norm_function_gradgradcheck(device, training, affine):
+    """BatchNormFunction, public, has its own backward (batch_norm's training runs the C++
+    autograd instead): its first and second derivatives, checked the same way."""
+    x, w, b = _inputs((4, 3, 2, 2), "channels_last", device, affine)
+    rm = torch.randn(3, dtype=torch.float64, device=device)
+    rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+
+    def f(x, w, b):
+        return bn_ext.BatchNormFunction.apply(x, w, b, rm.clone(), rv.clone(), training,
+                                              1e-3, None, 0.1)[0]
+    args = (x, w, b) if affine else (x,)
+    g = f if affine else (lambda x: f(x, None, None))
+    assert gradcheck(g, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradgradcheck(g, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_training_double_backward(device):
+    """BatchNormFunction's training double backward and batch_norm's (train_forward's C++
+    autograd) run one formula, the op _differentiable_train_backward: the same bits."""
+    x, w, b = _inputs((4, 3, 2, 2), "contiguous", device, True)
+    dy = torch.randn_like(x)
+
+    def second_derivatives(forward):
+        y = forward(x, w, b)
+        gx, gw = torch.autograd.grad(y, (x, w), dy, create_graph=True)
+        return (gx, gw) + torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w))
+
+    ours = second_derivatives(lambda x, w, b: bn_ext.BatchNormFunction.apply(
+        x, w, b, None, None, True, 1e-3)[0])
+    ref = second_derivatives(lambda x, w, b: bn_ext.batch_norm(x, None, None, w, b, True,
+                                                               0.1, 1e-3))
+    for a, r in zip(ours, ref):
+        assert torch.equal(a, r)

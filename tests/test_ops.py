@@ -41,6 +41,8 @@ def _op_samples(device, dtype, layout):
         (ops.backward_input, (g, x, mean, var, w, mean, var, count, 1e-5)),
         (ops.backward_input, (g, x, mean, var, None, None, None, None, 1e-5)),
         (ops.train_backward, (g, x, mean, var, w, 1e-5)),
+        (ops._differentiable_train_backward, (g, x, w, 1e-5)),
+        (ops._differentiable_train_backward, (g, x, None, 1e-5)),
     ]
 
 
