@@ -320,6 +320,22 @@ def test_export_runs_the_ops(training):
     assert exported.bn1.num_batches_tracked.item() == ref.bn1.num_batches_tracked.item()
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_dynamic_batch_and_spatial_sizes(training):
+    """Exported with the batch and spatial sizes dynamic, the program runs other sizes and
+    computes what torch's layer does."""
+    from torch.export import Dim
+    ours = bn_ext.BatchNorm2d(3).train(training)
+    ref = torch.nn.BatchNorm2d(3).train(training)
+    dims = {0: Dim("n", min=2), 2: Dim("h"), 3: Dim("w")}
+    ep = torch.export.export(ours, (torch.randn(4, 3, 5, 6),), dynamic_shapes={"input": dims})
+    exported = ep.module()
+    for shape in [(7, 3, 9, 4), (2, 3, 3, 11)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(exported(x), ref(x))
+    torch.testing.assert_close(exported.running_var, ref.running_var)
+
+
 def test_aot_inductor_package(tmp_path):
     """An AOTInductor package of an exported eval model calls bn_ext's op (the loading process
     must have imported bn_ext, as this one has)."""
