@@ -730,11 +730,11 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def("train_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
         "Tensor? weight, float eps) -> (Tensor grad_input, Tensor grad_weight, "
         "Tensor grad_bias)");
-  // The CPU output cache (cpu/output_cache.cpp); no tensors in or out, so one kernel for all keys.
   // The training backward in differentiable ATen ops, for double backward: a
   // CompositeImplicitAutograd kernel in Python (functional.py).
   m.def("_differentiable_train_backward(Tensor grad_out, Tensor input, Tensor? weight, "
         "float eps) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The CPU output cache (cpu/output_cache.cpp); no tensors in or out, so one kernel for all keys.
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
   m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
@@ -752,7 +752,6 @@ TORCH_LIBRARY(bn_ext, m) {
 TORCH_LIBRARY_IMPL(bn_ext, CPU, m) { BN_EXT_REGISTER_IMPLS(m) }
 
 TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) { m.impl("train_forward", &train_forward_autograd); }
-
 
 TORCH_LIBRARY_IMPL(bn_ext, Negative, m) {
   m.impl("train_forward", &train_forward_negative);
