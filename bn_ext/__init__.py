@@ -5,7 +5,7 @@
     bn_ext.LazyBatchNorm1d/2d/3d drop-in for torch.nn.LazyBatchNorm1d/2d/3d
     bn_ext.convert_model         swaps a model's torch BatchNorm layers for bn_ext's
     bn_ext.SyncBatchNorm         drop-in for torch.nn.SyncBatchNorm (any torch.distributed backend)
-    bn_ext.BatchNormFunction     an autograd.Function over the C++ ops (training's is in C++)
+    bn_ext.BatchNormFunction     an autograd.Function over the C++ ops (the layers use C++ autograd)
     bn_ext.ops                   torch.ops.bn_ext, the raw ops
     bn_ext.empty_cpu_cache       gives back the CPU output cache's blocks (bn_ext/memory.py)
     bn_ext.cpu_cache_stats       that cache's size, limit, hits and misses

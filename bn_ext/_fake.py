@@ -6,8 +6,9 @@ not hand back a plausible tensor (torch's own meta kernels raise for a weight of
 size, say). So each kernel first runs the checks of csrc/ops.cpp's front door, mirrored below
 check for check, in the same order and with the same exception types; tests/test_ops.py draws
 random calls and holds the two to the same outcome. The messages differ only in how they spell
-a dtype (torch.float32 here, Float in C++). The one op written in Python,
-_differentiable_train_backward (functional.py), runs these checks too.
+a dtype (torch.float32 here, Float in C++). The two ops written in Python,
+_differentiable_train_backward and _differentiable_normalize_backward (functional.py), run
+these checks too.
 """
 from __future__ import annotations
 

@@ -12,13 +12,14 @@ the phases:
     backward_input       grad_input, from those sums (training) or from the running stats (eval)
     train_backward       backward_reduce + backward_input, fused
 
-Training's autograd is in C++: train_forward has an Autograd kernel (ops.cpp) whose backward runs
-train_backward, so a training layer costs no Python beyond batch_norm's checks. Eval with grad
-goes through BatchNormFunction below, which also takes training and stays public.
+Autograd is in C++: train_forward and normalize have Autograd kernels (ops.cpp) whose backwards
+run train_backward, and backward_input and backward_reduce, so a layer costs no Python beyond
+batch_norm's checks. BatchNormFunction below does the same in Python, and stays public.
 """
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Optional
 
 import torch
@@ -35,8 +36,8 @@ except ImportError as e:  # pragma: no cover - an install problem, not a code pa
         f"installed package. Original error: {e}") from e
 
 # importing _fake registers the ops' fake kernels
-from ._fake import (_SUPPORTED_DTYPES, _check_channel_vector, _check_eps, _check_grad_out,
-                    _check_input, _math_dtype, _param_dtype)
+from ._fake import (_SUPPORTED_DTYPES, _check_backward_args, _check_channel_vector, _check_eps,
+                    _check_grad_out, _check_input, _math_dtype, _param_dtype)
 
 ops = torch.ops.bn_ext
 
@@ -44,7 +45,8 @@ ops = torch.ops.bn_ext
 # packet resolves its overload on every call, ~6 us of a small training layer's ~60 (2-core VM).
 _ops = types.SimpleNamespace(**{name: getattr(ops, name).default for name in (
     "batch_stats", "normalize", "train_forward", "running_stats_update", "backward_reduce",
-    "backward_input", "train_backward", "_differentiable_train_backward")})
+    "backward_input", "train_backward", "_differentiable_train_backward",
+    "_differentiable_normalize_backward")})
 
 
 # ---- autograd ----------------------------------------------------------------------------
@@ -116,30 +118,40 @@ def _differentiable_train_backward(grad_out: Tensor, input: Tensor, weight: Opti
     return grad_input.to(input.dtype), grad_weight.to(pt), grad_bias.to(pt)
 
 
-# CompositeImplicitAutograd: autograd records the torch ops inside, and fake tensors and
-# torch.compile decompose the op into them (no fake kernel).
-_library = torch.library.Library("bn_ext", "IMPL")
-_library.impl("_differentiable_train_backward", _differentiable_train_backward,
-              "CompositeImplicitAutograd")
-
-
-def _differentiable_backward(grad_out, input, weight, running_mean, running_var, training, eps):
-    """BatchNormFunction's backward in torch ops, for double backward. Eval uses the running
-    statistics, constants: grad_input = dy * w * invstd, grad_weight = sum(dy * xhat),
-    grad_bias = sum(dy)."""
-    if training:
-        return _ops._differentiable_train_backward(grad_out, input, weight, eps)
+def _differentiable_normalize_backward(grad_out: Tensor, input: Tensor, mean: Tensor,
+                                       var: Tensor, weight: Optional[Tensor], eps: float):
+    """normalize's backward in torch ops, for double backward: the op
+    bn_ext::_differentiable_normalize_backward, which normalize's C++ autograd runs (eval with
+    grad) and BatchNormFunction's eval too. mean and var are given per-channel vectors (in eval,
+    the running statistics). With s = w * invstd and xhat = (x - mean) * invstd:
+        grad_input = dy * s,  grad_weight = sum(dy * xhat),  grad_bias = sum(dy)
+        grad_mean = -s * grad_bias,  grad_var = -s * invstd / 2 * grad_weight
+    """
+    op = "_differentiable_normalize_backward"
+    _check_backward_args(op, grad_out, input, mean, var, weight, eps)
     dims = [0] + list(range(2, input.dim()))
     x = input.to(_math_dtype(input.dtype))
     dy = grad_out.to(x.dtype)
-    mean = _per_channel(running_mean.to(x.dtype), x.dim())
-    invstd = (_per_channel(running_var.to(x.dtype), x.dim()) + eps).rsqrt()
-    scale = invstd if weight is None else _per_channel(weight.to(x.dtype), x.dim()) * invstd
+    m = mean.to(x.dtype)
+    invstd = (var.to(x.dtype) + eps).rsqrt()
+    s = invstd if weight is None else weight.to(x.dtype) * invstd
     grad_bias = dy.sum(dims)
-    grad_weight = (dy * ((x - mean) * invstd)).sum(dims)
-    grad_input = _EvalGradInput.apply(dy, scale, input)
+    xhat = (x - _per_channel(m, x.dim())) * _per_channel(invstd, x.dim())
+    grad_weight = (dy * xhat).sum(dims)
+    grad_input = _EvalGradInput.apply(dy, _per_channel(s, x.dim()), input)
+    grad_mean = -s * grad_bias
+    grad_var = -s * invstd / 2 * grad_weight
     pt = _param_dtype(input, weight)
-    return grad_input.to(input.dtype), grad_weight.to(pt), grad_bias.to(pt)
+    return (grad_input.to(input.dtype), grad_mean.to(mean.dtype), grad_var.to(var.dtype),
+            grad_weight.to(pt), grad_bias.to(pt))
+
+
+# CompositeImplicitAutograd: autograd records the torch ops inside, and fake tensors and
+# torch.compile decompose the ops into them (no fake kernel).
+_library = torch.library.Library("bn_ext", "IMPL")
+for _name, _fn in (("_differentiable_train_backward", _differentiable_train_backward),
+                   ("_differentiable_normalize_backward", _differentiable_normalize_backward)):
+    _library.impl(_name, _fn, "CompositeImplicitAutograd")
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -182,8 +194,14 @@ class BatchNormFunction(torch.autograd.Function):
         if grad_out is None:
             pass
         elif torch.is_grad_enabled():
-            grad_input, grad_weight, grad_bias = _differentiable_backward(
-                grad_out, input, weight, mean, var, ctx.training, ctx.eps)
+            # A graph is being built (double backward): the ops' differentiable backwards
+            if ctx.training:
+                grad_input, grad_weight, grad_bias = _ops._differentiable_train_backward(
+                    grad_out, input, weight, ctx.eps)
+            else:
+                grad_input, _, _, grad_weight, grad_bias = (
+                    _ops._differentiable_normalize_backward(grad_out, input, mean, var, weight,
+                                                            ctx.eps))
         elif ctx.training and need_input:
             grad_input, grad_weight, grad_bias = _ops.train_backward(
                 grad_out, input, mean, var, weight, ctx.eps)
@@ -213,6 +231,11 @@ def _verify_batch_size(input: Tensor) -> None:
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+# Under torch.jit.trace sizes are tensors, and the argument checks' comparisons of them warn that
+# they are traced as constants. So they are, as in torch's own batch_norm, whose warnings the
+# tracer filters (TracerWarning.ignore_lib_warnings); the same filter, for bn_ext's modules.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bn_ext(\.|$)")
 
 
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -310,13 +333,8 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         out, _, _ = _ops.train_forward(input, weight, bias, eps, running_mean, running_var,
                                        num_batches_tracked, momentum)
         return out
-    # Without autograd the op is called directly: autograd.Function.apply costs tens of
-    # microseconds, a few percent of a small eval call.
-    if not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, weight, bias))):
-        return _ops.normalize(input, running_mean, running_var, weight, bias, eps)
-    (out,) = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, eps)
-    return out
+    # Eval, with or without grad: normalize's autograd is in C++ too (ops.cpp).
+    return _ops.normalize(input, running_mean, running_var, weight, bias, eps)
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -60,6 +60,16 @@ class _BatchNormForward:
             nbt.add_(1)  # tracking with the statistics set to None: torch still counts
         return out
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before it compiles any; without it the
+        # compiler fails deep in forward()'s Python helpers with "Unknown type name".
+        raise RuntimeError(
+            f"torch.jit.script cannot compile bn_ext.{type(self).__name__}: its forward runs "
+            f"Python (argument checks, torch.fx and torch.func support) that TorchScript, "
+            f"deprecated in torch, does not take. torch.compile, torch.export and "
+            f"torch.jit.trace run bn_ext's kernels; or script the model before "
+            f"bn_ext.convert_model, on torch's BatchNorm.")
+
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
     __doc__ = "bn_ext drop-in for torch.nn.BatchNorm1d (input (N, C) or (N, C, L))."

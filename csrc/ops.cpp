@@ -545,6 +545,11 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& grad_out, const 
 // _differentiable_train_backward, ATen ops that autograd can differentiate again (double
 // backward).
 
+// Whether an optional argument is given and requires grad.
+bool grad_of(const optional<Tensor>& t) {
+  return t.has_value() && t->defined() && t->requires_grad();
+}
+
 class TrainForwardFunction : public torch::autograd::Function<TrainForwardFunction> {
  public:
   static torch::autograd::variable_list forward(
@@ -568,9 +573,6 @@ class TrainForwardFunction : public torch::autograd::Function<TrainForwardFuncti
     ctx->saved_data["eps"] = eps;
     // needs_input_grad counts only the tensors given, so an absent weight would shift the
     // indices; record which of input, weight and bias take a gradient instead.
-    const auto grad_of = [](const optional<Tensor>& t) {
-      return t.has_value() && t->defined() && t->requires_grad();
-    };
     ctx->saved_data["need"] = std::vector<bool>{input.requires_grad(), grad_of(weight),
                                                 grad_of(bias)};
     ctx->mark_non_differentiable({mean, var});
@@ -624,6 +626,107 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
   auto r = TrainForwardFunction::apply(input, weight, bias, eps, running_mean, running_var,
                                        num_batches_tracked, momentum);
   return {r[0], r[1], r[2]};
+}
+
+// ---- autograd for normalize, in C++ -----------------------------------------------------------
+//
+// Eval with grad (a frozen-statistics layer being fine-tuned) and any direct call of the op. As
+// train_forward's: redispatch below autograd; the first-order backward runs the kernels
+// (backward_input for x, backward_reduce for the per-channel sums); with create_graph, the op
+// _differentiable_normalize_backward. With s = w * invstd, invstd = (var + eps)^-1/2:
+//   y = (x - mean) * s + b
+//   dx = dy * s,  dw = sum(dy * (x - mean)) * invstd,  db = sum(dy)
+//   dmean = -s * sum(dy),  dvar = -s * invstd^2 / 2 * sum(dy * (x - mean))
+// (mean and var take a gradient only when called directly: batch_norm refuses running
+// statistics that require grad, as torch does.)
+
+class NormalizeFunction : public torch::autograd::Function<NormalizeFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const Tensor& input, const Tensor& mean,
+                                                const Tensor& var, const optional<Tensor>& weight,
+                                                const optional<Tensor>& bias, double eps) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bn_ext::normalize", "")
+                               .typed<decltype(normalize)>();
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(input, mean, var, weight, bias, eps);
+    }
+    ctx->save_for_backward({input, mean, var, weight.value_or(Tensor())});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["need"] = std::vector<bool>{input.requires_grad(), mean.requires_grad(),
+                                                var.requires_grad(), grad_of(weight),
+                                                grad_of(bias)};
+    ctx->set_materialize_grads(false);
+    return {out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &mean = saved[1], &var = saved[2], &weight = saved[3];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const Tensor& grad_out = grads[0];
+    torch::autograd::variable_list result(6);
+    if (!grad_out.defined()) return result;
+    const auto need = ctx->saved_data["need"].toBoolList();
+    const optional<Tensor> w = weight.defined() ? optional<Tensor>(weight) : c10::nullopt;
+    Tensor gi, gm, gv, gw, gb;
+    if (at::GradMode::is_enabled()) {
+      static const auto op =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("bn_ext::_differentiable_normalize_backward", "")
+              .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                  const optional<Tensor>&, double)>();
+      std::tie(gi, gm, gv, gw, gb) = op.call(grad_out, input, mean, var, w, eps);
+    } else {
+      if (need[0]) {
+        static const auto op = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("bn_ext::backward_input", "")
+                                   .typed<decltype(backward_input)>();
+        gi = op.call(grad_out, input, mean, var, w, c10::nullopt, c10::nullopt, c10::nullopt,
+                     eps);
+      }
+      if (need[1] || need[2] || need[3] || need[4]) {
+        static const auto op = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("bn_ext::backward_reduce", "")
+                                   .typed<decltype(backward_reduce)>();
+        Tensor sum_dy, sum_dy_xmu;
+        std::tie(sum_dy, sum_dy_xmu, gw, gb) = op.call(grad_out, input, mean, var, w, eps);
+        if (need[1] || need[2]) {
+          // per-channel vectors of C, in the sums' (math) dtype
+          const Tensor invstd = (var.to(sum_dy.scalar_type()) + eps).rsqrt();
+          const Tensor s = w.has_value() ? invstd * w->to(sum_dy.scalar_type()) : invstd;
+          if (need[1]) gm = (-s * sum_dy).to(mean.scalar_type());
+          if (need[2]) gv = (s * invstd.square() * sum_dy_xmu * -0.5).to(var.scalar_type());
+        }
+      }
+    }
+    const Tensor* by_input[] = {&gi, &gm, &gv, &gw, &gb};
+    for (int i = 0; i < 5; ++i) {
+      if (need[i]) result[i] = *by_input[i];
+    }
+    return result;
+  }
+};
+
+Tensor normalize_autograd(const Tensor& input, const Tensor& mean, const Tensor& var,
+                          const optional<Tensor>& weight, const optional<Tensor>& bias,
+                          double eps) {
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || mean.requires_grad() ||
+                                       var.requires_grad() || grad_of(weight) || grad_of(bias))) {
+    // No graph to record (eval under no_grad, the common case): straight to the kernel, without
+    // the Function's bookkeeping (~3 us, a fifth of a small layer's call).
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bn_ext::normalize", "")
+                               .typed<decltype(normalize)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, mean, var, weight, bias, eps);
+  }
+  return NormalizeFunction::apply(input, mean, var, weight, bias, eps)[0];
 }
 
 // ---- negative-bit views (torch._neg_view) ------------------------------------------------------
@@ -734,6 +837,10 @@ TORCH_LIBRARY(bn_ext, m) {
   // CompositeImplicitAutograd kernel in Python (functional.py).
   m.def("_differentiable_train_backward(Tensor grad_out, Tensor input, Tensor? weight, "
         "float eps) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // normalize's backward likewise (its autograd kernel, with create_graph).
+  m.def("_differentiable_normalize_backward(Tensor grad_out, Tensor input, Tensor mean, "
+        "Tensor var, Tensor? weight, float eps) -> (Tensor grad_input, Tensor grad_mean, "
+        "Tensor grad_var, Tensor grad_weight, Tensor grad_bias)");
   // The CPU output cache (cpu/output_cache.cpp); no tensors in or out, so one kernel for all keys.
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
   m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
@@ -751,7 +858,10 @@ TORCH_LIBRARY(bn_ext, m) {
 
 TORCH_LIBRARY_IMPL(bn_ext, CPU, m) { BN_EXT_REGISTER_IMPLS(m) }
 
-TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) { m.impl("train_forward", &train_forward_autograd); }
+TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) {
+  m.impl("normalize", &normalize_autograd);
+  m.impl("train_forward", &train_forward_autograd);
+}
 
 TORCH_LIBRARY_IMPL(bn_ext, Negative, m) {
   m.impl("train_forward", &train_forward_negative);

@@ -1,5 +1,6 @@
 """torch.fx symbolic tracing: a bn_ext layer is a leaf (one call_module node), as torch's own
-BatchNorm is, so a traced model has torch's graph and keeps bn_ext's layers running."""
+BatchNorm is, so a traced model has torch's graph and keeps bn_ext's layers running. And
+TorchScript: torch.jit.trace records bn_ext's ops; torch.jit.script is refused, clearly."""
 import pytest
 import torch
 from torch import nn
@@ -104,3 +105,44 @@ def test_fx_fuse_and_custom_tracer():
     tracer = Recorder()
     tracer.trace(model)
     assert ("call_module", "1") in tracer.made
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_jit_trace_records_the_ops_and_runs_as_torchs(training, grad):
+    # Traced with or without grad mode, then run with grad at another shape: the trace's own
+    # check run must pass (in eval with grad it failed while eval's autograd was a Python
+    # Function), and the traced layer must give torch's traced layer's outputs, gradients and
+    # buffers (both ran the same calls: tracing runs the layer more than once).
+    def run(cls):
+        torch.manual_seed(0)
+        m = cls(3).train(training)
+        with torch.no_grad():
+            m.running_mean.uniform_()
+            m.running_var.uniform_(1, 2)
+            m.weight.uniform_()
+            m.bias.uniform_()
+        with torch.set_grad_enabled(grad):
+            traced = torch.jit.trace(m, torch.randn(4, 3, 5, 6))
+        x = torch.randn(8, 3, 7, 2, requires_grad=True)
+        y = traced(x)
+        y.square().sum().backward()
+        return traced, (y, x.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var,
+                        m.num_batches_tracked)
+
+    traced, ours = run(bn_ext.BatchNorm2d)
+    _, ref = run(nn.BatchNorm2d)
+    op = "bn_ext::train_forward" if training else "bn_ext::normalize"
+    assert op in str(traced.graph)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_jit_script_refused_with_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(bn_ext.BatchNorm2d(4)))
+    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile bn_ext.BatchNorm2d"
+                                           r".*torch.compile, torch.export and torch.jit.trace"):
+        torch.jit.script(model)
+    with pytest.raises(RuntimeError, match="cannot compile bn_ext.SyncBatchNorm"):
+        torch.jit.script(bn_ext.SyncBatchNorm(4))
+    torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))  # torch's scripts

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bn_ext
 from conftest import DEVICES, make_input
@@ -54,19 +55,36 @@ def test_module_gradcheck(device):
     assert gradcheck(lambda t: m(t), (x,), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_runs_in_cpp(device, monkeypatch):
-    """First-order backward uses the C++ ops; the torch-op formula is for double backward only."""
-    import bn_ext.functional as F
+class _OpLog(TorchDispatchMode):
+    """The ops that reach the dispatcher's Python key, by name (a composite op shows as the
+    ATen ops it is made of)."""
 
-    def fail(*a, **k):
-        raise AssertionError("differentiable fallback used in first-order backward")
-    monkeypatch.setattr(F, "_differentiable_backward", fail)
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward_runs_in_cpp(device, training):
+    """A first-order backward runs the C++ kernels alone (the torch-op formula is for double
+    backward); with create_graph it runs the torch ops instead."""
     x, w, b = _inputs((4, 3, 2, 2), "contiguous", device, True)
-    for training in (True, False):
-        y = _fn(training, device, 3)(x, w, b)
-        y.sum().backward()
-        assert x.grad is not None and w.grad is not None and b.grad is not None
+    dy = torch.randn_like(x)
+    kernels = ["bn_ext.train_backward.default"] if training else [
+        "bn_ext.backward_input.default", "bn_ext.backward_reduce.default"]
+    y = _fn(training, device, 3)(x, w, b)
+    with _OpLog() as log:
+        y.backward(dy)
+    assert sorted(op for op in log.ops if op != "aten.detach.default") == kernels
+    y = _fn(training, device, 3)(x, w, b)
+    with _OpLog() as log:
+        torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+    assert "aten.rsqrt.default" in log.ops and not any(op.startswith("bn_ext.") for op in log.ops)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,3 +150,21 @@ def test_one_training_double_backward(device):
                                                                0.1, 1e-3))
     for a, r in zip(ours, ref):
         assert torch.equal(a, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_normalize_op_gradgradcheck(device, layout, affine):
+    """The op normalize, called directly, differentiates with respect to every tensor it takes,
+    mean and var too (its C++ autograd; batch_norm refuses running statistics that require
+    grad, as torch does)."""
+    x, w, b = _inputs((4, 3, 5, 2), layout, device, affine)
+    mean = torch.randn(3, dtype=torch.float64, device=device).requires_grad_()
+    var = (torch.rand(3, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+
+    def f(x, mean, var, *wb):
+        return torch.ops.bn_ext.normalize(x, mean, var, *(wb or (None, None)), 1e-3)
+    args = (x, mean, var) + ((w, b) if affine else ())
+    assert gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradgradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -43,7 +43,17 @@ def _op_samples(device, dtype, layout):
         (ops.train_backward, (g, x, mean, var, w, 1e-5)),
         (ops._differentiable_train_backward, (g, x, w, 1e-5)),
         (ops._differentiable_train_backward, (g, x, None, 1e-5)),
+        (ops._differentiable_normalize_backward, (g, x, mean, var, w, 1e-5)),
+        (ops._differentiable_normalize_backward, (g, x, mean, var, None, 1e-5)),
+        # the Autograd kernels (opcheck's autograd registration and AOT checks take gradients)
+        (ops.normalize, _requiring_grad(x, mean, var, w, b) + (1e-5,)),
+        (ops.train_forward, _requiring_grad(x, w, b) + (1e-5, mean.clone(), var.clone(),
+                                                         nbt.clone(), 0.1)),
     ]
+
+
+def _requiring_grad(*tensors):
+    return tuple(t.detach().clone().requires_grad_() for t in tensors)
 
 
 @pytest.mark.parametrize("device", DEVICES)
