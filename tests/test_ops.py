@@ -259,10 +259,16 @@ def test_compile_fullgraph_no_graph_break(device):
             torch.testing.assert_close(q.grad, p.grad, msg=name)
         for (name, b), c in zip(eager.named_buffers(), compiled_model.buffers()):
             torch.testing.assert_close(c, b, msg=name)
+    # eval with grad (frozen statistics, trained parameters): normalize's C++ autograd
     eager.eval()
     compiled_model.eval()
     x = torch.randn(4, 3, 6, 6, device=device)
-    torch.testing.assert_close(compiled(x), eager(x))
+    ye, yc = eager(x), compiled(x)
+    torch.testing.assert_close(yc, ye)
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
