@@ -95,7 +95,9 @@ def extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # Only ops.cpp touches Python (an empty module init), so the limited API suffices; it is a
     # host-compiler flag (nvcc never sees Python.h).
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-DPy_LIMITED_API=0x03090000"]
+    # No -std here or for nvcc: torch's BuildExtension adds the C++ standard its own headers need
+    # (C++17 in torch 2.11, C++20 from 2.13 on; torch 2.15's headers do not compile as C++17).
+    cxx = ["-O3", "-fvisibility=hidden", "-DPy_LIMITED_API=0x03090000"]
     cxx += _cpu_isa_flags()
     # at::parallel_for is a header template whose OpenMP backend is `#pragma omp parallel`: without
     # -fopenmp it silently runs on one thread. The link records libgomp.so.1, which resolves to the
@@ -114,11 +116,14 @@ def extensions():
     # --fmad=false: no multiply-add that the source does not write (fmaf/fma), as in the host
     # emulator's build (-ffp-contract=off), so that the emulator's results are the GPU's bits. On
     # sm_90 it changes only float64 code (the float kernels' fused multiply-adds are all explicit).
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false",
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false",
             "-Xptxas=--warn-on-spills", "-DBN_EXT_WITH_CUDA"]
-    extra_include = []
-    # ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers; with pip's CUDA torch they live in
-    # the nvidia wheels rather than in the toolkit.
+    # ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which a minimal toolkit lacks and
+    # pip's CUDA torch has in its nvidia wheels. Those hold a whole CUDA include tree of torch's
+    # CUDA version, which may be newer than nvcc's (torch 2.15 is built with 13.2; CCCL refuses
+    # to compile with another version's runtime headers): the toolkit's own include folder goes
+    # first, so that its headers win and the wheels supply only what it lacks.
+    extra_include = [os.path.join(os.environ["CUDA_HOME"], "include")]
     try:
         import nvidia  # noqa: F401
 

@@ -3,10 +3,11 @@
 # error fails CI (../shared/ENGINEERING.md section 5 has the recipe).
 #
 #   1. a virtual environment with the CUDA build of torch (created once, reused: $BN_EXT_CUDA_VENV,
-#      default .venv-cuda, which .gitignore covers). The torch is 2.11.0+cu130
-#      ($BN_EXT_CUDA_TORCH_VERSION), the one on the project's GPU machines: the README's command
-#      tests the newest torch, this the GPU machines', so that an API missing from either fails
-#      here, not on a short GPU lease;
+#      default .venv-cuda, which .gitignore covers). The torch is 2.11.0+cu130, the one on the
+#      project's GPU machines, or $BN_EXT_CUDA_TORCH_VERSION (then in .venv-cuda-<version> and
+#      build/cuda-ci-<version>): CI builds against the GPU machines' torch and the newest
+#      release, and the README's command tests torch 2.13, so that an API or header change in
+#      any of them fails here, not on a short GPU lease or at a user's desk;
 #   2. a copy of the tracked and untracked-not-ignored files in build/cuda-ci (ignored), so that
 #      the CPU build's bn_ext/_C*.so in the source tree is never touched. The copy keeps its
 #      build/ folder and the files' times, so ninja recompiles only what changed;
@@ -21,10 +22,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-VENV=${BN_EXT_CUDA_VENV:-$ROOT/.venv-cuda}
-TORCH_VERSION=${BN_EXT_CUDA_TORCH_VERSION:-2.11.0}  # '===' pins the registry's CUDA 13.0 build
-STAGE=$ROOT/build/cuda-ci
-LOG=$ROOT/build/cuda-ci.log
+GPU_TORCH=2.11.0  # the GPU machines' torch; '===' pins the registry's CUDA 13.0 build
+TORCH_VERSION=${BN_EXT_CUDA_TORCH_VERSION:-$GPU_TORCH}
+if [ "$TORCH_VERSION" = "$GPU_TORCH" ]; then
+  VENV=${BN_EXT_CUDA_VENV:-$ROOT/.venv-cuda}
+  STAGE=$ROOT/build/cuda-ci
+else  # another torch (CI also builds against the newest): its own environment and build folder
+  VENV=${BN_EXT_CUDA_VENV:-$ROOT/.venv-cuda-$TORCH_VERSION}
+  STAGE=$ROOT/build/cuda-ci-$TORCH_VERSION
+fi
+LOG=$STAGE.log
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
 
@@ -47,7 +54,9 @@ torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" >/dev/null 2>&1; th
   free_gb=$(df -P -k "$VENV" | awk 'NR == 2 {print int($4 / 1048576)}')
   [ "$free_gb" -ge "$need_gb" ] || die "the CUDA torch needs about $need_gb GB of disk under \
 $VENV; $free_gb GB is free (set BN_EXT_CUDA_VENV to a venv elsewhere, or free some space)"
-  "$PY" -m pip install -q --no-cache-dir "torch===$TORCH_VERSION" ninja numpy setuptools wheel
+  # A machine-wide pip constraints file may cap torch below the version pinned here.
+  PIP_CONSTRAINT=/dev/null "$PY" -m pip install -q --no-cache-dir "torch===$TORCH_VERSION" \
+    ninja numpy setuptools wheel
 fi
 if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ] && ! "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
   "$PY" -m pip install -q pytest hypothesis
@@ -130,18 +139,21 @@ else
 fi
 
 # The built extension, kept with a stamp (commit, torch, architectures) in build/cuda-prebuilt/,
-# which bench/gpu_proof.sh can take (BN_EXT_PREBUILT) instead of building on a short GPU lease.
-PREBUILT=$ROOT/build/cuda-prebuilt
-mkdir -p "$PREBUILT"
-cp "$SO" "$PREBUILT/_C.abi3.so"
-commit=unknown
-if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  commit=$(git -C "$ROOT" rev-parse HEAD)
-  [ -z "$(git -C "$ROOT" status --porcelain)" ] || commit="$commit+dirty"
+# which bench/gpu_proof.sh can take (BN_EXT_PREBUILT) instead of building on a short GPU lease:
+# only a build against the GPU machines' torch.
+if [ "$TORCH_VERSION" = "$GPU_TORCH" ]; then
+  PREBUILT=$ROOT/build/cuda-prebuilt
+  mkdir -p "$PREBUILT"
+  cp "$SO" "$PREBUILT/_C.abi3.so"
+  commit=unknown
+  if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    commit=$(git -C "$ROOT" rev-parse HEAD)
+    [ -z "$(git -C "$ROOT" status --porcelain)" ] || commit="$commit+dirty"
+  fi
+  echo "commit $commit torch $("$PY" -c 'import torch; print(torch.__version__)') arch $TORCH_CUDA_ARCH_LIST" \
+    >"$PREBUILT/_C.abi3.so.stamp"
+  echo "kept as $PREBUILT/_C.abi3.so: $(cat "$PREBUILT/_C.abi3.so.stamp")"
 fi
-echo "commit $commit torch $("$PY" -c 'import torch; print(torch.__version__)') arch $TORCH_CUDA_ARCH_LIST" \
-  >"$PREBUILT/_C.abi3.so.stamp"
-echo "kept as $PREBUILT/_C.abi3.so: $(cat "$PREBUILT/_C.abi3.so.stamp")"
 
 if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ]; then
   log "test suite in the CUDA environment"
