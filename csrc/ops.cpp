@@ -640,20 +640,24 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
 // (mean and var take a gradient only when called directly: batch_norm refuses running
 // statistics that require grad, as torch does.)
 
+// The op's kernel below autograd (fake, meta and compile tracing reach the same op).
+Tensor normalize_below_autograd(const Tensor& input, const Tensor& mean, const Tensor& var,
+                                const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bn_ext::normalize", "")
+                             .typed<decltype(normalize)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(input, mean, var, weight, bias, eps);
+}
+
 class NormalizeFunction : public torch::autograd::Function<NormalizeFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const Tensor& input, const Tensor& mean,
                                                 const Tensor& var, const optional<Tensor>& weight,
                                                 const optional<Tensor>& bias, double eps) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("bn_ext::normalize", "")
-                               .typed<decltype(normalize)>();
-    Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      out = op.call(input, mean, var, weight, bias, eps);
-    }
+    const Tensor out = normalize_below_autograd(input, mean, var, weight, bias, eps);
     ctx->save_for_backward({input, mean, var, weight.value_or(Tensor())});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["need"] = std::vector<bool>{input.requires_grad(), mean.requires_grad(),
@@ -720,11 +724,7 @@ Tensor normalize_autograd(const Tensor& input, const Tensor& mean, const Tensor&
                                        var.requires_grad() || grad_of(weight) || grad_of(bias))) {
     // No graph to record (eval under no_grad, the common case): straight to the kernel, without
     // the Function's bookkeeping (~3 us, a fifth of a small layer's call).
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("bn_ext::normalize", "")
-                               .typed<decltype(normalize)>();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(input, mean, var, weight, bias, eps);
+    return normalize_below_autograd(input, mean, var, weight, bias, eps);
   }
   return NormalizeFunction::apply(input, mean, var, weight, bias, eps)[0];
 }
