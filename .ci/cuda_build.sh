@@ -58,8 +58,10 @@ $VENV; $free_gb GB is free (set BN_EXT_CUDA_VENV to a venv elsewhere, or free so
   PIP_CONSTRAINT=/dev/null "$PY" -m pip install -q --no-cache-dir "torch===$TORCH_VERSION" \
     ninja numpy setuptools wheel
 fi
-if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ] && ! "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
-  "$PY" -m pip install -q pytest hypothesis
+# The README's test dependencies.
+if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ] && \
+    ! "$PY" -c "import pytest, hypothesis, onnx, onnxscript, onnxruntime" 2>/dev/null; then
+  "$PY" -m pip install -q pytest hypothesis onnx onnxscript onnxruntime
 fi
 # The checks and tests import the installed bn_ext, from an empty folder (a folder of /tmp named
 # like a module would shadow it: an empty /tmp/z3 once broke torch's import of z3).

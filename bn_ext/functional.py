@@ -238,12 +238,30 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bn_ext(\.|$)")
 
 
+# Both ONNX exporters capture the model by tracing it: torch.export (the default exporter) sets
+# torch.compiler.is_exporting(), torch.jit.trace (dynamo=False) a tracing state. Those two cost
+# ~0.1 us; torch.onnx.is_in_onnx_export() costs ~3 us (two imports a call), so it is asked only
+# under one of them. Dynamo folds all three to constants (is_in_onnx_export to False).
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _in_onnx_export() -> bool:
+    if not _is_exporting() and torch._C._get_tracing_state() is None:
+        return False
+    return torch.onnx.is_in_onnx_export()
+
+
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       num_batches_tracked):
-    """torch's own batch_norm, for torch.func transforms (vmap, grad, jacrev, jvp) and forward-mode
-    AD, which bn_ext's ops do not support (no batching rules, no jvp; training's autograd is a
-    C++ Function, which functorch refuses). The module's semantics kept: num_batches_tracked is
-    counted after the call, and momentum=None averages over the count it will have."""
+    """torch's own batch_norm, for:
+    - torch.func transforms (vmap, grad, jacrev, jvp) and forward-mode AD, which bn_ext's ops do
+      not support (no batching rules, no jvp; training's autograd is a C++ Function, which
+      functorch refuses);
+    - ONNX export: an ONNX graph runs on the runtime's BatchNormalization, not on bn_ext's
+      kernels, and the exporters translate torch's op into it (bn_ext's ops have no ONNX
+      translation: the export would fail).
+    The module's semantics kept: num_batches_tracked is counted after the call, and momentum=None
+    averages over the count it will have."""
     count = training and running_mean is not None and num_batches_tracked is not None
     if count and momentum is None:
         momentum = 1.0 / float(num_batches_tracked + 1)
@@ -323,7 +341,7 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 raise RuntimeError(f"bn_ext.batch_norm: with {input.dtype} input, weight, bias "
                                    f"and the running statistics must share one dtype (all "
                                    f"float32, or all {input.dtype}); got {listed}")
-    if _functorch_active() or _forward_ad._current_level >= 0:
+    if _functorch_active() or _forward_ad._current_level >= 0 or _in_onnx_export():
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, num_batches_tracked)
     if training:
