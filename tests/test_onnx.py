@@ -183,3 +183,19 @@ def test_eager_calls_do_not_ask_the_onnx_flag(monkeypatch):
     layer.eval()(x)
     with torch.no_grad():
         layer(x)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_sync_batchnorm_exports_in_eval(exporter):
+    """In eval SyncBatchNorm is BatchNorm, and exports as torch's SyncBatchNorm does."""
+    torch.manual_seed(0)
+    ref = with_stats(nn.SyncBatchNorm(5)).eval()
+    ours = bn_ext.SyncBatchNorm(5).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 4, 4)
+    ref_data, our_data = export(ref, x, exporter, False), export(ours, x, exporter, False)
+    assert op_types(our_data) == op_types(ref_data)
+    with torch.no_grad():
+        torch.testing.assert_close(run_onnx(our_data, x), ours(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run_onnx(our_data, x), run_onnx(ref_data, x), atol=1e-5,
+                               rtol=1e-5)
