@@ -102,11 +102,18 @@ def _check_updatable(op: str, t: Tensor, name: str) -> None:
            f"outside inference mode")
 
 
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _check_update_args(op, like, num_batches_tracked, momentum) -> None:
     if num_batches_tracked is not None:
         _check_same_device(op, like, num_batches_tracked, "num_batches_tracked")
-        _check(num_batches_tracked.numel() == 1 and num_batches_tracked.dtype == torch.int64, op,
-               "num_batches_tracked must be an int64 tensor with one element")
+        dt = num_batches_tracked.dtype
+        _check(num_batches_tracked.numel() == 1 and (dt.is_floating_point or dt in _INT_DTYPES),
+               op,
+               f"num_batches_tracked must be a tensor with one element of an integer or floating "
+               f"dtype (int64, as in torch's modules), got {num_batches_tracked.numel()} "
+               f"element(s) of {dt}")
         _check_updatable(op, num_batches_tracked, "num_batches_tracked")
     _check(momentum is not None or num_batches_tracked is not None, op,
            "momentum=None (cumulative average) needs num_batches_tracked")

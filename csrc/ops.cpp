@@ -323,21 +323,55 @@ void check_updatable(const char* op, const Tensor& t, const char* name) {
               "with a clone made outside inference mode");
 }
 
-// The update's arguments besides the buffers: num_batches_tracked an int64 scalar on `like`'s
-// device, momentum a float (any, as torch: outside [0, 1] it extrapolates) or None (then
-// num_batches_tracked is required).
+// The update's arguments besides the buffers: num_batches_tracked a one-element tensor of an
+// integer or floating dtype on `like`'s device (a module's is int64, but torch counts in
+// whatever a checkpoint loaded with assign=True brought), momentum a float (any, as torch:
+// outside [0, 1] it extrapolates) or None (then num_batches_tracked is required).
 void check_update_args(const char* op, const Tensor& like,
                        const optional<Tensor>& num_batches_tracked, optional<double> momentum) {
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (has_nbt) {
     check_same_device(op, like, *num_batches_tracked, "num_batches_tracked");
+    const auto dt = num_batches_tracked->scalar_type();
     TORCH_CHECK(num_batches_tracked->numel() == 1 &&
-                    num_batches_tracked->scalar_type() == at::kLong,
-                "bn_ext.", op, ": num_batches_tracked must be an int64 tensor with one element");
+                    (at::isFloatingType(dt) || dt == at::kByte || dt == at::kChar ||
+                     dt == at::kShort || dt == at::kInt || dt == at::kLong),
+                "bn_ext.", op, ": num_batches_tracked must be a tensor with one element of an "
+                "integer or floating dtype (int64, as in torch's modules), got ",
+                num_batches_tracked->numel(), " element(s) of ", dt);
     check_updatable(op, *num_batches_tracked, "num_batches_tracked");
   }
   TORCH_CHECK(momentum.has_value() || has_nbt, "bn_ext.", op,
               ": momentum=None (cumulative average) needs num_batches_tracked");
+}
+
+// The count as the kernels take it. They count in int64 (the CUDA kernels on the device, with
+// no sync); a count of another dtype is counted here instead, as torch's add_(1) counts it (in
+// its own dtype: an int32 wraps, a float16 stops at 2048), and the kernel is handed the
+// cumulative average's factor 1 / count as its momentum. finish_count writes the count back.
+struct Count {
+  Tensor kernel_count;         // what the kernel counts in: the int64 count itself, or none
+  optional<double> momentum;   // the kernel's momentum
+  Tensor next;                 // another dtype's count + 1, for finish_count
+};
+
+Count prepare_count(const optional<Tensor>& num_batches_tracked, optional<double> momentum) {
+  if (!num_batches_tracked.has_value() || !num_batches_tracked->defined()) {
+    return {Tensor(), momentum, Tensor()};
+  }
+  if (num_batches_tracked->scalar_type() == at::kLong) {
+    return {*num_batches_tracked, momentum, Tensor()};
+  }
+  at::AutoDispatchBelowADInplaceOrView below;
+  Tensor next = num_batches_tracked->add(1);
+  if (!momentum.has_value()) momentum = 1.0 / next.item<double>();
+  return {Tensor(), momentum, next};
+}
+
+void finish_count(const Count& count, const optional<Tensor>& num_batches_tracked) {
+  if (!count.next.defined()) return;
+  at::AutoDispatchBelowADInplaceOrView below;  // the one bump is bump_count_version's
+  num_batches_tracked->copy_(count.next);
 }
 
 // running_stats_update's arguments, checked against the batch statistics' channel count C and
@@ -363,15 +397,16 @@ void check_running_stats(const char* op, const Tensor& like, int64_t C,
 void apply_running_stats(Tensor& running_mean, Tensor& running_var,
                          const optional<Tensor>& num_batches_tracked, const Tensor& mean,
                          const Tensor& var, const Tensor& count, optional<double> momentum) {
-  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
   const auto math = math_type(mean.scalar_type());
   Tensor rm = as_math_vector(running_mean, math);
   Tensor rv = as_math_vector(running_var, math);
-  BN_EXT_KERNEL(mean, running_stats_update, rm, rv, has_nbt ? *num_batches_tracked : Tensor(),
+  const Count counted = prepare_count(num_batches_tracked, momentum);
+  BN_EXT_KERNEL(mean, running_stats_update, rm, rv, counted.kernel_count,
                 as_math_vector(mean, math), as_math_vector(var, math),
-                count.reshape({}).to(math), momentum);
+                count.reshape({}).to(math), counted.momentum);
   write_back(rm, running_mean);
   write_back(rv, running_var);
+  finish_count(counted, num_batches_tracked);
 }
 
 void running_stats_update(Tensor& running_mean, Tensor& running_var,
@@ -443,9 +478,11 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   // The update runs in the kernel call, with the batch's count known here (no count tensor), on
   // math-type buffers: the module's own, or converted copies written back after.
   RunningStats running;
+  Count counted;
   if (update) {
+    counted = prepare_count(num_batches_tracked, momentum);
     running = RunningStats{as_math_vector(*running_mean, math), as_math_vector(*running_var, math),
-                           num_batches_tracked.value_or(Tensor()), momentum};
+                           counted.kernel_count, counted.momentum};
   }
   BN_EXT_KERNEL(x, train_forward, x, geometry(x, out.layout), as_math_vector(weight, math),
                 as_math_vector(bias, math), eps, out.target, mean, var,
@@ -454,6 +491,7 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   if (update) {
     write_back(running.mean, *running_mean);
     write_back(running.var, *running_var);
+    finish_count(counted, num_batches_tracked);
     bump_count_version(num_batches_tracked);
   }
   return {out.result, mean, var};

@@ -413,7 +413,8 @@ _KINDS = {
                         "expanded", "inference"]),
     "grad_out": (["ok"], ["shape", "dtype"]),
     "count": (["ok"], ["two", "int64"]),
-    "num_batches_tracked": (["ok", None], ["float", "two", "expanded", "inference"]),
+    "num_batches_tracked": (["ok", None, "float", "int32"], ["bool", "two", "expanded",
+                                                              "inference"]),
     "eps": ([1e-5, 0.0], [-1e-3]),
     "momentum": ([0.1, None], []),
 }
@@ -487,7 +488,8 @@ def _op_args(name, shape, x_dtype, kinds, device):
                 dtype=torch.int64 if kind == "int64" else md))
         elif a.name == "num_batches_tracked":
             n = 2 if kind == "two" else 1
-            t = make(kind, n, torch.float32 if kind == "float" else torch.int64)
+            t = make(kind, n, {"float": torch.float32, "int32": torch.int32,
+                               "bool": torch.bool}.get(kind, torch.int64))
             args.append(None if t is None else t.reshape(()) if n == 1 and kind != "expanded"
                         else t)
         else:  # eps, momentum

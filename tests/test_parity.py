@@ -862,6 +862,56 @@ def test_momentum_outside_unit_interval_as_torch(device, momentum):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("count", [(torch.int32, 5), (torch.int16, 5), (torch.uint8, 5),
+                                   (torch.float32, 5), (torch.float64, 5),
+                                   (torch.float16, 2047)],
+                         ids=lambda c: f"{str(c[0]).split('.')[-1]}-{c[1]}")
+def test_count_of_another_dtype_counts_as_torchs(device, momentum, count):
+    """A checkpoint loaded with assign=True (or an assignment) can leave num_batches_tracked of
+    another dtype than int64. torch counts in it with add_(1), momentum=None averaging over
+    float(num_batches_tracked); a float16 count stops at 2048."""
+    dtype, start = count
+    ref, ours = make_pair(4, 3, device, torch.float64, momentum=momentum)
+    state = ref.state_dict()
+    state["num_batches_tracked"] = torch.tensor(start, dtype=dtype, device=device)
+    ref.load_state_dict(state, assign=True)
+    ours.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+    for step in range(3):
+        version = ours.num_batches_tracked._version
+        x = make_input((3, 3, 7, 6), torch.float64, device, seed=step, mean=step)
+        assert_close(ours(x), ref(x), torch.float64)
+        assert_close(ours.running_mean, ref.running_mean, torch.float64)
+        assert_close(ours.running_var, ref.running_var, torch.float64)
+        assert ours.num_batches_tracked.dtype == dtype
+        assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
+        assert ours.num_batches_tracked._version == version + 1  # as add_(1): one bump
+    # running_stats_update (SyncBatchNorm's update) counts the same way
+    mean, var = torch.rand(3, dtype=torch.float64, device=device), torch.rand(
+        3, dtype=torch.float64, device=device)
+    n = torch.tensor(40.0, dtype=torch.float64, device=device)
+    rm, rv, nbt = ours.running_mean.clone(), ours.running_var.clone(), ours.num_batches_tracked
+    ops.running_stats_update(ours.running_mean, ours.running_var, nbt, mean, var, n, momentum)
+    nbt64 = ref.num_batches_tracked.long()
+    ops.running_stats_update(rm, rv, nbt64, mean, var, n,
+                             momentum if momentum is not None or dtype != torch.float16 else
+                             1 / 2048)
+    assert torch.equal(ours.running_mean, rm) and torch.equal(ours.running_var, rv)
+    assert torch.equal(nbt, (ref.num_batches_tracked + 1).to(dtype))
+
+
+def test_count_of_bool_dtype_refused_with_buffers_kept():
+    m = bn_ext.BatchNorm2d(3)
+    m.num_batches_tracked = torch.tensor(True)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError, match="num_batches_tracked must be a tensor with one "
+                                           "element of an integer or floating dtype"):
+        m(torch.randn(4, 3, 2, 2))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None])
 def test_tracking_with_statistics_set_to_none_still_counts(device, momentum):
     # track_running_stats=True, running_mean/var replaced by None: torch normalizes with the
     # batch statistics and still counts the batch
