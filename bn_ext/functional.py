@@ -18,6 +18,7 @@ batch_norm's checks. BatchNormFunction below does the same in Python, and stays 
 """
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 from typing import Optional
@@ -257,6 +258,7 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
     - torch.func transforms (vmap, grad, jacrev, jvp) and forward-mode AD, which bn_ext's ops do
       not support (no batching rules, no jvp; training's autograd is a C++ Function, which
       functorch refuses);
+    - MKL-DNN (oneDNN) tensors (x.to_mkldnn()), which bn_ext's kernels do not read;
     - ONNX export: an ONNX graph runs on the runtime's BatchNormalization, not on bn_ext's
       kernels, and the exporters translate torch's op into it (bn_ext's ops have no ONNX
       translation: the export would fail).
@@ -271,6 +273,43 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
     if count:
         num_batches_tracked.add_(1)
     return out
+
+
+def _is_float_arg(value) -> bool:
+    """Whether torch's argument parser takes `value` for a float argument: a Python float or
+    int (bool included), a numpy scalar of those kinds, a 0-d tensor that does not require grad,
+    or a symbolic number (tracing). Not a str, Fraction or Decimal, which float() would take."""
+    if isinstance(value, (float, int, torch.SymFloat, torch.SymInt)):
+        return True
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not value.requires_grad
+    np = sys.modules.get("numpy")  # not imported: value cannot be a numpy scalar
+    return np is not None and isinstance(value, np.generic) and value.dtype.kind in "biuf"
+
+
+def _type_name(value) -> str:
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _check_arg_types(training, momentum, eps) -> None:
+    """torch.batch_norm's TypeErrors for arguments of the wrong type (its parser runs after
+    F.batch_norm's Python checks of the batch size and eps, and before its kernel's checks).
+    momentum=None is the modules' cumulative average here."""
+    if not isinstance(training, (bool, torch.SymBool)):
+        raise TypeError(f"bn_ext.batch_norm: argument 'training' must be bool, not "
+                        f"{_type_name(training)}")
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if not (_is_float_arg(value) or (name == "momentum" and value is None)):
+            raise TypeError(f"bn_ext.batch_norm: argument '{name}' must be float, not "
+                            f"{_type_name(value)}")
+
+
+def _as_float(value):
+    """A float argument (checked) as the ops take it: a Python float, or symbolic when traced."""
+    if value is None or isinstance(value, (float, torch.SymFloat, torch.SymInt)):
+        return value
+    return float(value)
 
 
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -296,6 +335,10 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                              f"got {eps}")
     elif not eps >= 0:
         raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
+    if type(training) is not bool or type(eps) is not float or not (
+            momentum is None or type(momentum) is float):
+        _check_arg_types(training, momentum, eps)  # off the common path: ~0.3 us
+        momentum, eps = _as_float(momentum), _as_float(eps)
     if not training and (running_mean is None or running_var is None):
         # torch's RuntimeError (its C++ kernel's check), the missing one named
         missing = "running_mean" if running_mean is None else "running_var"
@@ -341,7 +384,8 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 raise RuntimeError(f"bn_ext.batch_norm: with {input.dtype} input, weight, bias "
                                    f"and the running statistics must share one dtype (all "
                                    f"float32, or all {input.dtype}); got {listed}")
-    if _functorch_active() or _forward_ad._current_level >= 0 or _in_onnx_export():
+    if input.is_mkldnn or _functorch_active() or _forward_ad._current_level >= 0 or \
+            _in_onnx_export():
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, num_batches_tracked)
     if training:
@@ -367,5 +411,4 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if momentum is None:
         raise TypeError("bn_ext.batch_norm: momentum must be a float; the cumulative average "
                         "(momentum=None) is available through the BatchNorm modules")
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, float(momentum),
-                       eps)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -251,6 +251,63 @@ def test_eps_checked_as_torch(device, eps):
     assert torch.equal(rm, torch.zeros(3, device=device))
 
 
+def _arg_values():
+    import decimal
+    import fractions
+
+    import numpy as np
+    # (argument, value): each taken or refused by torch's parser, which F.batch_norm calls
+    return [("training", v) for v in (1, 0.0, None, np.bool_(True), torch.tensor(True))] + [
+        (name, v) for name in ("momentum", "eps") for v in (
+            "0.1", fractions.Fraction(1, 10), decimal.Decimal("0.1"), np.float32(0.1),
+            np.int64(1), np.array(0.1), np.array([0.1]), torch.tensor(0.1),
+            torch.tensor(0.1, requires_grad=True), torch.tensor([0.1]), True, 1)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("arg,value", _arg_values(), ids=lambda v: type(v).__name__)
+def test_argument_types_as_torch(arg, value, training):
+    """torch's parser refuses what is not a bool (training) or a float (momentum, eps: a float,
+    int, bool, numpy scalar or 0-d tensor without grad) with a TypeError; float() would take a
+    str, a Fraction, a Decimal or a 0-d array. The same values in the modules' attributes."""
+    x = torch.randn(6, 3, 2)
+    kwargs = {"training": training, "momentum": 0.1, "eps": 1e-5, arg: value}
+    outcomes = []
+    for fn in (torch.nn.functional.batch_norm, bn_ext.batch_norm):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        try:
+            y = fn(x, rm, rv, **kwargs)
+        except TypeError:
+            outcomes.append(("TypeError", rm, rv))
+        else:
+            outcomes.append((y, rm, rv))
+    (ref, rm_ref, rv_ref), (ours, rm, rv) = outcomes
+    if isinstance(ref, str):
+        assert ours == "TypeError", f"torch refused {arg}={value!r}, bn_ext took it"
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    else:
+        assert not isinstance(ours, str), f"torch took {arg}={value!r}, bn_ext refused it"
+        assert_close(ours, ref, torch.float32)
+        assert_close(rm, rm_ref, torch.float32)
+        assert_close(rv, rv_ref, torch.float32)
+    if arg == "training":
+        return
+    ref_m, ours_m = torch.nn.BatchNorm1d(3).train(training), bn_ext.BatchNorm1d(3).train(training)
+    setattr(ref_m, arg, value)
+    setattr(ours_m, arg, value)
+    before = _snapshot(ours_m)
+    try:
+        y_ref = ref_m(x)
+    except TypeError:
+        with pytest.raises(TypeError):  # a str eps fails the eps >= 0 comparison first
+            ours_m(x)
+        _assert_unchanged(ours_m, before)
+    else:
+        assert_close(ours_m(x), y_ref, torch.float32)
+        assert_close(ours_m.running_mean, ref_m.running_mean, torch.float32)
+        assert int(ours_m.num_batches_tracked) == int(ref_m.num_batches_tracked)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("given", ["neither", "running_mean", "running_var"])
 def test_eval_without_running_statistics_as_torch(device, given):

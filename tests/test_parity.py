@@ -899,6 +899,23 @@ def test_count_of_another_dtype_counts_as_torchs(device, momentum, count):
     assert torch.equal(nbt, (ref.num_batches_tracked + 1).to(dtype))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_mkldnn_input_as_torch(training):
+    """MKL-DNN (oneDNN) tensors, which torch's layers take: torch's batch_norm runs them."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without MKL-DNN")
+    ref, ours = make_pair(4, 3, "cpu", torch.float32)
+    ref.train(training), ours.train(training)
+    for step in range(2):
+        x = make_input((4, 3, 5, 5), torch.float32, "cpu", seed=step, mean=step).to_mkldnn()
+        y_ref, y = ref(x), ours(x)
+        assert y.is_mkldnn
+        assert_close(y.to_dense(), y_ref.to_dense(), torch.float32)
+        assert_close(ours.running_mean, ref.running_mean, torch.float32)
+        assert_close(ours.running_var, ref.running_var, torch.float32)
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+
+
 def test_count_of_bool_dtype_refused_with_buffers_kept():
     m = bn_ext.BatchNorm2d(3)
     m.num_batches_tracked = torch.tensor(True)
