@@ -244,12 +244,7 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bn_
 # ~0.1 us; torch.onnx.is_in_onnx_export() costs ~3 us (two imports a call), so it is asked only
 # under one of them. Dynamo folds all three to constants (is_in_onnx_export to False).
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-
-
-def _in_onnx_export() -> bool:
-    if not _is_exporting() and torch._C._get_tracing_state() is None:
-        return False
-    return torch.onnx.is_in_onnx_export()
+_tracing_state = torch._C._get_tracing_state
 
 
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -384,8 +379,9 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 raise RuntimeError(f"bn_ext.batch_norm: with {input.dtype} input, weight, bias "
                                    f"and the running statistics must share one dtype (all "
                                    f"float32, or all {input.dtype}); got {listed}")
-    if input.is_mkldnn or _functorch_active() or _forward_ad._current_level >= 0 or \
-            _in_onnx_export():
+    if (input.is_mkldnn or _functorch_active() or _forward_ad._current_level >= 0 or (
+            (_is_exporting() or _tracing_state() is not None) and
+            torch.onnx.is_in_onnx_export())):
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, num_batches_tracked)
     if training:
