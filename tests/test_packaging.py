@@ -1,0 +1,59 @@
+"""The source distribution carries everything a build from it needs.
+
+setup.py names only the sources it compiles on the machine that makes the sdist (no .cu file where
+torch has no CUDA) and no headers at all; MANIFEST.in adds the rest. Without it an sdist made on a
+CPU machine failed to build anywhere (csrc/bn_ext.h missing) and had no CUDA kernels to build.
+"""
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tree(*folders, exts):
+    """Files under ROOT/folder with one of exts, as paths relative to ROOT."""
+    found = set()
+    for folder in folders:
+        for base, dirs, files in os.walk(os.path.join(ROOT, folder)):
+            dirs[:] = [d for d in dirs if not d.startswith((".", "__pycache__"))]
+            found.update(os.path.relpath(os.path.join(base, f), ROOT)
+                         for f in files if f.endswith(exts))
+    return found
+
+
+@pytest.fixture(scope="module")
+def sdist_files(tmp_path_factory):
+    if not os.path.exists(os.path.join(ROOT, "setup.py")):
+        pytest.skip("not run from a source tree")
+    out = tmp_path_factory.mktemp("sdist")
+    # egg_info's folder in tmp too, so that the source tree is left as it was.
+    cmd = [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(out),
+           "sdist", "--formats=gztar", "--dist-dir", str(out)]
+    env = dict(os.environ, BN_EXT_FORCE_CPU="1")  # the sdist a CPU machine makes
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (archive,) = [f for f in os.listdir(out) if f.endswith(".tar.gz")]
+    with tarfile.open(os.path.join(out, archive)) as tar:
+        names = tar.getnames()
+    prefix = names[0].split("/")[0] + "/"
+    return {n[len(prefix):] for n in names if n.startswith(prefix)}
+
+
+def test_sdist_holds_every_source_and_header(sdist_files):
+    # The CUDA sources are among them although this sdist was made with BN_EXT_FORCE_CPU=1.
+    sources = _tree("csrc", exts=(".h", ".cpp", ".cu", ".cuh"))
+    assert any(s.endswith(".cu") for s in sources) and "csrc/bn_ext.h" in sources
+    missing = sorted(sources - sdist_files)
+    assert not missing, f"the sdist lacks {missing}"
+
+
+def test_sdist_holds_the_package_build_and_test_files(sdist_files):
+    wanted = _tree("bn_ext", exts=(".py",)) | _tree("tests", exts=(".py", ".h", ".cuh", ".cpp"))
+    wanted |= {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in"}
+    missing = sorted(wanted - sdist_files)
+    assert not missing, f"the sdist lacks {missing}"
+    assert not any("__pycache__" in n or n.endswith((".so", ".pyc")) for n in sdist_files)
