@@ -214,6 +214,13 @@ def _backward_input_fake(grad_out, input, mean, var, weight, sum_dy, sum_dy_xmu,
     return torch.empty_like(input)
 
 
+@torch.library.register_fake("bn_ext::normalize_backward")
+def _normalize_backward_fake(grad_out, input, mean, var, weight, eps):
+    _check_backward_args("normalize_backward", grad_out, input, mean, var, weight, eps)
+    pt = _param_dtype(input, weight)
+    return torch.empty_like(input), _channel_vector(input, pt), _channel_vector(input, pt)
+
+
 @torch.library.register_fake("bn_ext::train_backward")
 def _train_backward_fake(grad_out, input, mean, var, weight, eps):
     _check_backward_args("train_backward", grad_out, input, mean, var, weight, eps)

@@ -11,10 +11,12 @@ the phases:
     backward_reduce      sum(dy), sum(dy * (x - mean)), grad_weight, grad_bias
     backward_input       grad_input, from those sums (training) or from the running stats (eval)
     train_backward       backward_reduce + backward_input, fused
+    normalize_backward   backward_input (eval) with backward_reduce's grad_weight, grad_bias, fused
 
 Autograd is in C++: train_forward and normalize have Autograd kernels (ops.cpp) whose backwards
-run train_backward, and backward_input and backward_reduce, so a layer costs no Python beyond
-batch_norm's checks. BatchNormFunction below does the same in Python, and stays public.
+run train_backward and normalize_backward (or backward_input, backward_reduce), so a layer costs
+no Python beyond batch_norm's checks. BatchNormFunction below does the same in Python, and stays
+public.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ ops = torch.ops.bn_ext
 # packet resolves its overload on every call, ~6 us of a small training layer's ~60 (2-core VM).
 _ops = types.SimpleNamespace(**{name: getattr(ops, name).default for name in (
     "batch_stats", "normalize", "train_forward", "running_stats_update", "backward_reduce",
-    "backward_input", "train_backward", "_differentiable_train_backward",
+    "backward_input", "normalize_backward", "train_backward", "_differentiable_train_backward",
     "_differentiable_normalize_backward")})
 
 
@@ -205,6 +207,9 @@ class BatchNormFunction(torch.autograd.Function):
                                                             ctx.eps))
         elif ctx.training and need_input:
             grad_input, grad_weight, grad_bias = _ops.train_backward(
+                grad_out, input, mean, var, weight, ctx.eps)
+        elif need_input and (need_weight or need_bias):
+            grad_input, grad_weight, grad_bias = _ops.normalize_backward(
                 grad_out, input, mean, var, weight, ctx.eps)
         else:
             if need_weight or need_bias:

@@ -154,6 +154,11 @@ BN_EXT_HOST_DEVICE inline void blend_running_stats(M& running_mean, M& running_v
   void train_backward(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,  \
                       const Tensor& var, const Tensor& weight, double eps, Tensor& dx,           \
                       Tensor& grad_weight, Tensor& grad_bias);                                   \
+  /* eval's backward, all three gradients: dx = w*invstd * dy, and backward_reduce's grad_weight \
+     and grad_bias; with fewer passes over dy than those two ops where the backend can */      \
+  void normalize_backward(const Tensor& dy, const Tensor& x, const Geometry& g,                  \
+                          const Tensor& mean, const Tensor& var, const Tensor& weight,           \
+                          double eps, Tensor& dx, Tensor& grad_weight, Tensor& grad_bias);       \
   /* num_batches_tracked += 1 (when defined); then                                             \
      running = (1 - m) * running + m * batch, running_var being fed the unbiased variance         \
      var * n / (n - 1); m = momentum, or 1 / num_batches_tracked when momentum is None.          \

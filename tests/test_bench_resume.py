@@ -156,3 +156,30 @@ def test_peers_option_selects_columns():
     assert [p.name for p in bench.selected_peers(args)] == ["bn_ext", "eager", "compile"]
     with pytest.raises(SystemExit):
         bench.selected_peers(bench.parse_args(["--device", "cpu", "--peers", "cudnn"])[0])
+
+
+def test_eval_backward_pass_is_opt_in_and_times_the_eval_backward():
+    # --pass evalbwd: eval's backward alone (a graph built once), asked for by name only; issue
+    # 4's four passes stay the default.
+    default, _ = bench.parse_args(["--device", "cpu", "--quick"])
+    assert default.passes == list(bench.PASSES) and "evalbwd" not in default.passes
+    args, _ = bench.parse_args(["--device", "cpu", "--quick", "--pass", "evalbwd,eval"])
+    assert args.passes == ["evalbwd", "eval"]
+    import torch
+    torch.manual_seed(0)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    x, dy = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    mean, var = torch.randn(3), torch.rand(3) + 0.5
+    grads = {}
+    for peer in bench.peers_for("cpu")[:2]:  # bn_ext, eager
+        inst = bench.Instance(peer, 4, 3, "cpu", w, b, "default")
+        inst.set_running_stats(mean, var)
+        fn = bench.make_workload("evalbwd", inst, x, dy)
+        assert not inst.module.training
+        grads[peer.name] = fn()
+        again = fn()  # retain_graph: the same graph runs every sample
+        assert all(torch.equal(a, c) for a, c in zip(grads[peer.name], again))
+    gx = dy * (w * (var + 1e-5).rsqrt()).view(1, 3, 1, 1)
+    torch.testing.assert_close(grads["bn_ext"][0], gx)
+    for a, c in zip(grads["bn_ext"], grads["eager"]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)

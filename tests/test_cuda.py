@@ -195,6 +195,10 @@ def test_ops_match_cpu(dtype, case):
     got, want = both(lambda x, dy, w, b: (ops.backward_input(
         dy, x, mean.to(x.device), var.to(x.device), w, None, None, None, eps),))
     check(got, want, "backward_input(eval)")
+    for wb in (True, False):
+        got, want = both(lambda x, dy, w, b: ops.normalize_backward(
+            dy, x, mean.to(x.device), var.to(x.device), w if wb else None, eps))
+        check(got, want, f"normalize_backward(affine={wb})")
     got, want = both(lambda x, dy, w, b: ops.train_backward(dy, x, mean.to(x.device),
                                                             var.to(x.device), w, eps))
     check(got, want, "train_backward")

@@ -201,7 +201,7 @@ def test_input_never_modified_and_output_is_new():
 @pytest.mark.skipif(bn_ext.has_cuda_kernels(), reason="this build has the CUDA kernels")
 @pytest.mark.parametrize("name", ["batch_stats", "normalize", "train_forward",
                                   "running_stats_update", "backward_reduce", "backward_input",
-                                  "train_backward"])
+                                  "normalize_backward", "train_backward"])
 def test_cpu_only_build_names_the_missing_cuda_kernels(name):
     # A CPU-only build on a CUDA torch gets CUDA tensors. Its CUDA entries must say why they
     # cannot run, in torch's type for a missing kernel. redispatch to the CUDA key reaches them
@@ -214,6 +214,7 @@ def test_cpu_only_build_names_the_missing_cuda_kernels(name):
         "running_stats_update": (v.clone(), v.clone(), None, v, v, torch.tensor(4.0), 0.1),
         "backward_reduce": (x, x, v, v, None, 1e-5),
         "backward_input": (x, x, v, v, None, None, None, None, 1e-5),
+        "normalize_backward": (x, x, v, v, None, 1e-5),
         "train_backward": (x, x, v, v, None, 1e-5),
     }[name]
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)

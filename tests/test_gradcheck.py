@@ -68,22 +68,47 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# The kernels a first-order backward runs, by mode and by which of (x, w, b) take a gradient.
+_BACKWARD_KERNELS = {
+    (True, "all"): ["bn_ext.train_backward.default"],
+    (True, "params"): ["bn_ext.backward_reduce.default"],
+    (False, "all"): ["bn_ext.normalize_backward.default"],
+    (False, "input"): ["bn_ext.backward_input.default"],
+    (False, "params"): ["bn_ext.backward_reduce.default"],
+}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_backward_runs_in_cpp(device, training):
+@pytest.mark.parametrize("path", ["batch_norm", "BatchNormFunction"])
+@pytest.mark.parametrize("training,needs", list(_BACKWARD_KERNELS),
+                         ids=lambda v: v if isinstance(v, str) else "train" if v else "eval")
+def test_backward_runs_in_cpp(device, path, training, needs):
     """A first-order backward runs the C++ kernels alone (the torch-op formula is for double
-    backward); with create_graph it runs the torch ops instead."""
+    backward), one op where there is one for the gradients asked; with create_graph it runs the
+    torch ops instead."""
     x, w, b = _inputs((4, 3, 2, 2), "contiguous", device, True)
+    x.requires_grad_(needs != "params")
+    w.requires_grad_(needs != "input")
+    b.requires_grad_(needs != "input")
     dy = torch.randn_like(x)
-    kernels = ["bn_ext.train_backward.default"] if training else [
-        "bn_ext.backward_input.default", "bn_ext.backward_reduce.default"]
-    y = _fn(training, device, 3)(x, w, b)
+    if path == "batch_norm":
+        f = _fn(training, device, 3)
+    else:
+        rm = torch.randn(3, dtype=torch.float64, device=device)
+        rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+
+        def f(x, w, b):
+            return bn_ext.BatchNormFunction.apply(x, w, b, rm.clone(), rv.clone(), training,
+                                                  1e-3, None, 0.1)[0]
+    wanted = [t for t in (x, w, b) if t.requires_grad]
+    y = f(x, w, b)
     with _OpLog() as log:
-        y.backward(dy)
-    assert sorted(op for op in log.ops if op != "aten.detach.default") == kernels
-    y = _fn(training, device, 3)(x, w, b)
+        torch.autograd.grad(y, wanted, dy)
+    assert sorted(op for op in log.ops if op != "aten.detach.default") == \
+        _BACKWARD_KERNELS[training, needs]
+    y = f(x, w, b)
     with _OpLog() as log:
-        torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+        torch.autograd.grad(y, wanted, dy, create_graph=True)
     assert "aten.rsqrt.default" in log.ops and not any(op.startswith("bn_ext.") for op in log.ops)
 
 

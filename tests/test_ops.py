@@ -40,6 +40,8 @@ def _op_samples(device, dtype, layout):
         (ops.backward_reduce, (g, x, mean, var, w, 1e-5)),
         (ops.backward_input, (g, x, mean, var, w, mean, var, count, 1e-5)),
         (ops.backward_input, (g, x, mean, var, None, None, None, None, 1e-5)),
+        (ops.normalize_backward, (g, x, mean, var, w, 1e-5)),
+        (ops.normalize_backward, (g, x, mean, var, None, 1e-5)),
         (ops.train_backward, (g, x, mean, var, w, 1e-5)),
         (ops._differentiable_train_backward, (g, x, w, 1e-5)),
         (ops._differentiable_train_backward, (g, x, None, 1e-5)),
@@ -100,6 +102,14 @@ def test_ops_against_float64_reference(device, layout):
     y2, mean2, var2 = ops.train_forward(x, w, b, 1e-5)
     for fused, split in ((mean2, mean), (var2, var), (y2, y)):
         assert_same_as_split_path(fused, split, torch.float32)
+    # eval's backward: dx = dy * w * invstd, with backward_reduce's grad_weight and grad_bias,
+    # to the bit (the same sums and coefficients, whether or not the pass is fused)
+    dx3, gw3, gb3 = ops.normalize_backward(g, x, mean, var, w, 1e-5)
+    torch.testing.assert_close(dx3.double(), gd * pc(wd * invstd), rtol=1e-5, atol=1e-5)
+    assert dx3.stride() == x.stride()
+    eval_dx = ops.backward_input(g, x, mean, var, w, None, None, None, 1e-5)
+    for fused, split in ((dx3, eval_dx), (gw3, gw), (gb3, gb)):
+        assert torch.equal(fused, split)
 
 
 # Inputs whose first elements are unlike the rest of their channel, in a channel of N(5, 0.01):
@@ -381,6 +391,7 @@ def test_output_strides_of_non_dense_inputs_as_empty_like(name, x):
     assert expected != x.stride()  # x is not dense
     outputs = [ops.normalize(x, mean, var, w, b, 1e-5), ops.train_forward(x, w, b, 1e-5)[0],
                ops.backward_input(g, x, mean, var, w, None, None, None, 1e-5),
+               ops.normalize_backward(g, x, mean, var, w, 1e-5)[0],
                ops.train_backward(g, x, mean, var, w, 1e-5)[0]]
     for out in outputs:
         assert out.stride() == expected
@@ -391,6 +402,7 @@ def test_output_strides_of_non_dense_inputs_as_empty_like(name, x):
     for op, args in [(ops.normalize, (x, mean, var, w, b, 1e-5)),
                      (ops.train_forward, (x, w, b, 1e-5)),
                      (ops.backward_input, (g, x, mean, var, w, None, None, None, 1e-5)),
+                     (ops.normalize_backward, (g, x, mean, var, w, 1e-5)),
                      (ops.train_backward, (g, x, mean, var, w, 1e-5))]:
         torch.library.opcheck(op, args)
 
@@ -428,7 +440,7 @@ def _schema_args(name):
 def _op_calls(draw):
     name = draw(st.sampled_from(["batch_stats", "normalize", "train_forward",
                                  "running_stats_update", "backward_reduce", "backward_input",
-                                 "train_backward"]))
+                                 "normalize_backward", "train_backward"]))
     args = _schema_args(name)
     wrong = draw(st.sets(st.sampled_from([a.name for a in args]), max_size=2))
     kinds = {}

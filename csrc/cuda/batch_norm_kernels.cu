@@ -12,6 +12,7 @@
 //   backward_reduce    reduce [+ finalize]
 //   backward_input     training: backward_coefs (count read on the device), elementwise;
 //                      eval: as normalize
+//   normalize_backward reduce [+ finalize], elementwise (as backward_reduce, backward_input)
 //   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise;
 //                      or one persistent kernel, as train_forward
 //   running_stats_update  one single-block kernel
@@ -88,6 +89,16 @@ void backward_input(const Tensor& dy, const Tensor& x, const Geometry& g, const 
   const Tensor coef = coef_buffer(mean, g, 4);
   detail::launch_backward_coefs(mean, var, weight, sum_dy, sum_dy_xmu, count, eps, coef);
   detail::launch_elementwise(Elementwise::kBackwardTrain, x, dy, g, coef, dx);
+}
+
+void normalize_backward(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
+                        const Tensor& var, const Tensor& weight, double eps, Tensor& dx,
+                        Tensor& grad_weight, Tensor& grad_bias) {
+  c10::cuda::CUDAGuard guard(x.device());
+  detail::launch_grad_sums(dy, x, g, mean, var, Tensor(), eps, Tensor(), Tensor(), grad_weight,
+                           grad_bias, Tensor());
+  detail::launch_eval_elementwise(Elementwise::kBackwardEval, x, dy, g, mean, var, weight,
+                                  Tensor(), eps, dx);
 }
 
 void train_backward(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
