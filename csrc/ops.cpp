@@ -552,13 +552,15 @@ Tensor backward_input(const Tensor& grad_out, const Tensor& input, const Tensor&
   return out.result;
 }
 
-// Eval's backward in one call: backward_input's (eval) grad_input and backward_reduce's
-// grad_weight and grad_bias.
-std::tuple<Tensor, Tensor, Tensor> normalize_backward(const Tensor& grad_out, const Tensor& input,
-                                                      const Tensor& mean, const Tensor& var,
-                                                      const optional<Tensor>& weight,
-                                                      double eps) {
-  const char* op = "normalize_backward";
+// grad_input, grad_weight and grad_bias (these two in the parameters' dtype) in one call: of
+// training (train_backward: backward_reduce, then backward_input with the sums) or of eval
+// (normalize_backward: backward_input without the sums, and backward_reduce's two gradients).
+std::tuple<Tensor, Tensor, Tensor> input_and_param_grads(const char* op, bool training,
+                                                         const Tensor& grad_out,
+                                                         const Tensor& input, const Tensor& mean,
+                                                         const Tensor& var,
+                                                         const optional<Tensor>& weight,
+                                                         double eps) {
   check_backward_args(op, grad_out, input, mean, var, weight, eps);
   c10::DeviceGuard guard(input.device());
   const auto math = math_type(input.scalar_type());
@@ -567,34 +569,34 @@ std::tuple<Tensor, Tensor, Tensor> normalize_backward(const Tensor& grad_out, co
   if (input.numel() > 0) {
     const Tensor x = to_layout(input, out.layout);
     const Tensor dy = to_layout(grad_out, out.layout);
-    BN_EXT_KERNEL(x, normalize_backward, dy, x, geometry(x, out.layout),
-                  as_math_vector(mean, math), as_math_vector(var, math),
-                  as_math_vector(weight, math), eps, out.target, grad_weight, grad_bias);
+    const Geometry g = geometry(x, out.layout);
+    const Tensor m = as_math_vector(mean, math), v = as_math_vector(var, math);
+    const Tensor w = as_math_vector(weight, math);
+    if (training) {
+      BN_EXT_KERNEL(x, train_backward, dy, x, g, m, v, w, eps, out.target, grad_weight,
+                    grad_bias);
+    } else {
+      BN_EXT_KERNEL(x, normalize_backward, dy, x, g, m, v, w, eps, out.target, grad_weight,
+                    grad_bias);
+    }
     finish_output(out);
   }
   const auto pt = param_type(input, weight);
   return {out.result, grad_weight.to(pt), grad_bias.to(pt)};
 }
 
+std::tuple<Tensor, Tensor, Tensor> normalize_backward(const Tensor& grad_out, const Tensor& input,
+                                                      const Tensor& mean, const Tensor& var,
+                                                      const optional<Tensor>& weight,
+                                                      double eps) {
+  return input_and_param_grads("normalize_backward", false, grad_out, input, mean, var, weight,
+                               eps);
+}
+
 std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& grad_out, const Tensor& input,
                                                   const Tensor& mean, const Tensor& var,
                                                   const optional<Tensor>& weight, double eps) {
-  const char* op = "train_backward";
-  check_backward_args(op, grad_out, input, mean, var, weight, eps);
-  c10::DeviceGuard guard(input.device());
-  const auto math = math_type(input.scalar_type());
-  Output out = make_output(input);
-  Tensor grad_weight = math_output(input), grad_bias = math_output(input);
-  if (input.numel() > 0) {
-    const Tensor x = to_layout(input, out.layout);
-    const Tensor dy = to_layout(grad_out, out.layout);
-    BN_EXT_KERNEL(x, train_backward, dy, x, geometry(x, out.layout), as_math_vector(mean, math),
-                  as_math_vector(var, math), as_math_vector(weight, math), eps, out.target,
-                  grad_weight, grad_bias);
-    finish_output(out);
-  }
-  const auto pt = param_type(input, weight);
-  return {out.result, grad_weight.to(pt), grad_bias.to(pt)};
+  return input_and_param_grads("train_backward", true, grad_out, input, mean, var, weight, eps);
 }
 
 // ---- autograd for train_forward, in C++ -------------------------------------------------------
