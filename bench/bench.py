@@ -53,15 +53,19 @@ except ImportError:  # degrade to a plain progress line
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
 LAYOUTS = ("nchw", "nhwc")
-PASSES = ("fwd", "bwd", "eval", "fwdbwd")
-# Passes over the tensor (numel * itemsize each), the "usual" counts of ENGINEERING.md section 4.
-PASS_COUNTS = {"fwd": 3, "bwd": 5, "eval": 2, "fwdbwd": 8}
+PASSES = ("fwd", "bwd", "eval", "fwdbwd")  # issue 4's, the default
+EXTRA_PASSES = ("evalbwd",)                 # only when asked for with --pass
+# Passes over the tensor (numel * itemsize each), the "usual" counts of ENGINEERING.md section 4;
+# eval's backward reads dy and x and writes dx.
+PASS_COUNTS = {"fwd": 3, "bwd": 5, "eval": 2, "fwdbwd": 8, "evalbwd": 3}
 PASS_DESC = {
     "fwd": "training forward (grad enabled, running stats updated)",
     "bwd": "training backward only: autograd.grad(y, (x, weight, bias), dy, retain_graph=True) "
            "on a graph built once; the forward is not in the time",
     "eval": "eval forward under torch.no_grad()",
     "fwdbwd": "training forward + autograd.grad(y, (x, weight, bias), dy)",
+    "evalbwd": "eval backward only (fine-tuning with frozen statistics): autograd.grad(y, "
+               "(x, weight, bias), dy, retain_graph=True) on an eval graph built once",
 }
 BW_BAR = {"cpu": 70.0, "cuda": 80.0}  # issue 4: % of copy bandwidth for out-of-cache tensors
 MB = 1e6
@@ -437,6 +441,16 @@ def make_workload(pas: str, inst: Instance, x: torch.Tensor, dy: torch.Tensor) -
             with ctx(), torch.no_grad():
                 return call(x)
         return fn
+    if pas == "evalbwd":
+        mod.eval()
+        xg = x.detach().requires_grad_(True)
+        with ctx():
+            y = call(xg)
+
+        def fn():
+            with ctx():
+                return torch.autograd.grad(y, (xg,) + params, dy, retain_graph=True)
+        return fn
     mod.train()
     xg = x.detach().requires_grad_(True)
     if pas == "fwd":
@@ -609,7 +623,8 @@ def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
             if inst.error:
                 row.na[name] = inst.error
                 continue
-            if inst.peer.cudnn and not cudnn_eligible(x, inst.module, row.pas != "eval"):
+            training = row.pas not in ("eval", "evalbwd")
+            if inst.peer.cudnn and not cudnn_eligible(x, inst.module, training):
                 row.na[name] = "cuDNN not eligible: torch runs its native kernel for this input"
                 continue
             inst.set_running_stats(run_mean, run_var)
@@ -770,11 +785,11 @@ def header(args, meta: dict) -> list:
               f"{meta['cache_mb']:.0f} MB",
               "- GB/s is bn_ext's, counting passes of numel*itemsize over the tensor "
               "(ENGINEERING.md section 4, usual counts): "
-              + ", ".join(f"{p} {PASS_COUNTS[p]}" for p in PASSES) + "; "
+              + ", ".join(f"{p} {PASS_COUNTS[p]}" for p in args.passes) + "; "
               "% copy = GB/s / copy bandwidth; on rows larger than the last-level cache, the "
               "256 MB copy is timed as one more peer in the row's own rounds and % copy is "
               "against that (the .json keeps it as copy_gbs)",
-              "- passes: " + "; ".join(f"**{p}** = {PASS_DESC[p]}" for p in PASSES),
+              "- passes: " + "; ".join(f"**{p}** = {PASS_DESC[p]}" for p in args.passes),
               "- parameters (weight, bias, running stats) are fp32 for every input dtype "
               "(mixed precision, as under autocast); MB = input tensor size (1e6 bytes)",
               ]
@@ -970,7 +985,7 @@ def parse_args(argv=None):
                          "fp32,bf16; cuda fp32,bf16,fp16)")
     ap.add_argument("--layout", default="nchw,nhwc", help="comma list of nchw,nhwc")
     ap.add_argument("--pass", dest="passes", default=",".join(PASSES),
-                    help="comma list of fwd,bwd,eval,fwdbwd")
+                    help="comma list of fwd,bwd,eval,fwdbwd (the default), and evalbwd")
     ap.add_argument("--shape", dest="shapes", default=None,
                     help="comma list of shape labels from the plan (e.g. 32x512x7x7,256x1000): "
                          "time only those, to recheck rows with more --rounds")
@@ -1033,7 +1048,7 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"dtype {bad} is not benchmarked on {args.device}")
     args.layouts = split(args.layout, LAYOUTS)
-    args.passes = split(args.passes, PASSES)
+    args.passes = split(args.passes, PASSES + EXTRA_PASSES)
     if args.max_mb is None:
         args.max_mb = 256.0 if args.device == "cpu" else None
     elif args.max_mb <= 0:
