@@ -1,11 +1,13 @@
 """torch.library.opcheck on every op, the op split against references, and torch.compile."""
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bn_ext
-from conftest import DEVICES, assert_same_as_split_path, make_input
+from conftest import DEVICES, assert_same_as_split_path, make_input, run_python
 
 ops = torch.ops.bn_ext
 
@@ -110,6 +112,52 @@ def test_ops_against_float64_reference(device, layout):
     eval_dx = ops.backward_input(g, x, mean, var, w, None, None, None, 1e-5)
     for fused, split in ((dx3, eval_dx), (gw3, gw), (gb3, gb)):
         assert torch.equal(fused, split)
+
+
+# normalize_backward's paths: NCHW with enough channels and channels-last rows fused (dx written
+# while the reduced data is in cache), few NCHW channels and channels-last C with a flat period
+# split; each must give backward_input's and backward_reduce's bits. In a subprocess too with
+# every pass streaming its output (BN_EXT_CPU_STREAM_MB=0, read once per process), which takes
+# the fused NCHW path's line-aligned tiles and the split bf16 short-run rule.
+_EVAL_BACKWARD_CASES = [((8, 256, 7, 7), "contiguous"), ((4, 64, 20, 20), "contiguous"),
+                        ((2, 3, 9, 9), "contiguous"), ((8, 256, 7, 7), "channels_last"),
+                        ((16, 64, 24, 24), "channels_last"), ((4, 3, 9, 9), "channels_last"),
+                        ((600, 96), "contiguous"), ((64, 100), "contiguous"),
+                        ((4, 40, 3, 5, 5), "channels_last")]
+
+
+def _eval_backward_mismatches(device):
+    found = []
+    for shape, layout in _EVAL_BACKWARD_CASES:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            md = torch.float64 if dtype == torch.float64 else torch.float32
+            x = make_input(shape, dtype, device, layout, seed=1)
+            g = make_input(shape, dtype, device, layout, seed=2)
+            C = shape[1]
+            mean = torch.randn(C, device=device, dtype=md)
+            var = torch.rand(C, device=device, dtype=md) + 0.5
+            for w in (torch.randn(C, device=device, dtype=md), None):
+                got = ops.normalize_backward(g, x, mean, var, w, 1e-5)
+                want = (ops.backward_input(g, x, mean, var, w, None, None, None, 1e-5),
+                        *ops.backward_reduce(g, x, mean, var, w, 1e-5)[2:])
+                if not all(torch.equal(a, b) for a, b in zip(got, want)) or \
+                        got[0].stride() != want[0].stride():
+                    found.append(f"{shape} {layout} {dtype} weight={w is not None}")
+    return found
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_normalize_backward_is_the_two_ops_to_the_bit(device):
+    assert _eval_backward_mismatches(device) == []
+
+
+def test_normalize_backward_streaming_is_the_two_ops_to_the_bit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = run_python(f"import sys; sys.path.insert(0, {here!r}); import test_ops; "
+                      "print(test_ops._eval_backward_mismatches('cpu'))", timeout=600,
+                      BN_EXT_CPU_STREAM_MB="0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 # Inputs whose first elements are unlike the rest of their channel, in a channel of N(5, 0.01):

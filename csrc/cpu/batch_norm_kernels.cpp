@@ -1161,10 +1161,12 @@ std::vector<M> replicate(const M* v, int64_t C, int64_t P) {
   return out;
 }
 
-// s1[c], s2[c] for every channel, from fixed blocks of rows combined in block order.
-template <typename T, typename R>
+// s1[c], s2[c] for every channel, from fixed blocks of rows combined in block order;
+// block_done(r0, r1) after each block's sums, on the thread that summed it, while its rows are
+// still in that thread's cache.
+template <typename T, typename R, typename BlockDone = NoTileDone>
 void channels_last_row_sums(const R& red, int64_t rows, int64_t C, const math_t<T>* k,
-                            double* s1, double* s2) {
+                            double* s1, double* s2, const BlockDone& block_done = {}) {
   using M = math_t<T>;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<double> partial(static_cast<size_t>(blocks) * 2 * C);
@@ -1185,6 +1187,7 @@ void channels_last_row_sums(const R& red, int64_t rows, int64_t C, const math_t<
         p[c] = acc1[c];
         p[C + c] = acc2[c];
       }
+      block_done(r0, r1);
     }
   });
   // Block partials are added in block order; the loop runs across channels so that it
@@ -1776,16 +1779,19 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
 }
 
 // Eval's backward: dx = dy * a, grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd.
-// dx needs no sum, so where the reduction's threads take whole channels (NCHW with enough of
-// them) each writes a tile's dx right after reducing it, while the tile's dy is in its cache:
-// dy and x are read once, 3 passes instead of the two ops' 4, and one parallel region instead
-// of two. Tiles as the training backward's out of the cache (fused_tile), else contiguous_reduce's.
-// Elsewhere backward_reduce, then the map. The same sums and coefficients either way, so the same
-// bits as backward_reduce and backward_input. 2-core Intel VM, op level, the two ops -> fused,
-// medians of 7 alternating rounds: fp32 8x256x7x7 1.10x, 32x512x7x7 1.04x, 256x2048x7x7 1.06x,
+// dx needs no sum, so the reduction's threads write dx for what they have just reduced while it
+// is still in their cache: NCHW with enough channels, a tile of channels (tiles as the training
+// backward's beyond the cache, fused_tile, else contiguous_reduce's); channels-last, a block of
+// rows. dy and x are read once: 3 passes instead of the two ops' 4, and one parallel region
+// instead of two. Elsewhere (few NCHW channels, channels-last C with a flat period) backward_reduce
+// and then the map. The same sums and coefficients either way, so the same bits as
+// backward_reduce and backward_input. 2-core Intel VM, op level, the two ops -> one, medians of 7
+// alternating rounds: NCHW fp32 8x256x7x7 1.10x, 32x512x7x7 1.04x, 256x2048x7x7 1.06x,
 // 32x64x56x56 1.11x, 32x256x56x56 1.22x, 32x64x112x112 1.29x; bf16 32x256x56x56 1.34x, 8x256x7x7
-// 1.14x. Not bf16/fp16 with short runs beyond the cache, where the split map's rows win (the
-// training backward's finding): 256x512x7x7 bf16 0.82x fused.
+// 1.14x; channels-last fp32 8x256x7x7 1.23x, 32x64x56x56 1.18x, 32x256x56x56 1.31x, 32x2048x7x7
+// 1.03x, (4096, 1024) 1.09x; bf16 32x256x56x56 1.18x, 32x64x56x56 0.98x, (4096, 1024) 1.00x. Not
+// NCHW bf16/fp16 with short runs beyond the cache, where the split map's rows win (as in the
+// training backward): 256x512x7x7 bf16 0.82x fused.
 template <typename T>
 void normalize_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
                              const Tensor& mean, const Tensor& var, const Tensor& weight,
@@ -1795,21 +1801,34 @@ void normalize_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry
   const bool stream = stream_output(3 * xt.nbytes());
   const bool short_runs = g.S * static_cast<int64_t>(sizeof(T)) < kLongRunBytes;
   const bool split_map = at::vec::is_reduced_floating_point_v<T> && short_runs && stream;
-  if (g.layout == Layout::kContiguous && parallel_over_channels(g) && !split_map) {
-    const T* dy = dyt.const_data_ptr<T>();
-    T* dx = dxt.data_ptr<T>();
-    const M* mu = mean.const_data_ptr<M>();
-    const M* vp = var.const_data_ptr<M>();
-    M* gw = grad_weight.data_ptr<M>();
-    M* gb = grad_bias.data_ptr<M>();
+  const int64_t rows = g.N * g.S;
+  const bool fuse_nchw =
+      g.layout == Layout::kContiguous && parallel_over_channels(g) && !split_map;
+  const bool fuse_rows = g.layout == Layout::kChannelsLast && flat_period<T>(rows, g.C) == 0;
+  if (!fuse_nchw && !fuse_rows) {
+    Tensor sum_dy = at::empty_like(grad_bias), sum_dy_xmu = at::empty_like(grad_weight);
+    backward_reduce_impl<T>(dyt, xt, g, mean, var, eps, sum_dy, sum_dy_xmu, grad_weight,
+                            grad_bias);
+    normalize_impl<T>(dyt, g, k, dxt);
+    return;
+  }
+  const T* dy = dyt.const_data_ptr<T>();
+  T* dx = dxt.data_ptr<T>();
+  const M* mu = mean.const_data_ptr<M>();
+  const M* vp = var.const_data_ptr<M>();
+  M* gw = grad_weight.data_ptr<M>();
+  M* gb = grad_bias.data_ptr<M>();
+  // backward_reduce_impl's rounding: the sums to M, then grad_weight = M(sum_dy_xmu) * invstd
+  const auto finish = [&](int64_t c, double s1, double s2) {
+    gb[c] = static_cast<M>(s1);
+    gw[c] = static_cast<M>(static_cast<M>(s2) * invstd_of(vp[c], eps));
+  };
+  const CenteredDot<T> red{dy, xt.const_data_ptr<T>()};
+  if (fuse_nchw) {
     const bool by_run = whole_step_runs<T>(g);
-    const int64_t tile = fused_tile<T>(g, stream, 2);  // 0: contiguous_reduce's
     contiguous_reduce<T>(
-        CenteredDot<T>{dy, xt.const_data_ptr<T>()}, g, [&](int64_t c) { return mu[c]; },
-        [&](int64_t c, M, double s1, double s2) {
-          gb[c] = static_cast<M>(s1);
-          gw[c] = static_cast<M>(static_cast<M>(s2) * invstd_of(vp[c], eps));
-        },
+        red, g, [&](int64_t c) { return mu[c]; },
+        [&](int64_t c, M, double s1, double s2) { finish(c, s1, s2); },
         [&](int64_t c0, int64_t c1) {
           for (int64_t n = 0; n < g.N; ++n) {
             affine_run_range<false>(dy, dx, g, n * g.C + c0, n * g.C + c1, k.mu.data(),
@@ -1817,12 +1836,20 @@ void normalize_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry
           }
           if (stream) stream_fence();
         },
-        tile);
+        fused_tile<T>(g, stream, 2));  // 0: contiguous_reduce's tiles
     return;
   }
-  Tensor sum_dy = at::empty_like(grad_bias), sum_dy_xmu = at::empty_like(grad_weight);
-  backward_reduce_impl<T>(dyt, xt, g, mean, var, eps, sum_dy, sum_dy_xmu, grad_weight, grad_bias);
-  normalize_impl<T>(dyt, g, k, dxt);
+  // channels-last rows (channels_last_reduce's, without its flat period rows for small C)
+  std::vector<double> s1(g.C), s2(g.C);
+  channels_last_row_sums<T>(red, rows, g.C, mu, s1.data(), s2.data(),
+                            [&](int64_t r0, int64_t r1) {
+                              for (int64_t r = r0; r < r1; ++r) {
+                                affine_row<false>(dy + r * g.C, dx + r * g.C, g.C, nullptr,
+                                                  k.a.data(), k.d.data(), stream);
+                              }
+                              if (stream) stream_fence();
+                            });
+  for (int64_t c = 0; c < g.C; ++c) finish(c, s1[c], s2[c]);
 }
 
 #define BN_EXT_DISPATCH(x, name, ...) \
