@@ -115,21 +115,23 @@ def test_ops_against_float64_reference(device, layout):
 
 
 # normalize_backward's paths: NCHW with enough channels and channels-last rows fused (dx written
-# while the reduced data is in cache), few NCHW channels and channels-last C with a flat period
-# split; each must give backward_input's and backward_reduce's bits. In a subprocess too with
-# every pass streaming its output (BN_EXT_CPU_STREAM_MB=0, read once per process), which takes
-# the fused NCHW path's line-aligned tiles and the split bf16 short-run rule.
+# while the reduced data is in cache); few NCHW channels, few channels-last rows (32, 512) and C
+# with a flat period split; each must give backward_input's and backward_reduce's bits. In a
+# subprocess too with every pass streaming its output (BN_EXT_CPU_STREAM_MB=0, read once per
+# process), which takes the fused NCHW path's line-aligned tiles, the split rule for bf16/fp16
+# short runs, and the fused long runs (2x16x48x48) of bf16/fp16 beside it.
 _EVAL_BACKWARD_CASES = [((8, 256, 7, 7), "contiguous"), ((4, 64, 20, 20), "contiguous"),
-                        ((2, 3, 9, 9), "contiguous"), ((8, 256, 7, 7), "channels_last"),
-                        ((16, 64, 24, 24), "channels_last"), ((4, 3, 9, 9), "channels_last"),
-                        ((600, 96), "contiguous"), ((64, 100), "contiguous"),
+                        ((2, 16, 48, 48), "contiguous"), ((2, 3, 9, 9), "contiguous"),
+                        ((8, 256, 7, 7), "channels_last"), ((16, 64, 24, 24), "channels_last"),
+                        ((4, 3, 9, 9), "channels_last"), ((600, 96), "contiguous"),
+                        ((32, 512), "contiguous"), ((64, 100), "contiguous"),
                         ((4, 40, 3, 5, 5), "channels_last")]
 
 
 def _eval_backward_mismatches(device):
     found = []
     for shape, layout in _EVAL_BACKWARD_CASES:
-        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             md = torch.float64 if dtype == torch.float64 else torch.float32
             x = make_input(shape, dtype, device, layout, seed=1)
             g = make_input(shape, dtype, device, layout, seed=2)
@@ -149,6 +151,13 @@ def _eval_backward_mismatches(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_normalize_backward_is_the_two_ops_to_the_bit(device):
     assert _eval_backward_mismatches(device) == []
+    if device == "cpu":  # one thread: tiles and blocks always outnumber the threads
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert _eval_backward_mismatches(device) == []
+        finally:
+            torch.set_num_threads(threads)
 
 
 def test_normalize_backward_streaming_is_the_two_ops_to_the_bit():

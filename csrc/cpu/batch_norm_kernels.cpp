@@ -1783,10 +1783,12 @@ void train_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry& g,
 // is still in their cache: NCHW with enough channels, a tile of channels (tiles as the training
 // backward's beyond the cache, fused_tile, else contiguous_reduce's); channels-last, a block of
 // rows. dy and x are read once: 3 passes instead of the two ops' 4, and one parallel region
-// instead of two. Elsewhere (few NCHW channels, channels-last C with a flat period) backward_reduce
-// and then the map. The same sums and coefficients either way, so the same bits as
-// backward_reduce and backward_input. 2-core Intel VM, op level, the two ops -> one, medians of 7
-// alternating rounds: NCHW fp32 8x256x7x7 1.10x, 32x512x7x7 1.04x, 256x2048x7x7 1.06x,
+// instead of two. Elsewhere (few NCHW channels or tiles, few channels-last rows, or C with a flat
+// period) backward_reduce and then the map. The same sums and coefficients either way, so the
+// same bits as backward_reduce and backward_input for input dense in either layout (the front
+// door reduces other input in the layout of its output, backward_reduce in read_layout's, as
+// train_backward does: equal to rounding). 2-core Intel VM, op level, the two ops -> one,
+// medians of 7 alternating rounds: NCHW fp32 8x256x7x7 1.10x, 32x512x7x7 1.04x, 256x2048x7x7 1.06x,
 // 32x64x56x56 1.11x, 32x256x56x56 1.22x, 32x64x112x112 1.29x; bf16 32x256x56x56 1.34x, 8x256x7x7
 // 1.14x; channels-last fp32 8x256x7x7 1.23x, 32x64x56x56 1.18x, 32x256x56x56 1.31x, 32x2048x7x7
 // 1.03x, (4096, 1024) 1.09x; bf16 32x256x56x56 1.18x, 32x64x56x56 0.98x, (4096, 1024) 1.00x. Not
@@ -1801,10 +1803,16 @@ void normalize_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry
   const bool stream = stream_output(3 * xt.nbytes());
   const bool short_runs = g.S * static_cast<int64_t>(sizeof(T)) < kLongRunBytes;
   const bool split_map = at::vec::is_reduced_floating_point_v<T> && short_runs && stream;
-  const int64_t rows = g.N * g.S;
-  const bool fuse_nchw =
-      g.layout == Layout::kContiguous && parallel_over_channels(g) && !split_map;
-  const bool fuse_rows = g.layout == Layout::kChannelsLast && flat_period<T>(rows, g.C) == 0;
+  const int64_t rows = g.N * g.S, threads = at::get_num_threads();
+  // Fused, dx is written by the reduction's tasks (tiles, blocks of rows): only where there are
+  // at least as many as threads, so that none is left out of the map ((32, 4096) is one block).
+  const int64_t tile = fused_tile<T>(g, stream, 2);  // 0: contiguous_reduce's tiles
+  const int64_t per_tile = tile > 0 ? tile : channels_per_tile(g, sizeof(T));
+  const int64_t tiles = (g.C + per_tile - 1) / per_tile;
+  const bool fuse_nchw = g.layout == Layout::kContiguous && parallel_over_channels(g) &&
+                         !split_map && tiles >= threads;
+  const bool fuse_rows = g.layout == Layout::kChannelsLast && flat_period<T>(rows, g.C) == 0 &&
+                         rows >= kRowsPerBlock * threads;
   if (!fuse_nchw && !fuse_rows) {
     Tensor sum_dy = at::empty_like(grad_bias), sum_dy_xmu = at::empty_like(grad_weight);
     backward_reduce_impl<T>(dyt, xt, g, mean, var, eps, sum_dy, sum_dy_xmu, grad_weight,
@@ -1836,7 +1844,7 @@ void normalize_backward_impl(const Tensor& dyt, const Tensor& xt, const Geometry
           }
           if (stream) stream_fence();
         },
-        fused_tile<T>(g, stream, 2));  // 0: contiguous_reduce's tiles
+        tile);
     return;
   }
   // channels-last rows (channels_last_reduce's, without its flat period rows for small C)
