@@ -614,6 +614,26 @@ bool grad_of(const optional<Tensor>& t) {
   return t.has_value() && t->defined() && t->requires_grad();
 }
 
+// Whether an optional argument is given: only given tensors take an autograd edge.
+bool given(const optional<Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// Which of a Function's leading tensor arguments its backward must give a gradient, asked of the
+// engine as the backward runs, not fixed at forward time: the graph task knows which edges it
+// needs (autograd.grad(y, x) on an eval layer wants x's alone though the weight requires grad,
+// and then backward_input alone runs, not normalize_backward). given[i]: whether argument i took
+// an edge; edges are numbered over the given ones.
+std::vector<bool> needed_now(const torch::autograd::AutogradContext* ctx,
+                             const c10::List<bool>& given_args) {
+  std::vector<bool> need(given_args.size(), false);
+  size_t edge = 0;
+  for (size_t i = 0; i < given_args.size(); ++i) {
+    if (given_args.get(i)) need[i] = ctx->needs_input_grad(edge++);
+  }
+  return need;
+}
+
 class TrainForwardFunction : public torch::autograd::Function<TrainForwardFunction> {
  public:
   static torch::autograd::variable_list forward(
@@ -635,10 +655,7 @@ class TrainForwardFunction : public torch::autograd::Function<TrainForwardFuncti
     // graph that saved them backpropagates with their current values instead of raising.
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var});
     ctx->saved_data["eps"] = eps;
-    // needs_input_grad counts only the tensors given, so an absent weight would shift the
-    // indices; record which of input, weight and bias take a gradient instead.
-    ctx->saved_data["need"] = std::vector<bool>{input.requires_grad(), grad_of(weight),
-                                                grad_of(bias)};
+    ctx->saved_data["given"] = std::vector<bool>{true, given(weight), given(bias)};
     ctx->mark_non_differentiable({mean, var});
     ctx->set_materialize_grads(false);
     return {out, mean, var};
@@ -652,7 +669,7 @@ class TrainForwardFunction : public torch::autograd::Function<TrainForwardFuncti
     const Tensor& grad_out = grads[0];
     torch::autograd::variable_list result(8);
     if (!grad_out.defined()) return result;
-    const auto need = ctx->saved_data["need"].toBoolList();
+    const auto need = needed_now(ctx, ctx->saved_data["given"].toBoolList());
     const bool need_input = need[0];
     const optional<Tensor> w = weight.defined() ? optional<Tensor>(weight) : c10::nullopt;
     Tensor gi, gw, gb;
@@ -725,9 +742,7 @@ class NormalizeFunction : public torch::autograd::Function<NormalizeFunction> {
     const Tensor out = normalize_below_autograd(input, mean, var, weight, bias, eps);
     ctx->save_for_backward({input, mean, var, weight.value_or(Tensor())});
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["need"] = std::vector<bool>{input.requires_grad(), mean.requires_grad(),
-                                                var.requires_grad(), grad_of(weight),
-                                                grad_of(bias)};
+    ctx->saved_data["given"] = std::vector<bool>{true, true, true, given(weight), given(bias)};
     ctx->set_materialize_grads(false);
     return {out};
   }
@@ -740,7 +755,7 @@ class NormalizeFunction : public torch::autograd::Function<NormalizeFunction> {
     const Tensor& grad_out = grads[0];
     torch::autograd::variable_list result(6);
     if (!grad_out.defined()) return result;
-    const auto need = ctx->saved_data["need"].toBoolList();
+    const auto need = needed_now(ctx, ctx->saved_data["given"].toBoolList());
     const optional<Tensor> w = weight.defined() ? optional<Tensor>(weight) : c10::nullopt;
     Tensor gi, gm, gv, gw, gb;
     if (at::GradMode::is_enabled()) {

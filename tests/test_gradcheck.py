@@ -113,6 +113,33 @@ def test_backward_runs_in_cpp(device, path, training, needs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training,asked,kernels", [
+    (True, "x", ["bn_ext.train_backward.default"]),
+    (True, "wb", ["bn_ext.backward_reduce.default"]),
+    (False, "x", ["bn_ext.backward_input.default"]),
+    (False, "wb", ["bn_ext.backward_reduce.default"]),
+    (False, "xw", ["bn_ext.normalize_backward.default"]),
+])
+def test_backward_computes_only_the_gradients_asked(device, training, asked, kernels):
+    """x, weight and bias all require grad, and autograd.grad asks for some of them: the layers'
+    C++ autograd runs the kernels for those alone (an input-gradient attack on an eval model
+    reads dy once, not dy and x twice), and the gradients are torch's."""
+    x, w, b = _inputs((4, 3, 3, 2), "contiguous", device, True)
+    dy = torch.randn_like(x)
+    rm = torch.randn(3, dtype=torch.float64, device=device)
+    rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+    wanted = [{"x": x, "w": w, "b": b}[k] for k in asked]
+    y = bn_ext.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
+    with _OpLog() as log:
+        grads = torch.autograd.grad(y, wanted, dy)
+    assert sorted(op for op in log.ops if op != "aten.detach.default") == kernels
+    ref = torch.autograd.grad(torch.nn.functional.batch_norm(
+        x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3), wanted, dy)
+    for ours, theirs in zip(grads, ref):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "weight_grad"])
 def test_eval_input_gradient_penalty_as_torch(device, frozen):
     # An input-gradient penalty through an eval layer: grad_input = dy * w * invstd is constant
