@@ -108,6 +108,51 @@ def test_launch_plans_from_1_to_132_sms(monkeypatch, sms, single_pass, case):
     assert_close(y, refs[0].float(), torch.float32)
 
 
+def _misaligned(t):
+    """t's values at an address 4 bytes past a 16-byte boundary, with t's strides."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+    out = flat.as_strided(t.shape, t.stride())
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [((2, 3, 64, 64), "contiguous", False),
+                                  ((4, 3, 33, 33), "contiguous", False),
+                                  ((4, 8, 7, 7), "contiguous", False),
+                                  ((3, 5, 9, 9), "contiguous", True),
+                                  ((8, 64, 7, 7), "channels_last", False),
+                                  ((4, 6, 5, 5), "channels_last", False),
+                                  ((300, 40), "channels_last", True)],
+                         ids=["whole-runs", "masked-runs", "7x7", "misaligned", "cl", "cl-scalar",
+                              "2d-misaligned"])
+def test_normalize_backward_writes_dx_in_the_reduction(monkeypatch, sms, dtype, case):
+    """Eval's dx = dy * w * invstd needs none of the sums, so normalize_backward's reduction
+    writes it where it loads dy: the op launches what backward_reduce launches (the reduction,
+    and the finalize pass where the blocks split a channel; channels-last always has the
+    finalize pass, reduce_kernels.cu) and no elementwise grid, and its three results are the two
+    ops' to the bit. The fp32 few-channel inputs split each channel over blocks."""
+    monkeypatch.setenv("BN_EXT_EMU_SMS", str(sms))
+    shape, layout, misaligned = case
+    x, dy, w, _ = _case(shape, dtype, layout)
+    if misaligned:
+        x, dy = _misaligned(x), _misaligned(dy)
+    C = shape[1]
+    mean = torch.randn(C, generator=torch.Generator().manual_seed(5))
+    var = torch.rand(C, generator=torch.Generator().manual_seed(6)) + 0.5
+    for weight in (w, None):
+        before = _launches()
+        reduced = ops.backward_reduce(dy, x, mean, var, weight, 1e-5)
+        reduce_grids = _launches()[0] - before[0]
+        dx_alone = ops.backward_input(dy, x, mean, var, weight, None, None, None, 1e-5)
+        before = _launches()
+        got = ops.normalize_backward(dy, x, mean, var, weight, 1e-5)
+        assert _launches()[0] - before[0] == (2 if layout == "channels_last" else reduce_grids)
+        assert torch.equal(got[0], dx_alone) and got[0].stride() == dx_alone.stride()
+        assert torch.equal(got[1], reduced[2]) and torch.equal(got[2], reduced[3])
+
+
 @pytest.mark.parametrize("which", [0, 1, 2, 3, 4],
                          ids=["divergent-barrier", "misaligned-vector", "barrier-orders-shared",
                               "cooperative-too-large", "returned-before-barrier"])

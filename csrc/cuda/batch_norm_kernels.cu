@@ -12,7 +12,8 @@
 //   backward_reduce    reduce [+ finalize]
 //   backward_input     training: backward_coefs (count read on the device), elementwise;
 //                      eval: as normalize
-//   normalize_backward reduce [+ finalize], elementwise (as backward_reduce, backward_input)
+//   normalize_backward reduce [+ finalize], the reduction also writing dx (eval's dx needs no
+//                      sums): the reads of backward_reduce, and backward_input's write
 //   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise;
 //                      or one persistent kernel, as train_forward
 //   running_stats_update  one single-block kernel
@@ -95,10 +96,7 @@ void normalize_backward(const Tensor& dy, const Tensor& x, const Geometry& g, co
                         const Tensor& var, const Tensor& weight, double eps, Tensor& dx,
                         Tensor& grad_weight, Tensor& grad_bias) {
   c10::cuda::CUDAGuard guard(x.device());
-  detail::launch_grad_sums(dy, x, g, mean, var, Tensor(), eps, Tensor(), Tensor(), grad_weight,
-                           grad_bias, Tensor());
-  detail::launch_eval_elementwise(Elementwise::kBackwardEval, x, dy, g, mean, var, weight,
-                                  Tensor(), eps, dx);
+  detail::launch_grad_sums_eval_dx(dy, x, g, mean, var, weight, eps, grad_weight, grad_bias, dx);
 }
 
 void train_backward(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,

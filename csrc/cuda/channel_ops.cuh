@@ -2,6 +2,7 @@
 // (reduce_kernels.cu: multi-pass; persistent_kernels.cu: single pass):
 //   StatsOp  s1 = sum(x - k), s2 = sum((x - k)^2)    -> mean, var; forward coefficients
 //   GradOp   s1 = sum(dy),    s2 = sum(dy * (x - mu)) -> grad_bias, grad_weight; dx coefficients
+//            (or, kEvalDx, eval's dx itself, written as the reduction goes)
 // An op gives the channel's shift k (center), adds one element to a pair of lane sums
 // (accumulate), and turns the channel's shift and merged sums into its outputs and elementwise
 // coefficients (finish).
@@ -27,6 +28,7 @@ struct StatsOp {
   using M = math_t<T>;
   static constexpr bool kNeedsDy = false;
   static constexpr bool kSampledShift = true;  // center() reads kShiftSamples elements
+  static constexpr bool kWritesDx = false;
   static constexpr Elementwise kMap = Elementwise::kForward;
 
   const T* x;
@@ -108,11 +110,16 @@ struct StatsOp {
 };
 
 // Backward: s1 = sum(dy), s2 = sum(dy * (x - mean)).
-template <typename T>
+//
+// kEvalDx: the multi-pass reduction also writes eval's dx = dy * a (a = eval_dx_scale(c)) at
+// each element of dy it loads. Eval's dx needs none of the sums, so normalize_backward reads dy
+// and x once and writes dx: 3 passes, not the 4 of backward_reduce then the eval map.
+template <typename T, bool kEvalDx = false>
 struct GradOp {
   using M = math_t<T>;
   static constexpr bool kNeedsDy = true;
   static constexpr bool kSampledShift = false;  // center() is mean[c]
+  static constexpr bool kWritesDx = kEvalDx;
   static constexpr Elementwise kMap = Elementwise::kBackwardTrain;
 
   const M* mean;
@@ -126,8 +133,15 @@ struct GradOp {
   M* grad_weight;
   M* grad_bias;
   M* coef;  // nullable: (mu | a | b | d) for the training backward elementwise kernel
+  T* dx;    // kEvalDx: eval's grad_input, laid out as x and dy
 
   __device__ __forceinline__ M center(int64_t c) const { return mean[c]; }
+
+  // Eval's a = w * invstd as the eval map derives it (EvalStats: forward_alpha in the math
+  // type), so that the fused dx is the eval map's to the bit.
+  __device__ __forceinline__ M eval_dx_scale(int64_t c) const {
+    return forward_alpha(var[c], static_cast<M>(eps), weight, c);
+  }
 
   __device__ __forceinline__ static void accumulate(M xv, M dy, M mu, M& a1, M& a2) {
     a1 += dy;
@@ -194,12 +208,16 @@ StatsOp<T, kRunning> stats_op(const Tensor& x, const Geometry& g, const Tensor& 
   return op;
 }
 
-template <typename T>
-GradOp<T> grad_op(const Geometry& g, const Tensor& mean, const Tensor& var, const Tensor& weight,
-                  double eps, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
-                  const Tensor& grad_weight, const Tensor& grad_bias, const Tensor& coef) {
+// kEvalDx: `dx` is eval's grad_input, which the reduction writes (GradOp).
+template <typename T, bool kEvalDx = false>
+GradOp<T, kEvalDx> grad_op(const Geometry& g, const Tensor& mean, const Tensor& var,
+                           const Tensor& weight, double eps, const Tensor& sum_dy,
+                           const Tensor& sum_dy_xmu, const Tensor& grad_weight,
+                           const Tensor& grad_bias, const Tensor& coef,
+                           const Tensor& dx = Tensor()) {
   using M = math_t<T>;
-  GradOp<T> op;
+  TORCH_INTERNAL_ASSERT(kEvalDx == dx.defined());
+  GradOp<T, kEvalDx> op;
   op.mean = mean.const_data_ptr<M>();
   op.var = var.const_data_ptr<M>();
   op.weight = opt_ptr<M>(weight);
@@ -211,6 +229,7 @@ GradOp<T> grad_op(const Geometry& g, const Tensor& mean, const Tensor& var, cons
   op.grad_weight = grad_weight.mutable_data_ptr<M>();
   op.grad_bias = grad_bias.mutable_data_ptr<M>();
   op.coef = opt_mutable_ptr<M>(coef);
+  op.dx = opt_mutable_ptr<T>(dx);
   return op;
 }
 

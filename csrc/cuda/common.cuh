@@ -146,6 +146,14 @@ void launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, cons
                       const Tensor& sum_dy_xmu, const Tensor& grad_weight,
                       const Tensor& grad_bias, const Tensor& coef);
 
+// launch_grad_sums' grad_weight and grad_bias, and eval's grad_input dx = dy * w * invstd (the
+// eval map's values, bit for bit) written by the same kernel where it loads dy: one read of dy
+// and x. dx must have x's layout (dense, as x and dy).
+void launch_grad_sums_eval_dx(const Tensor& dy, const Tensor& x, const Geometry& g,
+                              const Tensor& mean, const Tensor& var, const Tensor& weight,
+                              double eps, const Tensor& grad_weight, const Tensor& grad_bias,
+                              const Tensor& dx);
+
 // coef[3C] = (mean | w * invstd | b) from given statistics.
 void launch_forward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
                           const Tensor& bias, double eps, const Tensor& coef);

@@ -18,6 +18,11 @@
 // their lanes outside the run masked (kMasked). A scalar loop instead would keep a quarter of the
 // bytes in flight per thread that the memory needs, with a division per element.
 //
+// An op with kWritesDx (eval's backward, GradOp<T, true>) also stores dx = dy * a where the
+// kernel has loaded a vector of dy, at the same offset: whole vectors, and in the masked layout
+// only the lanes in the run (whole where the slot lies in it). Its channels-last blocks always
+// stage their sums for the finalize pass (kStagesAlways).
+//
 // Channels-last (N*S rows of C): 2-D blocks (bx, by), bx * by = kThreads. A thread owns V
 // consecutive channels (128 bits of a row) and walks rows by * G apart; a warp reads whole row
 // segments. The block merges down its by rows with column_merge, and the G row-blocks of a channel
@@ -30,14 +35,45 @@ namespace detail {
 namespace {
 
 // Loads V elements of x (and of dy, for reductions that read it) at offset o and adds them to
-// the per-lane sums.
-template <typename Op, int V, typename T, typename I, typename M>
+// the per-lane sums; store(o, dy's vector) writes what an op makes of them (eval's dx) or nothing.
+template <typename Op, int V, typename T, typename I, typename M, typename D>
 __device__ __forceinline__ void accumulate_at(const T* __restrict__ x, const T* __restrict__ dy,
-                                              I o, const M (&k)[V], M (&a1)[V], M (&a2)[V]) {
+                                              I o, const D& store, const M (&k)[V], M (&a1)[V],
+                                              M (&a2)[V]) {
   const Vec<T, V> xv = load_vec<V>(x + o);
   Vec<T, V> dv = xv;
   if constexpr (Op::kNeedsDy) dv = load_vec<V>(dy + o);
   accumulate_vec<Op, V>(xv, dv, k, a1, a2);
+  store(o, dv);
+}
+
+// Op::kWritesDx: the dx scales of a tile's channels first .. first + here - 1 into
+// scales[0, here), a thread each, before tile_shifts, whose closing barrier publishes them. At
+// the kernel's start nothing else is live: float64's division is a call, and made beside the
+// sums' registers (in the loop's prologue) it spilled.
+template <typename Op, typename M>
+__device__ __forceinline__ void tile_dx_scales(const Op& op, int64_t first, int here, int tid,
+                                               M* scales) {
+  if constexpr (Op::kWritesDx) {
+    if (tid < here) scales[tid] = op.eval_dx_scale(first + tid);
+  }
+}
+
+// The `store` of a reduction that writes nothing besides its sums.
+struct NoStore {
+  template <typename I, typename V>
+  __device__ __forceinline__ void operator()(I /*o*/, const V& /*dy*/) const {}
+};
+
+// Eval's dx = dy * a for V channels' lanes (contiguous: one channel, a[w] all equal), as the
+// eval map computes it (elementwise_value), stored as one vector at offset o.
+template <typename T, int V, typename I, typename M>
+__device__ __forceinline__ void store_eval_dx(T* __restrict__ dx, I o,
+                                              const Vec<T, V>& dv, const M (&a)[V]) {
+  Vec<T, V> out;
+#pragma unroll
+  for (int w = 0; w < V; ++w) out.v[w] = static_cast<T>(static_cast<M>(dv.v[w]) * a[w]);
+  store_vec<V>(dx + o, out);
 }
 
 // Vectors each thread loads before it adds them: two of 128 bits, or as many narrower ones
@@ -47,35 +83,42 @@ __device__ __forceinline__ void accumulate_at(const T* __restrict__ x, const T* 
 template <typename T, int V>
 constexpr int kInFlight = V * sizeof(T) >= 8 ? 2 : 16 / (V * static_cast<int>(sizeof(T)));
 
-// Adds the vectors at offset(i) for i = j, j + step, ... < n, kInFlight<T, V> loads at a time.
-template <typename Op, int V, typename T, typename I, typename M, typename F>
+// Adds the vectors at offset(i) for i = j, j + step, ... < n, kInFlight<T, V> loads at a time
+// (and hands each to store, as accumulate_at). An op that also writes (eval's dx) loads one
+// 128-bit vector of x and one of dy at a time, still 32 bytes in flight: two of each took the
+// 16-bit channels-last kernels past the 64 registers ptxas gives them, and they spilled.
+template <typename Op, int V, typename T, typename I, typename M, typename F, typename D>
 __device__ __forceinline__ void accumulate_strided(const T* __restrict__ x,
                                                    const T* __restrict__ dy, I j, I step, I n,
-                                                   const F& offset, const M (&k)[V], M (&a1)[V],
-                                                   M (&a2)[V]) {
-  constexpr int U = kInFlight<T, V>;
+                                                   const F& offset, const D& store,
+                                                   const M (&k)[V], M (&a1)[V], M (&a2)[V]) {
+  constexpr int U = Op::kWritesDx && V * sizeof(T) == 16 ? 1 : kInFlight<T, V>;
   if constexpr (U == 2) {
     // Kept in this form: the array form below, or a tail loop, cost the 128-bit channels-last
     // GradOp kernels a 4-byte spill around finish()'s double division (ptxas, nvcc 13.0).
     for (; j + step < n; j += 2 * step) {
-      accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
-      accumulate_at<Op, V>(x, dy, offset(j + step), k, a1, a2);
+      accumulate_at<Op, V>(x, dy, offset(j), store, k, a1, a2);
+      accumulate_at<Op, V>(x, dy, offset(j + step), store, k, a1, a2);
     }
-    if (j < n) accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
+    if (j < n) accumulate_at<Op, V>(x, dy, offset(j), store, k, a1, a2);
   } else {
     for (; j + (U - 1) * step < n; j += U * step) {
       Vec<T, V> xs[U], ds[U];
+      I os[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const I o = offset(j + u * step);
-        xs[u] = load_vec<V>(x + o);
+        os[u] = offset(j + u * step);
+        xs[u] = load_vec<V>(x + os[u]);
         ds[u] = xs[u];
-        if constexpr (Op::kNeedsDy) ds[u] = load_vec<V>(dy + o);
+        if constexpr (Op::kNeedsDy) ds[u] = load_vec<V>(dy + os[u]);
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) accumulate_vec<Op, V>(xs[u], ds[u], k, a1, a2);
+      for (int u = 0; u < U; ++u) {
+        accumulate_vec<Op, V>(xs[u], ds[u], k, a1, a2);
+        store(os[u], ds[u]);
+      }
     }
-    for (; j < n; j += step) accumulate_at<Op, V>(x, dy, offset(j), k, a1, a2);
+    for (; j < n; j += step) accumulate_at<Op, V>(x, dy, offset(j), store, k, a1, a2);
   }
 }
 
@@ -133,7 +176,8 @@ __global__ void __launch_bounds__(kThreads)
                              math_t<T>* __restrict__ partial) {
   using M = math_t<T>;
   const I c = blockIdx.x;
-  __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift;
+  __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift, scale;
+  tile_dx_scales(op, static_cast<int64_t>(c), 1, threadIdx.x, &scale);
   tile_shifts(op, static_cast<int64_t>(c), 1, 1, threadIdx.x, groups, &shift);
   const M k0 = shift;
   M k[V], a1[V], a2[V];
@@ -143,12 +187,31 @@ __global__ void __launch_bounds__(kThreads)
     a1[w] = 0;
     a2[w] = 0;
   }
+  M a[V];  // Op::kWritesDx: the channel's dx scale in every lane
+#pragma unroll
+  for (int w = 0; w < V; ++w) a[w] = Op::kWritesDx ? scale : M(0);
   const I step = static_cast<I>(gridDim.y) * kThreads;
   I j = static_cast<I>(blockIdx.y) * kThreads + threadIdx.x;
   if constexpr (kMasked) {
     const auto slot = [&](I i) { return masked_slot<V>(i, c, C, S, per_run); };
     const auto load = [&](const T* p, const MaskedSlot<I>& m) {
       return load_masked<V>(p, m, S, numel);
+    };
+    // dx at the slot's lanes in the run: one vector where they all are (rel <= S - V, which a
+    // rel that wrapped below 0 is not), else lane by lane.
+    const auto store = [&](const MaskedSlot<I>& m, const Vec<T, V>& dv) {
+      if constexpr (Op::kWritesDx) {
+        if (S >= static_cast<I>(V) && m.rel <= S - static_cast<I>(V)) {
+          store_eval_dx<T, V>(op.dx, m.o, dv, a);
+        } else {
+#pragma unroll
+          for (int w = 0; w < V; ++w) {
+            if (m.rel + static_cast<I>(w) < S) {
+              op.dx[m.o + w] = static_cast<T>(static_cast<M>(dv.v[w]) * a[w]);
+            }
+          }
+        }
+      }
     };
     // Two slots' loads issued before either is added: two vectors in flight.
     for (; j + step < nv; j += 2 * step) {
@@ -161,6 +224,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       accumulate_vec_masked<Op, V>(x0, d0, m0.rel, S, k, a1, a2);
       accumulate_vec_masked<Op, V>(x1, d1, m1.rel, S, k, a1, a2);
+      store(m0, d0);
+      store(m1, d1);
     }
     if (j < nv) {
       const MaskedSlot<I> m0 = slot(j);
@@ -168,13 +233,17 @@ __global__ void __launch_bounds__(kThreads)
       Vec<T, V> d0 = x0;
       if constexpr (Op::kNeedsDy) d0 = load(dy, m0);
       accumulate_vec_masked<Op, V>(x0, d0, m0.rel, S, k, a1, a2);
+      store(m0, d0);
     }
   } else {
     const auto offset = [&](I i) {
       const auto qr = per_run.divmod(i);  // (n, vector within the run)
       return (qr.div * C + c) * S + qr.mod * V;
     };
-    accumulate_strided<Op, V>(x, dy, j, step, nv, offset, k, a1, a2);
+    const auto store = [&](I o, const Vec<T, V>& dv) {
+      if constexpr (Op::kWritesDx) store_eval_dx<T, V>(op.dx, o, dv, a);
+    };
+    accumulate_strided<Op, V>(x, dy, j, step, nv, offset, store, k, a1, a2);
   }
   Sums<M> t{a1[0], a2[0]};
 #pragma unroll
@@ -190,6 +259,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Whether the channels-last kernel leaves finish() to the finalize pass even when G == 1. With
+// eval's dx stores in its loop, the calls of finish()'s float64 divisions made ptxas (nvcc 13.0)
+// spill 4 to 16 bytes around them in the 16-bit and float64 kernels, on sm_80 and sm_90. Only
+// small inputs have G == 1 in that layout (at most 8 rows per thread), for one small launch more.
+template <typename Op>
+constexpr bool kStagesAlways = Op::kWritesDx;
+
 template <typename T, typename Op, typename I, int V>
 __global__ void __launch_bounds__(kThreads)
     reduce_channels_last_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy,
@@ -202,7 +278,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t first = static_cast<int64_t>(blockIdx.x) * width;
   const int here = static_cast<int>(std::min<int64_t>(width, static_cast<int64_t>(C) - first));
   __shared__ M groups[Op::kSampledShift ? kShiftGroups * 32 * V : 1], shifts[32 * V];
-  tile_shifts(op, first, width, here, threadIdx.y * blockDim.x + threadIdx.x, groups, shifts);
+  __shared__ M scales[Op::kWritesDx ? 32 * V : 1];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  tile_dx_scales(op, first, here, tid, scales);
+  tile_shifts(op, first, width, here, tid, groups, shifts);
   M k[V], a1[V], a2[V];
 #pragma unroll
   for (int w = 0; w < V; ++w) {
@@ -213,7 +292,18 @@ __global__ void __launch_bounds__(kThreads)
   if (active) {
     const I step = static_cast<I>(gridDim.y) * blockDim.y;
     const I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y;
-    accumulate_strided<Op, V>(x, dy, r, step, rows, [&](I i) { return i * C + c0; }, k, a1, a2);
+    const auto offset = [&](I i) { return i * C + c0; };
+    if constexpr (Op::kWritesDx) {
+      M a[V];  // the thread's V channels' dx scales
+#pragma unroll
+      for (int w = 0; w < V; ++w) a[w] = scales[threadIdx.x * V + w];
+      const auto store = [&](I o, const Vec<T, V>& dv) {
+        store_eval_dx<T, V>(op.dx, o, dv, a);
+      };
+      accumulate_strided<Op, V>(x, dy, r, step, rows, offset, store, k, a1, a2);
+    } else {
+      accumulate_strided<Op, V>(x, dy, r, step, rows, offset, NoStore{}, k, a1, a2);
+    }
   }
   Sums<M> v[V];
 #pragma unroll
@@ -224,7 +314,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int w = 0; w < V; ++w) {
       const int64_t c = static_cast<int64_t>(c0) + w;
-      if (gridDim.y == 1) {
+      if (!kStagesAlways<Op> && gridDim.y == 1) {
         op.finish(c, k[w], v[w].s1, v[w].s2);
       } else {
         store_partial(partial, static_cast<int64_t>(C), blockIdx.y, c, v[w], k[w]);
@@ -268,11 +358,13 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
   constexpr int VM = kMaxVec<T>;
   const T* xp = x.const_data_ptr<T>();
   const T* dyp = Op::kNeedsDy ? dy.const_data_ptr<T>() : nullptr;
-  const bool aligned = is_aligned16(xp) && (dyp == nullptr || is_aligned16(dyp));
+  bool aligned = is_aligned16(xp) && (dyp == nullptr || is_aligned16(dyp));
+  if constexpr (Op::kWritesDx) aligned = aligned && is_aligned16(op.dx);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<M>::value);
   const int64_t C = g.C;
   int64_t G = 1;
+  bool staged = false;  // the blocks store partials, which the finalize pass merges
   Tensor partial;
 
   dispatch_index(x.numel(), [&](auto itag) {
@@ -285,6 +377,7 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
         const int64_t per_run = kMasked ? (g.S + 2 * V - 2) / V : g.S / V;
         const int64_t nv = g.N * per_run;
         G = split_count(C, nv, kThreads, 4);
+        staged = G > 1;
         if (G > 1) partial = at::empty({(2 * G + 1) * C}, opts);
         reduce_contiguous_kernel<T, Op, I, V, kMasked>
             <<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(G)), kThreads, 0, stream>>>(
@@ -310,17 +403,18 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
         const int64_t blocks_x = ceil_div(cv, bx);
         const int64_t rows = g.N * g.S;
         G = split_count(blocks_x, rows, by, 8);
-        if (G > 1) partial = at::empty({(2 * G + 1) * C}, opts);
+        staged = G > 1 || kStagesAlways<Op>;
+        if (staged) partial = at::empty({(2 * G + 1) * C}, opts);
         reduce_channels_last_kernel<T, Op, I, V>
             <<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(G)), dim3(bx, by), 0,
                stream>>>(op, xp, dyp, static_cast<I>(rows), static_cast<I>(C),
-                         G > 1 ? partial.mutable_data_ptr<M>() : nullptr);
+                         staged ? partial.mutable_data_ptr<M>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
   });
 
-  if (G > 1) {
+  if (staged) {
     const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(C)));
     const int by = kThreads / bx;
     finalize_kernel<Op><<<static_cast<unsigned>(ceil_div(C, bx)), dim3(bx, by), 0, stream>>>(
@@ -347,6 +441,17 @@ void launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, cons
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::backward_reduce", [&] {
     reduce<scalar_t>(grad_op<scalar_t>(g, mean, var, weight, eps, sum_dy, sum_dy_xmu,
                                        grad_weight, grad_bias, coef),
+                     x, dy, g);
+  });
+}
+
+void launch_grad_sums_eval_dx(const Tensor& dy, const Tensor& x, const Geometry& g,
+                              const Tensor& mean, const Tensor& var, const Tensor& weight,
+                              double eps, const Tensor& grad_weight, const Tensor& grad_bias,
+                              const Tensor& dx) {
+  BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::normalize_backward", [&] {
+    reduce<scalar_t>(grad_op<scalar_t, true>(g, mean, var, weight, eps, Tensor(), Tensor(),
+                                             grad_weight, grad_bias, Tensor(), dx),
                      x, dy, g);
   });
 }
