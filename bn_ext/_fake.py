@@ -119,6 +119,19 @@ def _check_update_args(op, like, num_batches_tracked, momentum) -> None:
            "momentum=None (cumulative average) needs num_batches_tracked")
 
 
+def _check_running_stats(op, like, C, running_mean, running_var, num_batches_tracked,
+                         momentum) -> None:
+    """running_stats_update's running statistics: C elements of any supported floating dtype
+    (the op is fed our own statistics) on like's device, updatable; then the count and
+    momentum."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_same_device(op, like, t, name)
+        _check(t.numel() == C, op, f"{name} should contain {C} elements, got {t.numel()}")
+        _check(t.dtype in _SUPPORTED_DTYPES, op, f"{name} must be floating point, got {t.dtype}")
+        _check_updatable(op, t, name)
+    _check_update_args(op, like, num_batches_tracked, momentum)
+
+
 def _check_count(op: str, like: Tensor, count: Tensor) -> None:
     _check_same_device(op, like, count, "count")
     _check(count.numel() == 1 and count.dtype.is_floating_point, op,
@@ -182,13 +195,7 @@ def _running_stats_update_fake(running_mean, running_var, num_batches_tracked, m
     _check(var.numel() == C, op, f"var should contain {C} elements, got {var.numel()}")
     _check(var.dtype in _SUPPORTED_DTYPES, op, f"var must be floating point, got {var.dtype}")
     _check_count(op, mean, count)
-    # the running statistics: any supported floating dtype, as the op is fed our own statistics
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_same_device(op, mean, t, name)
-        _check(t.numel() == C, op, f"{name} should contain {C} elements, got {t.numel()}")
-        _check(t.dtype in _SUPPORTED_DTYPES, op, f"{name} must be floating point, got {t.dtype}")
-        _check_updatable(op, t, name)
-    _check_update_args(op, mean, num_batches_tracked, momentum)
+    _check_running_stats(op, mean, C, running_mean, running_var, num_batches_tracked, momentum)
     return None
 
 

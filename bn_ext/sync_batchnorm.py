@@ -35,12 +35,15 @@ A rank that raises before a collective that its peers have entered leaves them w
 process group's timeout, and two ranks that send buffers of different sizes crash gloo (or hang
 NCCL). So the forward buffer is sized by the module's num_features, never by the input, and it
 carries a "rejected" count: a rank whose input is unusable (rank < 2, channel count other than
-num_features, unsupported dtype, another device than the layer's, a failing local kernel) still
-takes part in the all_reduce, with the flag set, and then raises its own error; every other rank
-sees the flag and raises as well. Nothing is written to the running statistics or
-num_batches_tracked before that check. An error that only a later step can find (the elementwise
-kernel refusing the parameters' dtype, say) leaves the peers waiting in the backward's
-collective, which fails after the process group's timeout: a bound, not a clean error. Reading the
+num_features, unsupported dtype, another device than the layer's, a parameter or running statistic
+that the ops after the collective would refuse, a failing local kernel) still takes part in the
+all_reduce, with the flag set, and then raises its own error; every other rank sees the flag and
+raises as well. Nothing is written to the running statistics or num_batches_tracked before that
+check. The ops that run after the collective (normalize, running_stats_update) are checked
+before it, with their fake kernels' mirror of the C++ checks (_fake.py). An error that only a
+later step can find (running out of memory in the backward, say) leaves the peers waiting in the
+backward's collective, which fails after the process group's timeout: a bound, not a clean
+error. Reading the
 flag needs no device synchronisation when the buffer is on the CPU (gloo); on an accelerator it
 is checked with torch._assert_async, which fails the device stream instead of stalling the host.
 """
@@ -55,6 +58,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.autograd.function import once_differentiable
 
+from . import _fake
 from .functional import _SUPPORTED_DTYPES, _math_dtype, _ops
 from .modules import _BatchNormForward, _fx_leaf
 
@@ -93,6 +97,26 @@ def _local_check(input: Tensor, num_features: int, **tensors) -> Optional[Except
     return None
 
 
+def _later_ops_check(input, num_features, weight, bias, running_mean, running_var,
+                     num_batches_tracked, momentum) -> Optional[Exception]:
+    """The error that the ops run after the collective would raise for this rank's arguments
+    (None when none): normalize's for the parameters (say float32 weights with float64 input),
+    running_stats_update's for the running statistics (say an integer running_mean), found by
+    the checks of their fake kernels. Needs _local_check to have passed."""
+    try:
+        for name, t in (("weight", weight), ("bias", bias)):
+            _fake._check_channel_vector("normalize", input, t, name)
+        if running_mean is not None or running_var is not None:
+            _fake._check(running_mean is not None and running_var is not None,
+                         "running_stats_update", "running_mean and running_var must either "
+                         "both be None or neither be None", ValueError)
+            _fake._check_running_stats("running_stats_update", input, num_features,
+                                       running_mean, running_var, num_batches_tracked, momentum)
+    except Exception as exc:  # noqa: BLE001 - returned, for the caller to raise after the flag
+        return exc
+    return None
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
     process_group, num_features) -> output, normalized with statistics over the whole group.
@@ -107,6 +131,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 momentum, eps, process_group, num_features):
         error = _local_check(input, num_features, weight=weight, bias=bias,
                              running_mean=running_mean, running_var=running_var)
+        if error is None:
+            error = _later_ops_check(input, num_features, weight, bias, running_mean,
+                                     running_var, num_batches_tracked, momentum)
         if error is None and not eps > 0:  # as F.batch_norm in training
             error = ValueError(f"SyncBatchNorm: eps must be positive during training, but got "
                                f"{eps}")

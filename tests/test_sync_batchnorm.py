@@ -322,12 +322,20 @@ def case_bad_device(rank, world):
                       "input is on meta but the layer's weight is on cpu")
 
 
-def case_bad_running_stats_shape(rank, world):
-    # C running means as a (1, C) matrix on one rank: refused there (torch's kernels read the
-    # running statistics as 1-D), and so on the others, with every buffer left as it was
+def case_bad_parameter_dtype(rank, world):
+    # float64 input on a float32 layer: normalize, which runs after the collective, would refuse
+    # the weight there; the rank finds it before and says so to the others
+    _expect_rejection(rank, 1, lambda: torch.randn(3, 4, 2, 2, dtype=torch.float64),
+                      RuntimeError,
+                      "weight has dtype torch.float32 which cannot be used with torch.float64 input")
+
+
+def _expect_buffer_rejection(rank, bad_rank, spoil, expected_type, expected_text):
+    """One rank's layer has a running statistic that running_stats_update (after the
+    collective) would refuse: refused there, before the collective, and so on the others."""
     sbn = SyncBatchNorm(4)
-    if rank == 1:
-        sbn.running_mean = sbn.running_mean.view(1, 4)
+    if rank == bad_rank:
+        spoil(sbn)
     before = {k: v.clone() for k, v in sbn.state_dict().items()}
     try:
         sbn(torch.randn(3, 4, 2, 2))
@@ -335,10 +343,35 @@ def case_bad_running_stats_shape(rank, world):
         error = exc
     else:
         raise AssertionError("no error raised")
-    expected = "running_mean must be a 1-D tensor" if rank == 1 else "rejected their input"
-    assert isinstance(error, RuntimeError) and expected in str(error), repr(error)
+    if rank == bad_rank:
+        assert isinstance(error, expected_type) and expected_text in str(error), repr(error)
+    else:
+        assert isinstance(error, RuntimeError) and "rejected their input" in str(error), \
+            repr(error)
     for k, v in sbn.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a rejected call"
+
+
+def case_bad_running_stats_shape(rank, world):
+    # C running means as a (1, C) matrix on one rank (torch's kernels read the running
+    # statistics as 1-D)
+    def spoil(sbn):
+        sbn.running_mean = sbn.running_mean.view(1, 4)
+    _expect_buffer_rejection(rank, 1, spoil, RuntimeError, "running_mean must be a 1-D tensor")
+
+
+def case_bad_running_stats_dtype(rank, world):
+    def spoil(sbn):
+        sbn.running_var = torch.ones(4, dtype=torch.int64)
+    _expect_buffer_rejection(rank, 0, spoil, RuntimeError,
+                             "running_var must be floating point, got torch.int64")
+
+
+def case_expanded_running_mean(rank, world):
+    def spoil(sbn):
+        sbn.running_mean = torch.zeros(1).expand(4)
+    _expect_buffer_rejection(rank, 1, spoil, RuntimeError,
+                             "running_mean has elements that share memory")
 
 
 def case_eps_zero_refused(rank, world):
@@ -479,7 +512,8 @@ WORLDS = {
         "case_input_2d_and_3d", "case_no_affine_no_tracking", "case_no_bias", "case_bfloat16",
         "case_large_mean_fp32", "case_all_ranks_empty", "case_one_collective_each_way",
         "case_fallbacks", "case_bad_channel_count", "case_bad_input_rank", "case_bad_dtype",
-        "case_bad_device", "case_bad_running_stats_shape",
+        "case_bad_device", "case_bad_running_stats_shape", "case_bad_parameter_dtype",
+        "case_bad_running_stats_dtype", "case_expanded_running_mean",
         "case_eps_zero_refused", "case_statistics_set_to_none_still_count",
         "case_double_backward_refused", "case_accelerator_code_path",
         "case_ddp_trajectory", "case_rank_never_calls_times_out"],
