@@ -109,7 +109,7 @@ def test_launch_plans_from_1_to_132_sms(monkeypatch, sms, single_pass, case):
 
 
 def _misaligned(t):
-    """t's values at an address 4 bytes past a 16-byte boundary, with t's strides."""
+    """t's values at an address one element past a 16-byte boundary, with t's strides."""
     flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
     out = flat.as_strided(t.shape, t.stride())
     out.copy_(t)
@@ -117,16 +117,18 @@ def _misaligned(t):
 
 
 @pytest.mark.parametrize("sms", [1, 132])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", [((2, 3, 64, 64), "contiguous", False),
                                   ((4, 3, 33, 33), "contiguous", False),
                                   ((4, 8, 7, 7), "contiguous", False),
+                                  ((3, 1, 3, 3), "contiguous", False),
                                   ((3, 5, 9, 9), "contiguous", True),
                                   ((8, 64, 7, 7), "channels_last", False),
                                   ((4, 6, 5, 5), "channels_last", False),
                                   ((300, 40), "channels_last", True)],
-                         ids=["whole-runs", "masked-runs", "7x7", "misaligned", "cl", "cl-scalar",
-                              "2d-misaligned"])
+                         ids=["whole-runs", "masked-runs", "7x7", "runs-shorter-than-a-vector",
+                              "misaligned", "cl", "cl-scalar", "2d-misaligned"])
 def test_normalize_backward_writes_dx_in_the_reduction(monkeypatch, sms, dtype, case):
     """Eval's dx = dy * w * invstd needs none of the sums, so normalize_backward's reduction
     writes it where it loads dy: the op launches what backward_reduce launches (the reduction,
@@ -139,8 +141,8 @@ def test_normalize_backward_writes_dx_in_the_reduction(monkeypatch, sms, dtype, 
     if misaligned:
         x, dy = _misaligned(x), _misaligned(dy)
     C = shape[1]
-    mean = torch.randn(C, generator=torch.Generator().manual_seed(5))
-    var = torch.rand(C, generator=torch.Generator().manual_seed(6)) + 0.5
+    mean = torch.randn(C, generator=torch.Generator().manual_seed(5)).to(w.dtype)
+    var = torch.rand(C, generator=torch.Generator().manual_seed(6)).to(w.dtype) + 0.5
     for weight in (w, None):
         before = _launches()
         reduced = ops.backward_reduce(dy, x, mean, var, weight, 1e-5)
