@@ -132,13 +132,28 @@ def convert_model(module: nn.Module) -> nn.Module:
     torch's classes (bn_ext's own, for one) are left alone. Returns the converted module, which
     is a new object only when `module` itself is a BatchNorm.
     """
-    return _convert(module, {})
+    return _convert(module, _REPLACEMENTS, {})
 
 
-def _convert(module: nn.Module, done: dict) -> nn.Module:
-    """convert_model, with `done` mapping id(old layer) -> its replacement, so that a layer
-    reachable under several names (self.bn and self.alias) becomes one layer everywhere."""
-    cls = _REPLACEMENTS.get(type(module))
+_REVERSIONS = {ours: theirs for theirs, ours in _REPLACEMENTS.items()}
+
+
+def revert_model(module: nn.Module) -> nn.Module:
+    """convert_model backwards: every bn_ext BatchNorm1d/2d/3d (and lazy layer) in `module`
+    becomes torch's, holding the same Parameter and buffer objects, flags and hooks.
+
+    For tools keyed on torch's exact classes (torch.ao.quantization.fuse_modules, FX graph-mode
+    quantization): revert, fuse or quantize, and convert back whatever BatchNorm is left.
+    Returns the module, a new object only when `module` itself is a bn_ext layer.
+    """
+    return _convert(module, _REVERSIONS, {})
+
+
+def _convert(module: nn.Module, table: dict, done: dict) -> nn.Module:
+    """Replaces every layer whose exact class `table` maps, with `done` mapping id(old layer)
+    -> its replacement, so that a layer reachable under several names (self.bn and self.alias)
+    becomes one layer everywhere."""
+    cls = table.get(type(module))
     if cls is not None:
         if id(module) not in done:
             done[id(module)] = (module, _swap(module, cls))  # the old layer kept alive: ids stay
@@ -150,7 +165,7 @@ def _convert(module: nn.Module, done: dict) -> nn.Module:
     for name, child in list(module._modules.items()):
         if child is None:
             continue
-        converted = _convert(child, done)
+        converted = _convert(child, table, done)
         if converted is not child:
             setattr(module, name, converted)
     return module

@@ -758,6 +758,52 @@ def test_convert_model_alias_and_shared_layer():
     assert net.alias is net.bn and net.branch[0] is net.bn
 
 
+def test_revert_model_gives_torch_layers_back():
+    # Tools keyed on torch's exact classes refuse bn_ext layers (fuse_modules raises);
+    # revert_model hands torch's layers back, holding the same objects, and they fuse.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.BatchNorm1d(8 * 6 * 6, affine=False)),
+        torch.nn.ModuleDict({"bn3": torch.nn.BatchNorm3d(2, momentum=None)}))
+    model[:4](torch.randn(4, 3, 8, 8))  # running statistics worth keeping
+    model.eval()
+    reference = copy.deepcopy(model)
+    hook_calls = []
+    model[1].register_forward_hook(lambda m, i, o: hook_calls.append(type(m)))
+    bn_ext.convert_model(model)
+    weight, running_mean = model[1].weight, model[1].running_mean
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        torch.ao.quantization.fuse_modules(copy.deepcopy(model), [["0", "1", "2"]])
+    assert bn_ext.revert_model(model) is model
+    assert type(model[1]) is torch.nn.BatchNorm2d
+    assert type(model[3][1]) is torch.nn.BatchNorm1d
+    assert type(model[4]["bn3"]) is torch.nn.BatchNorm3d and model[4]["bn3"].momentum is None
+    assert model[1].weight is weight and model[1].running_mean is running_mean
+    assert not model[1].training
+    for k, v in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model[:4](x), reference[:4](x))
+    assert hook_calls == [torch.nn.BatchNorm2d]  # the user's hook came along
+    fused = torch.ao.quantization.fuse_modules(model, [["0", "1", "2"]])
+    assert_close(fused[:4](x), reference[:4](x), torch.float32)
+    # what is left converts again; a bare bn_ext layer comes back as a new torch layer
+    assert type(bn_ext.convert_model(fused)[3][1]) is bn_ext.BatchNorm1d
+    assert type(bn_ext.revert_model(bn_ext.BatchNorm2d(4))) is torch.nn.BatchNorm2d
+
+
+def test_revert_model_lazy_layer(monkeypatch):
+    model = torch.nn.Sequential(bn_ext.LazyBatchNorm2d())
+    bn_ext.revert_model(model)
+    assert type(model[0]) is torch.nn.LazyBatchNorm2d
+    calls = count_bn_ext_calls(monkeypatch)
+    x = torch.randn(4, 3, 2, 2)
+    y = model(x)
+    assert type(model[0]) is torch.nn.BatchNorm2d and calls == []
+    assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True), torch.float32)
+
+
 LAZY = [(torch.nn.LazyBatchNorm1d, bn_ext.LazyBatchNorm1d, bn_ext.BatchNorm1d, (6, 5, 7)),
         (torch.nn.LazyBatchNorm2d, bn_ext.LazyBatchNorm2d, bn_ext.BatchNorm2d, (6, 5, 4, 3)),
         (torch.nn.LazyBatchNorm3d, bn_ext.LazyBatchNorm3d, bn_ext.BatchNorm3d, (3, 5, 2, 4, 3))]
