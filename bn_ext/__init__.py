@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
            "LazyBatchNorm3d", "BatchNormFunction", "batch_norm",
-           "SyncBatchNorm", "SyncBatchNormFunction", "convert_model", "revert_model", "ops", "has_cuda_kernels",
-           "cpu_cache_stats", "empty_cpu_cache"]
+           "SyncBatchNorm", "SyncBatchNormFunction", "convert_model", "revert_model", "ops",
+           "has_cuda_kernels", "cpu_cache_stats", "empty_cpu_cache"]
 
 
 def has_cuda_kernels() -> bool:

@@ -43,9 +43,9 @@ check. The ops that run after the collective (normalize, running_stats_update) a
 before it, with their fake kernels' mirror of the C++ checks (_fake.py). An error that only a
 later step can find (running out of memory in the backward, say) leaves the peers waiting in the
 backward's collective, which fails after the process group's timeout: a bound, not a clean
-error. Reading the
-flag needs no device synchronisation when the buffer is on the CPU (gloo); on an accelerator it
-is checked with torch._assert_async, which fails the device stream instead of stalling the host.
+error. Reading the flag needs no device synchronisation when the buffer is on the CPU (gloo); on
+an accelerator it is checked with torch._assert_async, which fails the device stream instead of
+stalling the host.
 """
 from __future__ import annotations
 

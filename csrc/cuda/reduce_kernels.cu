@@ -378,12 +378,12 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
         const int64_t nv = g.N * per_run;
         G = split_count(C, nv, kThreads, 4);
         staged = G > 1;
-        if (G > 1) partial = at::empty({(2 * G + 1) * C}, opts);
+        if (staged) partial = at::empty({(2 * G + 1) * C}, opts);
         reduce_contiguous_kernel<T, Op, I, V, kMasked>
             <<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(G)), kThreads, 0, stream>>>(
                 op, xp, dyp, static_cast<I>(C), static_cast<I>(g.S),
                 at::cuda::detail::IntDivider<I>(static_cast<I>(per_run)), static_cast<I>(nv),
-                static_cast<I>(x.numel()), G > 1 ? partial.mutable_data_ptr<M>() : nullptr);
+                static_cast<I>(x.numel()), staged ? partial.mutable_data_ptr<M>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       using Vmax = std::integral_constant<int, VM>;
