@@ -155,6 +155,94 @@ def test_normalize_backward_writes_dx_in_the_reduction(monkeypatch, sms, dtype, 
         assert torch.equal(got[1], reduced[2]) and torch.equal(got[2], reduced[3])
 
 
+def _forced_index64():
+    """Index dispatches that BN_EXT_EMU_INDEX64=1 has sent to the 64-bit kernels so far."""
+    lib = ctypes.CDLL(bn_ext._C.__file__)
+    lib.bn_ext_emu_forced_index64.restype = ctypes.c_int64
+    return lib.bn_ext_emu_forced_index64()
+
+
+def _every_op(x, dy, w, b):
+    """Each op's results on one input, reductions and maps, training and eval."""
+    eps = 1e-5
+    mean, var = ops.batch_stats(x)
+    sums = ops.backward_reduce(dy, x, mean, var, w, eps)
+    return [mean, var, ops.normalize(x, mean, var, w, b, eps), *sums,
+            *ops.train_forward(x, w, b, eps),
+            ops.backward_input(dy, x, mean, var, w, sums[0], sums[1],
+                               torch.tensor(float(x.numel() // x.shape[1]), dtype=mean.dtype), eps),
+            ops.backward_input(dy, x, mean, var, w, None, None, None, eps),
+            *ops.normalize_backward(dy, x, mean, var, w, eps),
+            *ops.train_backward(dy, x, mean, var, w, eps)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", [((2, 3, 64, 64), "contiguous", False),
+                                  ((4, 3, 33, 33), "contiguous", False),
+                                  ((3, 5, 3, 3), "contiguous", False),
+                                  ((3, 5, 9, 9), "contiguous", True),
+                                  ((8, 64, 7, 7), "channels_last", False),
+                                  ((4, 6, 5, 5), "channels_last", False),
+                                  ((300, 40), "channels_last", True)],
+                         ids=["whole-runs", "masked-runs", "runs-shorter-than-a-vector",
+                              "misaligned", "cl", "cl-scalar", "2d-misaligned"])
+def test_64_bit_index_kernels_give_the_32_bit_kernels_bits(monkeypatch, dtype, case):
+    """Tensors of 2^31 elements or more run the kernels indexed in uint64_t (dispatch_index,
+    common.cuh), which no test could otherwise run without a GPU and 4 GB tensors:
+    BN_EXT_EMU_INDEX64=1 sends these small tensors there. Every op's results must be the 32-bit
+    kernels' to the bit, since only the index arithmetic differs."""
+    shape, layout, misaligned = case
+    x, dy, w, b = _case(shape, dtype, layout)
+    if misaligned:
+        x, dy = _misaligned(x), _misaligned(dy)
+    monkeypatch.setenv("BN_EXT_EMU_INDEX64", "0")
+    before = _forced_index64()
+    narrow = _every_op(x, dy, w, b)
+    assert _forced_index64() == before
+    monkeypatch.setenv("BN_EXT_EMU_INDEX64", "1")
+    wide = _every_op(x, dy, w, b)
+    # each of the 8 op calls dispatched at least once, and all went the 64-bit way
+    assert _forced_index64() - before >= 8
+    for i, (a, c) in enumerate(zip(narrow, wide, strict=True)):
+        assert torch.equal(a, c) and a.stride() == c.stride(), f"result {i} differs"
+
+
+def test_more_channels_than_the_grid_holds_are_refused(monkeypatch):
+    """The NCHW reductions give each channel a block column (blockIdx.x, at most 2^31 - 1 on a
+    GPU). An input with more channels (2^32 elements or more) is refused before any launch, with
+    the running statistics unchanged, where the launch would fail (2^31 <= C < 2^32) or, its
+    grid truncated, reduce only some channels (C >= 2^32). BN_EXT_EMU_MAX_GRID_X lowers the limit
+    to 16 here; channels-last input and eval's map have no such column and still run."""
+    monkeypatch.setenv("BN_EXT_EMU_MAX_GRID_X", "16")
+    x, dy, w, b = _case((2, 17, 3, 3), torch.float32, "contiguous")
+    rm, rv, nbt = torch.zeros(17), torch.ones(17), torch.tensor(3)
+    calls = {
+        "batch_stats": lambda: ops.batch_stats(x),
+        "train_forward": lambda: ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1),
+        "backward_reduce": lambda: ops.backward_reduce(dy, x, rm, rv, w, 1e-5),
+        "train_backward": lambda: ops.train_backward(dy, x, rm, rv, w, 1e-5),
+        "normalize_backward": lambda: ops.normalize_backward(dy, x, rm, rv, w, 1e-5),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="at most 16 channels"):
+            call()
+    assert torch.equal(rm, torch.zeros(17)) and torch.equal(rv, torch.ones(17))
+    assert nbt.item() == 3
+    layer = bn_ext.BatchNorm2d(17)
+    with pytest.raises(RuntimeError, match="at most 16 channels"):
+        layer(x)
+    assert layer.num_batches_tracked.item() == 0 and torch.equal(layer.running_var, torch.ones(17))
+    # 16 channels, channels-last, and eval's elementwise map run
+    x16, dy16, w16, b16 = _case((2, 16, 3, 3), torch.float32, "contiguous")
+    assert_training_matches_float64(train_ops(x16, dy16, w16, b16), x16, dy16, w16, b16)
+    xc, dyc, _, _ = _case((2, 17, 3, 3), torch.float32, "channels_last")
+    assert_training_matches_float64(train_ops(xc, dyc, w, b), xc, dyc, w, b)
+    layer.eval()
+    assert_close(layer(x), torch.nn.functional.batch_norm(x, rm, rv, layer.weight, layer.bias),
+                 torch.float32)
+
+
 @pytest.mark.parametrize("which", [0, 1, 2, 3, 4],
                          ids=["divergent-barrier", "misaligned-vector", "barrier-orders-shared",
                               "cooperative-too-large", "returned-before-barrier"])

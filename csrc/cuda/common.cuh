@@ -95,9 +95,20 @@ inline int64_t full_wave_blocks() {
 // run up to one grid stride past the end, which unsigned 32-bit still holds. 31 bits, not 32:
 // IntDivider<uint32_t>'s device division computes (t + n) >> shift in 32 bits, exact only for
 // dividends below 2^31; the emulator runs its host branch, 64-bit, and would not see a wider bound.
+// The emulator lowers the bound to 0 with BN_EXT_EMU_INDEX64=1, so that its small tensors run the
+// 64-bit kernels.
+#ifndef BN_EXT_INDEX32_BOUND
+#define BN_EXT_INDEX32_BOUND (int64_t(1) << 31)
+#endif
+
+// The most blocks a grid may have along x. The emulator lowers it with BN_EXT_EMU_MAX_GRID_X, so
+// that a test can reach what depends on it.
+#ifndef BN_EXT_MAX_GRID_X
+#define BN_EXT_MAX_GRID_X ((int64_t(1) << 31) - 1)
+#endif
 template <typename F>
 void dispatch_index(int64_t numel, const F& f) {
-  if (numel < (int64_t(1) << 31)) {
+  if (numel < BN_EXT_INDEX32_BOUND) {
     f(uint32_t{0});
   } else {
     f(uint64_t{0});

@@ -370,6 +370,11 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
   dispatch_index(x.numel(), [&](auto itag) {
     using I = decltype(itag);
     if (g.layout == Layout::kContiguous) {
+      // A block column per channel (blockIdx.x). Checked before any launch, so a refused call
+      // leaves the running statistics as they were.
+      const int64_t most = BN_EXT_MAX_GRID_X;
+      TORCH_CHECK(C <= most, "bn_ext (CUDA): a contiguous (N, C, *) input may have at most ", most,
+                  " channels, one block column of the reduction's grid each; got ", C);
       // Slots per run: S / V whole vectors, or (masked) enough for a run starting anywhere.
       const auto launch = [&](auto vtag, auto mtag) {
         constexpr int V = decltype(vtag)::value;

@@ -15,9 +15,10 @@
 // without a barrier between is caught in one of the two orders.
 // What it cannot check: the GPU memory model (fences, L1 coherence: x86 orders more strongly),
 // concurrent blocks of an ordinary launch, warp-synchronous code (none outside CUB, which is
-// replaced here), 64-bit index paths (tensors of 2^31 elements), and speed. compute-sanitizer on
-// a GPU does the first ones (bench/gpu_proof.sh). Shared memory starts each block as all-ones
-// bits (NaN), so a read before any write shows.
+// replaced here), sizes that overflow 32-bit arithmetic (tensors of 2^31 elements: the 64-bit
+// index kernels do run here, on small tensors, with BN_EXT_EMU_INDEX64=1), and speed.
+// compute-sanitizer on a GPU does the first ones (bench/gpu_proof.sh). Shared memory starts each
+// block as all-ones bits (NaN), so a read before any write shows.
 #pragma once
 
 #include <cmath>
@@ -88,6 +89,8 @@ void note_progress();                              // a block has arrived (atomi
 void check_aligned(const void* p, size_t bytes);   // a vector access's alignment
 void poison_shared(void* p, size_t bytes);         // all ones, once per block (build.py)
 int blocks_per_sm();                               // the emulated occupancy of every kernel
+int64_t index32_bound();                           // 0 with BN_EXT_EMU_INDEX64=1, else 2^31
+int64_t max_grid_x();                              // BN_EXT_EMU_MAX_GRID_X, else 2^31 - 1
 
 // The blocks of a grid, each running `block_body` in every thread (block by block, or all at
 // once for a cooperative launch).
@@ -149,6 +152,8 @@ void operator->*(K kernel, PendingLaunch<A...>&& p) {
 #define gridDim (::emu::self().grid_dim)
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
 #define BN_EXT_EMU_CHECK_ALIGNED(p, bytes) ::emu::check_aligned(p, bytes)
+#define BN_EXT_INDEX32_BOUND (::emu::index32_bound())
+#define BN_EXT_MAX_GRID_X (::emu::max_grid_x())
 
 // Device intrinsics, computed as the GPU does (rounding included) where that is cheap to say.
 inline float __frsqrt_rn(float v) {

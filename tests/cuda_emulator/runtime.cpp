@@ -230,6 +230,22 @@ void poison_shared(void* p, size_t bytes) {
 
 int blocks_per_sm() { return env_int("BN_EXT_EMU_BLOCKS_PER_SM", 2); }
 
+// Launch plans that dispatch_index (common.cuh) sent to the 64-bit kernels by BN_EXT_EMU_INDEX64=1.
+std::atomic<int64_t> g_forced_index64{0};
+
+int64_t index32_bound() {
+  if (env_int("BN_EXT_EMU_INDEX64", 0) != 1) return int64_t(1) << 31;
+  ++g_forced_index64;
+  return 0;
+}
+
+// Only the checks that consult BN_EXT_MAX_GRID_X see a lowered limit; launches are held to the
+// GPU's (run_grid).
+int64_t max_grid_x() {
+  const char* v = std::getenv("BN_EXT_EMU_MAX_GRID_X");
+  return v != nullptr && *v != '\0' ? std::atoll(v) : (int64_t(1) << 31) - 1;
+}
+
 namespace {
 
 // The blocks a cooperative grid may have: all resident at once.
@@ -240,14 +256,15 @@ int64_t resident_blocks() {
 }  // namespace
 
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bool cooperative) {
+  TORCH_CHECK(grid.x <= 0x7FFFFFFFu && grid.y <= 65535 && grid.z <= 65535,
+              "emulated launch: grid (", grid.x, ", ", grid.y, ", ", grid.z,
+              ") is over the limits of 2^31 - 1 in x and 65535 in y and z");
   std::vector<uint3> ids;
   for (unsigned int z = 0; z < grid.z; ++z) {
     for (unsigned int y = 0; y < grid.y; ++y) {
       for (unsigned int x = 0; x < grid.x; ++x) ids.push_back({x, y, z});
     }
   }
-  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: grid (", grid.x, ", ",
-              grid.y, ", ", grid.z, ") is over the limit of 65535 in y and z");
   ++g_launches[cooperative ? 1 : 0];
   if (!cooperative) {
     for (const uint3& id : ids) run_block(block_body, grid, block, id);
@@ -338,6 +355,9 @@ extern "C" void bn_ext_emu_frsqrt_rn(const float* in, float* out, int64_t n) {
 extern "C" int64_t bn_ext_emu_launches(int cooperative) {
   return emu::g_launches[cooperative != 0 ? 1 : 0].load();
 }
+
+// For ctypes: the number of index dispatches that BN_EXT_EMU_INDEX64=1 sent to 64-bit kernels.
+extern "C" int64_t bn_ext_emu_forced_index64() { return emu::g_forced_index64.load(); }
 
 namespace {
 
