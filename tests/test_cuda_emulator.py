@@ -191,7 +191,9 @@ def test_64_bit_index_kernels_give_the_32_bit_kernels_bits(monkeypatch, dtype, c
     """Tensors of 2^31 elements or more run the kernels indexed in uint64_t (dispatch_index,
     common.cuh), which no test could otherwise run without a GPU and 4 GB tensors:
     BN_EXT_EMU_INDEX64=1 sends these small tensors there. Every op's results must be the 32-bit
-    kernels' to the bit, since only the index arithmetic differs."""
+    kernels' to the bit, since only the index arithmetic differs. (The single-pass kernels are
+    32-bit only: such tensors never take them.)"""
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
     shape, layout, misaligned = case
     x, dy, w, b = _case(shape, dtype, layout)
     if misaligned:
@@ -213,8 +215,10 @@ def test_more_channels_than_the_grid_holds_are_refused(monkeypatch):
     GPU). An input with more channels (2^32 elements or more) is refused before any launch, with
     the running statistics unchanged, where the launch would fail (2^31 <= C < 2^32) or, its
     grid truncated, reduce only some channels (C >= 2^32). BN_EXT_EMU_MAX_GRID_X lowers the limit
-    to 16 here; channels-last input and eval's map have no such column and still run."""
+    to 16 here; channels-last input and eval's map have no such column and still run. (Such an
+    input never takes the single-pass kernels, which are for fewer than 2^31 elements.)"""
     monkeypatch.setenv("BN_EXT_EMU_MAX_GRID_X", "16")
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
     x, dy, w, b = _case((2, 17, 3, 3), torch.float32, "contiguous")
     rm, rv, nbt = torch.zeros(17), torch.ones(17), torch.tensor(3)
     calls = {
