@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+from torch.nn import Parameter
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.bn_ext)
@@ -259,6 +261,7 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
       not support (no batching rules, no jvp; training's autograd is a C++ Function, which
       functorch refuses);
     - MKL-DNN (oneDNN) tensors (x.to_mkldnn()), which bn_ext's kernels do not read;
+    - tensor subclasses that wrap others (DTensor, see _wraps_tensors);
     - ONNX export: an ONNX graph runs on the runtime's BatchNormalization, not on bn_ext's
       kernels, and the exporters translate torch's op into it (bn_ext's ops have no ONNX
       translation: the export would fail).
@@ -273,6 +276,33 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
     if count:
         num_batches_tracked.add_(1)
     return out
+
+
+def _wraps_tensors(*tensors) -> bool:
+    """Whether an argument is a tensor subclass that holds other tensors and runs each op on
+    them in its __torch_dispatch__ (DTensor; torch's TwoTensor). bn_ext's ops have no DTensor
+    sharding rules, and a subclass that runs an op once per inner tensor would run
+    train_forward's running-statistics update, and its count, that many times, where torch's
+    module counts a batch once. Asked only where the input is not a plain tensor (DTensor
+    refuses to mix with plain tensors)."""
+    for t in tensors:
+        if t is not None and type(t) is not Tensor and type(t) is not Parameter and (
+                is_traceable_wrapper_subclass(t)):
+            return True
+    return False
+
+
+_TENSOR_OR_NONE = (Tensor, type(None))
+
+
+def _check_tensor_args(weight, bias, running_mean, running_var) -> None:
+    """torch.batch_norm's TypeError for a tensor argument that is not a tensor (a list, say), in
+    its parser's order."""
+    for name, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"bn_ext.batch_norm: argument '{name}' must be Tensor, not "
+                            f"{_type_name(value)}")
 
 
 def _is_float_arg(value) -> bool:
@@ -335,6 +365,10 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                              f"got {eps}")
     elif not eps >= 0:
         raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
+    # torch's argument parser: the tensors, then training, momentum and eps
+    if not (isinstance(weight, _TENSOR_OR_NONE) and isinstance(bias, _TENSOR_OR_NONE) and
+            isinstance(running_mean, _TENSOR_OR_NONE) and isinstance(running_var, _TENSOR_OR_NONE)):
+        _check_tensor_args(weight, bias, running_mean, running_var)
     if type(training) is not bool or type(eps) is not float or not (
             momentum is None or type(momentum) is float):
         _check_arg_types(training, momentum, eps)  # off the common path: ~0.3 us
@@ -386,7 +420,9 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                                    f"float32, or all {input.dtype}); got {listed}")
     if (input.is_mkldnn or _functorch_active() or _forward_ad._current_level >= 0 or (
             (_is_exporting() or _tracing_state() is not None) and
-            torch.onnx.is_in_onnx_export())):
+            torch.onnx.is_in_onnx_export()) or (
+            type(input) is not Tensor and
+            _wraps_tensors(input, weight, bias, running_mean, running_var))):
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, num_batches_tracked)
     if training:

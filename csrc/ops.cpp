@@ -364,7 +364,14 @@ Count prepare_count(const optional<Tensor>& num_batches_tracked, optional<double
   }
   at::AutoDispatchBelowADInplaceOrView below;
   Tensor next = num_batches_tracked->add(1);
-  if (!momentum.has_value()) momentum = 1.0 / next.item<double>();
+  if (!momentum.has_value()) {
+    // torch's module divides by the count too, and raises ZeroDivisionError where it is 0
+    const double n = next.item<double>();
+    TORCH_CHECK_VALUE(n != 0, "bn_ext: momentum=None averages over num_batches_tracked + 1 "
+                      "batches, which is 0 here (", next.scalar_type(), " counts wrap around): "
+                      "reset num_batches_tracked, or pass a float momentum");
+    momentum = 1.0 / n;
+  }
   return {Tensor(), momentum, next};
 }
 

@@ -309,6 +309,25 @@ def test_argument_types_as_torch(arg, value, training):
         assert int(ours_m.num_batches_tracked) == int(ref_m.num_batches_tracked)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("value", [[1.0, 1.0, 1.0], 1.0, "abc"], ids=["list", "float", "str"])
+def test_non_tensor_arguments_refused_as_torch(training, name, value):
+    """torch's parser refuses a tensor argument that is not a Tensor with a TypeError naming it;
+    bn_ext raised the op schema's RuntimeError (weight, bias) or an AttributeError from its
+    channel-count check (the running statistics). The running statistics stay as they were."""
+    x = torch.randn(6, 3, 2)
+    args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "weight": None,
+            "bias": None, name: value}
+    with pytest.raises(TypeError):
+        torch.nn.functional.batch_norm(x, training=training, **args)
+    with pytest.raises(TypeError, match=f"argument '{name}' must be Tensor, not "):
+        bn_ext.batch_norm(x, training=training, **args)
+    for stat, fill in (("running_mean", 0.0), ("running_var", 1.0)):
+        if name != stat:
+            assert torch.equal(args[stat], torch.full((3,), fill))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("given", ["neither", "running_mean", "running_var"])
 def test_eval_without_running_statistics_as_torch(device, given):

@@ -908,6 +908,32 @@ def test_momentum_outside_unit_interval_as_torch(device, momentum):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [0.1, None])
+def test_count_that_wraps_to_zero(device, momentum):
+    """A uint8 num_batches_tracked of 255 wraps to 0 when counted. momentum=None averages over
+    that count: torch's module divides by it (ZeroDivisionError, the count already bumped), and
+    bn_ext refuses with a ValueError, every buffer as it was, where the factor 1/0 would have
+    written NaN into the running statistics. A float momentum counts on, wrapping as torch's
+    add_(1) does."""
+    ref, ours = make_pair(4, 3, device, torch.float32, momentum=momentum)
+    for m in (ref, ours):
+        m.num_batches_tracked = torch.tensor(255, dtype=torch.uint8, device=device)
+    x = make_input((4, 3, 5, 5), torch.float32, device)
+    if momentum is None:
+        with pytest.raises(ZeroDivisionError):
+            ref(x)
+        with pytest.raises(ValueError, match="num_batches_tracked \\+ 1 batches, which is 0"):
+            ours(x)
+        assert int(ours.num_batches_tracked) == 255
+        assert torch.equal(ours.running_mean, torch.zeros(3, device=device))
+        assert torch.equal(ours.running_var, torch.ones(3, device=device))
+        return
+    assert_close(ours(x), ref(x), torch.float32)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 0
+    assert_close(ours.running_mean, ref.running_mean, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("count", [(torch.int32, 5), (torch.int16, 5), (torch.uint8, 5),
                                    (torch.float32, 5), (torch.float64, 5),
                                    (torch.float16, 2047)],
@@ -1015,3 +1041,66 @@ def test_inf_in_a_channel_gives_torchs_running_mean(device, layout, dtype, fill)
     assert_close(y[:, [0, 2]], y_ref[:, [0, 2]], dtype)
     mean, _ = ops.batch_stats(x)
     assert mean[1] == x[:, 1].to(mean.dtype).mean() or (fill == "both" and mean[1].isnan())
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_wrapper_subclass_input_counts_a_batch_once(training, momentum):
+    """A tensor subclass that holds other tensors and runs each op on every one of them
+    (torch's TwoTensor here; DTensor below) would run train_forward, and with it the
+    running-statistics update and the count, once per inner tensor. Such input runs torch's
+    batch_norm, as under torch.func, so the module counts the batch once, as torch's does."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    ref, ours = make_pair(4, 3, "cpu", torch.float32, momentum=momentum)
+    ref.train(training), ours.train(training)
+    for step in range(2):
+        a = make_input((4, 3, 5, 5), torch.float32, "cpu", seed=step)
+        g = make_input((4, 3, 5, 5), torch.float32, "cpu", seed=step + 10)
+        x_ref, x = (TwoTensor(a, a * 2).requires_grad_() for _ in range(2))
+        y_ref, y = ref(x_ref), ours(x)
+        assert type(y) is TwoTensor
+        y_ref.backward(TwoTensor(g, g))
+        y.backward(TwoTensor(g, g))
+        for got, want in ((y, y_ref), (x.grad, x_ref.grad)):
+            assert_close(got.a, want.a, torch.float32)
+            assert_close(got.b, want.b, torch.float32)
+        counted = (step + 1) * training
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == counted
+        assert_close(ours.running_mean, ref.running_mean, torch.float32)
+        assert_close(ours.running_var, ref.running_var, torch.float32)
+
+
+_DTENSOR_CASE = """
+import sys, tempfile, torch, torch.distributed as dist, bn_ext
+from torch.distributed.tensor import (DeviceMesh, Replicate, Shard, distribute_module,
+                                      distribute_tensor)
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+mesh = DeviceMesh("cpu", [0])
+for training in (True, False):
+    for placement in (Replicate(), Shard(0)):
+        results = []
+        for cls in (torch.nn.BatchNorm2d, bn_ext.BatchNorm2d):
+            torch.manual_seed(0)
+            m = distribute_module(cls(3).train(training), mesh)
+            x = distribute_tensor(torch.randn(4, 3, 5, 5), mesh, [placement]).requires_grad_()
+            y = m(x)
+            y.square().sum().backward()
+            assert type(y).__name__ == "DTensor", type(y)
+            results.append([y.full_tensor(), x.grad.full_tensor(), m.weight.grad.full_tensor()]
+                           + [b.full_tensor() for b in m.buffers()])
+        for ref, ours in zip(*results, strict=True):
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_dtensor_input_runs_as_torchs():
+    """DTensor (replicated or sharded over the batch) takes torch's batch_norm, whose sharding
+    rules DTensor has, where bn_ext's ops would fail for want of one: outputs, gradients and
+    buffers are torch's. A one-rank gloo group, in a child process."""
+    pytest.importorskip("torch.distributed.tensor")
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    proc = run_python(_DTENSOR_CASE)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
