@@ -1083,13 +1083,22 @@ for training in (True, False):
             torch.manual_seed(0)
             m = distribute_module(cls(3).train(training), mesh)
             x = distribute_tensor(torch.randn(4, 3, 5, 5), mesh, [placement]).requires_grad_()
-            y = m(x)
+            try:
+                y = m(x)
+            except NotImplementedError as e:  # torch 2.11's DTensor has no batch_norm rule
+                results.append(type(e))
+                continue
             y.square().sum().backward()
             assert type(y).__name__ == "DTensor", type(y)
             results.append([y.full_tensor(), x.grad.full_tensor(), m.weight.grad.full_tensor()]
                            + [b.full_tensor() for b in m.buffers()])
-        for ref, ours in zip(*results, strict=True):
-            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        ref, ours = results
+        if ref is NotImplementedError:
+            assert ours is NotImplementedError, "torch refused the DTensor, bn_ext took it"
+            print("refused as torch")
+            continue
+        for want, got in zip(ref, ours, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 dist.destroy_process_group()
 print("ok")
 """
@@ -1097,8 +1106,9 @@ print("ok")
 
 def test_dtensor_input_runs_as_torchs():
     """DTensor (replicated or sharded over the batch) takes torch's batch_norm, whose sharding
-    rules DTensor has, where bn_ext's ops would fail for want of one: outputs, gradients and
-    buffers are torch's. A one-rank gloo group, in a child process."""
+    rules DTensor has (from some torch release after 2.11), where bn_ext's ops would fail for
+    want of one: outputs, gradients and buffers are torch's, or, where torch's DTensor has no
+    rule, the error is. A one-rank gloo group, in a child process."""
     pytest.importorskip("torch.distributed.tensor")
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
