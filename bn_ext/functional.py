@@ -269,7 +269,12 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
     averages over the count it will have."""
     count = training and running_mean is not None and num_batches_tracked is not None
     if count and momentum is None:
-        momentum = 1.0 / float(num_batches_tracked + 1)
+        batches = float(num_batches_tracked + 1)
+        if batches == 0:  # as ops.cpp's prepare_count; torch's module: ZeroDivisionError
+            raise ValueError(f"bn_ext: momentum=None averages over num_batches_tracked + 1 "
+                             f"batches, which is 0 here ({num_batches_tracked.dtype} counts wrap "
+                             f"around): reset num_batches_tracked, or pass a float momentum")
+        momentum = 1.0 / batches
     out = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
                            0.0 if momentum is None else momentum, eps,
                            torch.backends.cudnn.enabled)

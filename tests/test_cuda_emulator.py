@@ -163,17 +163,27 @@ def _forced_index64():
 
 
 def _every_op(x, dy, w, b):
-    """Each op's results on one input, reductions and maps, training and eval."""
+    """Each op's results on one input, reductions and maps, training and eval, and for each op
+    the index dispatches that BN_EXT_EMU_INDEX64=1 forced to 64 bits."""
     eps = 1e-5
     mean, var = ops.batch_stats(x)
     sums = ops.backward_reduce(dy, x, mean, var, w, eps)
-    return [mean, var, ops.normalize(x, mean, var, w, b, eps), *sums,
-            *ops.train_forward(x, w, b, eps),
-            ops.backward_input(dy, x, mean, var, w, sums[0], sums[1],
-                               torch.tensor(float(x.numel() // x.shape[1]), dtype=mean.dtype), eps),
-            ops.backward_input(dy, x, mean, var, w, None, None, None, eps),
-            *ops.normalize_backward(dy, x, mean, var, w, eps),
-            *ops.train_backward(dy, x, mean, var, w, eps)]
+    count = torch.tensor(float(x.numel() // x.shape[1]), dtype=mean.dtype)
+    calls = [lambda: ops.batch_stats(x),
+             lambda: ops.normalize(x, mean, var, w, b, eps),
+             lambda: ops.backward_reduce(dy, x, mean, var, w, eps),
+             lambda: ops.train_forward(x, w, b, eps),
+             lambda: ops.backward_input(dy, x, mean, var, w, sums[0], sums[1], count, eps),
+             lambda: ops.backward_input(dy, x, mean, var, w, None, None, None, eps),
+             lambda: ops.normalize_backward(dy, x, mean, var, w, eps),
+             lambda: ops.train_backward(dy, x, mean, var, w, eps)]
+    results, forced = [], []
+    for call in calls:
+        before = _forced_index64()
+        out = call()
+        forced.append(_forced_index64() - before)
+        results += list(out) if isinstance(out, (tuple, list)) else [out]
+    return results, forced
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
@@ -199,20 +209,18 @@ def test_64_bit_index_kernels_give_the_32_bit_kernels_bits(monkeypatch, dtype, c
     if misaligned:
         x, dy = _misaligned(x), _misaligned(dy)
     monkeypatch.setenv("BN_EXT_EMU_INDEX64", "0")
-    before = _forced_index64()
-    narrow = _every_op(x, dy, w, b)
-    assert _forced_index64() == before
+    narrow, forced = _every_op(x, dy, w, b)
+    assert forced == [0] * 8
     monkeypatch.setenv("BN_EXT_EMU_INDEX64", "1")
-    wide = _every_op(x, dy, w, b)
-    # each of the 8 op calls dispatched at least once, and all went the 64-bit way
-    assert _forced_index64() - before >= 8
+    wide, forced = _every_op(x, dy, w, b)
+    assert all(n >= 1 for n in forced), f"an op took no 64-bit kernel: {forced}"
     for i, (a, c) in enumerate(zip(narrow, wide, strict=True)):
         assert torch.equal(a, c) and a.stride() == c.stride(), f"result {i} differs"
 
 
 def test_more_channels_than_the_grid_holds_are_refused(monkeypatch):
     """The NCHW reductions give each channel a block column (blockIdx.x, at most 2^31 - 1 on a
-    GPU). An input with more channels (2^32 elements or more) is refused before any launch, with
+    GPU). An input with more channels (2^31 elements or more) is refused before any launch, with
     the running statistics unchanged, where the launch would fail (2^31 <= C < 2^32) or, its
     grid truncated, reduce only some channels (C >= 2^32). BN_EXT_EMU_MAX_GRID_X lowers the limit
     to 16 here; channels-last input and eval's map have no such column and still run. (Such an

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import bn_ext
 from conftest import (CUDA_EMULATED, DEVICES, TORCH_HAS_BN_BIAS, assert_close,
@@ -923,6 +924,9 @@ def test_count_that_wraps_to_zero(device, momentum):
             ref(x)
         with pytest.raises(ValueError, match="num_batches_tracked \\+ 1 batches, which is 0"):
             ours(x)
+        # the same where torch's batch_norm runs instead of the ops (forward-mode AD here)
+        with fwAD.dual_level(), pytest.raises(ValueError, match="which is 0"):
+            ours(fwAD.make_dual(x, torch.ones_like(x)))
         assert int(ours.num_batches_tracked) == 255
         assert torch.equal(ours.running_mean, torch.zeros(3, device=device))
         assert torch.equal(ours.running_var, torch.ones(3, device=device))

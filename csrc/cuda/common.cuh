@@ -90,22 +90,23 @@ inline int64_t full_wave_blocks() {
   return sm_count() * (per_sm / kThreads);
 }
 
-// Index type: unsigned 32-bit when every element index fits in 31 bits (fast division with
-// at::cuda::detail::IntDivider, cheaper address arithmetic), 64-bit otherwise. Loop counters may
-// run up to one grid stride past the end, which unsigned 32-bit still holds. 31 bits, not 32:
-// IntDivider<uint32_t>'s device division computes (t + n) >> shift in 32 bits, exact only for
-// dividends below 2^31; the emulator runs its host branch, 64-bit, and would not see a wider bound.
-// The emulator lowers the bound to 0 with BN_EXT_EMU_INDEX64=1, so that its small tensors run the
-// 64-bit kernels.
-#ifndef BN_EXT_INDEX32_BOUND
-#define BN_EXT_INDEX32_BOUND (int64_t(1) << 31)
-#endif
-
 // The most blocks a grid may have along x. The emulator lowers it with BN_EXT_EMU_MAX_GRID_X, so
 // that a test can reach what depends on it.
 #ifndef BN_EXT_MAX_GRID_X
 #define BN_EXT_MAX_GRID_X ((int64_t(1) << 31) - 1)
 #endif
+
+// The element count from which dispatch_index picks the 64-bit kernels. The emulator lowers it to
+// 0 with BN_EXT_EMU_INDEX64=1, so that its small tensors run them.
+#ifndef BN_EXT_INDEX32_BOUND
+#define BN_EXT_INDEX32_BOUND (int64_t(1) << 31)
+#endif
+
+// Index type: unsigned 32-bit when every element index fits in 31 bits (fast division with
+// at::cuda::detail::IntDivider, cheaper address arithmetic), 64-bit otherwise. Loop counters may
+// run up to one grid stride past the end, which unsigned 32-bit still holds. 31 bits, not 32:
+// IntDivider<uint32_t>'s device division computes (t + n) >> shift in 32 bits, exact only for
+// dividends below 2^31; the emulator runs its host branch, 64-bit, and would not see a wider bound.
 template <typename F>
 void dispatch_index(int64_t numel, const F& f) {
   if (numel < BN_EXT_INDEX32_BOUND) {
