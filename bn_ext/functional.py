@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
-from torch.nn import Parameter
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 try:
@@ -290,11 +289,7 @@ def _wraps_tensors(*tensors) -> bool:
     train_forward's running-statistics update, and its count, that many times, where torch's
     module counts a batch once. Asked only where the input is not a plain tensor (DTensor
     refuses to mix with plain tensors)."""
-    for t in tensors:
-        if t is not None and type(t) is not Tensor and type(t) is not Parameter and (
-                is_traceable_wrapper_subclass(t)):
-            return True
-    return False
+    return any(t is not None and is_traceable_wrapper_subclass(t) for t in tensors)
 
 
 _TENSOR_OR_NONE = (Tensor, type(None))

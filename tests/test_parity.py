@@ -1075,7 +1075,7 @@ def test_wrapper_subclass_input_counts_a_batch_once(training, momentum):
 
 
 _DTENSOR_CASE = """
-import sys, tempfile, torch, torch.distributed as dist, bn_ext
+import tempfile, torch, torch.distributed as dist, bn_ext
 from torch.distributed.tensor import (DeviceMesh, Replicate, Shard, distribute_module,
                                       distribute_tensor)
 dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)

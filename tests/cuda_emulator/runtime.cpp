@@ -241,10 +241,7 @@ int64_t index32_bound() {
 
 // Only the checks that consult BN_EXT_MAX_GRID_X see a lowered limit; launches are held to the
 // GPU's (run_grid).
-int64_t max_grid_x() {
-  const char* v = std::getenv("BN_EXT_EMU_MAX_GRID_X");
-  return v != nullptr && *v != '\0' ? std::atoll(v) : (int64_t(1) << 31) - 1;
-}
+int64_t max_grid_x() { return env_int("BN_EXT_EMU_MAX_GRID_X", 0x7FFFFFFF); }
 
 namespace {
 
