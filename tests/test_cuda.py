@@ -72,10 +72,21 @@ def test_build_has_cuda_kernels():
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_parity_with_torch(cudnn, dtypes, layout, shape):
     dtype, param_dtype = dtypes
+    # With 16-bit input and float32 parameters, torch's parameter gradients on the GPU are not
+    # float32-exact: on the H200 (torch 2.11, cuDNN and native alike) grad_weight of
+    # 16x520x2x2 fp16 channel 1 was 0.5885 where float64 on the same input gives 0.5974, and
+    # bn_ext 0.5974. So they are compared with torch at the input's tolerance (run_steps'
+    # default), and with float64 at float32's, below.
+    param_tol = None if param_dtype != dtype else param_dtype
     with torch.backends.cudnn.flags(enabled=cudnn):
         ref, ours = make_pair(len(shape), shape[1], DEV, param_dtype)
-        run_steps(ref, ours, shape, dtype, DEV, layout, steps=2, train=True, param_tol=param_dtype)
-        run_steps(ref, ours, shape, dtype, DEV, layout, steps=1, train=False, param_tol=param_dtype)
+        run_steps(ref, ours, shape, dtype, DEV, layout, steps=2, train=True, param_tol=param_tol)
+        run_steps(ref, ours, shape, dtype, DEV, layout, steps=1, train=False, param_tol=param_tol)
+    if param_dtype != dtype:
+        x = make_input(shape, dtype, DEV, layout, seed=7)
+        dy = make_input(shape, dtype, DEV, "contiguous", seed=8)
+        w, b = ours.weight.detach(), ours.bias.detach()
+        assert_training_matches_float64(train_ops(x, dy, w, b), x, dy, w, b)
 
 
 @pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn", "native"])
@@ -97,9 +108,13 @@ def test_functional_and_convert_model():
                               torch.nn.BatchNorm2d(8, momentum=None)).to(DEV)
     ours = bn_ext.convert_model(copy.deepcopy(net))
     assert isinstance(ours[1], bn_ext.BatchNorm2d) and isinstance(ours[4], bn_ext.BatchNorm2d)
-    for step in range(3):
-        x = make_input((4, 3, 12, 12), torch.float32, DEV, "channels_last", seed=step)
-        assert_close(ours(x), net(x), torch.float32)
+    # The convolutions in float32, not TF32 (cuDNN's default on the GPU): TF32 rounds the
+    # second convolution's input to 10 mantissa bits, which turns the last-bit differences of
+    # the two first BatchNorms' outputs into differences of 1e-3 (seen on the H200, 2.7e-3).
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for step in range(3):
+            x = make_input((4, 3, 12, 12), torch.float32, DEV, "channels_last", seed=step)
+            assert_close(ours(x), net(x), torch.float32)
     sd_ref, sd_ours = net.state_dict(), ours.state_dict()
     for k in sd_ref:
         assert_close(sd_ours[k].float(), sd_ref[k].float(), torch.float32, msg=k)

@@ -1035,7 +1035,12 @@ def test_inf_in_a_channel_gives_torchs_running_mean(device, layout, dtype, fill)
         x[2, 1, 1, 1] = float("-inf") if fill == "-inf" else float("inf")
         if fill == "both":
             x[0, 1, 0, 0] = float("-inf")
-    y_ref, y = ref(x), ours(x)
+    # torch's native kernels, not cuDNN's: on the H200 (torch 2.11, cuDNN 9.19) cuDNN's
+    # channels-last float32 kernel gave a NaN running mean for such a channel, where torch's CPU
+    # and native CUDA kernels, cuDNN's contiguous one and the mathematics give +-inf.
+    with torch.backends.cudnn.flags(enabled=False):
+        y_ref = ref(x)
+    y = ours(x)
     assert torch.equal(ours.running_mean.isnan(), ref.running_mean.isnan())
     assert torch.equal(ours.running_mean.isinf(), ref.running_mean.isinf())
     assert ours.running_mean[1] == ref.running_mean[1] or (
