@@ -56,10 +56,16 @@ struct ShiftSamples {
   int64_t G4;  // 4 G mod W: from the first sample of a group to the next group's
   bool channels_last;
 
-  // e_{4i}, the first sample of group i; e_{j+1} from e_j. Walked: no division.
+  // e_{4i}, the first sample of group i < kShiftGroups; e_{j+1} from e_j. Walked, with no
+  // division, in a loop of fixed length that a GPU thread unrolls into straight-line code.
   BN_EXT_HOST_DEVICE int64_t group_start(int i) const {
     int64_t e = G / 2;
-    for (int k = 0; k < i; ++k) e = step(e, G4);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int k = 0; k < kShiftGroups - 1; ++k) {
+      if (k < i) e = step(e, G4);
+    }
     return e;
   }
   BN_EXT_HOST_DEVICE int64_t next(int64_t e) const { return step(e, G); }

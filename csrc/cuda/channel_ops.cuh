@@ -49,16 +49,23 @@ struct StatsOp {
   int64_t* num_batches_tracked;
   double momentum;
 
-  // Group i of channel c's shift samples, added as bn_ext.h says: ((v0 + v1) + (v2 + v3)).
-  __device__ __forceinline__ M shift_group(int64_t c, int i) const {
+  // Group i of channel c's shift samples into v, and their sum as bn_ext.h says:
+  // ((v0 + v1) + (v2 + v3)).
+  __device__ __forceinline__ void load_shift_group(int64_t c, int i, M (&v)[4]) const {
     int64_t e[4];
     e[0] = samples.group_start(i);
 #pragma unroll
     for (int j = 1; j < 4; ++j) e[j] = samples.next(e[j - 1]);
-    M v[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) v[j] = static_cast<M>(x[samples.offset(e[j], c)]);
+  }
+  static __device__ __forceinline__ M add_shift_group(const M (&v)[4]) {
     return (v[0] + v[1]) + (v[2] + v[3]);
+  }
+  __device__ __forceinline__ M shift_group(int64_t c, int i) const {
+    M v[4];
+    load_shift_group(c, i, v);
+    return add_shift_group(v);
   }
 
   // k, by one thread: the op interface's definition. The kernels share the loads over a block
@@ -246,9 +253,25 @@ __device__ __forceinline__ void tile_shifts(const Op& op, int64_t first, int wid
     const int per_channel = kThreads / width < kShiftGroups ? kThreads / width : kShiftGroups;
     const int ch = tid % width;
     if (tid < per_channel * width && ch < here) {
+      // kInFlight groups' loads at a time: one group after another, the widest channels-last
+      // tiles (one thread a channel) waited 8 memory round trips before their pass could start;
+      // all 8 at once took registers enough to spill. The sums are the same either way.
+      constexpr int kInFlight = sizeof(M) == 8 ? 2 : 4;
 #pragma unroll 1
-      for (int i = tid / width; i < kShiftGroups; i += per_channel) {
-        groups[i * width + ch] = op.shift_group(first + ch, i);
+      for (int i = tid / width; i < kShiftGroups; i += kInFlight * per_channel) {
+        M v[kInFlight][4];
+#pragma unroll
+        for (int b = 0; b < kInFlight; ++b) {
+          if (i + b * per_channel < kShiftGroups) {
+            op.load_shift_group(first + ch, i + b * per_channel, v[b]);
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < kInFlight; ++b) {
+          if (i + b * per_channel < kShiftGroups) {
+            groups[(i + b * per_channel) * width + ch] = Op::add_shift_group(v[b]);
+          }
+        }
       }
     }
     __syncthreads();

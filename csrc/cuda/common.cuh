@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -88,6 +90,19 @@ inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multi
 inline int64_t full_wave_blocks() {
   const int per_sm = at::cuda::getCurrentDeviceProperties()->maxThreadsPerMultiProcessor;
   return sm_count() * (per_sm / kThreads);
+}
+
+// Blocks of `kernel` (kThreads each) resident on one SM, per device; asked of the runtime once
+// per device and kernel (`cache`: a static array of the caller's, one per kernel).
+template <typename Kernel>
+int64_t resident_per_sm(Kernel kernel, std::array<std::atomic<int>, 64>& cache) {
+  const int dev = c10::cuda::current_device();
+  int n = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    if (dev < 64) cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 // The most blocks a grid may have along x. The emulator lowers it with BN_EXT_EMU_MAX_GRID_X, so

@@ -276,18 +276,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
-// Blocks of `kernel` (kThreads each) resident on one SM, per device; asked of the runtime once.
-template <typename Kernel>
-int64_t resident_per_sm(Kernel kernel, std::array<std::atomic<int>, 64>& cache) {
-  const int dev = c10::cuda::current_device();
-  int n = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
-    if (dev < 64) cache[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 // Grid shape: G blocks per tile, P tiles in flight, P * G <= resident. G is the fewest blocks
 // that hold a tile (`items` vectors per thread), raised while tiles are too few to fill the
 // device; P is balanced over the waves. Returns false when one tile does not fit.

@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Second stage: merges the G partial pairs of each channel (g ascending per thread, then a fixed
 // tree over the block's rows) and finishes with the shift the first stage used (partial[2G][c]).
-// Blocks (bx, by): bx channels, by partials at a time.
+// Blocks (bx, by): bx channels, by partials at a time (finalize_geometry).
 template <typename Op>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const Op op, const typename Op::M* __restrict__ partial, int64_t C,
@@ -334,6 +334,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   Sums<M> v[1] = {Sums<M>{0, 0}};
   if (c < C) {
+#pragma unroll 4
     for (int64_t g = threadIdx.y; g < G; g += blockDim.y) {
       v[0] = merge(v[0], Sums<M>{partial[g * C + c], partial[(G + g) * C + c]});
     }
@@ -343,13 +344,38 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.y == 0 && c < C) op.finish(c, partial[2 * G * C + c], v[0].s1, v[0].s2);
 }
 
+// The finalize pass's blocks (bx, by): by (a power of two) threads share a channel's G partials,
+// at most kFinalizePerThread each, and bx = kThreads / by channels share a block. G is large
+// where C is small (the first stage fills the device): with 32 channels a block whatever G, a
+// channels-last input of 64 channels (G = 784 on an H200) had 2 blocks whose threads each added
+// ~100 pairs, an L2 round trip apart; now 64 blocks add 3 or 4 each, then merge down a block.
+constexpr int64_t kFinalizePerThread = 4;
+
+dim3 finalize_geometry(int64_t G) {
+  const int by = std::min(kThreads, next_pow2(ceil_div(G, kFinalizePerThread)));
+  return dim3(static_cast<unsigned>(kThreads / by), static_cast<unsigned>(by));
+}
+
 // Blocks along the grid's y axis per channel (tile): enough blocks in all to fill the device
-// once, but at least `min_per_thread` vectors per thread.
-int64_t split_count(int64_t tiles, int64_t work_per_tile, int64_t threads_per_tile,
-                    int64_t min_per_thread) {
-  int64_t G = ceil_div(full_wave_blocks(), tiles);
+// once (`wave` blocks), but at least `min_per_thread` vectors per thread.
+int64_t split_count(int64_t wave, int64_t tiles, int64_t work_per_tile,
+                    int64_t threads_per_tile, int64_t min_per_thread) {
+  int64_t G = ceil_div(wave, tiles);
   G = std::min(G, ceil_div(work_per_tile, threads_per_tile * min_per_thread));
   return std::max<int64_t>(1, std::min<int64_t>(G, 65535));
+}
+
+// The channels-last kernel's blocks that the device holds at once: its registers allow fewer
+// than the 8 an SM that full_wave_blocks assumes (4 or 5 for the 128-bit kernels on sm_90), so a
+// grid sized by that ran in more than one wave: 784 blocks where 660 fit, for float32
+// 32x64x56x56 on the H200, the second wave's blocks as long as the first's.
+// Asked of the 32-bit-index kernel for either index type, so that both split a channel alike
+// (the same partials, so the same bits).
+template <typename T, typename Op, int V>
+int64_t channels_last_wave() {
+  static std::array<std::atomic<int>, 64> occupancy{};
+  return resident_per_sm(reduce_channels_last_kernel<T, Op, uint32_t, V>, occupancy) *
+         sm_count();
 }
 
 template <typename T, typename Op>
@@ -381,7 +407,7 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
         constexpr bool kMasked = decltype(mtag)::value;
         const int64_t per_run = kMasked ? (g.S + 2 * V - 2) / V : g.S / V;
         const int64_t nv = g.N * per_run;
-        G = split_count(C, nv, kThreads, 4);
+        G = split_count(full_wave_blocks(), C, nv, kThreads, 4);
         staged = G > 1;
         if (staged) partial = at::empty({(2 * G + 1) * C}, opts);
         reduce_contiguous_kernel<T, Op, I, V, kMasked>
@@ -407,7 +433,7 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
         const int by = kThreads / bx;
         const int64_t blocks_x = ceil_div(cv, bx);
         const int64_t rows = g.N * g.S;
-        G = split_count(blocks_x, rows, by, 8);
+        G = split_count(channels_last_wave<T, Op, V>(), blocks_x, rows, by, 8);
         staged = G > 1 || kStagesAlways<Op>;
         if (staged) partial = at::empty({(2 * G + 1) * C}, opts);
         reduce_channels_last_kernel<T, Op, I, V>
@@ -420,9 +446,8 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
   });
 
   if (staged) {
-    const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(C)));
-    const int by = kThreads / bx;
-    finalize_kernel<Op><<<static_cast<unsigned>(ceil_div(C, bx)), dim3(bx, by), 0, stream>>>(
+    const dim3 block = finalize_geometry(G);
+    finalize_kernel<Op><<<static_cast<unsigned>(ceil_div(C, block.x)), block, 0, stream>>>(
         op, partial.const_data_ptr<M>(), C, G);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
