@@ -107,6 +107,13 @@ __global__ void __launch_bounds__(kThreads)
 // Channels-last, C % V == 0: blocks (bx, by), bx * by = kThreads; thread (tx, ty) of block
 // (i, j) maps channels c0 .. c0 + V - 1, c0 = (i * bx + tx) * V, of rows j * by + ty, stepping
 // gridDim.y * by (the layout of reduce_channels_last_kernel). A warp reads whole row segments.
+// A thread's coefficients (up to 4V loads, and for eval V square roots) are made once and serve
+// its rows, loaded U at a time (64 bytes of input in flight) and the first U issued before the
+// coefficients: with one row a thread, as the grid once had for (4096, 1024), they took longer
+// than the row itself. The training backward loads two rows of dy and x at a time, and one in
+// 16-bit types, whose 8 channels' 32 coefficients leave no room for more in the 64 registers
+// ptxas gives these kernels on sm_80: two rows spilled there.
+
 template <typename T, Elementwise kOp, typename I, int V, typename Src>
 __global__ void __launch_bounds__(kThreads)
     elementwise_rows_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
@@ -114,24 +121,47 @@ __global__ void __launch_bounds__(kThreads)
   using M = math_t<T>;
   constexpr bool kReadsX = kOp != Elementwise::kBackwardEval;
   constexpr bool kReadsDy = kOp != Elementwise::kForward;
+  constexpr int U = !(kReadsX && kReadsDy) ? 4 : (V == 8 ? 1 : 2);
   const I c0 = (static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= C) return;  // the last column block's spare lanes (no barrier follows)
+  const I step = static_cast<I>(gridDim.y) * blockDim.y;
+  I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y;
+  if (r >= rows) return;
+  Vec<T, V> xv[U], gv[U];
+  // Rows r, r + step, ... r + (U - 1) * step, those below `rows`.
+  const auto load = [&](I r0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const I ru = r0 + static_cast<I>(u) * step;
+      if (ru < rows) {
+        if constexpr (kReadsX) xv[u] = load_vec<V>(x + ru * C + c0);
+        if constexpr (kReadsDy) gv[u] = load_vec<V>(dy + ru * C + c0);
+      }
+    }
+  };
+  load(r);
   Coefs<M> k[V];
 #pragma unroll
   for (int w = 0; w < V; ++w) k[w] = src.template at<kOp>(C, static_cast<I>(c0 + w));
-  const I step = static_cast<I>(gridDim.y) * blockDim.y;
-  for (I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += step) {
-    const I e = r * C + c0;
-    Vec<T, V> xv, gv, ov;
-    if constexpr (kReadsX) xv = load_vec<V>(x + e);
-    if constexpr (kReadsDy) gv = load_vec<V>(dy + e);
+  while (true) {
 #pragma unroll
-    for (int w = 0; w < V; ++w) {
-      const M xw = kReadsX ? static_cast<M>(xv.v[w]) : M(0);
-      const M dw = kReadsDy ? static_cast<M>(gv.v[w]) : M(0);
-      ov.v[w] = static_cast<T>(elementwise_value<kOp>(xw, dw, k[w]));
+    for (int u = 0; u < U; ++u) {
+      const I ru = r + static_cast<I>(u) * step;
+      if (ru < rows) {
+        Vec<T, V> ov;
+#pragma unroll
+        for (int w = 0; w < V; ++w) {
+          const M xw = kReadsX ? static_cast<M>(xv[u].v[w]) : M(0);
+          const M dw = kReadsDy ? static_cast<M>(gv[u].v[w]) : M(0);
+          ov.v[w] = static_cast<T>(elementwise_value<kOp>(xw, dw, k[w]));
+        }
+        store_vec<V>(out + ru * C + c0, ov);
+      }
     }
-    store_vec<V>(out + e, ov);
+    // On while r + U * step < rows, written so that nothing wraps around in an unsigned I.
+    if (static_cast<I>(U) * step >= rows || r >= rows - static_cast<I>(U) * step) break;
+    r += static_cast<I>(U) * step;
+    load(r);
   }
 }
 
@@ -260,17 +290,18 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
       const int by = kThreads / bx;
       const int64_t blocks_x = ceil_div(cv, bx);
       const int64_t rows = numel / g.C;
-      // As many blocks in all as the flat kernel would launch at most (32 an SM).
-      const int64_t blocks_y = std::max<int64_t>(
-          1, std::min({ceil_div(rows, by), ceil_div(sm_count() * 32, blocks_x), int64_t{65535}}));
-      const auto launch = [&](auto kernel) {
+      dispatch_op<kEvalOnly>(op, [&](auto otag) {
+        constexpr Elementwise kOp = decltype(otag)::value;
+        const auto kernel = elementwise_rows_kernel<T, kOp, I, VM, Src>;
+        static std::array<std::atomic<int>, 64> occupancy{};
+        // One wave of resident blocks, or fewer where the rows run out first.
+        const int64_t resident = resident_per_sm(kernel, occupancy) * sm_count();
+        const int64_t blocks_y = std::max<int64_t>(
+            1, std::min({ceil_div(rows, by), ceil_div(resident, blocks_x), int64_t{65535}}));
         kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
                  dim3(bx, by), 0, stream>>>(xp, dyp, outp, src, static_cast<I>(rows),
                                             static_cast<I>(g.C));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      dispatch_op<kEvalOnly>(op, [&](auto otag) {
-        launch(elementwise_rows_kernel<T, decltype(otag)::value, I, VM, Src>);
       });
       return;
     }
