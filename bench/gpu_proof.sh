@@ -9,14 +9,17 @@
 #               device and the torch/CUDA/cuDNN versions;
 #   bench       (quick mode only) bench.py --quick, multi-pass, and single-pass (--cuda-persistent)
 #               for the training passes;
+#   profile     (quick mode only) bench/cuda_profile.py, each kernel's time in the quick rows'
+#               passes, multi-pass and single-pass, saved as bench/results/<gpu>-profile.txt;
 #   sanitizers  compute-sanitizer memcheck, racecheck and synccheck over bench/cuda_exercise.py,
 #               which calls every kernel, saved as bench/results/<gpu>-<tool>.txt;
 #   fuzz        tests/fuzz_float64.py on the GPU, multi-pass and then single-pass, random shapes,
 #               dtypes and layouts against float64, saved as bench/results/<gpu>-fuzz.txt.
 #
 # BN_EXT_PROOF_QUICK=1 is the plan for a 15-minute lease: tests/test_cuda.py without the slow
-# test, the multi-pass quick benchmark, memcheck, the single-pass quick benchmark, racecheck,
-# synccheck, the CUDA cases of the other suites and a short fuzz, while time remains. Without it:
+# test, the multi-pass quick benchmark, the kernel profile, memcheck, racecheck, the single-pass
+# quick benchmark, synccheck, the CUDA cases of the other suites and a short fuzz, while time
+# remains. Without it:
 # the whole suite (slow tests included), the three sanitizers and a 10-minute fuzz.
 # BN_EXT_PROOF_BUDGET_S: seconds for the whole script (default 540 quick, 3000 otherwise); a stage
 # that cannot have its minimum time is skipped and says so. A hung kernel is killed by its
@@ -93,7 +96,7 @@ cat "$SUMMARY"
 sync_out() {
   [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
   local f files=()
-  for f in "$SUMMARY" "$TESTS" "$RESULTS"/cuda-*-quick*.md; do
+  for f in "$SUMMARY" "$TESTS" "$RESULTS/$GPU-profile.txt" "$RESULTS"/cuda-*-quick*.md; do
     [ -f "$f" ] && [ "$f" -nt "$MARK" ] && cp "$f" "$OUT"/
   done
   for f in "$RESULTS"/* "$LOGS"/*; do
@@ -225,6 +228,17 @@ sanitize() {  # sanitize tool
   return "$rc"
 }
 
+profile() {  # each kernel's time in the quick rows' passes, multi-pass, then single-pass
+  local out=$RESULTS/$GPU-profile.txt rc=0
+  limited env BN_EXT_CUDA_PERSISTENT=0 "$PY" bench/cuda_profile.py >"$out" 2>&1 || rc=$?
+  if [ "$rc" -eq 0 ] && [ "${BN_EXT_EXERCISE_SINGLE_PASS:-1}" = "1" ]; then
+    limited env BN_EXT_CUDA_PERSISTENT=1 "$PY" bench/cuda_profile.py --peers bn_ext \
+      --pass fwd,bwd >>"$out" 2>&1 || rc=$?
+  fi
+  grep -cE "^[0-9x]+ .* us in" "$out" | sed 's/$/ passes profiled/'
+  return "$rc"
+}
+
 fuzz() {  # fuzz seconds-per-path: multi-pass, then single-pass unless it was left out
   # Each path gets at most half the stage's limit, less 30 s of start-up, within LIMIT overall.
   local out=$RESULTS/$GPU-fuzz.txt rc=0 s=$1 half=$(( (LIMIT - 60) / 2 ))
@@ -271,12 +285,13 @@ if [ "$QUICK" = "1" ]; then
   SINGLE=1
   single_pass_ok || SINGLE=0
   stage "bench quick, multi-pass" 120 270 bench bench --quick
+  stage "kernel profile" 30 90 profile
   stage "sanitizer memcheck" 45 120 sanitize memcheck
+  stage "sanitizer racecheck" 45 150 sanitize racecheck
   # Single-pass: bn_ext against cuDNN and native only (torch.compile's compiles are most of a
   # group's time, and its times are in the multi-pass table).
   [ "$SINGLE" = "1" ] && stage "bench quick, single-pass" 60 180 bench bench-persistent --quick \
     --cuda-persistent --pass fwd,bwd,fwdbwd --peers cudnn,native
-  stage "sanitizer racecheck" 45 150 sanitize racecheck
   stage "sanitizer synccheck" 45 120 sanitize synccheck
   stage "tests (other suites, cuda)" 60 300 run_tests tests --ignore tests/test_cuda.py -k cuda \
     -m "not slow"

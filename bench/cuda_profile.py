@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Where a pass's GPU time goes: each kernel's device time per call, by torch.profiler.
+
+bench.py times whole calls; this splits one call of a pass into its kernels (bn_ext's
+reductions, their finalize pass, the elementwise maps; cuDNN's and torch's for the peers), with
+the same workloads (bench.make_workload) on the same kind of input, so that a slow row says
+which kernel to look at. Kernel times are the profiler's CUPTI durations, averaged over --iters
+calls after a warm-up; they leave out the launch gaps between kernels. The input is small enough
+to stay in L2 on some rows (no flush between calls here), so use bench.py for the times to quote.
+
+    python bench/cuda_profile.py [--rows 32x64x56x56:nhwc,4096x1024] [--dtype fp32,bf16]
+                                 [--pass fwd,bwd,eval] [--peers bn_ext,cudnn] [--iters 20]
+
+BN_EXT_CUDA_PERSISTENT=1 profiles bn_ext's single-pass training kernels instead.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (bench/bench.py: peers and workloads)
+
+DEFAULT_ROWS = "32x64x56x56:nhwc,32x256x56x56:nhwc,32x64x56x56:nchw,32x2048x7x7:nchw,4096x1024"
+
+
+def parse_rows(text: str) -> list:
+    rows = []
+    for item in text.split(","):
+        shape, _, layout = item.partition(":")
+        dims = tuple(int(d) for d in shape.lower().split("x"))
+        rows.append((dims, layout or ("n/a" if len(dims) == 2 else "nchw")))
+    return rows
+
+
+def short(name: str) -> str:
+    """A kernel's name without its template arguments' namespaces, at most 90 characters."""
+    name = re.sub(r"\(anonymous namespace\)::|bn_ext::cuda::detail::|at::native::|void ", "",
+                  name)
+    return name if len(name) <= 90 else name[:87] + "..."
+
+
+def profile_one(fn, iters: int) -> tuple:
+    """(device us per call, {kernel: (launches per call, us per call)})."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = collections.OrderedDict()
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        n, t = kernels.get(ev.name, (0, 0.0))
+        kernels[ev.name] = (n + 1, t + ev.device_time_total)
+    per_call = {k: (n / iters, t / iters) for k, (n, t) in kernels.items()}
+    return sum(t for _, t in per_call.values()), per_call
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default=DEFAULT_ROWS,
+                    help="comma list of NxCxHxW[:nchw|nhwc] or NxC (default: %(default)s)")
+    ap.add_argument("--dtype", default="fp32,bf16")
+    ap.add_argument("--pass", dest="passes", default="fwd,bwd,eval")
+    ap.add_argument("--peers", default="bn_ext,cudnn",
+                    help="comma list of bn_ext, cudnn, native (default: %(default)s)")
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    import bn_ext
+    if not bn_ext.has_cuda_kernels():
+        ap.error("this bn_ext was built without CUDA kernels")
+    peers = {p.name: p for p in bench.peers_for("cuda") if p.kind != "compile"}
+    wanted = [peers[p] for p in args.peers.split(",")]
+    path = "single-pass" if os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1" else "multi-pass"
+    print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}; bn_ext training path "
+          f"{path}; device time per call, averaged over {args.iters} calls")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dims, layout in parse_rows(args.rows):
+        for dname in args.dtype.split(","):
+            dtype = bench.DTYPES[dname]
+            x = torch.randn(dims, device="cuda", generator=g).mul_(2).add_(0.5).to(dtype)
+            if layout == "nhwc":
+                x = x.contiguous(memory_format=torch.channels_last)
+            dy = torch.randn(dims, device="cuda", generator=g).to(dtype)
+            if layout == "nhwc":
+                dy = dy.contiguous(memory_format=torch.channels_last)
+            weight = torch.rand(dims[1], device="cuda", generator=g) + 0.5
+            bias = torch.randn(dims[1], device="cuda", generator=g)
+            for pas in args.passes.split(","):
+                for peer in wanted:
+                    inst = bench.Instance(peer, len(dims), dims[1], "cuda", weight, bias,
+                                          "default")
+                    if peer.cudnn and not bench.cudnn_eligible(x, inst.module, pas != "eval"):
+                        continue
+                    total, kernels = profile_one(bench.make_workload(pas, inst, x, dy),
+                                                 args.iters)
+                    label = "x".join(map(str, dims))
+                    print(f"\n{label} {layout} {dname} {pas} {peer.name}: {total:.1f} us "
+                          f"in {sum(n for n, _ in kernels.values()):.0f} kernels")
+                    for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+                        print(f"  {t:8.1f} us  x{n:<4.3g} {short(name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
