@@ -165,17 +165,21 @@ def device_slug(device: str) -> str:
 
 
 def git_rev() -> str:
+    # BN_EXT_COMMIT, where the caller sets it, names the tree: the GPU tool's copy of the working
+    # tree carried a .git of the session's first commit, so git named a commit the code was not.
+    if os.environ.get("BN_EXT_COMMIT"):
+        return os.environ["BN_EXT_COMMIT"][:7] + " (BN_EXT_COMMIT)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "bn_ext"],
                                cwd=root, capture_output=True, text=True, timeout=10).stdout
-        if not rev:  # a copy of the tree without .git: the caller may name the commit
-            return os.environ.get("BN_EXT_COMMIT", "unknown")
+        if not rev:  # a copy of the tree without .git
+            return "unknown"
         return rev + ("+dirty (csrc/ or bn_ext/ modified)" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("BN_EXT_COMMIT", "unknown")
+        return "unknown"
 
 
 def bn_ext_build() -> str:

@@ -34,8 +34,10 @@
 # `python bench/bench.py --device cuda --quick --resume` (same flags) times the rest.
 #
 # Usage: BN_EXT_PROOF_QUICK=1 bash bench/gpu_proof.sh     (PYTHON=... to choose the interpreter)
-# Where the tree is a copy without .git (the device tool's), prefix BN_EXT_COMMIT=<hash> so that
-# the logs and tables name the commit they measured.
+# On the device tool's copy of the tree, prefix BN_EXT_COMMIT=<hash> so that the logs and tables
+# name the commit they measured: it wins over git, as the copy carried a .git of the session's
+# first commit (seen 2026-12-04: HEAD there was ed03fa0 while the tree was 84eae82, so the
+# prebuilt extension was refused and the build ran there).
 # BN_EXT_PREBUILT=build/cuda-prebuilt/_C.abi3.so: use the extension that .ci/cuda_build.sh built
 # (against the same torch, 2.11.0+cu130, as the GPU machines have) instead of building here,
 # which saves the build's minutes of a lease; carry build/cuda-prebuilt. It is used only if its
@@ -69,10 +71,12 @@ TESTS=$RESULTS/$GPU-tests.txt
 {
   echo "# bn_ext GPU proof, $(date -u +%Y-%m-%dT%H:%M:%SZ);" \
     "mode $([ "$QUICK" = "1" ] && echo quick || echo full), budget $BUDGET s"
-  if git rev-parse HEAD >/dev/null 2>&1; then
+  if [ -n "${BN_EXT_COMMIT:-}" ]; then
+    echo "# commit: $BN_EXT_COMMIT (BN_EXT_COMMIT names it)"
+  elif git rev-parse HEAD >/dev/null 2>&1; then
     echo "# commit: $(git rev-parse HEAD)$(git diff --quiet || echo ' (with local changes)')"
   else
-    echo "# commit: ${BN_EXT_COMMIT:-unknown} (not a git checkout; BN_EXT_COMMIT names it)"
+    echo "# commit: unknown (not a git checkout, and no BN_EXT_COMMIT)"
   fi
   "$PY" - <<'EOF'
 import platform, torch
@@ -144,7 +148,7 @@ use_prebuilt() {
   local so=$BN_EXT_PREBUILT stamp want torch_v s_commit s_torch
   stamp=$so.stamp
   if [ ! -f "$so" ] || [ ! -f "$stamp" ]; then echo "no $so or no stamp beside it"; return 1; fi
-  want=$(git rev-parse HEAD 2>/dev/null || echo "${BN_EXT_COMMIT:-}")
+  want=${BN_EXT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
   torch_v=$("$PY" -c "import torch; print(torch.__version__)")
   read -r _ s_commit _ s_torch _ <"$stamp"
   if [ -z "$want" ] || [[ "$s_commit" == *+dirty ]] || [[ "$s_commit" != "$want"* ]]; then
