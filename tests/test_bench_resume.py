@@ -183,3 +183,17 @@ def test_eval_backward_pass_is_opt_in_and_times_the_eval_backward():
     torch.testing.assert_close(grads["bn_ext"][0], gx)
     for a, c in zip(grads["bn_ext"], grads["eager"]):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_profile_parses_rows_and_refuses_without_a_gpu(monkeypatch, capsys):
+    """bench/cuda_profile.py, which needs a GPU to profile, at least imports and reads its
+    arguments on a machine without one, and says why it cannot run rather than failing later."""
+    import cuda_profile  # noqa: E402  (bench/cuda_profile.py)
+    assert cuda_profile.parse_rows("32x64x56x56:nhwc,4096x1024,8x3x7x7") == [
+        ((32, 64, 56, 56), "nhwc"), ((4096, 1024), "n/a"), ((8, 3, 7, 7), "nchw")]
+    name = "void bn_ext::cuda::detail::(anonymous namespace)::finalize_kernel<Op>(Op)"
+    assert cuda_profile.short(name) == "finalize_kernel<Op>(Op)"
+    monkeypatch.setattr(cuda_profile.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        cuda_profile.main(["--rows", "4096x1024"])
+    assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
