@@ -597,22 +597,31 @@ def run(args, plan: list, peers: list, timer: Callable, log: Callable,
     return rows, compile_total
 
 
+def group_tensors(dims: tuple, layout: str, dtype: torch.dtype, device: str) -> tuple:
+    """One (shape, layout, dtype)'s tensors, the same on every run: input x and output gradient
+    dy in the layout, and the per-channel weight, bias, running mean and running variance (fp32,
+    on the CPU; each peer copies them)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    c = dims[1]
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = torch.randn(dims, generator=gen).to(device=device, dtype=dtype).contiguous(
+        memory_format=fmt)
+    dy = torch.randn(dims, generator=gen).to(device=device, dtype=dtype).contiguous(
+        memory_format=fmt)
+    weight = torch.rand(c, generator=gen) + 0.5
+    bias = torch.randn(c, generator=gen)
+    run_mean = 0.1 * torch.randn(c, generator=gen)
+    run_var = torch.rand(c, generator=gen) + 0.5
+    return x, dy, weight, bias, run_mean, run_var
+
+
 def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
               copy_fn: Optional[Callable] = None) -> float:
     """Time every pass of one (shape, layout, dtype); returns seconds spent compiling."""
     device = args.device
     torch._dynamo.reset()  # fresh compile per shape; keeps the recompile count low
-    gen = torch.Generator(device="cpu").manual_seed(0)
     c = shape.dims[1]
-    x = torch.randn(shape.dims, generator=gen).to(device=device, dtype=dtype)
-    if layout == "nhwc":
-        x = x.contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(shape.dims, generator=gen).to(device=device, dtype=dtype)
-    dy = dy.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else dy
-    weight = torch.rand(c, generator=gen) + 0.5
-    bias = torch.randn(c, generator=gen)
-    run_mean = 0.1 * torch.randn(c, generator=gen)
-    run_var = torch.rand(c, generator=gen) + 0.5
+    x, dy, weight, bias, run_mean, run_var = group_tensors(shape.dims, layout, dtype, device)
     insts = []
     for p in peers:
         inst = Instance(p, len(shape.dims), c, device, weight, bias, args.compile_mode)

@@ -3,7 +3,7 @@
 
 bench.py times whole calls; this splits one call of a pass into its kernels (bn_ext's
 reductions, their finalize pass, the elementwise maps; cuDNN's and torch's for the peers), with
-the same workloads (bench.make_workload) on the same kind of input, so that a slow row says
+the same workloads and inputs (bench.make_workload, bench.group_tensors), so that a slow row says
 which kernel to look at. Kernel times are the profiler's CUPTI durations, averaged over --iters
 calls after a warm-up; they leave out the launch gaps between kernels. The input is small enough
 to stay in L2 on some rows (no flush between calls here), so use bench.py for the times to quote.
@@ -85,18 +85,10 @@ def main(argv=None) -> int:
     path = "single-pass" if os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1" else "multi-pass"
     print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}; bn_ext training path "
           f"{path}; device time per call, averaged over {args.iters} calls")
-    g = torch.Generator(device="cuda").manual_seed(0)
     for dims, layout in parse_rows(args.rows):
         for dname in args.dtype.split(","):
-            dtype = bench.DTYPES[dname]
-            x = torch.randn(dims, device="cuda", generator=g).mul_(2).add_(0.5).to(dtype)
-            if layout == "nhwc":
-                x = x.contiguous(memory_format=torch.channels_last)
-            dy = torch.randn(dims, device="cuda", generator=g).to(dtype)
-            if layout == "nhwc":
-                dy = dy.contiguous(memory_format=torch.channels_last)
-            weight = torch.rand(dims[1], device="cuda", generator=g) + 0.5
-            bias = torch.randn(dims[1], device="cuda", generator=g)
+            x, dy, weight, bias, _, _ = bench.group_tensors(dims, layout, bench.DTYPES[dname],
+                                                            "cuda")
             for pas in args.passes.split(","):
                 for peer in wanted:
                     inst = bench.Instance(peer, len(dims), dims[1], "cuda", weight, bias,
