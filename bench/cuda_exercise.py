@@ -1,8 +1,8 @@
 """Calls every bn_ext CUDA kernel once or twice on small inputs, for compute-sanitizer
 (bench/gpu_proof.sh runs it under memcheck, racecheck and synccheck): every op, both layouts,
 every dtype, aligned (vectorized) and misaligned (scalar) inputs, one-block and two-stage
-reductions; the training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels,
-unless BN_EXT_EXERCISE_SINGLE_PASS=0).
+reductions; the training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels:
+one block per channel, and cooperative; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
 
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
@@ -36,7 +36,8 @@ CASES = [((4, 8, 5, 6), "contiguous"), ((4, 8, 5, 6), "channels_last"),
          ((2, 3, 64, 64), "channels_last"),   # two-stage, channels not a vector multiple
          ((512, 16), "channels_last"), ((3, 5, 7), "misaligned"), ((2, 16, 4, 4), "misaligned"),
          ((6, 520, 2, 2), "channels_last"),  # elementwise by rows, spare lanes in every dtype
-         ((3, 5, 7, 7), "contiguous")]  # masked-vector reduction, the tensor ending mid-vector
+         ((3, 5, 7, 7), "contiguous"),  # masked-vector reduction, the tensor ending mid-vector
+         ((2, 3, 128, 128), "contiguous")]  # single-pass: channels over several blocks
 for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
     mt = torch.float64 if dtype == torch.float64 else torch.float32
     for shape, layout in CASES:

@@ -2,9 +2,9 @@
 
 The rest of the suite already runs on that build, through the CUDA kernels. These add what the
 GPU-only tests in test_cuda.py check with the profiler, through the emulator's launch counters:
-that BN_EXT_CUDA_PERSISTENT=1 runs the single-pass (cooperative) kernels and =0 does not, that
-they fall back where a channel does not fit, and that the launch plans hold from 1 SM to an
-H100's 132.
+that BN_EXT_CUDA_PERSISTENT=1 runs the single-pass kernels (one block per channel in an
+ordinary launch, or cooperative) and =0 does not, that they fall back where a channel does not
+fit, and that the launch plans hold from 1 SM to an H100's 132.
 """
 import ctypes
 import os
@@ -43,13 +43,41 @@ def _case(shape, dtype, layout):
 
 # (shape, layout): tiles of one channel or of up to 32 channel vectors, on one block or many.
 SINGLE_PASS_CASES = [
-    ((8, 32, 28, 28), "contiguous"),     # vectorized; each channel over several blocks
-    ((4, 16, 33, 31), "contiguous"),     # scalar (odd runs)
-    ((2, 3, 64, 64), "contiguous"),      # few channels, many blocks each
+    ((8, 32, 28, 28), "contiguous"),     # one block a channel, but float64's channels span several
+    ((4, 16, 33, 31), "contiguous"),     # one block a channel, masked slots (odd runs)
+    ((32, 24, 7, 7), "contiguous"),      # one block a channel, narrow (a quarter of the items)
+    ((1, 16, 8, 8), "contiguous"),       # one block a channel, narrow, whole vectors
+    ((3, 17, 7, 7), "contiguous"),       # one block a channel, the tensor ending mid-vector
+    ((4, 16, 1, 3), "contiguous"),       # one block a channel, runs shorter than a vector
+    ((4, 16, 65, 63), "contiguous"),     # each channel over several blocks, scalar (odd runs)
+    ((8, 32, 56, 56), "contiguous"),     # each channel over several blocks, vectorized
+    ((2, 3, 64, 64), "contiguous"),      # fewer channels than SMs: several blocks each
     ((8, 32, 28, 28), "channels_last"),  # one tile
     ((300, 6), "channels_last"),         # C not a multiple of the vector width
     ((64, 1000), "channels_last"),       # several tiles, the last one partial
 ]
+
+
+def _single_pass_plan(shape, dtype, layout, sms=16):
+    """The single-pass path's kernel for a case on `sms` SMs: "narrow" or "wide" where a
+    contiguous channel fits in one block of 256 threads and the channels are at least as many as
+    the SMs (persistent_channel_block_kernel, an ordinary launch; wide holds kItems vectors a
+    thread, narrow a quarter of them), else "cooperative". A channel's slots are S / V vectors a
+    run, or (S + 2V - 2) / V where S % V != 0; kItems is 32 values a thread (16 in float64) over
+    V. (Inputs here are 16-byte aligned and have S > 1, which the C++ rule also asks.)"""
+    if layout != "contiguous" or shape[1] < sms:
+        return "cooperative"
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    V = 16 // itemsize
+    S = 1
+    for d in shape[2:]:
+        S *= d
+    slots = shape[0] * (S // V if S % V == 0 else (S + 2 * V - 2) // V)
+    items = (16 if itemsize == 8 else 32) // V
+    narrow = items // 4 if items >= 4 else items
+    if slots <= 256 * narrow:
+        return "narrow"
+    return "wide" if slots <= 256 * items else "cooperative"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
@@ -58,7 +86,8 @@ SINGLE_PASS_CASES = [
                          ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in SINGLE_PASS_CASES])
 def test_single_pass_kernels_run_and_match_float64(monkeypatch, dtype, case):
     """On 16 SMs (32 resident blocks, enough for a tile of each case) the single-pass kernels run
-    for train_forward and train_backward, repeat to the bit, and agree with float64 and with the
+    for train_forward and train_backward, one grid each (one block per channel where a channel
+    fits in one, else cooperative), repeat to the bit, and agree with float64 and with the
     multi-pass kernels."""
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
     shape, layout = case
@@ -66,15 +95,64 @@ def test_single_pass_kernels_run_and_match_float64(monkeypatch, dtype, case):
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
     before = _launches()
     multi = train_ops(x, dy, w, b)
-    assert _launches()[1] == before[1], "the multi-pass path ran a cooperative grid"
+    after = _launches()
+    assert after[1] == before[1], "the multi-pass path ran a cooperative grid"
+    assert after[0] - before[0] >= 4, "the multi-pass path: a reduction and a map each way"
 
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
     before = _launches()
     single = train_ops(x, dy, w, b)
-    assert _launches()[1] == before[1] + 2, "train_forward and train_backward: one grid each"
+    after = _launches()
+    grids = (after[0] - before[0], after[1] - before[1])
+    want = (0, 2) if _single_pass_plan(shape, dtype, layout) == "cooperative" else (2, 0)
+    assert grids == want, "(ordinary, cooperative) grids of train_forward and train_backward"
     for a, again in zip(single, train_ops(x, dy, w, b)):
         assert torch.equal(a, again)
     assert_training_matches_float64(single, x, dy, w, b, others=multi)
+
+
+def test_single_pass_cases_reach_every_kernel():
+    """SINGLE_PASS_CASES reach the cooperative kernel and the one-block kernel in every dtype, and
+    both widths of the one-block kernel in float32."""
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        plans = {_single_pass_plan(s, dtype, lay) for s, lay in SINGLE_PASS_CASES}
+        assert "cooperative" in plans and plans & {"narrow", "wide"}, (dtype, plans)
+    assert {_single_pass_plan(s, torch.float32, lay) for s, lay in SINGLE_PASS_CASES} == {
+        "narrow", "wide", "cooperative"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(32, 24, 7, 7), (2, 3, 64, 64)], ids=["one-block", "cooperative"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_single_pass_updates_running_stats_once(monkeypatch, dtype, shape, momentum):
+    """train_forward with running statistics: the one-block kernel updates them itself (a fixed
+    momentum: no launch besides its own), the cooperative one in a launch after; either way as
+    the multi-pass path does (within rounding: the batch statistics are summed in another
+    order), with num_batches_tracked counted once."""
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    x, _, w, b = _case(shape, dtype, "contiguous")
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    C = shape[1]
+    results = {}
+    for path in ("0", "1"):
+        monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", path)
+        rm, rv = torch.full((C,), 0.5, dtype=mt), torch.full((C,), 2.0, dtype=mt)
+        nbt = torch.tensor(4, dtype=torch.long)
+        before = _launches()
+        y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, momentum)
+        after = _launches()
+        results[path] = (y, mean, var, rm, rv, nbt, (after[0] - before[0], after[1] - before[1]))
+    one_block = _single_pass_plan(shape, dtype, "contiguous") != "cooperative"
+    grids = results["1"][6]
+    if one_block:
+        assert grids == ((1, 0) if momentum is not None else (2, 0)), grids
+    else:
+        assert grids == (1, 1), grids  # the cooperative kernel, then the update
+    for name, ours, theirs in zip(["y", "mean", "var", "running_mean", "running_var"],
+                                  results["1"][:5], results["0"][:5]):
+        assert_close(ours, theirs, dtype if ours.dtype == dtype else mt, msg=name)
+    assert int(results["1"][5]) == 5 and int(results["0"][5]) == 5
 
 
 def test_single_pass_falls_back_where_a_channel_does_not_fit(monkeypatch):

@@ -7,7 +7,7 @@
 //                      the map would derive them at nearly every element, forward_coefs first)
 //   train_forward      reduce [+ finalize] (which also write the coefficients and, with a fixed
 //                      momentum, update the running statistics), elementwise; or, with
-//                      BN_EXT_CUDA_PERSISTENT=1 and where it fits, one persistent kernel;
+//                      BN_EXT_CUDA_PERSISTENT=1 and where it fits, one single-pass kernel;
 //                      [+ running_stats (momentum None, or the persistent kernel)]
 //   backward_reduce    reduce [+ finalize]
 //   backward_input     training: backward_coefs (count read on the device), elementwise;
@@ -53,17 +53,21 @@ void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight, con
                    const RunningStats* running) {
   c10::cuda::CUDAGuard guard(x.device());
   // With a fixed momentum the multi-pass reduction's finishing step updates the running
-  // statistics (no launch of their own). Momentum None reads num_batches_tracked on the device,
-  // and the single-pass kernel has no registers to spare for the update: a launch after.
-  const RunningStats* folded = nullptr;
+  // statistics (no launch of their own), and so does the one-block-per-channel single-pass
+  // kernel. Momentum None reads num_batches_tracked on the device, and the cooperative
+  // single-pass kernel has no registers to spare for the update: a launch after.
+  const RunningStats* fixed =
+      running != nullptr && running->momentum.has_value() ? running : nullptr;
+  bool folded = false;
   if (!(detail::persistent_enabled() &&
-        detail::launch_persistent_forward(x, g, weight, bias, eps, y, mean, var))) {
-    folded = running != nullptr && running->momentum.has_value() ? running : nullptr;
+        detail::launch_persistent_forward(x, g, weight, bias, eps, y, mean, var, fixed,
+                                          folded))) {
+    folded = fixed != nullptr;
     const Tensor coef = coef_buffer(mean, g, 3);
-    detail::launch_batch_stats(x, g, weight, bias, eps, mean, var, coef, folded);
+    detail::launch_batch_stats(x, g, weight, bias, eps, mean, var, coef, fixed);
     detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);
   }
-  if (running != nullptr && folded == nullptr) {
+  if (running != nullptr && !folded) {
     detail::launch_running_stats_update(running->mean, running->var,
                                         running->num_batches_tracked, mean, var, Tensor(),
                                         static_cast<double>(g.count()), running->momentum);

@@ -20,9 +20,10 @@ namespace detail {
 // mean of the channel's first 32 elements, a border of 32 zeros at the top of image 0 in a channel
 // of N(5, 0.01) would have set it, for a factor of ~1e4 (var 2e-3 against a 5.0 offset).
 
-// kRunning: finish() can also update running statistics (below). Only the multi-pass
-// reductions take that code: in the single-pass kernels, which hold their tile in registers, it
-// cost registers (bf16/fp16 V=8: 80 -> 92, so 3 -> 2 resident blocks an SM).
+// kRunning: finish() can also update running statistics (below). The multi-pass reductions and
+// the one-block-per-channel single-pass kernel take that code; in the cooperative single-pass
+// kernels, which hold their tile in registers, it cost registers (bf16/fp16 V=8: 80 -> 92, so
+// 3 -> 2 resident blocks an SM).
 template <typename T, bool kRunning = false>
 struct StatsOp {
   using M = math_t<T>;
@@ -287,6 +288,26 @@ __device__ __forceinline__ void tile_shifts(const Op& op, int64_t first, int wid
   __syncthreads();
 }
 
+// A thread's V lane accumulators (a lane a vector element), all shifted by the channel's k0.
+template <int V, typename M>
+__device__ __forceinline__ void start_lanes(M k0, M (&k)[V], M (&a1)[V], M (&a2)[V]) {
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    k[w] = k0;
+    a1[w] = 0;
+    a2[w] = 0;
+  }
+}
+
+// The lanes of one channel merged in lane order.
+template <int V, typename M>
+__device__ __forceinline__ Sums<M> merge_lanes(const M (&a1)[V], const M (&a2)[V]) {
+  Sums<M> s{a1[0], a2[0]};
+#pragma unroll
+  for (int w = 1; w < V; ++w) s = merge(s, Sums<M>{a1[w], a2[w]});
+  return s;
+}
+
 template <typename Op, int V, typename T, typename M>
 __device__ __forceinline__ void accumulate_vec(const Vec<T, V>& xv, const Vec<T, V>& dv,
                                                const M (&k)[V], M (&a1)[V], M (&a2)[V]) {
@@ -310,6 +331,61 @@ __device__ __forceinline__ void accumulate_vec_masked(const Vec<T, V>& xv, const
     if (rel + static_cast<I>(w) < S) {
       Op::accumulate(static_cast<M>(xv.v[w]), Op::kNeedsDy ? static_cast<M>(dv.v[w]) : M(0),
                      k[w], a1[w], a2[w]);
+    }
+  }
+}
+
+// The masked layout of a contiguous (N, C, S) channel whose runs of S elements do not start on a
+// vector boundary (S % V != 0): run n's K = (S + 2V - 2) / V slots are the aligned vectors from
+// the one holding its first element, their lanes outside the run masked (reduce_kernels.cu).
+//
+// Slot j (run j / K, slot j % K) of channel c in the masked layout: the aligned vector at o, and
+// rel = o - b (modulo the index type's range) for the run's first element b, so that lane w is in
+// the run where rel + w < S. A slot wholly past its run's end (runs that start late in a vector
+// need one slot fewer) gets rel = S, no lane, and o at the run's first vector, whose load is
+// harmless.
+template <typename I>
+struct MaskedSlot {
+  I o;
+  I rel;
+};
+
+template <int V, typename I>
+__device__ __forceinline__ MaskedSlot<I> masked_slot(
+    I j, I c, I C, I S, const at::cuda::detail::IntDivider<I>& per_run) {
+  const auto qr = per_run.divmod(j);  // (n, slot)
+  const I b = (qr.div * C + c) * S;   // the run's first element
+  const I first = b & ~static_cast<I>(V - 1);
+  const I o = first + qr.mod * V;
+  return o < b + S ? MaskedSlot<I>{o, o - b} : MaskedSlot<I>{first, S};
+}
+
+// The slot's vector, whole where it ends within the tensor's `limit` elements; else (the
+// tensor's last vector, when limit % V != 0) only the lanes in the run, so nothing past the end
+// is read.
+template <int V, typename T, typename I>
+__device__ __forceinline__ Vec<T, V> load_masked(const T* __restrict__ p, const MaskedSlot<I>& m,
+                                                 I S, I limit) {
+  if (m.o + V <= limit) return load_vec<V>(p + m.o);
+  Vec<T, V> v{};
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    if (m.rel + static_cast<I>(w) < S) v.v[w] = p[m.o + w];
+  }
+  return v;
+}
+
+// Stores the slot's lanes that lie in the run: one vector where they all do (rel <= S - V, which
+// a rel that wrapped below 0 is not), else lane by lane.
+template <int V, typename T, typename I>
+__device__ __forceinline__ void store_masked(T* __restrict__ p, const MaskedSlot<I>& m, I S,
+                                             const Vec<T, V>& v) {
+  if (S >= static_cast<I>(V) && m.rel <= S - static_cast<I>(V)) {
+    store_vec<V>(p + m.o, v);
+  } else {
+#pragma unroll
+    for (int w = 0; w < V; ++w) {
+      if (m.rel + static_cast<I>(w) < S) p[m.o + w] = v.v[w];
     }
   }
 }

@@ -289,12 +289,16 @@ void launch_eval_elementwise(Elementwise op, const Tensor& x, const Tensor& dy,
                              const Tensor& out);
 
 // The single-pass training forward and backward (persistent_kernels.cu): each channel's slice
-// is read once into registers, its blocks merge their sums across a per-channel barrier, and the
-// output is written from the registers. They return false, having launched nothing, where that
-// path does not apply (the slice does not fit on chip, or the device lacks cooperative launch).
+// is read once into registers, its blocks merge their sums (one block per channel where the
+// slice fits in one, else across a per-channel barrier), and the output is written from the
+// registers. They return false, having launched nothing, where that path does not apply (the
+// slice does not fit on chip, or the device lacks the cooperative launch that a channel spread
+// over several blocks needs). The forward also updates
+// `running` (nullable; a fixed momentum) where its kernel can, and then sets running_updated.
 bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
                                const Tensor& bias, double eps, const Tensor& y,
-                               const Tensor& mean, const Tensor& var);
+                               const Tensor& mean, const Tensor& var,
+                               const RunningStats* running, bool& running_updated);
 bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometry& g,
                                 const Tensor& mean, const Tensor& var, const Tensor& weight,
                                 double eps, const Tensor& dx, const Tensor& grad_weight,

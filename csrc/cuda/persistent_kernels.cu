@@ -24,8 +24,12 @@
 // Deadlock freedom: a block waits only at its current tile's barrier, and the tile's other
 // G - 1 blocks are resident and (by induction over the tiles before it) reach it too.
 //
-// Eligibility is decided here (persistent() returns false, launching nothing): 32-bit indices,
-// cooperative launch, and one tile within the resident blocks' registers (kItems per thread).
+// Where a contiguous channel fits in one block (G = 1), an ordinary launch of one block per
+// channel replaces all this (persistent_channel_block_kernel, below).
+//
+// Eligibility is decided here (channel_block() and persistent() return false, launching nothing):
+// 32-bit indices, cooperative launch (but for one block per channel), and one tile within the
+// resident blocks' registers (kItems per thread).
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -80,6 +84,21 @@ __device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t G, 
   partial[(G + g) * C + c] = s.s2;
 }
 
+// The elementwise map of one vector of x (and of dy, for the backward) with its channel's
+// coefficients.
+template <typename Op, int V, typename T, typename M>
+__device__ __forceinline__ Vec<T, V> map_vec(const Vec<T, V>& xv, const Vec<T, V>& dv,
+                                             const Coefs<M>& kc) {
+  Vec<T, V> o;
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    const M xw = static_cast<M>(xv.v[w]);
+    const M dw = Op::kNeedsDy ? static_cast<M>(dv.v[w]) : M(0);
+    o.v[w] = static_cast<T>(elementwise_value<Op::kMap>(xw, dw, kc));
+  }
+  return o;
+}
+
 // Contiguous (N, C, S): tile = channel c, its nv = N * S / V vectors; vector j at
 // (j / per_run * C + c) * S + (j % per_run) * V. 1-D blocks of kThreads.
 template <typename T, typename Op, typename I, int V>
@@ -122,19 +141,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     }
     M k[V], a1[V], a2[V];
-#pragma unroll
-    for (int w = 0; w < V; ++w) {
-      k[w] = k0;
-      a1[w] = 0;
-      a2[w] = 0;
-    }
+    start_lanes<V>(k0, k, a1, a2);
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       if (j0 + i * step < nv) accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
     }
-    Sums<M> s{a1[0], a2[0]};
-#pragma unroll
-    for (int w = 1; w < V; ++w) s = merge(s, Sums<M>{a1[w], a2[w]});
+    Sums<M> s = merge_lanes<V>(a1, a2);
     s = block_merge<M>(s, tmp);
     if (threadIdx.x == 0) store_partial(partial, static_cast<int64_t>(C), G, g, t, s);
 
@@ -153,13 +165,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for (int i = 0; i < kN; ++i) {
       const I j = j0 + i * step;
       if (j < nv) {
-        Vec<T, V> o;
-#pragma unroll
-        for (int w = 0; w < V; ++w) {
-          const M xw = static_cast<M>(xs[i].v[w]);
-          const M dw = kDy ? static_cast<M>(ds[kDy ? i : 0].v[w]) : M(0);
-          o.v[w] = static_cast<T>(elementwise_value<Op::kMap>(xw, dw, kc));
-        }
+        const Vec<T, V> o = map_vec<Op>(xs[i], ds[kDy ? i : 0], kc);
         store_vec<V>(out + offset(j, c), o);
       }
     }
@@ -274,6 +280,144 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     __syncthreads();  // shifts, coefs and smem are reused by the next tile
   }
+}
+
+// ---- One block per channel ------------------------------------------------------------------
+//
+// Where a contiguous channel's slice fits in one block's registers, that block does the whole
+// channel and waits on no other: no partials, no tile barrier, no cooperative launch. The grid is
+// an ordinary one of C blocks, so the hardware overlaps one block's loads with other blocks'
+// merges and stores; the cooperative kernel, with G = 1, took the channels in rounds of its P
+// resident blocks, each round as long as its slowest load. ResNet-50's 7x7 and 14x14 layers at
+// batch 32 have this shape: 512 to 2048 channels of 1568 or 6272 values.
+//
+// Slots as the multi-pass contiguous reduction's: S / V whole vectors a run, or (kMasked, S % V
+// != 0) the aligned vectors that cover a run starting anywhere within one, their lanes outside the
+// run neither summed nor stored. Slot j is item j / kThreads of thread j % kThreads, so that a
+// warp reads consecutive vectors. K items a thread: kItems (wide), or a quarter of it (narrow),
+// which holds a 7x7 channel at batch 32 in fewer registers: 43-53 a thread (nvcc 13.0), so 4
+// or 5 blocks an SM where the wide kernels' 56-107 allow 2 to 4 (the multi-pass reduction's
+// 34-42 allow 6; capped at 40, the narrow kernels spilled). The statistics op also updates the
+// running statistics (a fixed momentum).
+// Only where the channels are at least as many as the SMs: fewer, and the cooperative plan
+// spreads each channel over several blocks, where one block a channel would leave SMs idle.
+template <typename T, int V, bool kWide>
+constexpr int kBlockItems = kWide || kItems<T, V> < 4 ? kItems<T, V> : kItems<T, V> / 4;
+
+template <typename T, typename Op, int V, int K, bool kMasked>
+__global__ void __launch_bounds__(kThreads, K == kItems<T, V> ? kMinBlocks : 2 * kMinBlocks)
+    persistent_channel_block_kernel(const Op op, const T* __restrict__ x,
+                                    const T* __restrict__ dy, T* __restrict__ out, uint32_t C,
+                                    uint32_t S, at::cuda::detail::IntDivider<uint32_t> per_run,
+                                    uint32_t slots, uint32_t numel) {
+  using I = uint32_t;
+  using M = math_t<T>;
+  constexpr bool kDy = Op::kNeedsDy;
+  __shared__ typename BlockMerge<M>::TempStorage tmp;
+  __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift;
+  __shared__ Coefs<M> coefs;
+  const I c = blockIdx.x;
+  const int tid = threadIdx.x;
+  const auto slot = [&](I j) {
+    if constexpr (kMasked) {
+      return masked_slot<V>(j, c, C, S, per_run);
+    } else {
+      const auto qr = per_run.divmod(j);  // (n, vector within the run)
+      return MaskedSlot<I>{(qr.div * C + c) * S + qr.mod * V, 0};
+    }
+  };
+  // The slice's loads first, then the shift's (tile_shifts): its samples are elements of the
+  // slice, already on their way, so the two round trips overlap.
+  Vec<T, V> xs[K];
+  Vec<T, V> ds[kDy ? K : 1];
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    const I j = static_cast<I>(i * kThreads + tid);
+    if (j < slots) {
+      const MaskedSlot<I> m = slot(j);
+      if constexpr (kMasked) {
+        xs[i] = load_masked<V>(x, m, S, numel);
+        if constexpr (kDy) ds[i] = load_masked<V>(dy, m, S, numel);
+      } else {
+        xs[i] = load_vec<V>(x + m.o);
+        if constexpr (kDy) ds[i] = load_vec<V>(dy + m.o);
+      }
+    }
+  }
+  tile_shifts(op, static_cast<int64_t>(c), 1, 1, tid, groups, &shift);
+  const M k0 = shift;
+  M k[V], a1[V], a2[V];
+  start_lanes<V>(k0, k, a1, a2);
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    const I j = static_cast<I>(i * kThreads + tid);
+    if (j < slots) {
+      if constexpr (kMasked) {
+        accumulate_vec_masked<Op, V>(xs[i], ds[kDy ? i : 0], slot(j).rel, S, k, a1, a2);
+      } else {
+        accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
+      }
+    }
+  }
+  Sums<M> s = merge_lanes<V>(a1, a2);
+  s = block_merge<M>(s, tmp);
+  if (tid == 0) coefs = op.finish(static_cast<int64_t>(c), k0, s.s1, s.s2);
+  __syncthreads();
+  const Coefs<M> kc = coefs;
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    const I j = static_cast<I>(i * kThreads + tid);
+    if (j < slots) {
+      const Vec<T, V> o = map_vec<Op>(xs[i], ds[kDy ? i : 0], kc);
+      const MaskedSlot<I> m = slot(j);
+      if constexpr (kMasked) {
+        store_masked<V>(out, m, S, o);
+      } else {
+        store_vec<V>(out + m.o, o);
+      }
+    }
+  }
+}
+
+// The one-block-per-channel launch where it applies: contiguous, 16-byte aligned, fewer than
+// 2^31 elements, at least as many channels as SMs, and a channel's slots within the wide
+// kernel's kThreads * K. Returns whether it launched.
+template <typename T, typename Op>
+bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& out,
+                   const Geometry& g) {
+  constexpr int V = kMaxVec<T>;
+  if (g.layout != Layout::kContiguous || x.numel() == 0 || x.numel() >= (int64_t(1) << 31) ||
+      g.C < sm_count()) {
+    return false;
+  }
+  const T* xp = x.const_data_ptr<T>();
+  const T* dyp = Op::kNeedsDy ? dy.const_data_ptr<T>() : nullptr;
+  T* outp = out.mutable_data_ptr<T>();
+  if (!(is_aligned16(xp) && is_aligned16(outp) && (dyp == nullptr || is_aligned16(dyp)))) {
+    return false;
+  }
+  const bool masked = g.S % V != 0;
+  const int64_t per_run = masked ? (g.S + 2 * V - 2) / V : g.S / V;
+  const int64_t slots = g.N * per_run;
+  if (slots > int64_t{kThreads} * kBlockItems<T, V, true>) return false;
+  const bool wide = slots > int64_t{kThreads} * kBlockItems<T, V, false>;
+  const auto launch = [&](auto wtag, auto mtag) {
+    constexpr bool kWide = decltype(wtag)::value;
+    constexpr bool kMasked = decltype(mtag)::value;
+    persistent_channel_block_kernel<T, Op, V, kBlockItems<T, V, kWide>, kMasked>
+        <<<static_cast<unsigned>(g.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            op, xp, dyp, outp, static_cast<uint32_t>(g.C), static_cast<uint32_t>(g.S),
+            at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(per_run)),
+            static_cast<uint32_t>(slots), static_cast<uint32_t>(x.numel()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (wide) {
+    masked ? launch(std::true_type{}, std::true_type{}) : launch(std::true_type{}, std::false_type{});
+  } else {
+    masked ? launch(std::false_type{}, std::true_type{})
+           : launch(std::false_type{}, std::false_type{});
+  }
+  return true;
 }
 
 // Grid shape: G blocks per tile, P tiles in flight, P * G <= resident. G is the fewest blocks
@@ -391,9 +535,19 @@ bool persistent_enabled() {
 
 bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
                                const Tensor& bias, double eps, const Tensor& y,
-                               const Tensor& mean, const Tensor& var) {
+                               const Tensor& mean, const Tensor& var,
+                               const RunningStats* running, bool& running_updated) {
+  TORCH_INTERNAL_ASSERT(running == nullptr || running->momentum.has_value());
   bool launched = false;
+  running_updated = false;
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::persistent_forward", [&] {
+    if (channel_block<scalar_t>(
+            stats_op<scalar_t, true>(x, g, weight, bias, eps, mean, var, Tensor(), running), x,
+            Tensor(), y, g)) {
+      launched = true;
+      running_updated = running != nullptr;
+      return;
+    }
     const auto op = stats_op<scalar_t>(x, g, weight, bias, eps, mean, var, Tensor());
     launched = persistent<scalar_t>(op, x, Tensor(), y, g);
   });
@@ -408,7 +562,7 @@ bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometr
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::persistent_backward", [&] {
     const auto op = grad_op<scalar_t>(g, mean, var, weight, eps, Tensor(), Tensor(), grad_weight,
                                       grad_bias, Tensor());
-    launched = persistent<scalar_t>(op, x, dy, dx, g);
+    launched = channel_block<scalar_t>(op, x, dy, dx, g) || persistent<scalar_t>(op, x, dy, dx, g);
   });
   return launched;
 }

@@ -133,42 +133,6 @@ __device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t g, 
   if (g == 0) partial[2 * G * C + c] = shift;
 }
 
-// Slot j (run j / K, slot j % K) of channel c in the masked layout: the aligned vector at o, and
-// rel = o - b (modulo the index type's range) for the run's first element b, so that lane w is in
-// the run where rel + w < S. A slot wholly past its run's end (runs that start late in a vector
-// need one slot fewer) gets rel = S, no lane, and o at the run's first vector, whose load is
-// harmless.
-template <typename I>
-struct MaskedSlot {
-  I o;
-  I rel;
-};
-
-template <int V, typename I>
-__device__ __forceinline__ MaskedSlot<I> masked_slot(
-    I j, I c, I C, I S, const at::cuda::detail::IntDivider<I>& per_run) {
-  const auto qr = per_run.divmod(j);  // (n, slot)
-  const I b = (qr.div * C + c) * S;   // the run's first element
-  const I first = b & ~static_cast<I>(V - 1);
-  const I o = first + qr.mod * V;
-  return o < b + S ? MaskedSlot<I>{o, o - b} : MaskedSlot<I>{first, S};
-}
-
-// The slot's vector, whole where it ends within the tensor's `limit` elements; else (the
-// tensor's last vector, when limit % V != 0) only the lanes in the run, so nothing past the end
-// is read.
-template <int V, typename T, typename I>
-__device__ __forceinline__ Vec<T, V> load_masked(const T* __restrict__ p, const MaskedSlot<I>& m,
-                                                 I S, I limit) {
-  if (m.o + V <= limit) return load_vec<V>(p + m.o);
-  Vec<T, V> v{};
-#pragma unroll
-  for (int w = 0; w < V; ++w) {
-    if (m.rel + static_cast<I>(w) < S) v.v[w] = p[m.o + w];
-  }
-  return v;
-}
-
 template <typename T, typename Op, typename I, int V, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     reduce_contiguous_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy, I C,
