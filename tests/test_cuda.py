@@ -446,13 +446,15 @@ def test_persistent_path_matches_float64(monkeypatch, dtype, case):
     assert_training_matches_float64(single, x, dy, w, b, others=multi)
 
 
+@pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_persistent_path_through_the_module(monkeypatch, layout):
+def test_persistent_path_through_the_module(monkeypatch, layout, channels):
     """The module's training step with the persistent path: output, gradients and running stats
-    as torch.nn.BatchNorm2d's."""
+    as torch.nn.BatchNorm2d's. 256 contiguous channels (at least the SMs of an H100 or H200)
+    take the one-block kernel, which updates the running statistics itself."""
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
-    ref, ours = make_pair(4, 16, DEV, torch.float32)
-    run_steps(ref, ours, (8, 16, 12, 12), torch.float32, DEV, layout, steps=2, train=True,
+    ref, ours = make_pair(4, channels, DEV, torch.float32)
+    run_steps(ref, ours, (8, channels, 12, 12), torch.float32, DEV, layout, steps=2, train=True,
               param_tol=torch.float32)
 
 
