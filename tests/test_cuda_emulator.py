@@ -32,6 +32,14 @@ def _launches():
     return lib.bn_ext_emu_launches(0), lib.bn_ext_emu_launches(1)
 
 
+def _with_grids(fn):
+    """fn()'s result, and the (ordinary, cooperative) grids it ran."""
+    before = _launches()
+    result = fn()
+    after = _launches()
+    return result, (after[0] - before[0], after[1] - before[1])
+
+
 def _case(shape, dtype, layout):
     mt = torch.float64 if dtype == torch.float64 else torch.float32
     x = make_input(shape, dtype, "cpu", layout, seed=21, mean=3.0, std=0.5)
@@ -93,17 +101,12 @@ def test_single_pass_kernels_run_and_match_float64(monkeypatch, dtype, case):
     shape, layout = case
     x, dy, w, b = _case(shape, dtype, layout)
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
-    before = _launches()
-    multi = train_ops(x, dy, w, b)
-    after = _launches()
-    assert after[1] == before[1], "the multi-pass path ran a cooperative grid"
-    assert after[0] - before[0] >= 4, "the multi-pass path: a reduction and a map each way"
+    multi, grids = _with_grids(lambda: train_ops(x, dy, w, b))
+    assert grids[1] == 0, "the multi-pass path ran a cooperative grid"
+    assert grids[0] >= 4, "the multi-pass path: a reduction and a map each way"
 
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
-    before = _launches()
-    single = train_ops(x, dy, w, b)
-    after = _launches()
-    grids = (after[0] - before[0], after[1] - before[1])
+    single, grids = _with_grids(lambda: train_ops(x, dy, w, b))
     want = (0, 2) if _single_pass_plan(shape, dtype, layout) == "cooperative" else (2, 0)
     assert grids == want, "(ordinary, cooperative) grids of train_forward and train_backward"
     for a, again in zip(single, train_ops(x, dy, w, b)):
@@ -123,7 +126,8 @@ def test_single_pass_cases_reach_every_kernel():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])
-@pytest.mark.parametrize("shape", [(32, 24, 7, 7), (2, 3, 64, 64)], ids=["one-block", "cooperative"])
+@pytest.mark.parametrize("shape", [(32, 24, 7, 7), (2, 3, 64, 64)],
+                         ids=["one-block", "cooperative"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_single_pass_updates_running_stats_once(monkeypatch, dtype, shape, momentum):
     """train_forward with running statistics: the one-block kernel updates them itself (a fixed
@@ -139,10 +143,8 @@ def test_single_pass_updates_running_stats_once(monkeypatch, dtype, shape, momen
         monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", path)
         rm, rv = torch.full((C,), 0.5, dtype=mt), torch.full((C,), 2.0, dtype=mt)
         nbt = torch.tensor(4, dtype=torch.long)
-        before = _launches()
-        y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, momentum)
-        after = _launches()
-        results[path] = (y, mean, var, rm, rv, nbt, (after[0] - before[0], after[1] - before[1]))
+        out, grids = _with_grids(lambda: ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, momentum))
+        results[path] = (*out, rm, rv, nbt, grids)
     one_block = _single_pass_plan(shape, dtype, "contiguous") != "cooperative"
     grids = results["1"][6]
     if one_block:
@@ -161,9 +163,8 @@ def test_single_pass_falls_back_where_a_channel_does_not_fit(monkeypatch):
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
     monkeypatch.setenv("BN_EXT_EMU_SMS", "1")
     x, dy, w, b = _case((1, 2, 40000), torch.float32, "contiguous")
-    before = _launches()
-    results = train_ops(x, dy, w, b)
-    assert _launches()[1] == before[1]
+    results, grids = _with_grids(lambda: train_ops(x, dy, w, b))
+    assert grids[1] == 0
     assert_training_matches_float64(results, x, dy, w, b)
 
 

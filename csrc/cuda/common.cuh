@@ -293,8 +293,8 @@ void launch_eval_elementwise(Elementwise op, const Tensor& x, const Tensor& dy,
 // slice fits in one, else across a per-channel barrier), and the output is written from the
 // registers. They return false, having launched nothing, where that path does not apply (the
 // slice does not fit on chip, or the device lacks the cooperative launch that a channel spread
-// over several blocks needs). The forward also updates
-// `running` (nullable; a fixed momentum) where its kernel can, and then sets running_updated.
+// over several blocks needs). The forward also updates `running` (nullable; a fixed momentum)
+// where its kernel can, and then sets running_updated.
 bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
                                const Tensor& bias, double eps, const Tensor& y,
                                const Tensor& mean, const Tensor& var,

@@ -411,11 +411,17 @@ bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor
             static_cast<uint32_t>(slots), static_cast<uint32_t>(x.numel()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
+  const auto with_mask = [&](auto wtag) {
+    if (masked) {
+      launch(wtag, std::true_type{});
+    } else {
+      launch(wtag, std::false_type{});
+    }
+  };
   if (wide) {
-    masked ? launch(std::true_type{}, std::true_type{}) : launch(std::true_type{}, std::false_type{});
+    with_mask(std::true_type{});
   } else {
-    masked ? launch(std::false_type{}, std::true_type{})
-           : launch(std::false_type{}, std::false_type{});
+    with_mask(std::false_type{});
   }
   return true;
 }
@@ -562,7 +568,8 @@ bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometr
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::persistent_backward", [&] {
     const auto op = grad_op<scalar_t>(g, mean, var, weight, eps, Tensor(), Tensor(), grad_weight,
                                       grad_bias, Tensor());
-    launched = channel_block<scalar_t>(op, x, dy, dx, g) || persistent<scalar_t>(op, x, dy, dx, g);
+    launched =
+        channel_block<scalar_t>(op, x, dy, dx, g) || persistent<scalar_t>(op, x, dy, dx, g);
   });
   return launched;
 }

@@ -145,12 +145,7 @@ __global__ void __launch_bounds__(kThreads)
   tile_shifts(op, static_cast<int64_t>(c), 1, 1, threadIdx.x, groups, &shift);
   const M k0 = shift;
   M k[V], a1[V], a2[V];
-#pragma unroll
-  for (int w = 0; w < V; ++w) {
-    k[w] = k0;
-    a1[w] = 0;
-    a2[w] = 0;
-  }
+  start_lanes<V>(k0, k, a1, a2);
   M a[V];  // Op::kWritesDx: the channel's dx scale in every lane
 #pragma unroll
   for (int w = 0; w < V; ++w) a[w] = Op::kWritesDx ? scale : M(0);
@@ -162,7 +157,9 @@ __global__ void __launch_bounds__(kThreads)
       return load_masked<V>(p, m, S, numel);
     };
     // dx at the slot's lanes in the run: one vector where they all are (rel <= S - V, which a
-    // rel that wrapped below 0 is not), else lane by lane.
+    // rel that wrapped below 0 is not), else lane by lane. store_masked's logic, written out:
+    // eval_dx's vector built first and handed to it made ptxas (nvcc 13.0) spill in the fp16
+    // kernel.
     const auto store = [&](const MaskedSlot<I>& m, const Vec<T, V>& dv) {
       if constexpr (Op::kWritesDx) {
         if (S >= static_cast<I>(V) && m.rel <= S - static_cast<I>(V)) {
@@ -209,9 +206,7 @@ __global__ void __launch_bounds__(kThreads)
     };
     accumulate_strided<Op, V>(x, dy, j, step, nv, offset, store, k, a1, a2);
   }
-  Sums<M> t{a1[0], a2[0]};
-#pragma unroll
-  for (int w = 1; w < V; ++w) t = merge(t, Sums<M>{a1[w], a2[w]});
+  Sums<M> t = merge_lanes<V>(a1, a2);
   __shared__ typename BlockMerge<M>::TempStorage tmp;
   t = block_merge<M>(t, tmp);
   if (threadIdx.x == 0) {
