@@ -8,6 +8,7 @@
 Peers, timed interleaved in one process on the very same input tensors:
     cpu:  bn_ext | torch eager | torch.compile(nn.BatchNorm*)
     cuda: bn_ext | eager with cuDNN | eager native (cuDNN disabled) | torch.compile(nn.BatchNorm*)
+    cuda --cuda-persistent: bn_ext on its single-pass path | bn_ext multi-pass | the same three
 
 For every row (shape, layout, dtype, pass) the peers are timed round-robin for --rounds rounds
 (the starting peer rotates); each round gives one median per peer, and a peer's time is the
@@ -358,22 +359,59 @@ class Peer:
     name: str                      # column name
     kind: str                      # "bn_ext" | "eager" | "compile"
     cudnn: Optional[bool] = None   # cuda only: torch.backends.cudnn.enabled while it runs
+    env: Optional[dict] = None     # environment variables set while it runs
 
 
-def peers_for(device: str) -> list:
+# --cuda-persistent's second bn_ext: the multi-pass path, timed in the same rounds as the
+# single-pass one, so that the single-pass speedup over it is a side-by-side ratio.
+MULTI_PASS = "multi-pass"
+
+
+def peers_for(device: str, persistent: bool = False) -> list:
     if device == "cuda":
-        return [Peer("bn_ext", "bn_ext"), Peer("cudnn", "eager", cudnn=True),
-                Peer("native", "eager", cudnn=False), Peer("compile", "compile")]
+        own = [Peer(MULTI_PASS, "bn_ext", env={"BN_EXT_CUDA_PERSISTENT": "0"})] if persistent \
+            else []
+        return [Peer("bn_ext", "bn_ext")] + own + [
+            Peer("cudnn", "eager", cudnn=True), Peer("native", "eager", cudnn=False),
+            Peer("compile", "compile")]
     return [Peer("bn_ext", "bn_ext"), Peer("eager", "eager"), Peer("compile", "compile")]
 
 
 def selected_peers(args) -> list:
-    """peers_for(args.device), less those that --peers leaves out (bn_ext always stays)."""
-    peers = peers_for(args.device)
+    """peers_for(args.device), less those that --peers leaves out (bn_ext always stays, and
+    with --cuda-persistent the multi-pass bn_ext too)."""
+    peers = peers_for(args.device, getattr(args, "cuda_persistent", False))
     if getattr(args, "peers", None):
-        wanted = set(split(args.peers, [p.name for p in peers])) | {"bn_ext"}
+        wanted = set(split(args.peers, [p.name for p in peers])) | {"bn_ext", MULTI_PASS}
         peers = [p for p in peers if p.name in wanted]
     return peers
+
+
+def torch_peers(peers: list) -> list:
+    """The names of the peers that are torch (the bar's 'best of'), in column order."""
+    return [p.name for p in peers if p.kind != "bn_ext"]
+
+
+def own_peers(peers: list) -> list:
+    """The names of the other bn_ext paths timed beside bn_ext (--cuda-persistent's multi-pass)."""
+    return [p.name for p in peers if p.kind == "bn_ext" and p.name != "bn_ext"]
+
+
+@contextlib.contextmanager
+def environment(env: Optional[dict]):
+    if not env:
+        yield
+        return
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -422,8 +460,10 @@ class Instance:
         if peer.kind == "compile":
             self.call = torch.compile(self.module, mode=compile_mode, dynamic=False)
 
+    @contextlib.contextmanager
     def context(self):
-        return cudnn_enabled(self.peer.cudnn)
+        with cudnn_enabled(self.peer.cudnn), environment(self.peer.env):
+            yield
 
     def set_running_stats(self, mean: torch.Tensor, var: torch.Tensor):
         """The same running stats in every peer before each pass: the training passes update
@@ -816,7 +856,8 @@ def header(args, meta: dict) -> list:
     if args.device == "cuda":
         lines.append("- bn_ext CUDA training path: " + (
             "single-pass (persistent) kernels where a tile fits, multi-pass elsewhere "
-            "(BN_EXT_CUDA_PERSISTENT=1)" if os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1"
+            f"(BN_EXT_CUDA_PERSISTENT=1); {MULTI_PASS} = bn_ext's multi-pass path "
+            "(BN_EXT_CUDA_PERSISTENT=0 while it runs) in the same rounds" if os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1"
             else "multi-pass (the default)"))
         lines.append("- peers: cudnn = eager with torch.backends.cudnn.enabled=True, n/a on "
                      "rows where torch does not pick cuDNN (bf16; BatchNorm1d's (N, C) input) "
@@ -834,10 +875,10 @@ def header(args, meta: dict) -> list:
 
 
 def table(rows: list, peers: list) -> list:
-    others = [p.name for p in peers if p.kind != "bn_ext"]
+    others, own = torch_peers(peers), own_peers(peers)
     head = (["shape", "set", "layout", "dtype", "pass", "MB", "bn_ext ms"]
-            + [f"{p} ms" for p in others] + [f"vs {p}" for p in others]
-            + ["vs best", "GB/s", "% copy"])
+            + [f"{p} ms" for p in own + others] + [f"vs {p}" for p in others]
+            + ["vs best"] + [f"vs {p}" for p in own] + ["GB/s", "% copy"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.shape, r.note, r.layout, r.dtype, r.pas, f"{r.mb:.1f}"]
@@ -846,8 +887,9 @@ def table(rows: list, peers: list) -> list:
         else:
             t = r.times.get("bn_ext")
             gbs = r.bytes_moved / t / 1e9 if t else None
-            cells += [fmt_ms(t)] + [fmt_ms(r.times.get(p)) for p in others]
+            cells += [fmt_ms(t)] + [fmt_ms(r.times.get(p)) for p in own + others]
             cells += [fmt_x(r.speedup(p)) for p in others] + [fmt_x(r.best_speedup(others))]
+            cells += [fmt_x(r.speedup(p)) for p in own]
             cells += [f"{gbs:.1f}" if gbs else "n/a",
                       f"{r.pct_copy():.0f}%" if gbs else "n/a"]
         out.append("| " + " | ".join(cells) + " |")
@@ -855,15 +897,16 @@ def table(rows: list, peers: list) -> list:
 
 
 def summary(rows: list, peers: list, args) -> list:
-    others = [p.name for p in peers if p.kind != "bn_ext"]
+    others, own = torch_peers(peers), own_peers(peers)
     ok = [r for r in rows if r.status == "ok" and r.times.get("bn_ext")]
     if not ok:
         return ["## Summary", "", f"No timed rows ({len(rows)} planned; see the statuses above)."]
     lines = ["## Summary", "",
              "Geometric-mean speedup of bn_ext over each peer (rows where both were timed; "
              "n = rows).", "",
-             "| dtype | pass | n | " + " | ".join(f"vs {p}" for p in others) + " | vs best |",
-             "|" + "---|" * (4 + len(others))]
+             "| dtype | pass | n | " + " | ".join(f"vs {p}" for p in others) + " | vs best |"
+             + "".join(f" vs {p} |" for p in own),
+             "|" + "---|" * (4 + len(others) + len(own))]
     for dname in args.dtypes + ["all"]:
         for pas in args.passes:
             sel = [r for r in ok if r.pas == pas and (dname == "all" or r.dtype == dname)]
@@ -874,6 +917,8 @@ def summary(rows: list, peers: list, args) -> list:
                 cells.append(fmt_x(geomean([r.speedup(p) for r in sel if r.speedup(p)])))
             cells.append(fmt_x(geomean([r.best_speedup(others) for r in sel
                                         if r.best_speedup(others)])))
+            for p in own:
+                cells.append(fmt_x(geomean([r.speedup(p) for r in sel if r.speedup(p)])))
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     losers = [r for r in ok if any((r.speedup(p) or 1.0) < 1.0 for p in others)]
@@ -887,6 +932,12 @@ def summary(rows: list, peers: list, args) -> list:
             rounds = f" ({r.rounds} rounds)" if r.rounds else ""
             lines.append(f"- {r.shape} {r.layout} {r.dtype} {r.pas}{rounds}: bn_ext "
                          f"{fmt_ms(r.times['bn_ext'])}; {vs}")
+    for p in own:
+        slower = [r for r in ok if (r.speedup(p) or 1.0) < 1.0]
+        lines += ["", f"**Rows where bn_ext is slower than its {p} path: {len(slower)} of "
+                  f"{len(ok)}**" + (":" if slower else ".")]
+        lines += [f"- {r.shape} {r.layout} {r.dtype} {r.pas}: {fmt_ms(r.times['bn_ext'])} vs "
+                  f"{fmt_ms(r.times[p])} ms ({r.speedup(p):.2f}x)" for r in slower]
     lines.append("")
     # Bandwidth of out-of-cache rows, against the issue's bar.
     bar = BW_BAR[args.device]
@@ -940,7 +991,7 @@ def plot(rows: list, peers: list, args, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no PNG written (pip install matplotlib)"
-    others = [p.name for p in peers if p.kind != "bn_ext"]
+    others = torch_peers(peers) + own_peers(peers)
     keys = []
     for r in rows:
         k = (r.shape, r.layout, r.dtype)
@@ -1029,16 +1080,18 @@ def parse_args(argv=None):
                     help="cuda, events timer: do not flush L2 before every call")
     ap.add_argument("--cuda-persistent", action="store_true",
                     help="cuda: set BN_EXT_CUDA_PERSISTENT=1, so bn_ext's training passes use "
-                         "the single-pass kernels where a tile fits (adds -persistent to the "
-                         "file stem)")
+                         "the single-pass kernels where a tile fits, and time bn_ext's "
+                         "multi-pass path beside them as the peer 'multi-pass' (adds "
+                         "-persistent to the file stem)")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="start no (shape, layout, dtype) group that would not end this many "
                          "seconds after the start (judged by the longest group so far); the "
                          "rest are listed as not timed and the final table and plot written "
                          "(for a time-limited GPU lease; --resume times the rest later)")
     ap.add_argument("--peers", default=None,
-                    help="comma list of the peers to time (bn_ext always): on cuda of cudnn, "
-                         "native, compile; on cpu of eager, compile. Default: all")
+                    help="comma list of the peers to time (bn_ext always, and with "
+                         "--cuda-persistent multi-pass): on cuda of cudnn, native, compile; on "
+                         "cpu of eager, compile. Default: all")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     ap.add_argument("--plan", action="store_true",

@@ -292,8 +292,9 @@ if [ "$QUICK" = "1" ]; then
   stage "kernel profile" 30 90 profile
   stage "sanitizer memcheck" 45 120 sanitize memcheck
   stage "sanitizer racecheck" 45 150 sanitize racecheck
-  # Single-pass: bn_ext against cuDNN and native only (torch.compile's compiles are most of a
-  # group's time, and its times are in the multi-pass table).
+  # Single-pass: bn_ext against its own multi-pass path (in the same rounds), cuDNN and native
+  # (torch.compile's compiles are most of a group's time, and its times are in the multi-pass
+  # table).
   [ "$SINGLE" = "1" ] && stage "bench quick, single-pass" 60 180 bench bench-persistent --quick \
     --cuda-persistent --pass fwd,bwd,fwdbwd --peers cudnn,native
   stage "sanitizer synccheck" 45 120 sanitize synccheck

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -156,6 +157,47 @@ def test_peers_option_selects_columns():
     assert [p.name for p in bench.selected_peers(args)] == ["bn_ext", "eager", "compile"]
     with pytest.raises(SystemExit):
         bench.selected_peers(bench.parse_args(["--device", "cpu", "--peers", "cudnn"])[0])
+
+
+def test_single_pass_run_times_the_multi_pass_path_beside_it(monkeypatch):
+    # --cuda-persistent: bn_ext's multi-pass path is a column of its own, timed in the same
+    # rounds, left out of 'vs best' (torch's peers) and with its own geometric mean and list.
+    args, _ = bench.parse_args(["--device", "cuda", "--cuda-persistent", "--peers", "cudnn",
+                                "--pass", "fwd"])
+    peers = bench.selected_peers(args)
+    assert [p.name for p in peers] == ["bn_ext", "multi-pass", "cudnn"]
+    assert [p.name for p in bench.selected_peers(bench.parse_args(["--device", "cuda"])[0])] \
+        == ["bn_ext", "cudnn", "native", "compile"]
+    inst = bench.Instance(peers[1], 4, 3, "cpu", torch.ones(3), torch.zeros(3), "default")
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
+    with inst.context():
+        assert os.environ["BN_EXT_CUDA_PERSISTENT"] == "0"
+    assert os.environ["BN_EXT_CUDA_PERSISTENT"] == "1"
+    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT")
+    with inst.context():
+        assert os.environ["BN_EXT_CUDA_PERSISTENT"] == "0"
+    assert "BN_EXT_CUDA_PERSISTENT" not in os.environ
+
+    def row(shape, ours, multi, cudnn):
+        return bench.Row(shape=shape, note="", group="g", layout="nchw", dtype="fp32", pas="fwd",
+                         mb=1.0, bytes_moved=10**6,
+                         times={"bn_ext": ours, "multi-pass": multi, "cudnn": cudnn})
+    rows = [row("8x8x8x8", 1.0, 2.0, 4.0), row("9x9x9x9", 2.0, 1.0, 3.0)]
+    monkeypatch.setitem(bench.META, "copy_gbs", 1.0)
+    monkeypatch.setitem(bench.META, "cache_mb", 1e9)
+    head, sep, *cells = bench.table(rows, peers)
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols[6:12] == ["bn_ext ms", "multi-pass ms", "cudnn ms", "vs cudnn", "vs best",
+                          "vs multi-pass"]
+    first = [c.strip() for c in cells[0].strip("|").split("|")]
+    second = [c.strip() for c in cells[1].strip("|").split("|")]
+    assert first[9:12] == ["4.00x", "4.00x", "2.00x"]
+    assert second[9:12] == ["1.50x", "1.50x", "**0.50x**"]
+    text = "\n".join(bench.summary(rows, peers, args))
+    assert "| fp32 | fwd | 2 | 2.45x | 2.45x | 1.00x |" in text
+    assert "Rows below 1.0x against at least one peer: 0 of 2" in text
+    assert "Rows where bn_ext is slower than its multi-pass path: 1 of 2" in text
+    assert "- 9x9x9x9 nchw fp32 fwd: 2000.0 vs 1000.0 ms (0.50x)" in text
 
 
 def test_eval_backward_pass_is_opt_in_and_times_the_eval_backward():
