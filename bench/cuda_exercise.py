@@ -1,8 +1,10 @@
 """Calls every bn_ext CUDA kernel once or twice on small inputs, for compute-sanitizer
 (bench/gpu_proof.sh runs it under memcheck, racecheck and synccheck): every op, both layouts,
 every dtype, aligned (vectorized) and misaligned (scalar) inputs, one-block and two-stage
-reductions; the training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels:
-one block per channel, and cooperative; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
+reductions, with the multi-pass kernels (BN_EXT_CUDA_PERSISTENT=0); the training ops once more
+with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per channel, of 64, 128 and
+256 threads where the channels are at least the SMs, and cooperative; unless
+BN_EXT_EXERCISE_SINGLE_PASS=0).
 
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
@@ -14,6 +16,7 @@ ops = torch.ops.bn_ext
 # BN_EXT_EXERCISE_SINGLE_PASS=0 leaves out the single-pass kernels (gpu_proof.sh, when the tests
 # found them failing or hanging, so that a hang cannot take every sanitizer's time).
 SINGLE_PASS = os.environ.get("BN_EXT_EXERCISE_SINGLE_PASS", "1") == "1"
+os.environ["BN_EXT_CUDA_PERSISTENT"] = "0"  # the default would take the one-block kernel
 dev = "cuda"
 torch.manual_seed(0)
 launches = 0
@@ -37,7 +40,11 @@ CASES = [((4, 8, 5, 6), "contiguous"), ((4, 8, 5, 6), "channels_last"),
          ((512, 16), "channels_last"), ((3, 5, 7), "misaligned"), ((2, 16, 4, 4), "misaligned"),
          ((6, 520, 2, 2), "channels_last"),  # elementwise by rows, spare lanes in every dtype
          ((3, 5, 7, 7), "contiguous"),  # masked-vector reduction, the tensor ending mid-vector
-         ((2, 3, 128, 128), "contiguous")]  # single-pass: channels over several blocks
+         ((2, 3, 128, 128), "contiguous"),  # single-pass: channels over several blocks
+         # Single-pass, one block a channel (136 channels: more than an H100's or H200's 132
+         # SMs): 64 threads (masked slots), 128 (float64: 256), 256 (16-bit: masked).
+         ((4, 136, 7, 7), "contiguous"), ((12, 136, 16, 16), "contiguous"),
+         ((32, 136, 14, 14), "contiguous")]
 for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
     mt = torch.float64 if dtype == torch.float64 else torch.float32
     for shape, layout in CASES:

@@ -19,11 +19,12 @@ HAS_CUDA = torch.cuda.is_available() and bn_ext.has_cuda_kernels()
 # for the host, on CPU tensors; it sets BN_EXT_CUDA_EMULATED=1.
 CUDA_EMULATED = os.environ.get("BN_EXT_CUDA_EMULATED") == "1"
 
-# BN_EXT_CUDA_PERSISTENT=1 sends the CUDA kernels' train_forward and train_backward through the
-# single-pass kernels, whose sums are merged in an order of their own (their grid plan): they
-# agree with the split ops (batch_stats + normalize, backward_reduce + backward_input) to
-# rounding, where every other path gives the split ops' bits.
-SINGLE_PASS = os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1"
+# Unless BN_EXT_CUDA_PERSISTENT=0, the CUDA kernels' train_forward and train_backward may take
+# the single-pass kernels (by default the one-block kernel, where a channel fits in a block;
+# with =1 the cooperative ones too), whose sums are merged in an order of their own (their block
+# or grid plan): they agree with the split ops (batch_stats + normalize, backward_reduce +
+# backward_input) to rounding, where every other path gives the split ops' bits.
+SINGLE_PASS = os.environ.get("BN_EXT_CUDA_PERSISTENT") != "0"
 
 
 # torch's BatchNorm constructors take a keyword-only `bias` from torch 2.13 on; bn_ext's modules

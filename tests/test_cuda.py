@@ -394,8 +394,8 @@ PERSISTENT_CASES = [
     ((8, 32, 28, 28), "contiguous"),     # vectorized; float64's channels over several blocks
     ((4, 16, 33, 31), "contiguous"),     # scalar (odd runs)
     ((2, 3, 128, 128), "contiguous"),    # few channels, many blocks each
-    ((32, 2048, 7, 7), "contiguous"),    # one block per channel (ordinary launch), narrow
-    ((32, 256, 14, 14), "contiguous"),   # one block per channel, wide (16-bit: masked slots)
+    ((32, 2048, 7, 7), "contiguous"),    # one block of 64 threads per channel (ordinary launch)
+    ((32, 256, 14, 14), "contiguous"),   # one block of 256 per channel (16-bit: masked slots)
     ((8, 32, 28, 28), "channels_last"),  # one tile
     ((300, 6), "channels_last"),         # C not a multiple of the vector width
     ((64, 1000), "channels_last"),       # partial last tile
@@ -444,6 +444,16 @@ def test_persistent_path_matches_float64(monkeypatch, dtype, case):
         assert torch.equal(a, again)
 
     assert_training_matches_float64(single, x, dy, w, b, others=multi)
+
+    # The default (no BN_EXT_CUDA_PERSISTENT): the one-block kernel where it ran above, else the
+    # multi-pass kernels, with that path's bits.
+    one_block = sum("persistent_channel_block_kernel" in n for n in names)
+    assert one_block in (0, 2), names
+    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT")
+    names = _kernels_run(lambda: train_ops(x, dy, w, b))
+    assert sum("persistent" in n for n in names) == one_block, names
+    for a, same in zip(train_ops(x, dy, w, b), single if one_block else multi, strict=True):
+        assert torch.equal(a, same)
 
 
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])

@@ -3,8 +3,9 @@
 The rest of the suite already runs on that build, through the CUDA kernels. These add what the
 GPU-only tests in test_cuda.py check with the profiler, through the emulator's launch counters:
 that BN_EXT_CUDA_PERSISTENT=1 runs the single-pass kernels (one block per channel in an
-ordinary launch, or cooperative) and =0 does not, that they fall back where a channel does not
-fit, and that the launch plans hold from 1 SM to an H100's 132.
+ordinary launch, or cooperative), that by default only the one-block kernel runs and with =0
+none, that they fall back where a channel does not fit, and that the launch plans hold from 1 SM
+to an H100's 132.
 """
 import ctypes
 import os
@@ -53,8 +54,9 @@ def _case(shape, dtype, layout):
 SINGLE_PASS_CASES = [
     ((8, 32, 28, 28), "contiguous"),     # one block a channel, but float64's channels span several
     ((4, 16, 33, 31), "contiguous"),     # one block a channel, masked slots (odd runs)
-    ((32, 24, 7, 7), "contiguous"),      # one block a channel, narrow (a quarter of the items)
-    ((1, 16, 8, 8), "contiguous"),       # one block a channel, narrow, whole vectors
+    ((32, 24, 7, 7), "contiguous"),      # one block of 64 threads a channel (fp32, 16-bit)
+    ((12, 16, 16, 16), "contiguous"),    # one block of 128 threads a channel (fp32, 16-bit)
+    ((1, 16, 8, 8), "contiguous"),       # one block a channel, whole vectors
     ((3, 17, 7, 7), "contiguous"),       # one block a channel, the tensor ending mid-vector
     ((4, 16, 1, 3), "contiguous"),       # one block a channel, runs shorter than a vector
     ((4, 16, 65, 63), "contiguous"),     # each channel over several blocks, scalar (odd runs)
@@ -67,12 +69,13 @@ SINGLE_PASS_CASES = [
 
 
 def _single_pass_plan(shape, dtype, layout, sms=16):
-    """The single-pass path's kernel for a case on `sms` SMs: "narrow" or "wide" where a
-    contiguous channel fits in one block of 256 threads and the channels are at least as many as
-    the SMs (persistent_channel_block_kernel, an ordinary launch; wide holds kItems vectors a
-    thread, narrow a quarter of them), else "cooperative". A channel's slots are S / V vectors a
-    run, or (S + 2V - 2) / V where S % V != 0; kItems is 32 values a thread (16 in float64) over
-    V. (Inputs here are 16-byte aligned and have S > 1, which the C++ rule also asks.)"""
+    """The single-pass path's kernel for a case on `sms` SMs: the block size (64, 128 or 256)
+    where a contiguous channel fits in one block of 256 threads and the channels are at least as
+    many as the SMs (persistent_channel_block_kernel, an ordinary launch: the fewest threads that
+    hold the channel at kItems vectors a thread), else "cooperative". A channel's slots are S / V
+    vectors a run, or (S + 2V - 2) / V where S % V != 0; kItems is 32 values a thread (16 in
+    float64) over V. (Inputs here are 16-byte aligned and have S > 1, which the C++ rule also
+    asks.)"""
     if layout != "contiguous" or shape[1] < sms:
         return "cooperative"
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -82,10 +85,7 @@ def _single_pass_plan(shape, dtype, layout, sms=16):
         S *= d
     slots = shape[0] * (S // V if S % V == 0 else (S + 2 * V - 2) // V)
     items = (16 if itemsize == 8 else 32) // V
-    narrow = items // 4 if items >= 4 else items
-    if slots <= 256 * narrow:
-        return "narrow"
-    return "wide" if slots <= 256 * items else "cooperative"
+    return next((block for block in (64, 128, 256) if slots <= block * items), "cooperative")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
@@ -101,27 +101,34 @@ def test_single_pass_kernels_run_and_match_float64(monkeypatch, dtype, case):
     shape, layout = case
     x, dy, w, b = _case(shape, dtype, layout)
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
-    multi, grids = _with_grids(lambda: train_ops(x, dy, w, b))
-    assert grids[1] == 0, "the multi-pass path ran a cooperative grid"
-    assert grids[0] >= 4, "the multi-pass path: a reduction and a map each way"
+    multi, multi_grids = _with_grids(lambda: train_ops(x, dy, w, b))
+    assert multi_grids[1] == 0, "the multi-pass path ran a cooperative grid"
+    assert multi_grids[0] >= 4, "the multi-pass path: a reduction and a map each way"
 
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "1")
     single, grids = _with_grids(lambda: train_ops(x, dy, w, b))
-    want = (0, 2) if _single_pass_plan(shape, dtype, layout) == "cooperative" else (2, 0)
+    cooperative = _single_pass_plan(shape, dtype, layout) == "cooperative"
+    want = (0, 2) if cooperative else (2, 0)
     assert grids == want, "(ordinary, cooperative) grids of train_forward and train_backward"
     for a, again in zip(single, train_ops(x, dy, w, b)):
         assert torch.equal(a, again)
     assert_training_matches_float64(single, x, dy, w, b, others=multi)
 
+    # The default: the one-block kernel where it applies, else the multi-pass kernels (the
+    # cooperative one is opt-in), with the bits of the path it takes.
+    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT")
+    default, grids = _with_grids(lambda: train_ops(x, dy, w, b))
+    assert grids == (multi_grids if cooperative else (2, 0)), grids
+    for a, same in zip(default, multi if cooperative else single, strict=True):
+        assert torch.equal(a, same)
+
 
 def test_single_pass_cases_reach_every_kernel():
-    """SINGLE_PASS_CASES reach the cooperative kernel and the one-block kernel in every dtype, and
-    both widths of the one-block kernel in float32."""
+    """SINGLE_PASS_CASES reach, in every dtype, the cooperative kernel and every block size of
+    the one-block kernel."""
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         plans = {_single_pass_plan(s, dtype, lay) for s, lay in SINGLE_PASS_CASES}
-        assert "cooperative" in plans and plans & {"narrow", "wide"}, (dtype, plans)
-    assert {_single_pass_plan(s, torch.float32, lay) for s, lay in SINGLE_PASS_CASES} == {
-        "narrow", "wide", "cooperative"}
+        assert plans == {64, 128, 256, "cooperative"}, (dtype, plans)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],

@@ -5,10 +5,11 @@
 //   batch_stats        reduce [+ finalize]
 //   normalize          elementwise, deriving the coefficients from the statistics (or, where
 //                      the map would derive them at nearly every element, forward_coefs first)
-//   train_forward      reduce [+ finalize] (which also write the coefficients and, with a fixed
-//                      momentum, update the running statistics), elementwise; or, with
-//                      BN_EXT_CUDA_PERSISTENT=1 and where it fits, one single-pass kernel;
-//                      [+ running_stats (momentum None, or the persistent kernel)]
+//   train_forward      one single-pass kernel where a channel fits in a block (by default;
+//                      BN_EXT_CUDA_PERSISTENT: common.cuh's SinglePass); else reduce
+//                      [+ finalize] (which also write the coefficients and, with a fixed
+//                      momentum, update the running statistics), elementwise
+//                      [+ running_stats (momentum None, or the cooperative kernel)]
 //   backward_reduce    reduce [+ finalize]
 //   backward_input     training: backward_coefs (count read on the device), elementwise;
 //                      eval: as normalize
@@ -59,8 +60,9 @@ void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight, con
   const RunningStats* fixed =
       running != nullptr && running->momentum.has_value() ? running : nullptr;
   bool folded = false;
-  if (!(detail::persistent_enabled() &&
-        detail::launch_persistent_forward(x, g, weight, bias, eps, y, mean, var, fixed,
+  const auto mode = detail::single_pass_mode();
+  if (!(mode != detail::SinglePass::kOff &&
+        detail::launch_persistent_forward(mode, x, g, weight, bias, eps, y, mean, var, fixed,
                                           folded))) {
     folded = fixed != nullptr;
     const Tensor coef = coef_buffer(mean, g, 3);
@@ -107,8 +109,9 @@ void train_backward(const Tensor& dy, const Tensor& x, const Geometry& g, const 
                     const Tensor& var, const Tensor& weight, double eps, Tensor& dx,
                     Tensor& grad_weight, Tensor& grad_bias) {
   c10::cuda::CUDAGuard guard(x.device());
-  if (detail::persistent_enabled() &&
-      detail::launch_persistent_backward(dy, x, g, mean, var, weight, eps, dx, grad_weight,
+  const auto mode = detail::single_pass_mode();
+  if (mode != detail::SinglePass::kOff &&
+      detail::launch_persistent_backward(mode, dy, x, g, mean, var, weight, eps, dx, grad_weight,
                                          grad_bias)) {
     return;
   }

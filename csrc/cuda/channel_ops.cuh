@@ -84,12 +84,29 @@ struct StatsOp {
     a2 = fmadd(d, d, a2);
   }
 
+  // What finish() reads of channel c besides its sums, which a kernel may load ahead of them:
+  // weight (1 where none: w * invstd is invstd exactly), bias (0), and the running statistics.
+  struct Params {
+    M w, b, running_mean, running_var;
+  };
+  __device__ __forceinline__ Params params(int64_t c) const {
+    Params p;
+    p.w = weight != nullptr ? weight[c] : M(1);
+    p.b = bias != nullptr ? bias[c] : M(0);
+    const bool running = kRunning && running_mean != nullptr;
+    p.running_mean = running ? running_mean[c] : M(0);
+    p.running_var = running ? running_var[c] : M(0);
+    return p;
+  }
+
   // mean = k + s1/n, var = s2/n - (s1/n)^2 (biased), in double, rounded once; a negative
   // rounding residue is clamped to 0 while NaN is kept (NaN stays in its channel); shift is
   // center(c). Stores mean and var (and coef) when `store`; returns the forward coefficients
   // (mu, alpha, beta), alpha from the rounded var as the eval maps derive it (forward_alpha).
-  __device__ __forceinline__ Coefs<M> finish(int64_t c, M shift, M s1, M s2,
-                                             bool store = true) const {
+  // The parameters are read here, or taken from `p` (params(c), loaded ahead); p is a constant
+  // once inlined, so without it this is the code that reads them where they are used.
+  __device__ __forceinline__ Coefs<M> finish(int64_t c, M shift, M s1, M s2, bool store = true,
+                                             const Params* p = nullptr) const {
     const double k = static_cast<double>(shift);
     const double m1 = static_cast<double>(s1) / n;
     double v = static_cast<double>(s2) / n - m1 * m1;
@@ -97,8 +114,9 @@ struct StatsOp {
     Coefs<M> r;
     r.mu = static_cast<M>(k + m1);
     const M vm = static_cast<M>(v);
-    r.p1 = forward_alpha(vm, static_cast<M>(eps), weight, c);
-    r.p2 = bias != nullptr ? bias[c] : M(0);
+    r.p1 = p != nullptr ? p->w * inv_sqrt_rn(vm + static_cast<M>(eps))  // forward_alpha's
+                        : forward_alpha(vm, static_cast<M>(eps), weight, c);
+    r.p2 = p != nullptr ? p->b : bias != nullptr ? bias[c] : M(0);
     r.p3 = 0;
     if (store) {
       mean[c] = r.mu;
@@ -109,7 +127,15 @@ struct StatsOp {
         coef[2 * C + c] = r.p2;
       }
       if (kRunning && running_mean != nullptr) {
-        blend_running_stats(running_mean[c], running_var[c], r.mu, vm, momentum, n / (n - 1));
+        const double unbias = n / (n - 1);
+        if (p != nullptr) {
+          M rm = p->running_mean, rv = p->running_var;
+          blend_running_stats(rm, rv, r.mu, vm, momentum, unbias);
+          running_mean[c] = rm;
+          running_var[c] = rv;
+        } else {
+          blend_running_stats(running_mean[c], running_var[c], r.mu, vm, momentum, unbias);
+        }
         if (c == 0 && num_batches_tracked != nullptr) *num_batches_tracked += 1;
       }
     }
@@ -156,16 +182,26 @@ struct GradOp {
     a2 = fmadd(dy, xv - mu, a2);
   }
 
+  // What finish() reads of channel c besides its sums and mean: var and weight (1 where none).
+  struct Params {
+    M var, w;
+  };
+  __device__ __forceinline__ Params params(int64_t c) const {
+    return Params{var[c], weight != nullptr ? weight[c] : M(1)};
+  }
+
   // grad_bias = sum_dy, grad_weight = sum_dy_xmu * invstd; and, with w' = w * invstd,
   //   dx = w' * (dy - sum_dy/n - (x - mean) * invstd^2 * sum_dy_xmu/n)
   //      = dy * a + (x - mean) * b + d,
   //   a = w',  b = -w' invstd^2 sum_dy_xmu / n,  d = -w' sum_dy / n.
   // mu is center(c) = mean[c]. Stores the gradients (and coef) when `store`; returns
   // (mu, a, b, d).
-  __device__ __forceinline__ Coefs<M> finish(int64_t c, M mu, M s1, M s2,
-                                             bool store = true) const {
-    const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
-    const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
+  // The parameters are read here, or taken from `p` (params(c), loaded ahead).
+  __device__ __forceinline__ Coefs<M> finish(int64_t c, M mu, M s1, M s2, bool store = true,
+                                             const Params* p = nullptr) const {
+    const double invstd = 1.0 / sqrt(static_cast<double>(p != nullptr ? p->var : var[c]) + eps);
+    const M wm = p != nullptr ? p->w : weight != nullptr ? weight[c] : M(1);
+    const double w = static_cast<double>(wm);
     const double a = w * invstd;
     Coefs<M> r;
     r.mu = mu;

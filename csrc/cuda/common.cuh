@@ -288,26 +288,32 @@ void launch_eval_elementwise(Elementwise op, const Tensor& x, const Tensor& dy,
                              const Tensor& weight, const Tensor& bias, double eps,
                              const Tensor& out);
 
+// Which single-pass kernels train_forward / train_backward try before the multi-pass ones, by
+// BN_EXT_CUDA_PERSISTENT (read on every call, so it can be switched between calls):
+//   kOff       "0": none;
+//   kOneBlock  unset (or any other value), the default: one block per channel, where a channel
+//              fits in one (measured on an H200 against the multi-pass path in the same process:
+//              faster on 33 of 36 ResNet-50 rows at batch 32, bench/results/README.md);
+//   kAll       "1": also the cooperative kernel, a channel over several blocks (measured slower
+//              than multi-pass: opt-in).
+enum class SinglePass { kOff, kOneBlock, kAll };
+SinglePass single_pass_mode();
+
 // The single-pass training forward and backward (persistent_kernels.cu): each channel's slice
 // is read once into registers, its blocks merge their sums (one block per channel where the
-// slice fits in one, else across a per-channel barrier), and the output is written from the
-// registers. They return false, having launched nothing, where that path does not apply (the
-// slice does not fit on chip, or the device lacks the cooperative launch that a channel spread
-// over several blocks needs). The forward also updates `running` (nullable; a fixed momentum)
-// where its kernel can, and then sets running_updated.
-bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
-                               const Tensor& bias, double eps, const Tensor& y,
-                               const Tensor& mean, const Tensor& var,
+// slice fits in one, else, under kAll, across a per-channel barrier), and the output is written
+// from the registers. They return false, having launched nothing, where that path does not apply
+// (the slice does not fit on chip, or the device lacks the cooperative launch that a channel
+// spread over several blocks needs). The forward also updates `running` (nullable; a fixed
+// momentum) where its kernel can, and then sets running_updated.
+bool launch_persistent_forward(SinglePass mode, const Tensor& x, const Geometry& g,
+                               const Tensor& weight, const Tensor& bias, double eps,
+                               const Tensor& y, const Tensor& mean, const Tensor& var,
                                const RunningStats* running, bool& running_updated);
-bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometry& g,
-                                const Tensor& mean, const Tensor& var, const Tensor& weight,
-                                double eps, const Tensor& dx, const Tensor& grad_weight,
-                                const Tensor& grad_bias);
-
-// Whether train_forward / train_backward try the persistent path first: BN_EXT_CUDA_PERSISTENT=1
-// (read on every call, so it can be switched between calls). Off by default until it has been
-// measured on a GPU.
-bool persistent_enabled();
+bool launch_persistent_backward(SinglePass mode, const Tensor& dy, const Tensor& x,
+                                const Geometry& g, const Tensor& mean, const Tensor& var,
+                                const Tensor& weight, double eps, const Tensor& dx,
+                                const Tensor& grad_weight, const Tensor& grad_bias);
 
 // running_stats_update (bn_ext.h) in one single-block launch; n is read from `count` (a 0-d
 // device tensor) when it is defined, else it is `n`.

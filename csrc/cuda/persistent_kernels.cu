@@ -293,19 +293,40 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 //
 // Slots as the multi-pass contiguous reduction's: S / V whole vectors a run, or (kMasked, S % V
 // != 0) the aligned vectors that cover a run starting anywhere within one, their lanes outside the
-// run neither summed nor stored. Slot j is item j / kThreads of thread j % kThreads, so that a
-// warp reads consecutive vectors. K items a thread: kItems (wide), or a quarter of it (narrow),
-// which holds a 7x7 channel at batch 32 in fewer registers: 43-53 a thread (nvcc 13.0), so 4
-// or 5 blocks an SM where the wide kernels' 56-107 allow 2 to 4 (the multi-pass reduction's
-// 34-42 allow 6; capped at 40, the narrow kernels spilled). The statistics op also updates the
-// running statistics (a fixed momentum).
+// run neither summed nor stored. Slot j is item j / kBlock of thread j % kBlock, so that a warp
+// reads consecutive vectors.
+//
+// Block size. Such a kernel waits on memory most of its time (a round trip for the slice, then
+// the block merge and the coefficients before any store), so its speed is the number of channels
+// resident at once, and that is the register file over the registers a channel takes. Every thread
+// holds kItems vectors (the registers go mostly to them and their widened values; each thread's
+// fixed cost, its indices and lane sums, is spread over kItems), and the block is the fewest of
+// 64, 128 or 256 threads that hold the channel: a 7x7 channel at batch 32 takes 64 threads
+// (fp32, bf16, fp16), where the first version took 256 threads of a quarter of the items each,
+// 2.2-2.6x the registers a channel. The bound keeps the 128-register cap of two 256-thread blocks.
+//
+// finish()'s per-channel parameters (weight, bias, running statistics; var and weight backward)
+// are loaded by thread 0 right after the slice, so that their round trip overlaps it rather than
+// following the block merge. The statistics op also updates the running statistics (a fixed
+// momentum).
 // Only where the channels are at least as many as the SMs: fewer, and the cooperative plan
 // spreads each channel over several blocks, where one block a channel would leave SMs idle.
-template <typename T, int V, bool kWide>
-constexpr int kBlockItems = kWide || kItems<T, V> < 4 ? kItems<T, V> : kItems<T, V> / 4;
+// Where T is narrower than its math type, the compiler keeps every element it widened for the
+// sums until the map widens it again (bf16 backward: 102-104 registers, where fp16's, converted
+// anew, took 68-70). An empty asm that may change the packed words makes it widen them anew.
+template <typename T, int V>
+__device__ __forceinline__ void widen_again(Vec<T, V>& v) {
+  if constexpr (sizeof(T) < sizeof(math_t<T>) && sizeof(Vec<T, V>) % 4 == 0) {
+    uint32_t w[sizeof(Vec<T, V>) / 4];
+    memcpy(w, &v, sizeof(w));
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(w) / 4); ++i) asm volatile("" : "+r"(w[i]));
+    memcpy(&v, w, sizeof(w));
+  }
+}
 
-template <typename T, typename Op, int V, int K, bool kMasked>
-__global__ void __launch_bounds__(kThreads, K == kItems<T, V> ? kMinBlocks : 2 * kMinBlocks)
+template <typename T, typename Op, int V, int kBlock, bool kMasked>
+__global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
     persistent_channel_block_kernel(const Op op, const T* __restrict__ x,
                                     const T* __restrict__ dy, T* __restrict__ out, uint32_t C,
                                     uint32_t S, at::cuda::detail::IntDivider<uint32_t> per_run,
@@ -313,7 +334,8 @@ __global__ void __launch_bounds__(kThreads, K == kItems<T, V> ? kMinBlocks : 2 *
   using I = uint32_t;
   using M = math_t<T>;
   constexpr bool kDy = Op::kNeedsDy;
-  __shared__ typename BlockMerge<M>::TempStorage tmp;
+  constexpr int K = kItems<T, V>;
+  __shared__ typename BlockMerge<M, kBlock>::TempStorage tmp;
   __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift;
   __shared__ Coefs<M> coefs;
   const I c = blockIdx.x;
@@ -326,13 +348,13 @@ __global__ void __launch_bounds__(kThreads, K == kItems<T, V> ? kMinBlocks : 2 *
       return MaskedSlot<I>{(qr.div * C + c) * S + qr.mod * V, 0};
     }
   };
-  // The slice's loads first, then the shift's (tile_shifts): its samples are elements of the
-  // slice, already on their way, so the two round trips overlap.
+  // The slice's loads first, then finish()'s parameters and the shift's samples (tile_shifts):
+  // those are independent of the slice, so the three round trips overlap.
   Vec<T, V> xs[K];
   Vec<T, V> ds[kDy ? K : 1];
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    const I j = static_cast<I>(i * kThreads + tid);
+    const I j = static_cast<I>(i * kBlock + tid);
     if (j < slots) {
       const MaskedSlot<I> m = slot(j);
       if constexpr (kMasked) {
@@ -344,13 +366,15 @@ __global__ void __launch_bounds__(kThreads, K == kItems<T, V> ? kMinBlocks : 2 *
       }
     }
   }
+  typename Op::Params params{};
+  if (tid == 0) params = op.params(static_cast<int64_t>(c));
   tile_shifts(op, static_cast<int64_t>(c), 1, 1, tid, groups, &shift);
   const M k0 = shift;
   M k[V], a1[V], a2[V];
   start_lanes<V>(k0, k, a1, a2);
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    const I j = static_cast<I>(i * kThreads + tid);
+    const I j = static_cast<I>(i * kBlock + tid);
     if (j < slots) {
       if constexpr (kMasked) {
         accumulate_vec_masked<Op, V>(xs[i], ds[kDy ? i : 0], slot(j).rel, S, k, a1, a2);
@@ -359,14 +383,19 @@ __global__ void __launch_bounds__(kThreads, K == kItems<T, V> ? kMinBlocks : 2 *
       }
     }
   }
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    widen_again(xs[i]);
+    if constexpr (kDy) widen_again(ds[i]);
+  }
   Sums<M> s = merge_lanes<V>(a1, a2);
-  s = block_merge<M>(s, tmp);
-  if (tid == 0) coefs = op.finish(static_cast<int64_t>(c), k0, s.s1, s.s2);
+  s = block_merge<M, kBlock>(s, tmp);
+  if (tid == 0) coefs = op.finish(static_cast<int64_t>(c), k0, s.s1, s.s2, true, &params);
   __syncthreads();
   const Coefs<M> kc = coefs;
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    const I j = static_cast<I>(i * kThreads + tid);
+    const I j = static_cast<I>(i * kBlock + tid);
     if (j < slots) {
       const Vec<T, V> o = map_vec<Op>(xs[i], ds[kDy ? i : 0], kc);
       const MaskedSlot<I> m = slot(j);
@@ -380,12 +409,13 @@ __global__ void __launch_bounds__(kThreads, K == kItems<T, V> ? kMinBlocks : 2 *
 }
 
 // The one-block-per-channel launch where it applies: contiguous, 16-byte aligned, fewer than
-// 2^31 elements, at least as many channels as SMs, and a channel's slots within the wide
-// kernel's kThreads * K. Returns whether it launched.
+// 2^31 elements, at least as many channels as SMs, and a channel's slots within kThreads * kItems.
+// Returns whether it launched.
 template <typename T, typename Op>
 bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& out,
                    const Geometry& g) {
   constexpr int V = kMaxVec<T>;
+  constexpr int K = kItems<T, V>;
   if (g.layout != Layout::kContiguous || x.numel() == 0 || x.numel() >= (int64_t(1) << 31) ||
       g.C < sm_count()) {
     return false;
@@ -399,29 +429,30 @@ bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor
   const bool masked = g.S % V != 0;
   const int64_t per_run = masked ? (g.S + 2 * V - 2) / V : g.S / V;
   const int64_t slots = g.N * per_run;
-  if (slots > int64_t{kThreads} * kBlockItems<T, V, true>) return false;
-  const bool wide = slots > int64_t{kThreads} * kBlockItems<T, V, false>;
-  const auto launch = [&](auto wtag, auto mtag) {
-    constexpr bool kWide = decltype(wtag)::value;
+  if (slots > int64_t{kThreads} * K) return false;
+  const auto launch = [&](auto btag, auto mtag) {
+    constexpr int kBlock = decltype(btag)::value;
     constexpr bool kMasked = decltype(mtag)::value;
-    persistent_channel_block_kernel<T, Op, V, kBlockItems<T, V, kWide>, kMasked>
-        <<<static_cast<unsigned>(g.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    persistent_channel_block_kernel<T, Op, V, kBlock, kMasked>
+        <<<static_cast<unsigned>(g.C), kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
             op, xp, dyp, outp, static_cast<uint32_t>(g.C), static_cast<uint32_t>(g.S),
             at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(per_run)),
             static_cast<uint32_t>(slots), static_cast<uint32_t>(x.numel()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  const auto with_mask = [&](auto wtag) {
+  const auto with_mask = [&](auto btag) {
     if (masked) {
-      launch(wtag, std::true_type{});
+      launch(btag, std::true_type{});
     } else {
-      launch(wtag, std::false_type{});
+      launch(btag, std::false_type{});
     }
   };
-  if (wide) {
-    with_mask(std::true_type{});
+  if (slots <= int64_t{64} * K) {
+    with_mask(std::integral_constant<int, 64>{});
+  } else if (slots <= int64_t{128} * K) {
+    with_mask(std::integral_constant<int, 128>{});
   } else {
-    with_mask(std::false_type{});
+    with_mask(std::integral_constant<int, kThreads>{});
   }
   return true;
 }
@@ -534,14 +565,16 @@ bool persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& o
 
 }  // namespace
 
-bool persistent_enabled() {
+SinglePass single_pass_mode() {
   const char* v = std::getenv("BN_EXT_CUDA_PERSISTENT");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+  if (v != nullptr && std::strcmp(v, "0") == 0) return SinglePass::kOff;
+  if (v != nullptr && std::strcmp(v, "1") == 0) return SinglePass::kAll;
+  return SinglePass::kOneBlock;
 }
 
-bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor& weight,
-                               const Tensor& bias, double eps, const Tensor& y,
-                               const Tensor& mean, const Tensor& var,
+bool launch_persistent_forward(SinglePass mode, const Tensor& x, const Geometry& g,
+                               const Tensor& weight, const Tensor& bias, double eps,
+                               const Tensor& y, const Tensor& mean, const Tensor& var,
                                const RunningStats* running, bool& running_updated) {
   TORCH_INTERNAL_ASSERT(running == nullptr || running->momentum.has_value());
   bool launched = false;
@@ -554,22 +587,23 @@ bool launch_persistent_forward(const Tensor& x, const Geometry& g, const Tensor&
       running_updated = running != nullptr;
       return;
     }
+    if (mode != SinglePass::kAll) return;
     const auto op = stats_op<scalar_t>(x, g, weight, bias, eps, mean, var, Tensor());
     launched = persistent<scalar_t>(op, x, Tensor(), y, g);
   });
   return launched;
 }
 
-bool launch_persistent_backward(const Tensor& dy, const Tensor& x, const Geometry& g,
-                                const Tensor& mean, const Tensor& var, const Tensor& weight,
-                                double eps, const Tensor& dx, const Tensor& grad_weight,
-                                const Tensor& grad_bias) {
+bool launch_persistent_backward(SinglePass mode, const Tensor& dy, const Tensor& x,
+                                const Geometry& g, const Tensor& mean, const Tensor& var,
+                                const Tensor& weight, double eps, const Tensor& dx,
+                                const Tensor& grad_weight, const Tensor& grad_bias) {
   bool launched = false;
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::persistent_backward", [&] {
     const auto op = grad_op<scalar_t>(g, mean, var, weight, eps, Tensor(), Tensor(), grad_weight,
                                       grad_bias, Tensor());
-    launched =
-        channel_block<scalar_t>(op, x, dy, dx, g) || persistent<scalar_t>(op, x, dy, dx, g);
+    launched = channel_block<scalar_t>(op, x, dy, dx, g) ||
+               (mode == SinglePass::kAll && persistent<scalar_t>(op, x, dy, dx, g));
   });
   return launched;
 }

@@ -41,15 +41,15 @@ struct Merge {
   }
 };
 
-template <typename M>
-using BlockMerge = cub::BlockReduce<Sums<M>, kThreads, cub::BLOCK_REDUCE_WARP_REDUCTIONS>;
+template <typename M, int kBlock = kThreads>
+using BlockMerge = cub::BlockReduce<Sums<M>, kBlock, cub::BLOCK_REDUCE_WARP_REDUCTIONS>;
 
-// All kThreads threads of a 1-D block to one value, valid in thread 0. The warp-reductions
+// All kBlock threads of a 1-D block to one value, valid in thread 0. The warp-reductions
 // algorithm combines in a fixed order (shuffle tree per warp, then warps in order).
-template <typename M>
-__device__ __forceinline__ Sums<M> block_merge(const Sums<M>& v,
-                                               typename BlockMerge<M>::TempStorage& tmp) {
-  return BlockMerge<M>(tmp).Reduce(v, Merge());
+template <typename M, int kBlock = kThreads>
+__device__ __forceinline__ Sums<M> block_merge(
+    const Sums<M>& v, typename BlockMerge<M, kBlock>::TempStorage& tmp) {
+  return BlockMerge<M, kBlock>(tmp).Reduce(v, Merge());
 }
 
 // Merges W values per thread down the y dimension of a (bx, by) block, by a power of two, as a
