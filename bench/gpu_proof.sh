@@ -7,7 +7,8 @@
 #               GPU's architecture;
 #   tests       pytest with -rA, teed to bench/results/<gpu>-tests.txt under a header naming the
 #               device and the torch/CUDA/cuDNN versions;
-#   bench       (quick mode only) bench.py --quick, multi-pass, and single-pass (--cuda-persistent)
+#   bench       (quick mode only) bench.py --quick, the default path (the one-block single-pass
+#               kernel where a channel fits, else multi-pass), and single-pass (--cuda-persistent)
 #               for the training passes;
 #   profile     (quick mode only) bench/cuda_profile.py, each kernel's time in the quick rows'
 #               passes, multi-pass and single-pass, saved as bench/results/<gpu>-profile.txt;
@@ -17,7 +18,7 @@
 #               dtypes and layouts against float64, saved as bench/results/<gpu>-fuzz.txt.
 #
 # BN_EXT_PROOF_QUICK=1 is the plan for a 15-minute lease: tests/test_cuda.py without the slow
-# test, the multi-pass quick benchmark, the kernel profile, memcheck, racecheck, the single-pass
+# test, the default path's quick benchmark, the kernel profile, memcheck, racecheck, the single-pass
 # quick benchmark, synccheck, the CUDA cases of the other suites and a short fuzz, while time
 # remains. Without it:
 # the whole suite (slow tests included), the three sanitizers and a 10-minute fuzz.
@@ -288,13 +289,13 @@ if [ "$QUICK" = "1" ]; then
   stage "tests (test_cuda.py)" 60 240 run_tests tests/test_cuda.py -m "not slow"
   SINGLE=1
   single_pass_ok || SINGLE=0
-  stage "bench quick, multi-pass" 120 270 bench bench --quick
+  stage "bench quick, default path" 120 270 bench bench --quick
   stage "kernel profile" 30 90 profile
   stage "sanitizer memcheck" 45 120 sanitize memcheck
   stage "sanitizer racecheck" 45 150 sanitize racecheck
   # Single-pass: bn_ext against its own multi-pass path (in the same rounds), cuDNN and native
-  # (torch.compile's compiles are most of a group's time, and its times are in the multi-pass
-  # table).
+  # (torch.compile's compiles are most of a group's time, and its times are in the default
+  # path's table).
   [ "$SINGLE" = "1" ] && stage "bench quick, single-pass" 60 180 bench bench-persistent --quick \
     --cuda-persistent --pass fwd,bwd,fwdbwd --peers cudnn,native
   stage "sanitizer synccheck" 45 120 sanitize synccheck
