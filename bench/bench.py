@@ -817,6 +817,18 @@ def allocation_settings(device: str) -> Optional[str]:
             f"with 4 KiB pages unless it is 1)")
 
 
+def training_path() -> str:
+    """bn_ext's CUDA training path under this process's BN_EXT_CUDA_PERSISTENT."""
+    mode = os.environ.get("BN_EXT_CUDA_PERSISTENT")
+    if mode == "0":
+        return "multi-pass (BN_EXT_CUDA_PERSISTENT=0)"
+    if mode == "1":
+        return ("single-pass kernels (one block per channel, or cooperative) where a channel "
+                "fits, multi-pass elsewhere (BN_EXT_CUDA_PERSISTENT=1)")
+    return ("the default: the one-block single-pass kernel where a contiguous channel fits in "
+            "a block, multi-pass elsewhere")
+
+
 def header(args, meta: dict) -> list:
     lines = [f"# bn_ext benchmark: {meta['device_name']}", ""]
     lines += [f"- device: {meta['device_name']}",
@@ -854,11 +866,9 @@ def header(args, meta: dict) -> list:
     if meta.get("resumed"):
         lines.append(f"- resumed: {meta['resumed']}")
     if args.device == "cuda":
-        lines.append("- bn_ext CUDA training path: " + (
-            "single-pass (persistent) kernels where a tile fits, multi-pass elsewhere "
-            f"(BN_EXT_CUDA_PERSISTENT=1); {MULTI_PASS} = bn_ext's multi-pass path "
-            "(BN_EXT_CUDA_PERSISTENT=0 while it runs) in the same rounds" if os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1"
-            else "multi-pass (the default)"))
+        lines.append("- bn_ext CUDA training path: " + training_path()
+                     + (f"; {MULTI_PASS} = bn_ext's multi-pass path (BN_EXT_CUDA_PERSISTENT=0 "
+                        "while it runs) in the same rounds" if args.cuda_persistent else ""))
         lines.append("- peers: cudnn = eager with torch.backends.cudnn.enabled=True, n/a on "
                      "rows where torch does not pick cuDNN (bf16; BatchNorm1d's (N, C) input) "
                      "and would run native again; native = eager with cuDNN disabled; compile "

@@ -41,10 +41,10 @@ CASES = [((4, 8, 5, 6), "contiguous"), ((4, 8, 5, 6), "channels_last"),
          ((6, 520, 2, 2), "channels_last"),  # elementwise by rows, spare lanes in every dtype
          ((3, 5, 7, 7), "contiguous"),  # masked-vector reduction, the tensor ending mid-vector
          ((2, 3, 128, 128), "contiguous"),  # single-pass: channels over several blocks
-         # Single-pass, one block a channel (136 channels: more than an H100's or H200's 132
-         # SMs): 64 threads (masked slots), 128 (float64: 256), 256 (16-bit: masked).
-         ((4, 136, 7, 7), "contiguous"), ((12, 136, 16, 16), "contiguous"),
-         ((32, 136, 14, 14), "contiguous")]
+         # Single-pass, one block a channel (160 channels: more than the SMs of an H100, H200
+         # or B200): 64 threads (masked slots), 128 (float64: 256), 256 (16-bit: masked).
+         ((4, 160, 7, 7), "contiguous"), ((12, 160, 16, 16), "contiguous"),
+         ((32, 160, 14, 14), "contiguous")]
 for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
     mt = torch.float64 if dtype == torch.float64 else torch.float32
     for shape, layout in CASES:

@@ -11,7 +11,8 @@ to stay in L2 on some rows (no flush between calls here), so use bench.py for th
     python bench/cuda_profile.py [--rows 32x64x56x56:nhwc,4096x1024] [--dtype fp32,bf16]
                                  [--pass fwd,bwd,eval] [--peers bn_ext,cudnn] [--iters 20]
 
-BN_EXT_CUDA_PERSISTENT=1 profiles bn_ext's single-pass training kernels instead.
+bn_ext's training path follows BN_EXT_CUDA_PERSISTENT (unset: the default path, the one-block
+single-pass kernel where a channel fits; 0: multi-pass; 1: every single-pass kernel).
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         ap.error("this bn_ext was built without CUDA kernels")
     peers = {p.name: p for p in bench.peers_for("cuda") if p.kind != "compile"}
     wanted = [peers[p] for p in args.peers.split(",")]
-    path = "single-pass" if os.environ.get("BN_EXT_CUDA_PERSISTENT") == "1" else "multi-pass"
+    path = bench.training_path()
     print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}; bn_ext training path "
           f"{path}; device time per call, averaged over {args.iters} calls")
     for dims, layout in parse_rows(args.rows):

@@ -394,8 +394,8 @@ PERSISTENT_CASES = [
     ((8, 32, 28, 28), "contiguous"),     # vectorized; float64's channels over several blocks
     ((4, 16, 33, 31), "contiguous"),     # scalar (odd runs)
     ((2, 3, 128, 128), "contiguous"),    # few channels, many blocks each
-    ((32, 2048, 7, 7), "contiguous"),    # one block of 64 threads per channel (ordinary launch)
-    ((32, 256, 14, 14), "contiguous"),   # one block of 256 per channel (16-bit: masked slots)
+    ((32, 2048, 7, 7), "contiguous"),    # one block of 64 threads a channel (float64: 128)
+    ((32, 256, 14, 14), "contiguous"),   # one block of 256 (16-bit: masked; float64: cooperative)
     ((8, 32, 28, 28), "channels_last"),  # one tile
     ((300, 6), "channels_last"),         # C not a multiple of the vector width
     ((64, 1000), "channels_last"),       # partial last tile

@@ -74,8 +74,8 @@ def _single_pass_plan(shape, dtype, layout, sms=16):
     many as the SMs (persistent_channel_block_kernel, an ordinary launch: the fewest threads that
     hold the channel at kItems vectors a thread), else "cooperative". A channel's slots are S / V
     vectors a run, or (S + 2V - 2) / V where S % V != 0; kItems is 32 values a thread (16 in
-    float64) over V. (Inputs here are 16-byte aligned and have S > 1, which the C++ rule also
-    asks.)"""
+    float64) over V. (Inputs here are 16-byte aligned, which the C++ rule also asks; a 2-D input
+    is channels-last to it.)"""
     if layout != "contiguous" or shape[1] < sms:
         return "cooperative"
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -309,8 +309,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // are loaded by thread 0 right after the slice, so that their round trip overlaps it rather than
 // following the block merge. The statistics op also updates the running statistics (a fixed
 // momentum).
-// Only where the channels are at least as many as the SMs: fewer, and the cooperative plan
-// spreads each channel over several blocks, where one block a channel would leave SMs idle.
+// Only where the channels are at least as many as the SMs: with fewer, one block a channel
+// would leave SMs idle, and the multi-pass kernels (or, under BN_EXT_CUDA_PERSISTENT=1, the
+// cooperative plan) spread each channel over several blocks.
+
 // Where T is narrower than its math type, the compiler keeps every element it widened for the
 // sums until the map widens it again (bf16 backward: 102-104 registers, where fp16's, converted
 // anew, took 68-70). An empty asm that may change the packed words makes it widen them anew.
