@@ -399,14 +399,28 @@ __device__ __forceinline__ MaskedSlot<I> masked_slot(
 // The slot's vector, whole where it ends within the tensor's `limit` elements; else (the
 // tensor's last vector, when limit % V != 0) only the lanes in the run, so nothing past the end
 // is read.
+// 16-bit lanes are gathered as packed 32-bit words, the form the whole-vector load gives: built
+// lane by lane, the vector was held as one register per lane through the rest of the kernel.
 template <int V, typename T, typename I>
 __device__ __forceinline__ Vec<T, V> load_masked(const T* __restrict__ p, const MaskedSlot<I>& m,
                                                  I S, I limit) {
   if (m.o + V <= limit) return load_vec<V>(p + m.o);
   Vec<T, V> v{};
+  if constexpr (sizeof(T) == 2 && V % 2 == 0) {
+    const auto* bits = reinterpret_cast<const uint16_t*>(p);
+    uint32_t words[V / 2] = {};
 #pragma unroll
-  for (int w = 0; w < V; ++w) {
-    if (m.rel + static_cast<I>(w) < S) v.v[w] = p[m.o + w];
+    for (int w = 0; w < V; ++w) {
+      if (m.rel + static_cast<I>(w) < S) {
+        words[w / 2] |= static_cast<uint32_t>(bits[m.o + w]) << (16 * (w % 2));
+      }
+    }
+    memcpy(&v, words, sizeof(words));
+  } else {
+#pragma unroll
+    for (int w = 0; w < V; ++w) {
+      if (m.rel + static_cast<I>(w) < S) v.v[w] = p[m.o + w];
+    }
   }
   return v;
 }
