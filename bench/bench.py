@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+from unittest import mock
 
 T_PROCESS = time.monotonic()  # --deadline-s counts from here (torch's import included)
 
@@ -398,23 +399,6 @@ def own_peers(peers: list) -> list:
 
 
 @contextlib.contextmanager
-def environment(env: Optional[dict]):
-    if not env:
-        yield
-        return
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
 def cudnn_enabled(flag: Optional[bool]):
     if flag is None:
         yield
@@ -462,7 +446,7 @@ class Instance:
 
     @contextlib.contextmanager
     def context(self):
-        with cudnn_enabled(self.peer.cudnn), environment(self.peer.env):
+        with cudnn_enabled(self.peer.cudnn), mock.patch.dict(os.environ, self.peer.env or {}):
             yield
 
     def set_running_stats(self, mean: torch.Tensor, var: torch.Tensor):

@@ -114,7 +114,7 @@ struct StatsOp {
     Coefs<M> r;
     r.mu = static_cast<M>(k + m1);
     const M vm = static_cast<M>(v);
-    r.p1 = p != nullptr ? p->w * inv_sqrt_rn(vm + static_cast<M>(eps))  // forward_alpha's
+    r.p1 = p != nullptr ? forward_alpha(vm, static_cast<M>(eps), p->w)
                         : forward_alpha(vm, static_cast<M>(eps), weight, c);
     r.p2 = p != nullptr ? p->b : bias != nullptr ? bias[c] : M(0);
     r.p3 = 0;

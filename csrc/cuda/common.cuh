@@ -245,6 +245,11 @@ __device__ __forceinline__ M forward_alpha(M var, M eps, const M* weight, int64_
   const M invstd = inv_sqrt_rn(var + eps);
   return weight != nullptr ? weight[c] * invstd : invstd;
 }
+// The same with the weight already loaded (1 where none: 1 * invstd is invstd exactly).
+template <typename M>
+__device__ __forceinline__ M forward_alpha(M var, M eps, M w) {
+  return w * inv_sqrt_rn(var + eps);
+}
 
 // EvalStats: the eval coefficients, derived from given statistics where a thread needs them, in
 // the math type as torch's kernels do (invstd = inv_sqrt_rn(var + eps)), so that an eval map is
