@@ -349,7 +349,7 @@ __device__ __forceinline__ void accumulate_vec(const Vec<T, V>& xv, const Vec<T,
                                                const M (&k)[V], M (&a1)[V], M (&a2)[V]) {
 #pragma unroll
   for (int w = 0; w < V; ++w) {
-    Op::accumulate(static_cast<M>(xv.v[w]), Op::kNeedsDy ? static_cast<M>(dv.v[w]) : M(0), k[w],
+    Op::accumulate(lane_value(xv, w), Op::kNeedsDy ? lane_value(dv, w) : M(0), k[w],
                    a1[w], a2[w]);
   }
 }
@@ -365,7 +365,7 @@ __device__ __forceinline__ void accumulate_vec_masked(const Vec<T, V>& xv, const
 #pragma unroll
   for (int w = 0; w < V; ++w) {
     if (rel + static_cast<I>(w) < S) {
-      Op::accumulate(static_cast<M>(xv.v[w]), Op::kNeedsDy ? static_cast<M>(dv.v[w]) : M(0),
+      Op::accumulate(lane_value(xv, w), Op::kNeedsDy ? lane_value(dv, w) : M(0),
                      k[w], a1[w], a2[w]);
     }
   }
@@ -399,30 +399,39 @@ __device__ __forceinline__ MaskedSlot<I> masked_slot(
 // The slot's vector, whole where it ends within the tensor's `limit` elements; else (the
 // tensor's last vector, when limit % V != 0) only the lanes in the run, so nothing past the end
 // is read.
-// 16-bit lanes are gathered as packed 32-bit words, the form the whole-vector load gives: built
-// lane by lane, the vector was held as one register per lane through the rest of the kernel.
+// 16-bit lanes are handled as packed 32-bit words on both paths, so that the two meet as words:
+// gathered lane by lane, or joined as lanes, the vector was held as one register per lane through
+// the rest of the kernel (ptxas, sm_90: the one-block fp16 backward, masked, took 102-103
+// registers, 70-71 as words).
 template <int V, typename T, typename I>
 __device__ __forceinline__ Vec<T, V> load_masked(const T* __restrict__ p, const MaskedSlot<I>& m,
                                                  I S, I limit) {
-  if (m.o + V <= limit) return load_vec<V>(p + m.o);
-  Vec<T, V> v{};
   if constexpr (sizeof(T) == 2 && V % 2 == 0) {
-    const auto* bits = reinterpret_cast<const uint16_t*>(p);
     uint32_t words[V / 2] = {};
+    if (m.o + V <= limit) {
+      const Vec<T, V> whole = load_vec<V>(p + m.o);
+      memcpy(words, &whole, sizeof(words));
+    } else {
+      const auto* bits = reinterpret_cast<const uint16_t*>(p);
 #pragma unroll
-    for (int w = 0; w < V; ++w) {
-      if (m.rel + static_cast<I>(w) < S) {
-        words[w / 2] |= static_cast<uint32_t>(bits[m.o + w]) << (16 * (w % 2));
+      for (int w = 0; w < V; ++w) {
+        if (m.rel + static_cast<I>(w) < S) {
+          words[w / 2] |= static_cast<uint32_t>(bits[m.o + w]) << (16 * (w % 2));
+        }
       }
     }
+    Vec<T, V> v;
     memcpy(&v, words, sizeof(words));
+    return v;
   } else {
+    if (m.o + V <= limit) return load_vec<V>(p + m.o);
+    Vec<T, V> v{};
 #pragma unroll
     for (int w = 0; w < V; ++w) {
       if (m.rel + static_cast<I>(w) < S) v.v[w] = p[m.o + w];
     }
+    return v;
   }
-  return v;
 }
 
 // Stores the slot's lanes that lie in the run: one vector where they all do (rel <= S - V, which

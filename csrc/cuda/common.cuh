@@ -18,6 +18,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../bn_ext.h"
@@ -43,6 +44,25 @@ template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
+
+// Lane w of v in the math type. A bfloat16 is the upper half of a float32's bits, so its lane is
+// the packed 32-bit word shifted (even lanes) or masked (odd), the value c10's conversion gives.
+// Through that conversion (cvt.f32.bf16 reads a 16-bit register), ptxas moved every lane into a
+// register of its own as soon as it was loaded: the one-block bf16 backward took 101-103
+// registers where its slots are masked (70-71 this way), the forward 80 (64).
+template <typename T, int V>
+__device__ __forceinline__ math_t<T> lane_value(const Vec<T, V>& v, int w) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && V % 2 == 0) {
+    uint32_t word;
+    memcpy(&word, reinterpret_cast<const unsigned char*>(&v) + 4 * (w / 2), 4);
+    const uint32_t bits = w % 2 == 0 ? word << 16 : word & 0xffff0000u;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+  } else {
+    return static_cast<math_t<T>>(v.v[w]);
+  }
+}
 
 // The host emulator of these kernels (tests/cuda_emulator) checks each access's alignment, which
 // a GPU would fault on; nvcc builds define the check away.

@@ -58,8 +58,8 @@ __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
     if (left < static_cast<I>(W)) k1 = src.template at<kOp>(C, c + 1 == C ? I(0) : c + 1);
 #pragma unroll
     for (int w = 0; w < W; ++w) {
-      const M xw = kReadsX ? static_cast<M>(xv.v[w]) : M(0);
-      const M dw = kReadsDy ? static_cast<M>(gv.v[w]) : M(0);
+      const M xw = kReadsX ? lane_value(xv, w) : M(0);
+      const M dw = kReadsDy ? lane_value(gv, w) : M(0);
       ov.v[w] = static_cast<T>(
           elementwise_value<kOp>(xw, dw, static_cast<I>(w) < left ? k0 : k1));
     }
@@ -72,8 +72,8 @@ __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
         cached = c;
         k = src.template at<kOp>(C, c);
       }
-      const M xw = kReadsX ? static_cast<M>(xv.v[w]) : M(0);
-      const M dw = kReadsDy ? static_cast<M>(gv.v[w]) : M(0);
+      const M xw = kReadsX ? lane_value(xv, w) : M(0);
+      const M dw = kReadsDy ? lane_value(gv, w) : M(0);
       ov.v[w] = static_cast<T>(elementwise_value<kOp>(xw, dw, k));
       if (++s == run) {
         s = 0;
@@ -151,8 +151,8 @@ __global__ void __launch_bounds__(kThreads)
         Vec<T, V> ov;
 #pragma unroll
         for (int w = 0; w < V; ++w) {
-          const M xw = kReadsX ? static_cast<M>(xv[u].v[w]) : M(0);
-          const M dw = kReadsDy ? static_cast<M>(gv[u].v[w]) : M(0);
+          const M xw = kReadsX ? lane_value(xv[u], w) : M(0);
+          const M dw = kReadsDy ? lane_value(gv[u], w) : M(0);
           ov.v[w] = static_cast<T>(elementwise_value<kOp>(xw, dw, k[w]));
         }
         store_vec<V>(out + ru * C + c0, ov);

@@ -92,8 +92,8 @@ __device__ __forceinline__ Vec<T, V> map_vec(const Vec<T, V>& xv, const Vec<T, V
   Vec<T, V> o;
 #pragma unroll
   for (int w = 0; w < V; ++w) {
-    const M xw = static_cast<M>(xv.v[w]);
-    const M dw = Op::kNeedsDy ? static_cast<M>(dv.v[w]) : M(0);
+    const M xw = lane_value(xv, w);
+    const M dw = Op::kNeedsDy ? lane_value(dv, w) : M(0);
     o.v[w] = static_cast<T>(elementwise_value<Op::kMap>(xw, dw, kc));
   }
   return o;
@@ -267,8 +267,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const Coefs<M> kc = coefs[tx * V + w];
 #pragma unroll
         for (int i = 0; i < kN; ++i) {
-          const M xw = static_cast<M>(xs[i].v[w]);
-          const M dw = kDy ? static_cast<M>(ds[kDy ? i : 0].v[w]) : M(0);
+          const M xw = lane_value(xs[i], w);
+          const M dw = kDy ? lane_value(ds[kDy ? i : 0], w) : M(0);
           xs[i].v[w] = static_cast<T>(elementwise_value<Op::kMap>(xw, dw, kc));
         }
       }
@@ -312,20 +312,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // Only where the channels are at least as many as the SMs: with fewer, one block a channel
 // would leave SMs idle, and the multi-pass kernels (or, under BN_EXT_CUDA_PERSISTENT=1, the
 // cooperative plan) spread each channel over several blocks.
-
-// Where T is narrower than its math type, the compiler keeps every element it widened for the
-// sums until the map widens it again (bf16 backward: 102-104 registers, where fp16's, converted
-// anew, took 68-70). An empty asm that may change the packed words makes it widen them anew.
-template <typename T, int V>
-__device__ __forceinline__ void widen_again(Vec<T, V>& v) {
-  if constexpr (sizeof(T) < sizeof(math_t<T>) && sizeof(Vec<T, V>) % 4 == 0) {
-    uint32_t w[sizeof(Vec<T, V>) / 4];
-    memcpy(w, &v, sizeof(w));
-#pragma unroll
-    for (int i = 0; i < static_cast<int>(sizeof(w) / 4); ++i) asm volatile("" : "+r"(w[i]));
-    memcpy(&v, w, sizeof(w));
-  }
-}
 
 template <typename T, typename Op, int V, int kBlock, bool kMasked>
 __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
@@ -384,11 +370,6 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
         accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
       }
     }
-  }
-#pragma unroll
-  for (int i = 0; i < K; ++i) {
-    widen_again(xs[i]);
-    if constexpr (kDy) widen_again(ds[i]);
   }
   Sums<M> s = merge_lanes<V>(a1, a2);
   s = block_merge<M, kBlock>(s, tmp);

@@ -72,7 +72,7 @@ __device__ __forceinline__ void store_eval_dx(T* __restrict__ dx, I o,
                                               const Vec<T, V>& dv, const M (&a)[V]) {
   Vec<T, V> out;
 #pragma unroll
-  for (int w = 0; w < V; ++w) out.v[w] = static_cast<T>(static_cast<M>(dv.v[w]) * a[w]);
+  for (int w = 0; w < V; ++w) out.v[w] = static_cast<T>(lane_value(dv, w) * a[w]);
   store_vec<V>(dx + o, out);
 }
 
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int w = 0; w < V; ++w) {
             if (m.rel + static_cast<I>(w) < S) {
-              op.dx[m.o + w] = static_cast<T>(static_cast<M>(dv.v[w]) * a[w]);
+              op.dx[m.o + w] = static_cast<T>(lane_value(dv, w) * a[w]);
             }
           }
         }
