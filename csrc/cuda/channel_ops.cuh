@@ -401,8 +401,8 @@ __device__ __forceinline__ MaskedSlot<I> masked_slot(
 // is read.
 // 16-bit lanes are handled as packed 32-bit words on both paths, so that the two meet as words:
 // gathered lane by lane, or joined as lanes, the vector was held as one register per lane through
-// the rest of the kernel (ptxas, sm_90: the one-block fp16 backward, masked, took 102-103
-// registers, 70-71 as words).
+// the rest of the kernel (ptxas, sm_90, the one-block fp16 backward, masked: 102-103 registers
+// built lane by lane, 74 with the tail gathered as words, 70-71 with both paths as words).
 template <int V, typename T, typename I>
 __device__ __forceinline__ Vec<T, V> load_masked(const T* __restrict__ p, const MaskedSlot<I>& m,
                                                  I S, I limit) {

@@ -47,9 +47,9 @@ struct alignas(sizeof(T) * V) Vec {
 
 // Lane w of v in the math type. A bfloat16 is the upper half of a float32's bits, so its lane is
 // the packed 32-bit word shifted (even lanes) or masked (odd), the value c10's conversion gives.
-// Through that conversion (cvt.f32.bf16 reads a 16-bit register), ptxas moved every lane into a
-// register of its own as soon as it was loaded: the one-block bf16 backward took 101-103
-// registers where its slots are masked (70-71 this way), the forward 80 (64).
+// Through that conversion (on sm_90, cvt.f32.bf16, which reads a 16-bit register), ptxas moved
+// every lane into a register of its own as soon as it was loaded: the one-block bf16 backward
+// took 101-103 registers where its slots are masked (70-71 this way), the forward 80 (64).
 template <typename T, int V>
 __device__ __forceinline__ math_t<T> lane_value(const Vec<T, V>& v, int w) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && V % 2 == 0) {

@@ -46,9 +46,9 @@ namespace {
 // Blocks per SM that the register allocation must allow: 2, so at most 128 registers a thread.
 constexpr int kMinBlocks = 2;
 
-// Vectors of V held per thread, per input: 32 elements (16 of float64), 32 registers once
-// widened to the math type, which the compiler keeps rather than convert twice; 16 when
-// unvectorized, as each also holds an address.
+// Vectors of V held per thread, per input: 32 elements (16 of float64), 32 registers in 32-bit
+// types, 16 packed in 16-bit ones (a lane is widened where it is used); 16 when unvectorized, as
+// each also holds an address.
 template <typename T, int V>
 constexpr int kItems = V == 1 ? 16 : (sizeof(math_t<T>) == 8 ? 16 : 32) / V;
 
@@ -299,9 +299,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // Block size. Such a kernel waits on memory most of its time (a round trip for the slice, then
 // the block merge and the coefficients before any store), so its speed is the number of channels
 // resident at once, and that is the register file over the registers a channel takes. Every thread
-// holds kItems vectors (the registers go mostly to them and their widened values; each thread's
-// fixed cost, its indices and lane sums, is spread over kItems), and the block is the fewest of
-// 64, 128 or 256 threads that hold the channel: a 7x7 channel at batch 32 takes 64 threads
+// holds kItems vectors (the registers go mostly to them; each thread's fixed cost, its indices
+// and lane sums, is spread over kItems), and the block is the fewest of 64, 128 or 256 threads
+// that hold the channel: a 7x7 channel at batch 32 takes 64 threads
 // (fp32, bf16, fp16), where the first version took 256 threads of a quarter of the items each,
 // 2.2-2.6x the registers a channel. The bound keeps the 128-register cap of two 256-thread blocks.
 //
