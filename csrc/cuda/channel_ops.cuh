@@ -70,7 +70,8 @@ struct StatsOp {
   }
 
   // k, by one thread: the op interface's definition. The kernels share the loads over a block
-  // (tile_shifts, below), and the finalize pass reads the k the first pass stored.
+  // (channel_shift, tile_shifts_rows, below), and the finalize pass reads the k the first pass
+  // stored.
   __device__ __forceinline__ M center(int64_t c) const {
     M group[kShiftGroups];
 #pragma unroll
@@ -277,40 +278,14 @@ GradOp<T, kEvalDx> grad_op(const Geometry& g, const Tensor& mean, const Tensor& 
   return op;
 }
 
-// The shifts (center()) of a tile of channels first .. first + here - 1 (here <= width <= kThreads)
-// into shifts[0, here), by the block's threads together, tid being a thread's index in the block:
-// for sampled shifts, up to 8 threads per channel each add one or more of its 8 groups of samples
-// (StatsOp::shift_group), staged in groups[kShiftGroups * width], which one thread per channel
-// then adds as center() does: the same bits, with the loads spread over the block. Every thread
-// of the block calls it (two barriers).
+// The shifts (center()) of channels first .. first + here - 1 (here <= width <= kThreads) into
+// shifts[0, here), once their 8 groups of samples are staged in groups[kShiftGroups * width]
+// (sampled shifts): one thread a channel adds them as center() does, so the bits are center()'s
+// with the loads spread over the block. Every thread of the block calls it (one or two barriers).
 template <typename Op, typename M>
-__device__ __forceinline__ void tile_shifts(const Op& op, int64_t first, int width, int here,
-                                            int tid, M* groups, M* shifts) {
+__device__ __forceinline__ void add_staged_shifts(const Op& op, int64_t first, int width, int here,
+                                                  int tid, const M* groups, M* shifts) {
   if constexpr (Op::kSampledShift) {
-    const int per_channel = kThreads / width < kShiftGroups ? kThreads / width : kShiftGroups;
-    const int ch = tid % width;
-    if (tid < per_channel * width && ch < here) {
-      // kInFlight groups' loads at a time: one group after another, the widest channels-last
-      // tiles (one thread a channel) waited 8 memory round trips before their pass could start;
-      // all 8 at once took registers enough to spill. The sums are the same either way.
-      constexpr int kInFlight = sizeof(M) == 8 ? 2 : 4;
-#pragma unroll 1
-      for (int i = tid / width; i < kShiftGroups; i += kInFlight * per_channel) {
-        M v[kInFlight][4];
-#pragma unroll
-        for (int b = 0; b < kInFlight; ++b) {
-          if (i + b * per_channel < kShiftGroups) {
-            op.load_shift_group(first + ch, i + b * per_channel, v[b]);
-          }
-        }
-#pragma unroll
-        for (int b = 0; b < kInFlight; ++b) {
-          if (i + b * per_channel < kShiftGroups) {
-            groups[(i + b * per_channel) * width + ch] = Op::add_shift_group(v[b]);
-          }
-        }
-      }
-    }
     __syncthreads();
     if (tid < here) {
       M g[kShiftGroups];
@@ -322,6 +297,53 @@ __device__ __forceinline__ void tile_shifts(const Op& op, int64_t first, int wid
     if (tid < here) shifts[tid] = op.center(first + tid);
   }
   __syncthreads();
+}
+
+// The shift of channel c (contiguous: one channel a block) into *shift: threads 0-7 each load and
+// add one of its groups of samples (StatsOp::load_shift_group), tid being a thread's index in
+// the block. Every thread of the block calls it.
+template <typename Op, typename M>
+__device__ __forceinline__ void channel_shift(const Op& op, int64_t c, int tid, M* groups,
+                                              M* shift) {
+  if constexpr (Op::kSampledShift) {
+    if (tid < kShiftGroups) {
+      M v[4];
+      op.load_shift_group(c, tid, v);
+      groups[tid] = Op::add_shift_group(v);
+    }
+  }
+  add_staged_shifts(op, c, 1, 1, tid, groups, shift);
+}
+
+// The shifts of a channels-last tile (blocks (bx, by) over rows of C, a thread's V channels from
+// first + tx * V, `active` where they are in the tensor; tid = ty * bx + tx), loaded a row's
+// vector at a time: block row ty < kShiftGroups adds group ty, the 4 sample rows' vectors of
+// its V channels (4 loads in flight), lane by lane as add_shift_group adds a channel's 4
+// samples. by >= 8, as bx <= 32. Loaded a channel's scalars at a time instead, a 16-bit tile as
+// wide as the block (256 channels) had one thread a channel load 32 samples, in two dependent
+// rounds. Every thread of the block calls it.
+template <typename T, int V, typename Op, typename M>
+__device__ __forceinline__ void tile_shifts_rows(const Op& op, int64_t first, int width, int here,
+                                                 int tx, int ty, int tid, bool active,
+                                                 M* groups, M* shifts) {
+  if constexpr (Op::kSampledShift) {
+    if (ty < kShiftGroups && active) {
+      const int64_t c0 = first + static_cast<int64_t>(tx) * V;
+      int64_t e[4];
+      e[0] = op.samples.group_start(ty);
+#pragma unroll
+      for (int j = 1; j < 4; ++j) e[j] = op.samples.next(e[j - 1]);
+      Vec<T, V> v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = load_vec<V>(op.x + op.samples.offset(e[j], c0));
+#pragma unroll
+      for (int w = 0; w < V; ++w) {
+        groups[ty * width + tx * V + w] = (lane_value(v[0], w) + lane_value(v[1], w)) +
+                                          (lane_value(v[2], w) + lane_value(v[3], w));
+      }
+    }
+  }
+  add_staged_shifts(op, first, width, here, tid, groups, shifts);
 }
 
 // A thread's V lane accumulators (a lane a vector element), all shifted by the channel's k0.

@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   };
   for (int64_t t = blockIdx.x / G; t < static_cast<int64_t>(C); t += P) {
     const I c = static_cast<I>(t);
-    // The shift first, before the tile's registers fill up (tile_shifts ends in a barrier).
-    tile_shifts(op, t, 1, 1, threadIdx.x, groups, &shift);
+    // The shift first, before the tile's registers fill up (channel_shift ends in a barrier).
+    channel_shift(op, t, threadIdx.x, groups, &shift);
     const M k0 = shift;
     // Item i of block g: vectors [(i * G + g) * kThreads, + kThreads), so that every block of
     // the tile holds about nv / G of them.
@@ -192,13 +192,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int64_t P = gridDim.x / G;
   const int64_t g = blockIdx.x % G;
   for (int64_t t = blockIdx.x / G; t < tiles; t += P) {
-    // The tile's shifts first, before its registers fill up (tile_shifts ends in a barrier).
+    // The tile's shifts first, before its registers fill up (tile_shifts_rows ends in a
+    // barrier).
     const int width = bx * V;
     const int64_t first = t * width;
     const int here = static_cast<int>(std::min<int64_t>(width, static_cast<int64_t>(C) - first));
-    tile_shifts(op, first, width, here, tid, groups, shifts);
     const I c0 = static_cast<I>((t * bx + tx) * V);
     const bool active = c0 < C;  // V divides C: a thread's channels are all in or all out
+    tile_shifts_rows<T, V>(op, first, width, here, tx, ty, tid, active, groups, shifts);
     // Item i of block g: rows [(i * G + g) * by, + by).
     const I r0 = static_cast<I>(g * by) + ty;
     const I step = static_cast<I>(G * by);
@@ -336,7 +337,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
       return MaskedSlot<I>{(qr.div * C + c) * S + qr.mod * V, 0};
     }
   };
-  // The slice's loads first, then finish()'s parameters and the shift's samples (tile_shifts):
+  // The slice's loads first, then finish()'s parameters and the shift's samples (channel_shift):
   // those are independent of the slice, so the three round trips overlap.
   Vec<T, V> xs[K];
   Vec<T, V> ds[kDy ? K : 1];
@@ -356,7 +357,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
   }
   typename Op::Params params{};
   if (tid == 0) params = op.params(static_cast<int64_t>(c));
-  tile_shifts(op, static_cast<int64_t>(c), 1, 1, tid, groups, &shift);
+  channel_shift(op, static_cast<int64_t>(c), tid, groups, &shift);
   const M k0 = shift;
   M k[V], a1[V], a2[V];
   start_lanes<V>(k0, k, a1, a2);

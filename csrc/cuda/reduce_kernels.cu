@@ -48,9 +48,9 @@ __device__ __forceinline__ void accumulate_at(const T* __restrict__ x, const T* 
 }
 
 // Op::kWritesDx: the dx scales of a tile's channels first .. first + here - 1 into
-// scales[0, here), a thread each, before tile_shifts, whose closing barrier publishes them. At
-// the kernel's start nothing else is live: float64's division is a call, and made beside the
-// sums' registers (in the loop's prologue) it spilled.
+// scales[0, here), a thread each, before channel_shift (or tile_shifts_rows), whose closing barrier
+// publishes them. At the kernel's start nothing else is live: float64's division is a call, and
+// made beside the sums' registers (in the loop's prologue) it spilled.
 template <typename Op, typename M>
 __device__ __forceinline__ void tile_dx_scales(const Op& op, int64_t first, int here, int tid,
                                                M* scales) {
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
   const I c = blockIdx.x;
   __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift, scale;
   tile_dx_scales(op, static_cast<int64_t>(c), 1, threadIdx.x, &scale);
-  tile_shifts(op, static_cast<int64_t>(c), 1, 1, threadIdx.x, groups, &shift);
+  channel_shift(op, static_cast<int64_t>(c), threadIdx.x, groups, &shift);
   const M k0 = shift;
   M k[V], a1[V], a2[V];
   start_lanes<V>(k0, k, a1, a2);
@@ -240,7 +240,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ M scales[Op::kWritesDx ? 32 * V : 1];
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   tile_dx_scales(op, first, here, tid, scales);
-  tile_shifts(op, first, width, here, tid, groups, shifts);
+  tile_shifts_rows<T, V>(op, first, width, here, threadIdx.x, threadIdx.y, tid, active, groups,
+                         shifts);
   M k[V], a1[V], a2[V];
 #pragma unroll
   for (int w = 0; w < V; ++w) {
