@@ -527,6 +527,7 @@ bool persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& o
       const int64_t cv = C / V;
       const int64_t rows = g.N * g.S;
       const int narrowest = static_cast<int>(std::max<int64_t>(1, 32 / (V * sizeof(T))));
+      // bx <= 32, so by >= 8: tile_shifts_rows takes one group of shift samples a block row.
       int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cv)));
       int64_t tiles = 0;
       for (;; bx /= 2) {

@@ -389,6 +389,7 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
       dispatch_vec<T>(aligned && C % VM == 0, [&](auto vtag) {
         constexpr int V = decltype(vtag)::value;
         const int64_t cv = C / V;  // channel vectors per row
+        // bx <= 32, so by >= 8: tile_shifts_rows takes one group of shift samples a block row.
         const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cv)));
         const int by = kThreads / bx;
         const int64_t blocks_x = ceil_div(cv, bx);
