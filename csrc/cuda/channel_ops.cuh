@@ -318,10 +318,10 @@ __device__ __forceinline__ void channel_shift(const Op& op, int64_t c, int tid, 
 // The shifts of a channels-last tile (blocks (bx, by) over rows of C, a thread's V channels from
 // first + tx * V, `active` where they are in the tensor; tid = ty * bx + tx), loaded a row's
 // vector at a time: block row ty < kShiftGroups adds group ty, the 4 sample rows' vectors of
-// its V channels (4 loads in flight), lane by lane as add_shift_group adds a channel's 4
-// samples. by >= 8, as bx <= 32. Loaded a channel's scalars at a time instead, a 16-bit tile as
-// wide as the block (256 channels) had one thread a channel load 32 samples, in two dependent
-// rounds. Every thread of the block calls it.
+// its V channels (4 loads in flight), each lane's 4 samples by add_shift_group. by >= 8, as
+// bx <= 32. Loaded a channel's scalars at a time instead, a 16-bit tile as wide as the block
+// (256 channels) had one thread a channel load 32 samples, in two dependent rounds. Every
+// thread of the block calls it.
 template <typename T, int V, typename Op, typename M>
 __device__ __forceinline__ void tile_shifts_rows(const Op& op, int64_t first, int width, int here,
                                                  int tx, int ty, int tid, bool active,
@@ -338,8 +338,9 @@ __device__ __forceinline__ void tile_shifts_rows(const Op& op, int64_t first, in
       for (int j = 0; j < 4; ++j) v[j] = load_vec<V>(op.x + op.samples.offset(e[j], c0));
 #pragma unroll
       for (int w = 0; w < V; ++w) {
-        groups[ty * width + tx * V + w] = (lane_value(v[0], w) + lane_value(v[1], w)) +
-                                          (lane_value(v[2], w) + lane_value(v[3], w));
+        const M lane[4] = {lane_value(v[0], w), lane_value(v[1], w), lane_value(v[2], w),
+                           lane_value(v[3], w)};
+        groups[ty * width + tx * V + w] = Op::add_shift_group(lane);
       }
     }
   }
