@@ -405,7 +405,11 @@ ops = torch.ops.bn_ext
 cases = [((8, 32, 7, 7), torch.float32, False), ((4, 8, 28, 28), torch.float32, False),
          ((4, 6, 14, 14), torch.float64, False), ((4, 16, 12, 12), torch.bfloat16, False),
          ((8, 24, 10, 10), torch.float32, True), ((8, 9, 5, 6), torch.float32, True),
-         ((64, 100), torch.float32, False), ((3, 5, 7, 7), torch.float32, False)]
+         ((64, 100), torch.float32, False), ((3, 5, 7, 7), torch.float32, False),
+         # runs shorter than a vector step: streamed, every map goes run by run (affine_run,
+         # affine2_run), each run ending in a masked partial step
+         ((16, 8, 3, 3), torch.float32, False), ((6, 4, 1, 5), torch.bfloat16, False),
+         ((5, 7, 1, 3), torch.float64, False)]
 out = []
 for shape, dtype, cl in cases:
     x = torch.randn(shape, dtype=dtype) * 2 + 1
