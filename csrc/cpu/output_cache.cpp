@@ -40,6 +40,26 @@
 
 #include "../bn_ext.h"
 
+// Under AddressSanitizer (.ci/sanitize.sh) a cached block is poisoned while it waits in the
+// cache, and an output's bytes past its tensor's (the rounding up to a granule) while it is in
+// use, so that a kernel writing past its output or into a freed one is reported as it would be in
+// a block of malloc's own.
+#if defined(__SANITIZE_ADDRESS__)
+#define BN_EXT_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define BN_EXT_ASAN 1
+#endif
+#endif
+#ifdef BN_EXT_ASAN
+#include <sanitizer/asan_interface.h>
+#define BN_EXT_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define BN_EXT_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define BN_EXT_POISON(p, n) ((void)(p), (void)(n))
+#define BN_EXT_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 namespace bn_ext {
 namespace cpu {
 
@@ -104,18 +124,20 @@ void* aligned_block(size_t bytes) {
   return p;
 }
 
-void free_block(void* p) {
+struct Block {
+  void* ptr;
+  size_t bytes;  // rounded up to kHugePage, or to kSmallGranule below it
+};
+
+void free_block(const Block& b) {
+  BN_EXT_UNPOISON(b.ptr, b.bytes);
+  void* p = b.ptr;
 #ifdef _WIN32
   _aligned_free(p);
 #else
   std::free(p);
 #endif
 }
-
-struct Block {
-  void* ptr;
-  size_t bytes;  // rounded up to kHugePage, or to kSmallGranule below it
-};
 
 class OutputCache final : public c10::Allocator {
  public:
@@ -129,6 +151,8 @@ class OutputCache final : public c10::Allocator {
     const size_t bytes = (n + granule - 1) / granule * granule;
     auto* block = take(bytes);
     if (block == nullptr) block = fresh(bytes);
+    BN_EXT_UNPOISON(block->ptr, n);
+    BN_EXT_POISON(static_cast<char*>(block->ptr) + n, bytes - n);
     return {block->ptr, block, &release, c10::Device(c10::kCPU)};
   }
 
@@ -145,7 +169,7 @@ class OutputCache final : public c10::Allocator {
       gone.swap(free_);
       cached_ = 0;
     }
-    for (const Block& b : gone) free_block(b.ptr);
+    for (const Block& b : gone) free_block(b);
   }
 
   std::vector<int64_t> stats() {
@@ -188,6 +212,7 @@ class OutputCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (b->bytes <= limit_) {
+        BN_EXT_POISON(b->ptr, b->bytes);
         free_.push_back(*b);
         cached_ += b->bytes;
         while (cached_ > limit_) {
@@ -199,7 +224,7 @@ class OutputCache final : public c10::Allocator {
       }
     }
     delete b;
-    for (const Block& g : gone) free_block(g.ptr);
+    for (const Block& g : gone) free_block(g);
   }
 
   static void release(void* ctx);

@@ -5,10 +5,13 @@ side in emu.h, the runtime in runtime.cpp and the shim headers in include/, and 
 compiled with BN_EXT_CUDA_EMULATOR so that every op runs those kernels on CPU tensors. The tests
 then compare the CUDA kernels' results with torch, as they do the CPU kernels'.
 
-    python tests/cuda_emulator/build.py [--out DIR] [-- PYTEST ARGS]
+    python tests/cuda_emulator/build.py [--out DIR] [--ubsan] [-- PYTEST ARGS]
 
 builds DIR/bn_ext (default build/cuda-emulator: the package's Python files and the emulated _C)
 and, when pytest arguments follow `--`, runs pytest on them with that package first on the path.
+--ubsan compiles it with UndefinedBehaviorSanitizer (g++ -fsanitize=undefined): a signed index
+that overflows, a shift past the width, a misaligned or null access, and the like end the
+process with a report (CI builds it so).
 Switches read by the emulated kernels at run time: BN_EXT_EMU_SMS (streaming multiprocessors,
 default 4), BN_EXT_EMU_BLOCKS_PER_SM (resident blocks per SM of a cooperative launch, default 2;
 the kernels cache it at their first launch, so set it before the process starts),
@@ -85,7 +88,7 @@ def translate(src, dst):
         f.write(text)
 
 
-def build(out):
+def build(out, ubsan=False):
     from torch.utils import cpp_extension
 
     gen = os.path.join(out, "src")
@@ -99,13 +102,18 @@ def build(out):
         dst = os.path.join(gen, os.path.basename(cu)[:-3] + "_emu.cpp")
         translate(cu, dst)
         sources.append(dst)
+    # No contraction of a * b + c into an FMA the source did not ask for (nvcc does
+    # contract, g++ does on some hosts): the kernels' explicit fmaf/fma are what they are.
+    cflags = ["-O2", "-ffp-contract=off", "-DBN_EXT_WITH_CUDA", "-DBN_EXT_CUDA_EMULATOR"]
+    ldflags = []
+    if ubsan:
+        sanitize = ["-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
+        cflags += sanitize + ["-g"]
+        ldflags += sanitize
     cpp_extension.load(
         name="_C", sources=sources, build_directory=lib, is_python_module=False,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(ROOT, "csrc", "cuda")],
-        # No contraction of a * b + c into an FMA the source did not ask for (nvcc does
-        # contract, g++ does on some hosts): the kernels' explicit fmaf/fma are what they are.
-        extra_cflags=["-O2", "-ffp-contract=off", "-DBN_EXT_WITH_CUDA", "-DBN_EXT_CUDA_EMULATOR"],
-        verbose=False)
+        extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
     pkg = os.path.join(out, "bn_ext")
     os.makedirs(pkg, exist_ok=True)
     for py in glob.glob(os.path.join(ROOT, "bn_ext", "*.py")):
@@ -122,9 +130,11 @@ def main():
         argv, pytest_args = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "build", "cuda-emulator"))
+    p.add_argument("--ubsan", action="store_true",
+                   help="compile with -fsanitize=undefined (any report ends the process)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
-    pkg = build(out)
+    pkg = build(out, ubsan=args.ubsan)
     print(f"emulated build: {pkg}")
     if pytest_args is None:
         return 0
