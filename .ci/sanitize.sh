@@ -44,8 +44,18 @@ ASAN_LIB=$("$CXX_BIN" -print-file-name=libasan.so)
 UBSAN_LIB=$("$CXX_BIN" -print-file-name=libubsan.so)
 [ -f "$ASAN_LIB" ] && [ -f "$UBSAN_LIB" ] || die "no sanitizer runtimes ($ASAN_LIB, $UBSAN_LIB)"
 export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB"
-export ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1
-export UBSAN_OPTIONS=print_stacktrace=1
+# Reports go to files, one per process: pytest's capture would swallow a report on stderr from
+# a process that the report then aborts, and a child process's would stay in a test's output.
+REPORTS=$STAGE-reports
+rm -rf "$REPORTS" && mkdir -p "$REPORTS"
+export ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1:log_path=$REPORTS/asan
+export UBSAN_OPTIONS=print_stacktrace=1:log_path=$REPORTS/ubsan
+reports() {
+  if [ -n "$(ls -A "$REPORTS")" ]; then
+    for f in "$REPORTS"/*; do echo "----- $f"; head -n 60 "$f"; done >&2
+    die "$1: sanitizer reports (above; all in $REPORTS)"
+  fi
+}
 export PYTHONPATH=$STAGE${PYTHONPATH:+:$PYTHONPATH}
 
 log "checks"
@@ -61,10 +71,13 @@ torch.testing.assert_close(bn_ext.BatchNorm2d(3, dtype=torch.float64)(x),
                            torch.nn.BatchNorm2d(3, dtype=torch.float64)(x))
 print("instrumented build:", so)
 EOF
-)
+) || { reports "the checks"; die "the checks failed"; }
 
 log "the test suite"
 # Run from the staging folder, so that its bn_ext is the one imported.
-(cd "$STAGE" && "$PY" -m pytest tests -q -p no:cacheprovider "$@")
+rc=0
+(cd "$STAGE" && "$PY" -m pytest tests -q -p no:cacheprovider "$@") || rc=$?
+reports "the test suite (exit $rc)"
+[ "$rc" -eq 0 ] || die "the test suite failed (exit $rc)"
 
 log "passed in $(( $(date +%s) - start )) s"
