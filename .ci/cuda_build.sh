@@ -72,15 +72,7 @@ print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 "$CUDA_HOME/bin/nvcc" --version | tail -n 1
 
 log "copy of the tree in $STAGE"
-mkdir -p "$STAGE"
-find "$STAGE" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
-if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
-    | (cd "$ROOT" && tar --null -cf - -T -) | tar -xf - -C "$STAGE"
-else
-  tar -cf - --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude='*.so' \
-      --exclude='*.egg-info' . | tar -xf - -C "$STAGE"
-fi
+bash "$ROOT/.ci/stage_tree.sh" "$ROOT" "$STAGE"
 ls "$STAGE"/csrc/cuda/*.cu >/dev/null 2>&1 || die "no csrc/cuda/*.cu in the tree"
 
 log "build (CUDA_HOME=$CUDA_HOME, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"

@@ -25,10 +25,7 @@ die() { echo "sanitize: FAILED: $*" >&2; exit 1; }
 start=$(date +%s)
 
 log "copy of the tree in $STAGE"
-mkdir -p "$STAGE"
-find "$STAGE" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
-git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
-  | (cd "$ROOT" && tar --null -cf - -T -) | tar -xf - -C "$STAGE"
+bash "$ROOT/.ci/stage_tree.sh" "$ROOT" "$STAGE"
 
 log "build with -fsanitize=address,undefined (BN_EXT_CPU_ISA=default)"
 # The portable ISA, not the AVX-512 or AVX2 a build picks on x86: ASan checks plain loads and
