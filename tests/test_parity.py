@@ -1127,3 +1127,16 @@ def test_dtensor_input_runs_as_torchs():
         pytest.skip("torch.distributed is not available")
     proc = run_python(_DTENSOR_CASE)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block", range(4))
+def test_random_call_sequences_match_torch(device, block):
+    """fuzz_modules.py's call sequences (modes, momentum, flags, state loads, bad inputs,
+    backwards) on bn_ext's layers and torch's, for a fixed 1000 seeds in four blocks: the same
+    outcomes, errors and state, and values no further from float64 than the tolerance or
+    torch's own error allow. Longer runs: python tests/fuzz_modules.py --seconds S."""
+    import fuzz_modules
+
+    for seed in range(block * 250, (block + 1) * 250):
+        fuzz_modules.run_sequence(seed, device)
