@@ -11,6 +11,14 @@ to stay in L2 on some rows (no flush between calls here), so use bench.py for th
     python bench/cuda_profile.py [--rows 32x64x56x56:nhwc,4096x1024] [--dtype fp32,bf16]
                                  [--pass fwd,bwd,eval] [--peers bn_ext,cudnn] [--iters 20]
 
+--ncu: for Nsight Compute instead, which reads each kernel's hardware counters (what bounds it:
+issue slots, memory, occupancy, stalls). Each pass is warmed up, then one call is run between
+torch.cuda.profiler.start() and stop(), after a line naming it, so that under
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight ... \
+        python bench/cuda_profile.py --ncu --peers bn_ext,compile
+ncu profiles exactly those calls, and its "==PROF==" lines follow the line of the pass they
+belong to. The compile peer (torch.compile) is allowed here: its kernels are the bar.
+
 bn_ext's training path follows BN_EXT_CUDA_PERSISTENT (unset: the default path, the one-block
 single-pass kernel where a channel fits; 0: multi-pass; 1: every single-pass kernel).
 """
@@ -66,6 +74,18 @@ def profile_one(fn, iters: int) -> tuple:
     return sum(t for _, t in per_call.values()), per_call
 
 
+def mark_one(fn, label: str) -> None:
+    """One call of fn in the profiler's range (for ncu --profile-from-start off), warmed up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    print(f"\n== pass: {label}", flush=True)
+    torch.cuda.profiler.start()
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default=DEFAULT_ROWS,
@@ -73,19 +93,24 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32,bf16")
     ap.add_argument("--pass", dest="passes", default="fwd,bwd,eval")
     ap.add_argument("--peers", default="bn_ext,cudnn",
-                    help="comma list of bn_ext, cudnn, native (default: %(default)s)")
+                    help="comma list of bn_ext, cudnn, native, and with --ncu compile "
+                         "(default: %(default)s)")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--ncu", action="store_true",
+                    help="one marked call per pass, for ncu --profile-from-start off")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     import bn_ext
     if not bn_ext.has_cuda_kernels():
         ap.error("this bn_ext was built without CUDA kernels")
-    peers = {p.name: p for p in bench.peers_for("cuda") if p.kind != "compile"}
+    peers = {p.name: p for p in bench.peers_for("cuda") if args.ncu or p.kind != "compile"}
     wanted = [peers[p] for p in args.peers.split(",")]
     path = bench.training_path()
+    what = ("one marked call per pass (ncu)" if args.ncu else
+            f"device time per call, averaged over {args.iters} calls")
     print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}; bn_ext training path "
-          f"{path}; device time per call, averaged over {args.iters} calls")
+          f"{path}; {what}")
     for dims, layout in parse_rows(args.rows):
         for dname in args.dtype.split(","):
             x, dy, weight, bias, _, _ = bench.group_tensors(dims, layout, bench.DTYPES[dname],
@@ -96,9 +121,12 @@ def main(argv=None) -> int:
                                           "default")
                     if peer.cudnn and not bench.cudnn_eligible(x, inst.module, pas != "eval"):
                         continue
-                    total, kernels = profile_one(bench.make_workload(pas, inst, x, dy),
-                                                 args.iters)
+                    fn = bench.make_workload(pas, inst, x, dy)
                     label = "x".join(map(str, dims))
+                    if args.ncu:
+                        mark_one(fn, f"{label} {layout} {dname} {pas} {peer.name}")
+                        continue
+                    total, kernels = profile_one(fn, args.iters)
                     print(f"\n{label} {layout} {dname} {pas} {peer.name}: {total:.1f} us "
                           f"in {sum(n for n, _ in kernels.values()):.0f} kernels")
                     for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):

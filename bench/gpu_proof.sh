@@ -8,8 +8,12 @@
 #   tests       pytest with -rA, teed to bench/results/<gpu>-tests.txt under a header naming the
 #               device and the torch/CUDA/cuDNN versions;
 #   bench       (quick mode only) bench.py --quick, the default path (the one-block single-pass
-#               kernel where a channel fits, else multi-pass), and single-pass (--cuda-persistent)
-#               for the training passes;
+#               kernel where a channel fits, else multi-pass); the one-block kernel's ResNet-50
+#               rows beside the multi-pass path (cuda-<device>-onepass.md); and single-pass
+#               (--cuda-persistent) for the quick plan's training passes;
+#   counters    (quick mode only) Nsight Compute (ncu) over one call of the passes that trail
+#               torch.compile, bn_ext's kernels and compile's, saved as
+#               bench/results/<gpu>-counters.txt: what bounds each (issue, memory, occupancy);
 #   profile     (quick mode only) bench/cuda_profile.py, each kernel's time in the quick rows'
 #               passes, multi-pass and single-pass, saved as bench/results/<gpu>-profile.txt;
 #   sanitizers  compute-sanitizer memcheck, racecheck and synccheck over bench/cuda_exercise.py,
@@ -18,17 +22,18 @@
 #               dtypes and layouts against float64, saved as bench/results/<gpu>-fuzz.txt.
 #
 # BN_EXT_PROOF_QUICK=1 is the plan for a 15-minute lease: tests/test_cuda.py without the slow
-# test, the default path's quick benchmark, the kernel profile, memcheck, racecheck, the single-pass
-# quick benchmark, synccheck, the CUDA cases of the other suites and a short fuzz, while time
-# remains. Without it:
+# test, the default path's quick benchmark, the one-block rows, the counters, the kernel profile,
+# the single-pass quick benchmark, memcheck, racecheck, synccheck, the CUDA cases of the other
+# suites and a short fuzz, while time remains (the last ones are skipped first). Without it:
 # the whole suite (slow tests included), the three sanitizers and a 10-minute fuzz.
 # BN_EXT_PROOF_BUDGET_S: seconds for the whole script (default 540 quick, 3000 otherwise); a stage
 # that cannot have its minimum time is skipped and says so. A hung kernel is killed by its
 # stage's time limit (and, where pytest-timeout is installed, a test's 90 s limit).
 #
 # Every stage's outcome is one line of bench/results/<gpu>-proof.txt. $OUT receives that file,
-# the test log, the benchmark tables (.md) and proof.tgz, which holds every result file, the
-# .json/.png, the logs and the build log: at most 8 files, as the device tool brings back.
+# the test log, the profile, the counters, the benchmark tables (.md) and proof.tgz, which holds
+# every result file, the .json/.png, the logs and the build log: at most 8 files, as the device
+# tool brings back.
 # Exits non-zero if any stage failed, timed out or was skipped.
 #
 # A benchmark stopped by its limit leaves its partial table (bench.py writes after every group);
@@ -101,7 +106,8 @@ cat "$SUMMARY"
 sync_out() {
   [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
   local f files=()
-  for f in "$SUMMARY" "$TESTS" "$RESULTS/$GPU-profile.txt" "$RESULTS"/cuda-*-quick*.md; do
+  for f in "$SUMMARY" "$TESTS" "$RESULTS/$GPU-profile.txt" "$RESULTS/$GPU-counters.txt" \
+    "$RESULTS"/cuda-*-quick*.md "$RESULTS"/cuda-*-onepass.md; do
     [ -f "$f" ] && [ "$f" -nt "$MARK" ] && cp "$f" "$OUT"/
   done
   for f in "$RESULTS"/* "$LOGS"/*; do
@@ -244,6 +250,32 @@ profile() {  # each kernel's time in the quick rows' passes, multi-pass, then si
   return "$rc"
 }
 
+NCU=$(command -v ncu || true)
+for f in "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" /usr/local/cuda/bin/ncu \
+  /opt/nvidia/nsight-compute/*/ncu; do
+  [ -n "$NCU" ] && break
+  [ -x "$f" ] && NCU=$f
+done
+# The one-block kernels' rows that trail torch.compile (16-bit backward of 14x14 and 7x7 layers)
+# and their fp32 counterparts, and BatchNorm1d 4096x1024's 16-bit forward: bn_ext's kernels and
+# torch.compile's, one call each, under Nsight Compute's counters (--clock-control none: the
+# clocks are left alone). Says whether a kernel is bound by issue slots, memory or latency.
+counters() {
+  local out=$RESULTS/$GPU-counters.txt rc=0
+  [ -n "$NCU" ] || { echo "gpu_proof: ncu (Nsight Compute) not found" >&2; return 1; }
+  {
+    echo "# ncu over bench/cuda_profile.py --ncu: one call per pass, bn_ext and torch.compile"
+    echo "# device: $NAME; $("$NCU" --version | tail -n 1)"
+  } >"$out"
+  limited "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight \
+    --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
+    --section InstructionStats "$PY" bench/cuda_profile.py --ncu --peers bn_ext,compile \
+    --rows 32x1024x14x14:nchw,32x512x7x7:nchw,4096x1024 --dtype bf16,fp32 --pass fwd,bwd \
+    >>"$out" 2>&1 || rc=$?
+  grep -c '^==PROF== Profiling' "$out" | sed 's/$/ kernels profiled/'
+  return "$rc"
+}
+
 fuzz() {  # fuzz seconds-per-path: multi-pass, then single-pass unless it was left out
   # Each path gets at most half the stage's limit, less 30 s of start-up, within LIMIT overall.
   local out=$RESULTS/$GPU-fuzz.txt rc=0 s=$1 half=$(( (LIMIT - 60) / 2 ))
@@ -290,14 +322,21 @@ if [ "$QUICK" = "1" ]; then
   SINGLE=1
   single_pass_ok || SINGLE=0
   stage "bench quick, default path" 120 270 bench bench --quick
+  # The one-block kernel's ResNet-50 rows (7x7 and 14x14 at batch 32, NCHW) beside the
+  # multi-pass path and every peer: the table to set against cuda-nvidia-h200-onepass.md.
+  ONEPASS=$(echo "cuda-$NAME" | tr 'A-Z ' 'a-z-')-onepass  # cuda-nvidia-h200-onepass
+  [ "$SINGLE" = "1" ] && stage "bench one-block rows" 90 180 bench bench-onepass \
+    --cuda-persistent --layout nchw --pass fwd,bwd --name "$ONEPASS" \
+    --shape 32x256x14x14,32x1024x14x14,32x512x14x14,32x512x7x7,32x2048x7x7,32x1000x7x7
+  stage "kernel counters (ncu)" 60 150 counters
   stage "kernel profile" 30 90 profile
-  stage "sanitizer memcheck" 45 120 sanitize memcheck
-  stage "sanitizer racecheck" 45 150 sanitize racecheck
   # Single-pass: bn_ext against its own multi-pass path (in the same rounds), cuDNN and native
   # (torch.compile's compiles are most of a group's time, and its times are in the default
   # path's table).
   [ "$SINGLE" = "1" ] && stage "bench quick, single-pass" 60 180 bench bench-persistent --quick \
     --cuda-persistent --pass fwd,bwd,fwdbwd --peers cudnn,native
+  stage "sanitizer memcheck" 45 120 sanitize memcheck
+  stage "sanitizer racecheck" 45 150 sanitize racecheck
   stage "sanitizer synccheck" 45 120 sanitize synccheck
   stage "tests (other suites, cuda)" 60 300 run_tests tests --ignore tests/test_cuda.py -k cuda \
     -m "not slow"
