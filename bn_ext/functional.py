@@ -342,6 +342,23 @@ def _as_float(value):
     return float(value)
 
 
+def _check_input_batch_and_eps(input, training, eps) -> None:
+    """The checks torch's F.batch_norm makes in Python, before its argument parser and C++ kernel
+    check the rest: with several arguments wrong, the error is the one torch raises first."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"bn_ext.batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"bn_ext.batch_norm: expected input of shape (N, C, *) with at least "
+                         f"2 dimensions, got {input.dim()}D input")
+    if training:
+        _verify_batch_size(input)
+        if not eps > 0:  # as torch's F.batch_norm (>= 2.11), after the batch-size check
+            raise ValueError(f"bn_ext.batch_norm: eps must be positive during training, but "
+                             f"got {eps}")
+    elif not eps >= 0:
+        raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
+
+
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                 momentum: Optional[float], eps: float,
@@ -351,20 +368,7 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     Nothing is written before every check has passed: the ops check their arguments before they
     touch a buffer, and the running-stats update (which also bumps num_batches_tracked) runs last.
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"bn_ext.batch_norm: input must be a Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(f"bn_ext.batch_norm: expected input of shape (N, C, *) with at least "
-                         f"2 dimensions, got {input.dim()}D input")
-    # torch's F.batch_norm checks the batch size and eps in Python before its C++ kernel checks
-    # the rest, so with several arguments wrong the error's type is the one torch raises first.
-    if training:
-        _verify_batch_size(input)
-        if not eps > 0:  # as torch's F.batch_norm (>= 2.11), after the batch-size check
-            raise ValueError(f"bn_ext.batch_norm: eps must be positive during training, but "
-                             f"got {eps}")
-    elif not eps >= 0:
-        raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
+    _check_input_batch_and_eps(input, training, eps)
     # torch's argument parser: the tensors, then training, momentum and eps
     if not (isinstance(weight, _TENSOR_OR_NONE) and isinstance(bias, _TENSOR_OR_NONE) and
             isinstance(running_mean, _TENSOR_OR_NONE) and isinstance(running_var, _TENSOR_OR_NONE)):
@@ -446,6 +450,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     unbiased batch variance. Otherwise the running statistics normalize the input.
     """
     if momentum is None:
+        # torch's argument parser refuses it, after F.batch_norm's own checks
+        _check_input_batch_and_eps(input, training, eps)
         raise TypeError("bn_ext.batch_norm: momentum must be a float; the cumulative average "
                         "(momentum=None) is available through the BatchNorm modules")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

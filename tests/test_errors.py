@@ -97,6 +97,16 @@ def test_functional_bad_per_channel_tensors(device):
         bn_ext.batch_norm(x, rm, None, training=True)
     with pytest.raises(TypeError, match="momentum"):
         bn_ext.batch_norm(x, rm, rv, training=True, momentum=None)
+    # with momentum=None and another argument wrong, torch's F.batch_norm raises for the batch
+    # size or eps first (its argument parser, which refuses None, comes after)
+    one = x[:1].flatten(2)[..., :1]
+    for args, kw in (((one, None, None), dict(training=True)),
+                     ((x, None, None), dict(training=True, eps=0.0)),
+                     ((x, rm, rv), dict(training=False, eps=-1.0))):
+        with pytest.raises(ValueError):
+            torch.nn.functional.batch_norm(*args, momentum=None, **kw)
+        with pytest.raises(ValueError):
+            bn_ext.batch_norm(*args, momentum=None, **kw)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         bn_ext.batch_norm(torch.randn(3, device=device), None, None, training=True)
 
