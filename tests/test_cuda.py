@@ -456,6 +456,28 @@ def test_persistent_path_matches_float64(monkeypatch, dtype, case):
         assert torch.equal(a, same)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(32, 256, 14, 14), (10, 512, 14, 14)], ids=_ids)
+def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
+    """BN_EXT_CUDA_NARROW_VECTORS=1 (14x14: runs on 8-byte boundaries): the one-block kernels with
+    8-byte vectors (V = 4 in the kernel's name) run, repeat to the bit, and agree with float64 and
+    with the default's masked 16-byte ones."""
+    C = shape[1]
+    x = make_input(shape, dtype, DEV, "contiguous", seed=21, mean=3.0, std=0.5)
+    dy = make_input(shape, dtype, DEV, "contiguous", seed=22)
+    w = torch.rand(C, device=DEV) + 0.5
+    b = torch.randn(C, device=DEV)
+    default = train_ops(x, dy, w, b)
+    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")
+    names = [n for n in _kernels_run(lambda: train_ops(x, dy, w, b))
+             if "persistent_channel_block_kernel" in n]
+    assert len(names) == 2 and all(", 4, " in n and "false>" in n for n in names), names
+    narrow = train_ops(x, dy, w, b)
+    for a, again in zip(narrow, train_ops(x, dy, w, b), strict=True):
+        assert torch.equal(a, again)
+    assert_training_matches_float64(narrow, x, dy, w, b, others=default)
+
+
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_persistent_path_through_the_module(monkeypatch, layout, channels):

@@ -131,6 +131,45 @@ def test_single_pass_cases_reach_every_kernel():
         assert plans == {64, 128, 256, "cooperative"}, (dtype, plans)
 
 
+def _last_block_threads():
+    lib = ctypes.CDLL(bn_ext._C.__file__)
+    lib.bn_ext_emu_last_block_threads.restype = ctypes.c_int64
+    return lib.bn_ext_emu_last_block_threads()
+
+
+# 16-bit channels whose runs start on 8-byte but not 16-byte boundaries (S % 8 == 4), each with
+# a batch at which the narrow kernel (8-byte vectors, 8 a thread) holds the channel in 64
+# threads where the masked one (16-byte vectors, 4 a thread, (S + 14) / 8 a run) needs 128.
+NARROW_CASES = [(10, 16, 14, 14), (200, 16, 1, 4), (100, 17, 2, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", NARROW_CASES, ids=["x".join(map(str, s)) for s in NARROW_CASES])
+def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
+    """BN_EXT_CUDA_NARROW_VECTORS=1: the one-block kernels read these channels in whole 8-byte
+    vectors (64 threads a block here, where the default's masked 16-byte slots take 128), repeat
+    to the bit, and agree with float64 and with the default's results; any other value, or
+    none, leaves the default."""
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    x, dy, w, b = _case(shape, dtype, "contiguous")
+    y, mean, var = ops.train_forward(x, w, b, 1e-5)
+    assert _last_block_threads() == 128
+    default = train_ops(x, dy, w, b)
+    assert _last_block_threads() == 128
+    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "yes")  # not "1": the default
+    assert all(torch.equal(a, c) for a, c in zip(train_ops(x, dy, w, b), default))
+
+    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")
+    (y, mean, var), grids = _with_grids(lambda: ops.train_forward(x, w, b, 1e-5))
+    assert grids == (1, 0) and _last_block_threads() == 64
+    (dx, gw, gb), grids = _with_grids(lambda: ops.train_backward(dy, x, mean, var, w, 1e-5))
+    assert grids == (1, 0) and _last_block_threads() == 64
+    narrow = (y, mean, var, dx, gw, gb)
+    for a, again in zip(narrow, train_ops(x, dy, w, b), strict=True):
+        assert torch.equal(a, again)
+    assert_training_matches_float64(narrow, x, dy, w, b, others=default)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(32, 24, 7, 7), (2, 3, 64, 64)],

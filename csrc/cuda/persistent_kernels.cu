@@ -392,17 +392,32 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
   }
 }
 
+// BN_EXT_CUDA_NARROW_VECTORS=1 (read on every call; an experiment, off by default until timed on
+// a GPU): a 16-bit channel whose runs start on 8-byte but not 16-byte boundaries (S % 8 == 4,
+// as 14x14) is read in 8-byte vectors, whole, instead of 16-byte ones with masked lanes. Built
+// for sm_90 (nvcc 13.0, bf16, 256 threads) that kernel is 1168 instructions and 76 registers in
+// the backward (masked: 1976 and 71), 1376 and 62 in the forward (1992 and 56): no per-lane
+// predicates and one store path, at twice the slots a thread (bench/results/README.md).
+bool narrow_vectors() {
+  const char* v = std::getenv("BN_EXT_CUDA_NARROW_VECTORS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 // The one-block-per-channel launch where it applies: contiguous, 16-byte aligned, fewer than
 // 2^31 elements, at least as many channels as SMs, and a channel's slots within kThreads * kItems.
 // Returns whether it launched.
-template <typename T, typename Op>
+template <typename T, typename Op, int V = kMaxVec<T>>
 bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& out,
                    const Geometry& g) {
-  constexpr int V = kMaxVec<T>;
   constexpr int K = kItems<T, V>;
   if (g.layout != Layout::kContiguous || x.numel() == 0 || x.numel() >= (int64_t(1) << 31) ||
       g.C < sm_count()) {
     return false;
+  }
+  if constexpr (V == kMaxVec<T> && sizeof(T) == 2) {
+    if (g.S % V != 0 && g.S % (V / 2) == 0 && narrow_vectors()) {
+      return channel_block<T, Op, V / 2>(op, x, dy, out, g);
+    }
   }
   const T* xp = x.const_data_ptr<T>();
   const T* dyp = Op::kNeedsDy ? dy.const_data_ptr<T>() : nullptr;
@@ -411,6 +426,7 @@ bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor
     return false;
   }
   const bool masked = g.S % V != 0;
+  TORCH_INTERNAL_ASSERT(V == kMaxVec<T> || !masked);
   const int64_t per_run = masked ? (g.S + 2 * V - 2) / V : g.S / V;
   const int64_t slots = g.N * per_run;
   if (slots > int64_t{kThreads} * K) return false;
@@ -425,11 +441,13 @@ bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const auto with_mask = [&](auto btag) {
-    if (masked) {
-      launch(btag, std::true_type{});
-    } else {
-      launch(btag, std::false_type{});
+    if constexpr (V == kMaxVec<T>) {  // the narrow vectors are only ever whole
+      if (masked) {
+        launch(btag, std::true_type{});
+        return;
+      }
     }
+    launch(btag, std::false_type{});
   };
   if (slots <= int64_t{64} * K) {
     with_mask(std::integral_constant<int, 64>{});

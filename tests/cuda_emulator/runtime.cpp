@@ -176,6 +176,8 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 b
 // Grids run so far, ordinary and cooperative: tests read them (bn_ext_emu_launches, below) to see
 // which path an op took, as test_cuda.py reads the profiler on a GPU.
 std::atomic<int64_t> g_launches[2];
+// The threads per block of the last grid: which of a kernel's block sizes a launch chose.
+std::atomic<int64_t> g_last_block_threads{0};
 
 std::mutex g_kernels_mutex;
 std::unordered_map<const void*, std::function<void(void**)>>& kernels() {
@@ -263,6 +265,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bo
     }
   }
   ++g_launches[cooperative ? 1 : 0];
+  g_last_block_threads = int64_t(block.x) * block.y * block.z;
   if (!cooperative) {
     for (const uint3& id : ids) run_block(block_body, grid, block, id);
     return;
@@ -352,6 +355,9 @@ extern "C" void bn_ext_emu_frsqrt_rn(const float* in, float* out, int64_t n) {
 extern "C" int64_t bn_ext_emu_launches(int cooperative) {
   return emu::g_launches[cooperative != 0 ? 1 : 0].load();
 }
+
+// For ctypes: the threads per block of the last grid run.
+extern "C" int64_t bn_ext_emu_last_block_threads() { return emu::g_last_block_threads.load(); }
 
 // For ctypes: the number of index dispatches that BN_EXT_EMU_INDEX64=1 sent to 64-bit kernels.
 extern "C" int64_t bn_ext_emu_forced_index64() { return emu::g_forced_index64.load(); }
