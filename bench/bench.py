@@ -378,12 +378,34 @@ def peers_for(device: str, persistent: bool = False) -> list:
     return [Peer("bn_ext", "bn_ext"), Peer("eager", "eager"), Peer("compile", "compile")]
 
 
+def variant_peers(specs: list) -> list:
+    """--variant NAME:VAR=VALUE[,VAR=VALUE...]: bn_ext again under those environment variables
+    (an experiment's switch, read by the C++ on every call), as the peer NAME."""
+    peers = []
+    for spec in specs or []:
+        name, _, assigns = spec.partition(":")
+        env = dict(a.split("=", 1) for a in assigns.split(",") if "=" in a)
+        if not name or not env or len(env) != len(assigns.split(",")):
+            raise SystemExit(f"--variant {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE...]")
+        peers.append(Peer(name, "bn_ext", env=env))
+    return peers
+
+
 def selected_peers(args) -> list:
-    """peers_for(args.device), less those that --peers leaves out (bn_ext always stays, and
-    with --cuda-persistent the multi-pass bn_ext too)."""
+    """peers_for(args.device) and the --variant peers, less those that --peers leaves out
+    (bn_ext always stays, and so do the other bn_ext paths: --cuda-persistent's multi-pass and
+    the variants)."""
     peers = peers_for(args.device, getattr(args, "cuda_persistent", False))
+    variants = variant_peers(getattr(args, "variant", None))
+    taken = {p.name for p in peers}
+    clash = [p.name for p in variants if p.name in taken]
+    if clash:
+        raise SystemExit(f"--variant: the name {clash[0]!r} is a peer's already")
+    peers = peers[:1] + [p for p in peers[1:] if p.kind == "bn_ext"] + variants + [
+        p for p in peers[1:] if p.kind != "bn_ext"]
     if getattr(args, "peers", None):
-        wanted = set(split(args.peers, [p.name for p in peers])) | {"bn_ext", MULTI_PASS}
+        own = {p.name for p in peers if p.kind == "bn_ext"}
+        wanted = set(split(args.peers, [p.name for p in peers])) | own
         peers = [p for p in peers if p.name in wanted]
     return peers
 
@@ -849,6 +871,10 @@ def header(args, meta: dict) -> list:
                      f"the call (then held twice as long): {meta['short_holds']}")
     if meta.get("resumed"):
         lines.append(f"- resumed: {meta['resumed']}")
+    for v in variant_peers(getattr(args, "variant", None)):
+        lines.append(f"- variant: {v.name} = bn_ext with "
+                     + ", ".join(f"{k}={val}" for k, val in v.env.items())
+                     + " while it runs, in the same rounds")
     if args.device == "cuda":
         lines.append("- bn_ext CUDA training path: " + training_path()
                      + (f"; {MULTI_PASS} = bn_ext's multi-pass path (BN_EXT_CUDA_PERSISTENT=0 "
@@ -1077,6 +1103,11 @@ def parse_args(argv=None):
                          "the single-pass kernels where a tile fits, and time bn_ext's "
                          "multi-pass path beside them as the peer 'multi-pass' (adds "
                          "-persistent to the file stem)")
+    ap.add_argument("--variant", action="append", default=None,
+                    metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                    help="time bn_ext once more in the same rounds, under these environment "
+                         "variables, as the peer NAME (repeatable): an experiment's switch "
+                         "against the default, e.g. narrow:BN_EXT_CUDA_NARROW_VECTORS=1")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="start no (shape, layout, dtype) group that would not end this many "
                          "seconds after the start (judged by the longest group so far); the "
@@ -1258,7 +1289,7 @@ def load_earlier(path: str, args) -> dict:
     # Rows timed another way would not compare with this run's: the timer's label names its
     # settings (triton, L2 flush, threads, min_run_time); these are the rest.
     was, now = saved["args"], vars(args)
-    for key in ("compile_mode", "cuda_persistent", "peers", "rounds"):
+    for key in ("compile_mode", "cuda_persistent", "variant", "peers", "rounds"):
         if key in was and was[key] != now.get(key):
             raise SystemExit(f"--resume: {path} was measured with --{key.replace('_', '-')} "
                              f"{was.get(key)!r}, this run has {now.get(key)!r}; run it the "
