@@ -384,10 +384,12 @@ def variant_peers(specs: list) -> list:
     peers = []
     for spec in specs or []:
         name, _, assigns = spec.partition(":")
-        env = dict(a.split("=", 1) for a in assigns.split(",") if "=" in a)
-        if not name or not env or len(env) != len(assigns.split(",")):
+        pairs = [a.split("=", 1) for a in assigns.split(",")]
+        if not name or not all(len(p) == 2 and p[0] for p in pairs):
             raise SystemExit(f"--variant {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE...]")
-        peers.append(Peer(name, "bn_ext", env=env))
+        if name in [p.name for p in peers] + ["copy"]:  # "copy": the copy-bandwidth workload
+            raise SystemExit(f"--variant: the name {name!r} is taken")
+        peers.append(Peer(name, "bn_ext", env=dict(pairs)))
     return peers
 
 
@@ -416,7 +418,8 @@ def torch_peers(peers: list) -> list:
 
 
 def own_peers(peers: list) -> list:
-    """The names of the other bn_ext paths timed beside bn_ext (--cuda-persistent's multi-pass)."""
+    """The names of the other bn_ext paths timed beside bn_ext (--cuda-persistent's multi-pass,
+    the --variant peers)."""
     return [p.name for p in peers if p.kind == "bn_ext" and p.name != "bn_ext"]
 
 
@@ -1290,7 +1293,8 @@ def load_earlier(path: str, args) -> dict:
     # settings (triton, L2 flush, threads, min_run_time); these are the rest.
     was, now = saved["args"], vars(args)
     for key in ("compile_mode", "cuda_persistent", "variant", "peers", "rounds"):
-        if key in was and was[key] != now.get(key):
+        # (a file from before --variant existed has no key: it was timed with none)
+        if (key in was or key == "variant") and was.get(key) != now.get(key):
             raise SystemExit(f"--resume: {path} was measured with --{key.replace('_', '-')} "
                              f"{was.get(key)!r}, this run has {now.get(key)!r}; run it the "
                              f"same way, or under another --name")

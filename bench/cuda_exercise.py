@@ -3,8 +3,8 @@
 every dtype, aligned (vectorized) and misaligned (scalar) inputs, one-block and two-stage
 reductions, with the multi-pass kernels (BN_EXT_CUDA_PERSISTENT=0); the training ops once more
 with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per channel, of 64, 128 and
-256 threads where the channels are at least the SMs, and cooperative; unless
-BN_EXT_EXERCISE_SINGLE_PASS=0).
+256 threads where the channels are at least the SMs, and cooperative; and, for 16-bit 14x14, the
+narrow-vector experiment, BN_EXT_CUDA_NARROW_VECTORS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
 
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
@@ -75,6 +75,12 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, 0.1)
             ops.train_backward(dy, x, mean, var, w, 1e-5)
             ops.train_backward(dy, x, mean, var, None, 1e-5)
+            if dtype in (torch.float16, torch.bfloat16) and shape[-1] * shape[-2] % 8 == 4:
+                # the narrow-vector experiment (14x14: 8-byte vectors, unmasked)
+                os.environ["BN_EXT_CUDA_NARROW_VECTORS"] = "1"
+                y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+                ops.train_backward(dy, x, mean, var, w, 1e-5)
+                del os.environ["BN_EXT_CUDA_NARROW_VECTORS"]
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "0"
         launches += 1
 # The modules end to end, training and eval, forward and backward.

@@ -113,6 +113,7 @@ def main(argv=None) -> int:
           f"{path}; {what}")
     for dims, layout in parse_rows(args.rows):
         for dname in args.dtype.split(","):
+            torch._dynamo.reset()  # as bench.run_group: a fresh compile per group
             x, dy, weight, bias, _, _ = bench.group_tensors(dims, layout, bench.DTYPES[dname],
                                                             "cuda")
             for pas in args.passes.split(","):
