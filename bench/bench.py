@@ -378,16 +378,17 @@ def peers_for(device: str, persistent: bool = False) -> list:
     return [Peer("bn_ext", "bn_ext"), Peer("eager", "eager"), Peer("compile", "compile")]
 
 
-def variant_peers(specs: list) -> list:
+def variant_peers(specs: list, taken=()) -> list:
     """--variant NAME:VAR=VALUE[,VAR=VALUE...]: bn_ext again under those environment variables
-    (an experiment's switch, read by the C++ on every call), as the peer NAME."""
+    (an experiment's switch, read by the C++ on every call), as the peer NAME, which must differ
+    from the `taken` names, the other variants' and "copy" (the copy-bandwidth workload's)."""
     peers = []
     for spec in specs or []:
         name, _, assigns = spec.partition(":")
         pairs = [a.split("=", 1) for a in assigns.split(",")]
         if not name or not all(len(p) == 2 and p[0] for p in pairs):
             raise SystemExit(f"--variant {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE...]")
-        if name in [p.name for p in peers] + ["copy"]:  # "copy": the copy-bandwidth workload
+        if name in [*taken, "copy", *(p.name for p in peers)]:
             raise SystemExit(f"--variant: the name {name!r} is taken")
         peers.append(Peer(name, "bn_ext", env=dict(pairs)))
     return peers
@@ -398,11 +399,7 @@ def selected_peers(args) -> list:
     (bn_ext always stays, and so do the other bn_ext paths: --cuda-persistent's multi-pass and
     the variants)."""
     peers = peers_for(args.device, getattr(args, "cuda_persistent", False))
-    variants = variant_peers(getattr(args, "variant", None))
-    taken = {p.name for p in peers}
-    clash = [p.name for p in variants if p.name in taken]
-    if clash:
-        raise SystemExit(f"--variant: the name {clash[0]!r} is a peer's already")
+    variants = variant_peers(getattr(args, "variant", None), [p.name for p in peers])
     peers = peers[:1] + [p for p in peers[1:] if p.kind == "bn_ext"] + variants + [
         p for p in peers[1:] if p.kind != "bn_ext"]
     if getattr(args, "peers", None):

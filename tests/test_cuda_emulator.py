@@ -26,11 +26,17 @@ pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="needs the CUDA emulat
 ops = torch.ops.bn_ext
 
 
+def _emu_counter(name):
+    """The emulated runtime's int64 counter function `name` (runtime.cpp), through ctypes."""
+    fn = getattr(ctypes.CDLL(bn_ext._C.__file__), name)
+    fn.restype = ctypes.c_int64
+    return fn
+
+
 def _launches():
     """(ordinary, cooperative) grids run so far by the emulated device."""
-    lib = ctypes.CDLL(bn_ext._C.__file__)
-    lib.bn_ext_emu_launches.restype = ctypes.c_int64
-    return lib.bn_ext_emu_launches(0), lib.bn_ext_emu_launches(1)
+    count = _emu_counter("bn_ext_emu_launches")
+    return count(0), count(1)
 
 
 def _with_grids(fn):
@@ -132,9 +138,7 @@ def test_single_pass_cases_reach_every_kernel():
 
 
 def _last_block_threads():
-    lib = ctypes.CDLL(bn_ext._C.__file__)
-    lib.bn_ext_emu_last_block_threads.restype = ctypes.c_int64
-    return lib.bn_ext_emu_last_block_threads()
+    return _emu_counter("bn_ext_emu_last_block_threads")()
 
 
 # 16-bit channels whose runs start on 8-byte but not 16-byte boundaries (S % 8 == 4), each with
@@ -284,9 +288,7 @@ def test_normalize_backward_writes_dx_in_the_reduction(monkeypatch, sms, dtype, 
 
 def _forced_index64():
     """Index dispatches that BN_EXT_EMU_INDEX64=1 has sent to the 64-bit kernels so far."""
-    lib = ctypes.CDLL(bn_ext._C.__file__)
-    lib.bn_ext_emu_forced_index64.restype = ctypes.c_int64
-    return lib.bn_ext_emu_forced_index64()
+    return _emu_counter("bn_ext_emu_forced_index64")()
 
 
 def _every_op(x, dy, w, b):

@@ -409,15 +409,15 @@ bool narrow_vectors() {
 template <typename T, typename Op, int V = kMaxVec<T>>
 bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& out,
                    const Geometry& g) {
+  if constexpr (V == kMaxVec<T> && sizeof(T) == 2) {
+    if (g.S % V != 0 && g.S % (V / 2) == 0 && narrow_vectors()) {
+      return channel_block<T, Op, V / 2>(op, x, dy, out, g);  // which checks the rest
+    }
+  }
   constexpr int K = kItems<T, V>;
   if (g.layout != Layout::kContiguous || x.numel() == 0 || x.numel() >= (int64_t(1) << 31) ||
       g.C < sm_count()) {
     return false;
-  }
-  if constexpr (V == kMaxVec<T> && sizeof(T) == 2) {
-    if (g.S % V != 0 && g.S % (V / 2) == 0 && narrow_vectors()) {
-      return channel_block<T, Op, V / 2>(op, x, dy, out, g);
-    }
   }
   const T* xp = x.const_data_ptr<T>();
   const T* dyp = Op::kNeedsDy ? dy.const_data_ptr<T>() : nullptr;
