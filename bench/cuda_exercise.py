@@ -4,7 +4,8 @@ every dtype, aligned (vectorized) and misaligned (scalar) inputs, one-block and 
 reductions, with the multi-pass kernels (BN_EXT_CUDA_PERSISTENT=0); the training ops once more
 with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per channel, of 64, 128 and
 256 threads where the channels are at least the SMs, and cooperative; and, for 16-bit 14x14, the
-narrow-vector experiment, BN_EXT_CUDA_NARROW_VECTORS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
+narrow-vector experiment, BN_EXT_CUDA_NARROW_VECTORS=1; for a 7x7 layer, the block-size one,
+BN_EXT_CUDA_ONE_BLOCK_THREADS=256; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
 
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
@@ -81,6 +82,12 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
                 y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
                 ops.train_backward(dy, x, mean, var, w, 1e-5)
                 del os.environ["BN_EXT_CUDA_NARROW_VECTORS"]
+            if shape == (4, 160, 7, 7):
+                # the block-size experiment: this channel's few slots in 256 threads, most idle
+                os.environ["BN_EXT_CUDA_ONE_BLOCK_THREADS"] = "256"
+                y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+                ops.train_backward(dy, x, mean, var, w, 1e-5)
+                del os.environ["BN_EXT_CUDA_ONE_BLOCK_THREADS"]
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "0"
         launches += 1
 # The modules end to end, training and eval, forward and backward.

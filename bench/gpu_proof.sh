@@ -9,8 +9,8 @@
 #               device and the torch/CUDA/cuDNN versions;
 #   bench       (quick mode only) bench.py --quick, the default path (the one-block single-pass
 #               kernel where a channel fits, else multi-pass); and the one-block kernel's
-#               16-bit ResNet-50 rows beside the multi-pass path and the narrow-vector
-#               experiment (cuda-<device>-onepass-narrow.md);
+#               16-bit ResNet-50 rows beside the multi-pass path and the experiments' switches
+#               (cuda-<device>-onepass-experiments.md);
 #   counters    (quick mode only) Nsight Compute (ncu) over one call of the passes that trail
 #               torch.compile, bn_ext's kernels and compile's, saved as
 #               bench/results/<gpu>-counters.txt: what bounds each (issue, memory, occupancy);
@@ -287,6 +287,12 @@ counters() {
       --peers bn_ext --rows 32x1024x14x14:nchw --dtype bf16 --pass fwd,bwd >>"$out" 2>&1 \
       || rc=$?
   }
+  LIMIT=$((total - ($(date +%s) - t0)))
+  [ "$rc" -eq 0 ] && [ "$LIMIT" -gt 20 ] && {
+    echo "# BN_EXT_CUDA_ONE_BLOCK_THREADS=256 (a 7x7 channel in 256 threads, not 64)" >>"$out"
+    limited env BN_EXT_CUDA_ONE_BLOCK_THREADS=256 "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu \
+      --peers bn_ext --rows 32x512x7x7:nchw --dtype bf16 --pass fwd,bwd >>"$out" 2>&1 || rc=$?
+  }
   LIMIT=$total
   grep -c '^==PROF== Profiling' "$out" | sed 's/$/ kernels profiled/'
   return "$rc"
@@ -339,12 +345,15 @@ if [ "$QUICK" = "1" ]; then
   single_pass_ok || SINGLE=0
   stage "bench quick, default path" 120 270 bench bench --quick
   # The one-block kernel's ResNet-50 rows (7x7 and 14x14 at batch 32, NCHW) in 16-bit, where it
-  # trails torch.compile, beside the multi-pass path, the 8-byte-vector experiment
-  # (BN_EXT_CUDA_NARROW_VECTORS=1, 14x14) and every peer; to set against the 16-bit rows of
-  # cuda-nvidia-h200-onepass.md (2671d08), under a name of its own.
-  ONEPASS=$(echo "cuda-$NAME" | tr 'A-Z ' 'a-z-')-onepass-narrow  # cuda-nvidia-h200-...
+  # trails torch.compile, beside the multi-pass path, the experiments (8-byte vectors for 14x14,
+  # BN_EXT_CUDA_NARROW_VECTORS=1; blocks of 128 and 256 threads, BN_EXT_CUDA_ONE_BLOCK_THREADS)
+  # and every peer; to set against the 16-bit rows of cuda-nvidia-h200-onepass.md (2671d08),
+  # under a name of its own.
+  ONEPASS=$(echo "cuda-$NAME" | tr 'A-Z ' 'a-z-')-onepass-experiments  # cuda-nvidia-h200-...
   [ "$SINGLE" = "1" ] && stage "bench one-block rows" 90 180 bench bench-onepass \
-    --cuda-persistent --variant narrow:BN_EXT_CUDA_NARROW_VECTORS=1 --layout nchw \
+    --cuda-persistent --variant narrow:BN_EXT_CUDA_NARROW_VECTORS=1 \
+    --variant t128:BN_EXT_CUDA_ONE_BLOCK_THREADS=128 \
+    --variant t256:BN_EXT_CUDA_ONE_BLOCK_THREADS=256 --layout nchw \
     --dtype bf16,fp16 --pass fwd,bwd --name "$ONEPASS" \
     --shape 32x256x14x14,32x1024x14x14,32x512x14x14,32x512x7x7,32x2048x7x7,32x1000x7x7
   stage "kernel counters (ncu)" 60 150 counters

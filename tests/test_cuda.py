@@ -482,6 +482,37 @@ def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
     assert_training_matches_float64(narrow, x, dy, w, b, others=default)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("threads", [128, 256])
+def test_one_block_threads_experiment(monkeypatch, dtype, threads):
+    """BN_EXT_CUDA_ONE_BLOCK_THREADS=128|256 on a 7x7 layer at batch 32, whose channel the default
+    holds in 64 threads: the one-block kernels run in blocks of that many threads (the block
+    size in the kernel's name), repeat to the bit, and agree with float64 and with the
+    default's results."""
+    shape = (32, 256, 7, 7)
+    x = make_input(shape, dtype, DEV, "contiguous", seed=21, mean=3.0, std=0.5)
+    dy = make_input(shape, dtype, DEV, "contiguous", seed=22)
+    w = torch.rand(shape[1], device=DEV) + 0.5
+    b = torch.randn(shape[1], device=DEV)
+    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT", raising=False)
+    monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS", raising=False)
+    monkeypatch.delenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", raising=False)
+    names = [n for n in _kernels_run(lambda: train_ops(x, dy, w, b))
+             if "persistent_channel_block_kernel" in n]
+    # <T, Op, V, block, masked>: 7x7 runs are masked in every dtype here
+    assert len(names) == 2 and all(", 64, true>" in n for n in names), names
+    default = train_ops(x, dy, w, b)
+    monkeypatch.setenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", str(threads))
+    names = [n for n in _kernels_run(lambda: train_ops(x, dy, w, b))
+             if "persistent_channel_block_kernel" in n]
+    assert len(names) == 2 and all(f", {threads}, true>" in n for n in names), names
+    wide = train_ops(x, dy, w, b)
+    for a, again in zip(wide, train_ops(x, dy, w, b), strict=True):
+        assert torch.equal(a, again)
+    assert_training_matches_float64(wide, x, dy, w, b, others=default)
+
+
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_persistent_path_through_the_module(monkeypatch, layout, channels):

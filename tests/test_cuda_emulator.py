@@ -176,6 +176,43 @@ def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
     assert_training_matches_float64(narrow, x, dy, w, b, others=default)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(32, 24, 7, 7), (12, 16, 16, 16), (1, 16, 8, 8)],
+                         ids=["masked", "128-threads", "whole-vectors"])
+def test_one_block_threads_experiment(monkeypatch, dtype, shape):
+    """BN_EXT_CUDA_ONE_BLOCK_THREADS=64|128|256: the one-block kernels run in blocks of that many
+    threads where the channel fits in them, else of the fewest that hold it (the default's
+    choice), repeat to the bit, and agree with float64 and with the default's results; any other
+    value leaves the default."""
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT", raising=False)  # CI runs the suite under =0 too
+    monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS", raising=False)
+    monkeypatch.delenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", raising=False)
+    x, dy, w, b = _case(shape, dtype, "contiguous")
+    fewest = _single_pass_plan(shape, dtype, "contiguous")
+    assert fewest in (64, 128, 256)
+    default = train_ops(x, dy, w, b)
+    assert _last_block_threads() == fewest
+    for value in ("32", "512", "0128", "wide"):
+        monkeypatch.setenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", value)
+        assert all(torch.equal(a, c) for a, c in zip(train_ops(x, dy, w, b), default, strict=True))
+        assert _last_block_threads() == fewest, value
+
+    for threads in (64, 128, 256):
+        monkeypatch.setenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", str(threads))
+        (y, mean, var), grids = _with_grids(lambda: ops.train_forward(x, w, b, 1e-5))
+        assert grids == (1, 0) and _last_block_threads() == max(threads, fewest)
+        (dx, gw, gb), grids = _with_grids(lambda: ops.train_backward(dy, x, mean, var, w, 1e-5))
+        assert grids == (1, 0) and _last_block_threads() == max(threads, fewest)
+        results = (y, mean, var, dx, gw, gb)
+        for a, again in zip(results, train_ops(x, dy, w, b), strict=True):
+            assert torch.equal(a, again)
+        if threads == fewest:
+            assert all(torch.equal(a, c) for a, c in zip(results, default, strict=True))
+        assert_training_matches_float64(results, x, dy, w, b, others=default)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(32, 24, 7, 7), (2, 3, 64, 64)],

@@ -403,6 +403,23 @@ bool narrow_vectors() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
+// BN_EXT_CUDA_ONE_BLOCK_THREADS=64|128|256 (read on every call; an experiment, unset by default
+// until a GPU has timed it): the one-block kernel's block where the channel fits in it, else the
+// fewest threads that hold it (the default's choice). A wider block gives each thread fewer slots:
+// a shorter chain of loads, sums and stores a thread, for fewer channels resident. In two
+// leases' tables (a92f479, 2671d08), the first kernel (256 threads, a quarter of the slots a
+// thread) was the faster on the row with the fewest channels an SM, 32x512x7x7 16-bit backward
+// (8.8-8.9 us against 10.3-10.4; 3.9 channels an SM on an H200), and the slower on 32x2048x7x7
+// (20.6-20.7 against 19.9-20.0); both kernels took 102-104 registers in the masked 16-bit
+// backward (70-71 since ad1e18d).
+int one_block_threads() {
+  const char* v = std::getenv("BN_EXT_CUDA_ONE_BLOCK_THREADS");
+  if (v == nullptr) return 0;
+  if (std::strcmp(v, "64") == 0) return 64;
+  if (std::strcmp(v, "128") == 0) return 128;
+  return std::strcmp(v, "256") == 0 ? kThreads : 0;
+}
+
 // The one-block-per-channel launch where it applies: contiguous, 16-byte aligned, fewer than
 // 2^31 elements, at least as many channels as SMs, and a channel's slots within kThreads * kItems.
 // Returns whether it launched.
@@ -449,9 +466,10 @@ bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor
     }
     launch(btag, std::false_type{});
   };
-  if (slots <= int64_t{64} * K) {
+  const int wanted = one_block_threads();  // 0: the fewest that hold the channel
+  if (slots <= int64_t{64} * K && wanted <= 64) {
     with_mask(std::integral_constant<int, 64>{});
-  } else if (slots <= int64_t{128} * K) {
+  } else if (slots <= int64_t{128} * K && wanted <= 128) {
     with_mask(std::integral_constant<int, 128>{});
   } else {
     with_mask(std::integral_constant<int, kThreads>{});
