@@ -5,7 +5,8 @@ reductions, with the multi-pass kernels (BN_EXT_CUDA_PERSISTENT=0); the training
 with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per channel, of 64, 128 and
 256 threads where the channels are at least the SMs, and cooperative; and, for 16-bit 14x14, the
 narrow-vector experiment, BN_EXT_CUDA_NARROW_VECTORS=1; for a 7x7 layer, the block-size one,
-BN_EXT_CUDA_ONE_BLOCK_THREADS=256; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
+BN_EXT_CUDA_ONE_BLOCK_THREADS=256; for the one-block shapes, the two-sweep kernel,
+BN_EXT_CUDA_TWO_SWEEPS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
 
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
@@ -88,6 +89,13 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
                 y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
                 ops.train_backward(dy, x, mean, var, w, 1e-5)
                 del os.environ["BN_EXT_CUDA_ONE_BLOCK_THREADS"]
+            if shape[1] == 160:
+                # the two-sweep experiment (masked slots, whole vectors, several slots a thread)
+                os.environ["BN_EXT_CUDA_TWO_SWEEPS"] = "1"
+                y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+                ops.train_forward(x, None, None, 1e-5)
+                ops.train_backward(dy, x, mean, var, w, 1e-5)
+                del os.environ["BN_EXT_CUDA_TWO_SWEEPS"]
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "0"
         launches += 1
 # The modules end to end, training and eval, forward and backward.

@@ -280,19 +280,17 @@ counters() {
     echo "gpu_proof: ncu cannot read this machine's counters (see $(basename "$out"))"
     return 0
   fi
-  LIMIT=$((total - ($(date +%s) - t0)))  # the rest of the stage's limit
-  [ "$rc" -eq 0 ] && [ "$LIMIT" -gt 20 ] && {
-    echo "# BN_EXT_CUDA_NARROW_VECTORS=1 (8-byte vectors, unmasked)" >>"$out"
-    limited env BN_EXT_CUDA_NARROW_VECTORS=1 "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu \
-      --peers bn_ext --rows 32x1024x14x14:nchw --dtype bf16 --pass fwd,bwd >>"$out" 2>&1 \
-      || rc=$?
-  }
-  LIMIT=$((total - ($(date +%s) - t0)))
-  [ "$rc" -eq 0 ] && [ "$LIMIT" -gt 20 ] && {
-    echo "# BN_EXT_CUDA_ONE_BLOCK_THREADS=256 (a 7x7 channel in 256 threads, not 64)" >>"$out"
-    limited env BN_EXT_CUDA_ONE_BLOCK_THREADS=256 "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu \
-      --peers bn_ext --rows 32x512x7x7:nchw --dtype bf16 --pass fwd,bwd >>"$out" 2>&1 || rc=$?
-  }
+  # Then each experiment's switch on the row it is for, bn_ext only, while the stage has time.
+  local exp var row
+  for exp in "BN_EXT_CUDA_NARROW_VECTORS=1 32x1024x14x14" "BN_EXT_CUDA_TWO_SWEEPS=1 32x1024x14x14" \
+    "BN_EXT_CUDA_ONE_BLOCK_THREADS=256 32x512x7x7"; do
+    read -r var row <<<"$exp"
+    LIMIT=$((total - ($(date +%s) - t0)))  # the rest of the stage's limit
+    [ "$rc" -eq 0 ] && [ "$LIMIT" -gt 20 ] || break
+    echo "# $var" >>"$out"
+    limited env "$var" "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu --peers bn_ext \
+      --rows "$row:nchw" --dtype bf16 --pass fwd,bwd >>"$out" 2>&1 || rc=$?
+  done
   LIMIT=$total
   grep -c '^==PROF== Profiling' "$out" | sed 's/$/ kernels profiled/'
   return "$rc"
@@ -346,16 +344,18 @@ if [ "$QUICK" = "1" ]; then
   stage "bench quick, default path" 120 270 bench bench --quick
   # The one-block kernel's ResNet-50 rows (7x7 and 14x14 at batch 32, NCHW) in 16-bit, where it
   # trails torch.compile, beside the multi-pass path, the experiments (8-byte vectors for 14x14,
-  # BN_EXT_CUDA_NARROW_VECTORS=1; blocks of 128 and 256 threads, BN_EXT_CUDA_ONE_BLOCK_THREADS)
-  # and every peer; to set against the 16-bit rows of cuda-nvidia-h200-onepass.md (2671d08),
-  # under a name of its own.
+  # BN_EXT_CUDA_NARROW_VECTORS=1; blocks of 128 and 256 threads, BN_EXT_CUDA_ONE_BLOCK_THREADS;
+  # two sweeps, BN_EXT_CUDA_TWO_SWEEPS=1, which also takes the 7x7 layers at batch 256) and
+  # every peer; to set against the 16-bit rows of cuda-nvidia-h200-onepass.md (2671d08), under
+  # a name of its own.
   ONEPASS=$(echo "cuda-$NAME" | tr 'A-Z ' 'a-z-')-onepass-experiments  # cuda-nvidia-h200-...
   [ "$SINGLE" = "1" ] && stage "bench one-block rows" 90 180 bench bench-onepass \
     --cuda-persistent --variant narrow:BN_EXT_CUDA_NARROW_VECTORS=1 \
     --variant t128:BN_EXT_CUDA_ONE_BLOCK_THREADS=128 \
-    --variant t256:BN_EXT_CUDA_ONE_BLOCK_THREADS=256 --layout nchw \
+    --variant t256:BN_EXT_CUDA_ONE_BLOCK_THREADS=256 \
+    --variant sweep2:BN_EXT_CUDA_TWO_SWEEPS=1 --layout nchw \
     --dtype bf16,fp16 --pass fwd,bwd --name "$ONEPASS" \
-    --shape 32x256x14x14,32x1024x14x14,32x512x14x14,32x512x7x7,32x2048x7x7,32x1000x7x7
+    --shape 32x256x14x14,32x1024x14x14,32x512x14x14,32x512x7x7,32x2048x7x7,32x1000x7x7,256x2048x7x7,256x512x7x7
   stage "kernel counters (ncu)" 60 150 counters
   stage "sanitizer memcheck" 45 120 sanitize memcheck
   stage "sanitizer racecheck" 45 150 sanitize racecheck

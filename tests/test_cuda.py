@@ -513,6 +513,34 @@ def test_one_block_threads_experiment(monkeypatch, dtype, threads):
     assert_training_matches_float64(wide, x, dy, w, b, others=default)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(32, 256, 14, 14), (256, 256, 7, 7), (32, 256, 8, 8)], ids=_ids)
+def test_two_sweeps_experiment(monkeypatch, dtype, shape):
+    """BN_EXT_CUDA_TWO_SWEEPS=1: a 14x14 layer at batch 32 (the register kernel's too), a 7x7 one
+    at batch 256 (12544 elements a channel, multi-pass by default) and one of whole vectors run
+    the two-sweep kernel, one launch a pass, repeat to the bit, and agree with float64 and with
+    the default's results."""
+    C = shape[1]
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_input(shape, dtype, DEV, "contiguous", seed=21, mean=3.0, std=0.5)
+    dy = make_input(shape, dtype, DEV, "contiguous", seed=22)
+    w = torch.rand(C, device=DEV, dtype=mt) + 0.5
+    b = torch.randn(C, device=DEV, dtype=mt)
+    for var in ("BN_EXT_CUDA_PERSISTENT", "BN_EXT_CUDA_NARROW_VECTORS",
+                "BN_EXT_CUDA_ONE_BLOCK_THREADS", "BN_EXT_CUDA_TWO_SWEEPS"):
+        monkeypatch.delenv(var, raising=False)
+    default = train_ops(x, dy, w, b)
+    monkeypatch.setenv("BN_EXT_CUDA_TWO_SWEEPS", "1")
+    names = _kernels_run(lambda: train_ops(x, dy, w, b))
+    assert sum("channel_two_sweep_kernel" in n for n in names) == 2, names
+    assert not any("persistent_channel_block_kernel" in n or "reduce" in n for n in names), names
+    swept = train_ops(x, dy, w, b)
+    for a, again in zip(swept, train_ops(x, dy, w, b), strict=True):
+        assert torch.equal(a, again)
+    assert_training_matches_float64(swept, x, dy, w, b, others=default)
+
+
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_persistent_path_through_the_module(monkeypatch, layout, channels):

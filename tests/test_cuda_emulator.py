@@ -213,6 +213,70 @@ def test_one_block_threads_experiment(monkeypatch, dtype, shape):
         assert_training_matches_float64(results, x, dy, w, b, others=default)
 
 
+# (shape, whether the two-sweep kernel takes it): contiguous channels of up to 16384 elements,
+# where the channels are at least the SMs (16 here).
+TWO_SWEEP_CASES = [
+    ((32, 24, 7, 7), True),      # a channel the register kernel holds too (in 64 threads)
+    ((256, 16, 7, 7), True),     # 12544 elements (ResNet-50's 7x7 at batch 256): several slots a
+                                 # thread, beyond the register kernel (multi-pass by default)
+    ((3, 17, 7, 7), True),       # masked slots, the tensor ending mid-vector
+    ((16, 16, 32, 32), True),    # whole vectors, 16384 elements: the largest channel it takes
+    ((17, 16, 32, 32), False),   # 17408 elements: the default's path
+    ((64, 8, 7, 7), False),      # fewer channels than SMs: the default's path
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", TWO_SWEEP_CASES,
+                         ids=["x".join(map(str, s)) for s, _ in TWO_SWEEP_CASES])
+def test_two_sweeps_experiment(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_TWO_SWEEPS=1: train_forward and train_backward each run one grid of 256-thread
+    blocks, one a channel, where a contiguous channel has at most 16384 elements and the
+    channels are at least the SMs; they repeat to the bit, agree with float64 and with the
+    default's results, and update the running statistics once, as the multi-pass path does.
+    Elsewhere, and with any other value, the default's path and bits."""
+    shape, takes = case
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    for var in ("BN_EXT_CUDA_PERSISTENT", "BN_EXT_CUDA_NARROW_VECTORS",
+                "BN_EXT_CUDA_ONE_BLOCK_THREADS", "BN_EXT_CUDA_TWO_SWEEPS"):
+        monkeypatch.delenv(var, raising=False)
+    x, dy, w, b = _case(shape, dtype, "contiguous")
+    default, default_grids = _with_grids(lambda: train_ops(x, dy, w, b))
+    monkeypatch.setenv("BN_EXT_CUDA_TWO_SWEEPS", "yes")  # not "1": the default
+    assert all(torch.equal(a, c) for a, c in zip(train_ops(x, dy, w, b), default, strict=True))
+
+    monkeypatch.setenv("BN_EXT_CUDA_TWO_SWEEPS", "1")
+    swept, grids = _with_grids(lambda: train_ops(x, dy, w, b))
+    if not takes:
+        assert grids == default_grids
+        assert all(torch.equal(a, c) for a, c in zip(swept, default, strict=True))
+        return
+    assert grids == (2, 0) and _last_block_threads() == 256
+    for a, again in zip(swept, train_ops(x, dy, w, b), strict=True):
+        assert torch.equal(a, again)
+    assert_training_matches_float64(swept, x, dy, w, b, others=default)
+
+    # The running statistics, updated in the kernel (its only grid), as the multi-pass path
+    # updates them (within rounding), num_batches_tracked counted once.
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    results = {}
+    for path in ("multi-pass", "two sweeps"):
+        if path == "multi-pass":
+            monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+        else:
+            monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT")
+        rm, rv = torch.full((shape[1],), 0.5, dtype=mt), torch.full((shape[1],), 2.0, dtype=mt)
+        nbt = torch.tensor(4, dtype=torch.long)
+        _, grids = _with_grids(lambda: ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1))
+        results[path] = (rm, rv, nbt, grids)
+    assert results["two sweeps"][3] == (1, 0)
+    assert int(results["two sweeps"][2]) == 5 and int(results["multi-pass"][2]) == 5
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, c in zip(results["two sweeps"][:2], results["multi-pass"][:2]):
+        torch.testing.assert_close(a, c, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(32, 24, 7, 7), (2, 3, 64, 64)],

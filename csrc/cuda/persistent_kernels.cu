@@ -314,6 +314,51 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // would leave SMs idle, and the multi-pass kernels (or, under BN_EXT_CUDA_PERSISTENT=1, the
 // cooperative plan) spread each channel over several blocks.
 
+// Slot j of contiguous channel c (S / V vectors a run, or the masked layout's slots) and its
+// loads and stores, whole vectors or masked lanes: the one-block kernels' access to a channel.
+template <int V, bool kMasked, typename I>
+__device__ __forceinline__ MaskedSlot<I> channel_slot(
+    I j, I c, I C, I S, const at::cuda::detail::IntDivider<I>& per_run) {
+  if constexpr (kMasked) {
+    return masked_slot<V>(j, c, C, S, per_run);
+  } else {
+    const auto qr = per_run.divmod(j);  // (n, vector within the run)
+    return MaskedSlot<I>{(qr.div * C + c) * S + qr.mod * V, 0};
+  }
+}
+
+template <int V, bool kMasked, typename T, typename I>
+__device__ __forceinline__ Vec<T, V> load_slot(const T* __restrict__ p, const MaskedSlot<I>& m,
+                                               I S, I numel) {
+  if constexpr (kMasked) {
+    return load_masked<V>(p, m, S, numel);
+  } else {
+    return load_vec<V>(p + m.o);
+  }
+}
+
+template <int V, bool kMasked, typename T, typename I>
+__device__ __forceinline__ void store_slot(T* __restrict__ p, const MaskedSlot<I>& m, I S,
+                                           const Vec<T, V>& v) {
+  if constexpr (kMasked) {
+    store_masked<V>(p, m, S, v);
+  } else {
+    store_vec<V>(p + m.o, v);
+  }
+}
+
+// Adds slot m's vectors to the lane sums: every lane, or (masked) those in the run.
+template <typename Op, int V, bool kMasked, typename T, typename M, typename I>
+__device__ __forceinline__ void accumulate_slot(const Vec<T, V>& xv, const Vec<T, V>& dv,
+                                                const MaskedSlot<I>& m, I S, const M (&k)[V],
+                                                M (&a1)[V], M (&a2)[V]) {
+  if constexpr (kMasked) {
+    accumulate_vec_masked<Op, V>(xv, dv, m.rel, S, k, a1, a2);
+  } else {
+    accumulate_vec<Op, V>(xv, dv, k, a1, a2);
+  }
+}
+
 template <typename T, typename Op, int V, int kBlock, bool kMasked>
 __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
     persistent_channel_block_kernel(const Op op, const T* __restrict__ x,
@@ -329,14 +374,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
   __shared__ Coefs<M> coefs;
   const I c = blockIdx.x;
   const int tid = threadIdx.x;
-  const auto slot = [&](I j) {
-    if constexpr (kMasked) {
-      return masked_slot<V>(j, c, C, S, per_run);
-    } else {
-      const auto qr = per_run.divmod(j);  // (n, vector within the run)
-      return MaskedSlot<I>{(qr.div * C + c) * S + qr.mod * V, 0};
-    }
-  };
+  const auto slot = [&](I j) { return channel_slot<V, kMasked>(j, c, C, S, per_run); };
   // The slice's loads first, then finish()'s parameters and the shift's samples (channel_shift):
   // those are independent of the slice, so the three round trips overlap.
   Vec<T, V> xs[K];
@@ -346,13 +384,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
     const I j = static_cast<I>(i * kBlock + tid);
     if (j < slots) {
       const MaskedSlot<I> m = slot(j);
-      if constexpr (kMasked) {
-        xs[i] = load_masked<V>(x, m, S, numel);
-        if constexpr (kDy) ds[i] = load_masked<V>(dy, m, S, numel);
-      } else {
-        xs[i] = load_vec<V>(x + m.o);
-        if constexpr (kDy) ds[i] = load_vec<V>(dy + m.o);
-      }
+      xs[i] = load_slot<V, kMasked>(x, m, S, numel);
+      if constexpr (kDy) ds[i] = load_slot<V, kMasked>(dy, m, S, numel);
     }
   }
   typename Op::Params params{};
@@ -364,13 +397,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     const I j = static_cast<I>(i * kBlock + tid);
-    if (j < slots) {
-      if constexpr (kMasked) {
-        accumulate_vec_masked<Op, V>(xs[i], ds[kDy ? i : 0], slot(j).rel, S, k, a1, a2);
-      } else {
-        accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
-      }
-    }
+    if (j < slots) accumulate_slot<Op, V, kMasked>(xs[i], ds[kDy ? i : 0], slot(j), S, k, a1, a2);
   }
   Sums<M> s = merge_lanes<V>(a1, a2);
   s = block_merge<M, kBlock>(s, tmp);
@@ -380,16 +407,105 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     const I j = static_cast<I>(i * kBlock + tid);
-    if (j < slots) {
-      const Vec<T, V> o = map_vec<Op>(xs[i], ds[kDy ? i : 0], kc);
-      const MaskedSlot<I> m = slot(j);
-      if constexpr (kMasked) {
-        store_masked<V>(out, m, S, o);
-      } else {
-        store_vec<V>(out + m.o, o);
+    if (j < slots) store_slot<V, kMasked>(out, slot(j), S, map_vec<Op>(xs[i], ds[kDy ? i : 0], kc));
+  }
+}
+
+// BN_EXT_CUDA_TWO_SWEEPS=1 (read on every call; an experiment, off by default until a GPU has
+// timed it): one block of kThreads a channel, as above, but holding nothing: a first sweep over
+// the channel sums it, a second loads it again, maps it and stores the output. Registers then
+// bound neither the channels resident (the kernel above: 3 blocks of 256 an SM in the 16-bit
+// 14x14 backward, so 32x1024x14x14 runs in 2.6 waves on an H200; here 5) nor the channel's size
+// (here up to kTwoSweepMaxElems: 7x7 layers at batch 256, 12544 elements, which the kernel above
+// leaves to the multi-pass path). Memory sees 2 and 3 passes, as above, where the second sweep
+// finds the channel still in L2: the resident channels' inputs are 16.5 MB in the 16-bit 14x14
+// backward at batch 32 (660 blocks on an H200), but 66 MB, more than its L2, in the float32
+// 7x7 backward at batch 256. torch.compile is ahead of the kernel above on those 16-bit
+// backwards (cuda-nvidia-h200-onepass.md). A thread has kSweepVectors vectors of each input in
+// flight and one pair of sums: ptxas (sm_90, nvcc 13.0) fits that in 48 registers, 5 blocks an
+// SM, with no spill (4 vectors took 64-78 registers; a pair of sums a lane, as above, spilled
+// at 48).
+constexpr int kSweepVectors = 2;
+constexpr int kSweepBlocksPerSm = 5;
+constexpr int64_t kTwoSweepMaxElems = 16384;
+
+template <typename T, typename Op, int V, bool kMasked>
+__global__ void __launch_bounds__(kThreads, kSweepBlocksPerSm)
+    channel_two_sweep_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy,
+                             T* __restrict__ out, uint32_t C, uint32_t S,
+                             at::cuda::detail::IntDivider<uint32_t> per_run, uint32_t slots,
+                             uint32_t numel) {
+  using I = uint32_t;
+  using M = math_t<T>;
+  constexpr bool kDy = Op::kNeedsDy;
+  constexpr int U = kSweepVectors;
+  __shared__ typename BlockMerge<M, kThreads>::TempStorage tmp;
+  __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift;
+  __shared__ Coefs<M> coefs;
+  const I c = blockIdx.x;
+  const int tid = threadIdx.x;
+  const I tid_i = static_cast<I>(tid);
+  const auto slot = [&](I j) { return channel_slot<V, kMasked>(j, c, C, S, per_run); };
+  // Slots j0 + u * kThreads of this thread, u < U: loaded together, then used.
+  Vec<T, V> xs[U];
+  Vec<T, V> ds[kDy ? U : 1];
+  const auto load = [&](I j0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const I j = j0 + static_cast<I>(u * kThreads);
+      if (j < slots) {
+        const MaskedSlot<I> m = slot(j);
+        xs[u] = load_slot<V, kMasked>(x, m, S, numel);
+        if constexpr (kDy) ds[u] = load_slot<V, kMasked>(dy, m, S, numel);
+      }
+    }
+  };
+  constexpr I kStep = static_cast<I>(U * kThreads);
+  // The first vectors' loads before the parameters' and the shift's, as above.
+  load(tid_i);
+  typename Op::Params params{};
+  if (tid == 0) params = op.params(static_cast<int64_t>(c));
+  channel_shift(op, static_cast<int64_t>(c), tid, groups, &shift);
+  // One pair of sums a thread, every lane into it (the kernel above keeps a pair a lane: 16
+  // registers in 16-bit types, which here would cost blocks resident).
+  const M k0 = shift;
+  M a1 = 0, a2 = 0;
+  for (I j0 = tid_i; j0 < slots; j0 += kStep) {
+    if (j0 != tid_i) load(j0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const I j = j0 + static_cast<I>(u * kThreads);
+      if (j < slots) {
+        const MaskedSlot<I> m = slot(j);
+#pragma unroll
+        for (int w = 0; w < V; ++w) {
+          if (!kMasked || m.rel + static_cast<I>(w) < S) {
+            Op::accumulate(lane_value(xs[u], w), kDy ? lane_value(ds[kDy ? u : 0], w) : M(0),
+                           k0, a1, a2);
+          }
+        }
       }
     }
   }
+  Sums<M> s = block_merge<M, kThreads>(Sums<M>{a1, a2}, tmp);
+  if (tid == 0) coefs = op.finish(static_cast<int64_t>(c), k0, s.s1, s.s2, true, &params);
+  __syncthreads();
+  const Coefs<M> kc = coefs;
+  for (I j0 = tid_i; j0 < slots; j0 += kStep) {
+    load(j0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const I j = j0 + static_cast<I>(u * kThreads);
+      if (j < slots) {
+        store_slot<V, kMasked>(out, slot(j), S, map_vec<Op>(xs[u], ds[kDy ? u : 0], kc));
+      }
+    }
+  }
+}
+
+bool two_sweeps() {
+  const char* v = std::getenv("BN_EXT_CUDA_TWO_SWEEPS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 // BN_EXT_CUDA_NARROW_VECTORS=1 (read on every call; an experiment, off by default until timed on
@@ -421,8 +537,9 @@ int one_block_threads() {
 }
 
 // The one-block-per-channel launch where it applies: contiguous, 16-byte aligned, fewer than
-// 2^31 elements, at least as many channels as SMs, and a channel's slots within kThreads * kItems.
-// Returns whether it launched.
+// 2^31 elements, at least as many channels as SMs, and a channel's slots within kThreads * kItems
+// (under BN_EXT_CUDA_TWO_SWEEPS=1, its elements within kTwoSweepMaxElems). Returns whether it
+// launched.
 template <typename T, typename Op, int V = kMaxVec<T>>
 bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& out,
                    const Geometry& g) {
@@ -446,14 +563,25 @@ bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor
   TORCH_INTERNAL_ASSERT(V == kMaxVec<T> || !masked);
   const int64_t per_run = masked ? (g.S + 2 * V - 2) / V : g.S / V;
   const int64_t slots = g.N * per_run;
+  const auto divider = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(per_run));
+  if constexpr (V == kMaxVec<T>) {
+    if (two_sweeps() && g.N * g.S <= kTwoSweepMaxElems) {
+      const auto kernel = masked ? channel_two_sweep_kernel<T, Op, V, true>
+                                 : channel_two_sweep_kernel<T, Op, V, false>;
+      kernel<<<static_cast<unsigned>(g.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          op, xp, dyp, outp, static_cast<uint32_t>(g.C), static_cast<uint32_t>(g.S), divider,
+          static_cast<uint32_t>(slots), static_cast<uint32_t>(x.numel()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return true;
+    }
+  }
   if (slots > int64_t{kThreads} * K) return false;
   const auto launch = [&](auto btag, auto mtag) {
     constexpr int kBlock = decltype(btag)::value;
     constexpr bool kMasked = decltype(mtag)::value;
     persistent_channel_block_kernel<T, Op, V, kBlock, kMasked>
         <<<static_cast<unsigned>(g.C), kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-            op, xp, dyp, outp, static_cast<uint32_t>(g.C), static_cast<uint32_t>(g.S),
-            at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(per_run)),
+            op, xp, dyp, outp, static_cast<uint32_t>(g.C), static_cast<uint32_t>(g.S), divider,
             static_cast<uint32_t>(slots), static_cast<uint32_t>(x.numel()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
