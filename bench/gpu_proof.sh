@@ -343,19 +343,21 @@ if [ "$QUICK" = "1" ]; then
   single_pass_ok || SINGLE=0
   stage "bench quick, default path" 120 270 bench bench --quick
   # The one-block kernel's ResNet-50 rows (7x7 and 14x14 at batch 32, NCHW) in 16-bit, where it
-  # trails torch.compile, beside the multi-pass path, the experiments (8-byte vectors for 14x14,
-  # BN_EXT_CUDA_NARROW_VECTORS=1; blocks of 128 and 256 threads, BN_EXT_CUDA_ONE_BLOCK_THREADS;
-  # two sweeps, BN_EXT_CUDA_TWO_SWEEPS=1, which also takes the 7x7 layers at batch 256) and
-  # every peer; to set against the 16-bit rows of cuda-nvidia-h200-onepass.md (2671d08), under
-  # a name of its own.
+  # trails torch.compile, on the default path (bn_ext), beside the multi-pass path, the
+  # experiments (8-byte vectors for 14x14, BN_EXT_CUDA_NARROW_VECTORS=1; blocks of 128 and 256
+  # threads, BN_EXT_CUDA_ONE_BLOCK_THREADS; two sweeps, BN_EXT_CUDA_TWO_SWEEPS=1, which also
+  # takes the 7x7 layers at batch 256, multi-pass by default) and every peer; to set against
+  # the 16-bit rows of cuda-nvidia-h200-onepass.md (2671d08), under a name of its own.
   ONEPASS=$(echo "cuda-$NAME" | tr 'A-Z ' 'a-z-')-onepass-experiments  # cuda-nvidia-h200-...
+  ONEPASS_SHAPES=32x256x14x14,32x1024x14x14,32x512x14x14,32x512x7x7,32x2048x7x7,32x1000x7x7
+  ONEPASS_SHAPES+=,256x2048x7x7,256x512x7x7
   [ "$SINGLE" = "1" ] && stage "bench one-block rows" 90 180 bench bench-onepass \
-    --cuda-persistent --variant narrow:BN_EXT_CUDA_NARROW_VECTORS=1 \
+    --variant multi-pass:BN_EXT_CUDA_PERSISTENT=0 --variant narrow:BN_EXT_CUDA_NARROW_VECTORS=1 \
     --variant t128:BN_EXT_CUDA_ONE_BLOCK_THREADS=128 \
     --variant t256:BN_EXT_CUDA_ONE_BLOCK_THREADS=256 \
     --variant sweep2:BN_EXT_CUDA_TWO_SWEEPS=1 --layout nchw \
     --dtype bf16,fp16 --pass fwd,bwd --name "$ONEPASS" \
-    --shape 32x256x14x14,32x1024x14x14,32x512x14x14,32x512x7x7,32x2048x7x7,32x1000x7x7,256x2048x7x7,256x512x7x7
+    --shape "$ONEPASS_SHAPES"
   stage "kernel counters (ncu)" 60 150 counters
   stage "sanitizer memcheck" 45 120 sanitize memcheck
   stage "sanitizer racecheck" 45 150 sanitize racecheck
