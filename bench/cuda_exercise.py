@@ -46,7 +46,8 @@ CASES = [((4, 8, 5, 6), "contiguous"), ((4, 8, 5, 6), "channels_last"),
          # Single-pass, one block a channel (160 channels: more than the SMs of an H100, H200
          # or B200): 64 threads (masked slots), 128 (float64: 256), 256 (16-bit: masked).
          ((4, 160, 7, 7), "contiguous"), ((12, 160, 16, 16), "contiguous"),
-         ((32, 160, 14, 14), "contiguous")]
+         ((32, 160, 14, 14), "contiguous"),
+         ((3, 163, 7, 7), "contiguous")]  # one block a channel, the tensor ending mid-vector
 for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
     mt = torch.float64 if dtype == torch.float64 else torch.float32
     for shape, layout in CASES:
@@ -89,8 +90,9 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
                 y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
                 ops.train_backward(dy, x, mean, var, w, 1e-5)
                 del os.environ["BN_EXT_CUDA_ONE_BLOCK_THREADS"]
-            if shape[1] == 160:
-                # the two-sweep experiment (masked slots, whole vectors, several slots a thread)
+            if shape[1] >= 160:
+                # the two-sweep experiment (masked slots, whole vectors, several slots a thread,
+                # the tensor's end)
                 os.environ["BN_EXT_CUDA_TWO_SWEEPS"] = "1"
                 y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
                 ops.train_forward(x, None, None, 1e-5)

@@ -498,6 +498,7 @@ def test_one_block_threads_experiment(monkeypatch, dtype, threads):
     monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT", raising=False)
     monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS", raising=False)
     monkeypatch.delenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", raising=False)
+    monkeypatch.delenv("BN_EXT_CUDA_TWO_SWEEPS", raising=False)
     names = [n for n in _kernels_run(lambda: train_ops(x, dy, w, b))
              if "persistent_channel_block_kernel" in n]
     # <T, Op, V, block, masked>: 7x7 runs are masked in every dtype here

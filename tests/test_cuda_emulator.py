@@ -189,6 +189,7 @@ def test_one_block_threads_experiment(monkeypatch, dtype, shape):
     monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT", raising=False)  # CI runs the suite under =0 too
     monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS", raising=False)
     monkeypatch.delenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", raising=False)
+    monkeypatch.delenv("BN_EXT_CUDA_TWO_SWEEPS", raising=False)
     x, dy, w, b = _case(shape, dtype, "contiguous")
     fewest = _single_pass_plan(shape, dtype, "contiguous")
     assert fewest in (64, 128, 256)
@@ -220,6 +221,7 @@ TWO_SWEEP_CASES = [
     ((256, 16, 7, 7), True),     # 12544 elements (ResNet-50's 7x7 at batch 256): several slots a
                                  # thread, beyond the register kernel (multi-pass by default)
     ((3, 17, 7, 7), True),       # masked slots, the tensor ending mid-vector
+    ((10, 16, 14, 14), True),    # 16-bit runs on 8-byte boundaries: narrow's too, if it were set
     ((16, 16, 32, 32), True),    # whole vectors, 16384 elements: the largest channel it takes
     ((17, 16, 32, 32), False),   # 17408 elements: the default's path
     ((64, 8, 7, 7), False),      # fewer channels than SMs: the default's path
@@ -235,7 +237,8 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
     blocks, one a channel, where a contiguous channel has at most 16384 elements and the
     channels are at least the SMs; they repeat to the bit, agree with float64 and with the
     default's results, and update the running statistics once, as the multi-pass path does.
-    Elsewhere, and with any other value, the default's path and bits."""
+    Elsewhere, and with any other value, the default's path and bits. It wins over
+    BN_EXT_CUDA_NARROW_VECTORS=1."""
     shape, takes = case
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
     for var in ("BN_EXT_CUDA_PERSISTENT", "BN_EXT_CUDA_NARROW_VECTORS",
@@ -256,6 +259,9 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
     for a, again in zip(swept, train_ops(x, dy, w, b), strict=True):
         assert torch.equal(a, again)
     assert_training_matches_float64(swept, x, dy, w, b, others=default)
+    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")  # which the two sweeps win over
+    assert all(torch.equal(a, c) for a, c in zip(train_ops(x, dy, w, b), swept, strict=True))
+    monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS")
 
     # The running statistics, updated in the kernel (its only grid), as the multi-pass path
     # updates them (within rounding), num_batches_tracked counted once.

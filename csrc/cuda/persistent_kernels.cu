@@ -544,7 +544,8 @@ template <typename T, typename Op, int V = kMaxVec<T>>
 bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& out,
                    const Geometry& g) {
   if constexpr (V == kMaxVec<T> && sizeof(T) == 2) {
-    if (g.S % V != 0 && g.S % (V / 2) == 0 && narrow_vectors()) {
+    // (BN_EXT_CUDA_TWO_SWEEPS=1 wins: its kernel takes 16-byte vectors only.)
+    if (g.S % V != 0 && g.S % (V / 2) == 0 && narrow_vectors() && !two_sweeps()) {
       return channel_block<T, Op, V / 2>(op, x, dy, out, g);  // which checks the rest
     }
   }
