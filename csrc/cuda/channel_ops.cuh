@@ -367,13 +367,16 @@ __device__ __forceinline__ Sums<M> merge_lanes(const M (&a1)[V], const M (&a2)[V
   return s;
 }
 
-template <typename Op, int V, typename T, typename M>
+// Lane w of a vector goes into pair w % L of the sums: a pair a lane (L = V, the kernels' usual
+// choice), or one pair for every lane (L = 1: fewer registers, a longer chain of adds).
+template <typename Op, int V, typename T, typename M, int L>
 __device__ __forceinline__ void accumulate_vec(const Vec<T, V>& xv, const Vec<T, V>& dv,
-                                               const M (&k)[V], M (&a1)[V], M (&a2)[V]) {
+                                               const M (&k)[L], M (&a1)[L], M (&a2)[L]) {
+  static_assert(L == V || L == 1, "a pair of sums a lane, or one pair");
 #pragma unroll
   for (int w = 0; w < V; ++w) {
-    Op::accumulate(lane_value(xv, w), Op::kNeedsDy ? lane_value(dv, w) : M(0), k[w],
-                   a1[w], a2[w]);
+    Op::accumulate(lane_value(xv, w), Op::kNeedsDy ? lane_value(dv, w) : M(0), k[w % L],
+                   a1[w % L], a2[w % L]);
   }
 }
 
@@ -381,15 +384,16 @@ __device__ __forceinline__ void accumulate_vec(const Vec<T, V>& xv, const Vec<T,
 // below 0 excludes the first lanes); the memory under the others is never read into the sums.
 // (Feeding them x = k, dy = 0 instead would add 0 * (k - k), which is NaN when the center is
 // +-inf: a float32 channel whose sum overflows.)
-template <typename Op, int V, typename T, typename M, typename I>
+template <typename Op, int V, typename T, typename M, typename I, int L>
 __device__ __forceinline__ void accumulate_vec_masked(const Vec<T, V>& xv, const Vec<T, V>& dv,
-                                                      I rel, I S, const M (&k)[V], M (&a1)[V],
-                                                      M (&a2)[V]) {
+                                                      I rel, I S, const M (&k)[L], M (&a1)[L],
+                                                      M (&a2)[L]) {
+  static_assert(L == V || L == 1, "a pair of sums a lane, or one pair");
 #pragma unroll
   for (int w = 0; w < V; ++w) {
     if (rel + static_cast<I>(w) < S) {
       Op::accumulate(lane_value(xv, w), Op::kNeedsDy ? lane_value(dv, w) : M(0),
-                     k[w], a1[w], a2[w]);
+                     k[w % L], a1[w % L], a2[w % L]);
     }
   }
 }

@@ -347,11 +347,12 @@ __device__ __forceinline__ void store_slot(T* __restrict__ p, const MaskedSlot<I
   }
 }
 
-// Adds slot m's vectors to the lane sums: every lane, or (masked) those in the run.
-template <typename Op, int V, bool kMasked, typename T, typename M, typename I>
+// Adds slot m's vectors to the sums (L pairs: accumulate_vec): every lane, or (masked) those in
+// the run.
+template <typename Op, int V, bool kMasked, typename T, typename M, typename I, int L>
 __device__ __forceinline__ void accumulate_slot(const Vec<T, V>& xv, const Vec<T, V>& dv,
-                                                const MaskedSlot<I>& m, I S, const M (&k)[V],
-                                                M (&a1)[V], M (&a2)[V]) {
+                                                const MaskedSlot<I>& m, I S, const M (&k)[L],
+                                                M (&a1)[L], M (&a2)[L]) {
   if constexpr (kMasked) {
     accumulate_vec_masked<Op, V>(xv, dv, m.rel, S, k, a1, a2);
   } else {
@@ -468,27 +469,18 @@ __global__ void __launch_bounds__(kThreads, kSweepBlocksPerSm)
   channel_shift(op, static_cast<int64_t>(c), tid, groups, &shift);
   // One pair of sums a thread, every lane into it (the kernel above keeps a pair a lane: 16
   // registers in 16-bit types, which here would cost blocks resident).
-  const M k0 = shift;
-  M a1 = 0, a2 = 0;
+  const M k[1] = {shift};
+  M a1[1] = {0}, a2[1] = {0};
   for (I j0 = tid_i; j0 < slots; j0 += kStep) {
     if (j0 != tid_i) load(j0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const I j = j0 + static_cast<I>(u * kThreads);
-      if (j < slots) {
-        const MaskedSlot<I> m = slot(j);
-#pragma unroll
-        for (int w = 0; w < V; ++w) {
-          if (!kMasked || m.rel + static_cast<I>(w) < S) {
-            Op::accumulate(lane_value(xs[u], w), kDy ? lane_value(ds[kDy ? u : 0], w) : M(0),
-                           k0, a1, a2);
-          }
-        }
-      }
+      if (j < slots) accumulate_slot<Op, V, kMasked>(xs[u], ds[kDy ? u : 0], slot(j), S, k, a1, a2);
     }
   }
-  Sums<M> s = block_merge<M, kThreads>(Sums<M>{a1, a2}, tmp);
-  if (tid == 0) coefs = op.finish(static_cast<int64_t>(c), k0, s.s1, s.s2, true, &params);
+  Sums<M> s = block_merge<M, kThreads>(Sums<M>{a1[0], a2[0]}, tmp);
+  if (tid == 0) coefs = op.finish(static_cast<int64_t>(c), k[0], s.s1, s.s2, true, &params);
   __syncthreads();
   const Coefs<M> kc = coefs;
   for (I j0 = tid_i; j0 < slots; j0 += kStep) {
