@@ -11,6 +11,8 @@ BN_EXT_CUDA_TWO_SWEEPS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
 import os
+from unittest import mock
+
 import torch
 import bn_ext
 
@@ -78,26 +80,22 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, 0.1)
             ops.train_backward(dy, x, mean, var, w, 1e-5)
             ops.train_backward(dy, x, mean, var, None, 1e-5)
+            # The experiments' switches (README), each on the shapes it is for.
+            experiments = []
             if dtype in (torch.float16, torch.bfloat16) and shape[-1] * shape[-2] % 8 == 4:
-                # the narrow-vector experiment (14x14: 8-byte vectors, unmasked)
-                os.environ["BN_EXT_CUDA_NARROW_VECTORS"] = "1"
-                y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
-                ops.train_backward(dy, x, mean, var, w, 1e-5)
-                del os.environ["BN_EXT_CUDA_NARROW_VECTORS"]
+                # narrow vectors (14x14: 8-byte vectors, unmasked)
+                experiments.append(("BN_EXT_CUDA_NARROW_VECTORS", "1"))
             if shape == (4, 160, 7, 7):
-                # the block-size experiment: this channel's few slots in 256 threads, most idle
-                os.environ["BN_EXT_CUDA_ONE_BLOCK_THREADS"] = "256"
-                y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
-                ops.train_backward(dy, x, mean, var, w, 1e-5)
-                del os.environ["BN_EXT_CUDA_ONE_BLOCK_THREADS"]
+                # the block size: this channel's few slots in 256 threads, most idle
+                experiments.append(("BN_EXT_CUDA_ONE_BLOCK_THREADS", "256"))
             if shape[1] >= 160:
-                # the two-sweep experiment (masked slots, whole vectors, several slots a thread,
-                # the tensor's end)
-                os.environ["BN_EXT_CUDA_TWO_SWEEPS"] = "1"
-                y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
-                ops.train_forward(x, None, None, 1e-5)
-                ops.train_backward(dy, x, mean, var, w, 1e-5)
-                del os.environ["BN_EXT_CUDA_TWO_SWEEPS"]
+                # two sweeps (masked slots, whole vectors, several slots a thread, the tensor's end)
+                experiments.append(("BN_EXT_CUDA_TWO_SWEEPS", "1"))
+            for switch, value in experiments:
+                with mock.patch.dict(os.environ, {switch: value}):
+                    y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+                    ops.train_forward(x, None, None, 1e-5)
+                    ops.train_backward(dy, x, mean, var, w, 1e-5)
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "0"
         launches += 1
 # The modules end to end, training and eval, forward and backward.

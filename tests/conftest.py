@@ -78,6 +78,18 @@ def float64_training_reference(x, dy, w, b, eps=1e-5):
     return y64.detach(), m64, v64, gx64, gw64, gb64
 
 
+# The CUDA path's run-time switches (README, "At run time, on the GPU"), each read on every call.
+CUDA_SWITCHES = ("BN_EXT_CUDA_PERSISTENT", "BN_EXT_CUDA_NARROW_VECTORS",
+                 "BN_EXT_CUDA_ONE_BLOCK_THREADS", "BN_EXT_CUDA_TWO_SWEEPS")
+
+
+def clear_cuda_switches(monkeypatch):
+    """Unsets every CUDA switch for the test (CI runs the emulated suite under
+    BN_EXT_CUDA_PERSISTENT=1 and =0 too): the default path, which a test then changes."""
+    for var in CUDA_SWITCHES:
+        monkeypatch.delenv(var, raising=False)
+
+
 def train_ops(x, dy, w, b, eps=1e-5):
     """The raw training ops, forward then backward: (y, mean, var, dx, grad_weight, grad_bias)."""
     y, mean, var = torch.ops.bn_ext.train_forward(x, w, b, eps)

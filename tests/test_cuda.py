@@ -21,8 +21,8 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import bn_ext
-from conftest import (assert_close, assert_training_matches_float64, make_input, make_pair,
-                      run_steps, train_ops)
+from conftest import (assert_close, assert_training_matches_float64, clear_cuda_switches,
+                      make_input, make_pair, run_steps, train_ops)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -468,8 +468,7 @@ def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
     dy = make_input(shape, dtype, DEV, "contiguous", seed=22)
     w = torch.rand(C, device=DEV) + 0.5
     b = torch.randn(C, device=DEV)
-    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT", raising=False)
-    monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS", raising=False)
+    clear_cuda_switches(monkeypatch)
     default = train_ops(x, dy, w, b)
     monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")
     names = [n for n in _kernels_run(lambda: train_ops(x, dy, w, b))
@@ -495,10 +494,7 @@ def test_one_block_threads_experiment(monkeypatch, dtype, threads):
     dy = make_input(shape, dtype, DEV, "contiguous", seed=22)
     w = torch.rand(shape[1], device=DEV) + 0.5
     b = torch.randn(shape[1], device=DEV)
-    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT", raising=False)
-    monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS", raising=False)
-    monkeypatch.delenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", raising=False)
-    monkeypatch.delenv("BN_EXT_CUDA_TWO_SWEEPS", raising=False)
+    clear_cuda_switches(monkeypatch)
     names = [n for n in _kernels_run(lambda: train_ops(x, dy, w, b))
              if "persistent_channel_block_kernel" in n]
     # <T, Op, V, block, masked>: 7x7 runs are masked in every dtype here
@@ -528,9 +524,7 @@ def test_two_sweeps_experiment(monkeypatch, dtype, shape):
     dy = make_input(shape, dtype, DEV, "contiguous", seed=22)
     w = torch.rand(C, device=DEV, dtype=mt) + 0.5
     b = torch.randn(C, device=DEV, dtype=mt)
-    for var in ("BN_EXT_CUDA_PERSISTENT", "BN_EXT_CUDA_NARROW_VECTORS",
-                "BN_EXT_CUDA_ONE_BLOCK_THREADS", "BN_EXT_CUDA_TWO_SWEEPS"):
-        monkeypatch.delenv(var, raising=False)
+    clear_cuda_switches(monkeypatch)
     default = train_ops(x, dy, w, b)
     monkeypatch.setenv("BN_EXT_CUDA_TWO_SWEEPS", "1")
     names = _kernels_run(lambda: train_ops(x, dy, w, b))

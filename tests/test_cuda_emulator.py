@@ -19,7 +19,7 @@ import torch
 
 import bn_ext
 from conftest import (CUDA_EMULATED, assert_close, assert_training_matches_float64,
-                      float64_training_reference, make_input, train_ops)
+                      clear_cuda_switches, float64_training_reference, make_input, train_ops)
 
 pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="needs the CUDA emulator's build")
 
@@ -155,8 +155,7 @@ def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
     to the bit, and agree with float64 and with the default's results; any other value, or
     none, leaves the default."""
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
-    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT", raising=False)  # CI runs the suite under =0 too
-    monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS", raising=False)
+    clear_cuda_switches(monkeypatch)
     x, dy, w, b = _case(shape, dtype, "contiguous")
     ops.train_forward(x, w, b, 1e-5)
     assert _last_block_threads() == 128
@@ -186,10 +185,7 @@ def test_one_block_threads_experiment(monkeypatch, dtype, shape):
     choice), repeat to the bit, and agree with float64 and with the default's results; any other
     value leaves the default."""
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
-    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT", raising=False)  # CI runs the suite under =0 too
-    monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS", raising=False)
-    monkeypatch.delenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", raising=False)
-    monkeypatch.delenv("BN_EXT_CUDA_TWO_SWEEPS", raising=False)
+    clear_cuda_switches(monkeypatch)
     x, dy, w, b = _case(shape, dtype, "contiguous")
     fewest = _single_pass_plan(shape, dtype, "contiguous")
     assert fewest in (64, 128, 256)
@@ -241,9 +237,7 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
     BN_EXT_CUDA_NARROW_VECTORS=1."""
     shape, takes = case
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
-    for var in ("BN_EXT_CUDA_PERSISTENT", "BN_EXT_CUDA_NARROW_VECTORS",
-                "BN_EXT_CUDA_ONE_BLOCK_THREADS", "BN_EXT_CUDA_TWO_SWEEPS"):
-        monkeypatch.delenv(var, raising=False)
+    clear_cuda_switches(monkeypatch)
     x, dy, w, b = _case(shape, dtype, "contiguous")
     default, default_grids = _with_grids(lambda: train_ops(x, dy, w, b))
     monkeypatch.setenv("BN_EXT_CUDA_TWO_SWEEPS", "yes")  # not "1": the default
