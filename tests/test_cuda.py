@@ -405,6 +405,16 @@ PERSISTENT_CASES = [
 ]
 
 
+def _training_case(shape, dtype, layout):
+    """x (mean 3, std 0.5), dy, and weight and bias in the math type, on the GPU."""
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_input(shape, dtype, DEV, layout, seed=21, mean=3.0, std=0.5)
+    dy = make_input(shape, dtype, DEV, layout, seed=22)
+    w = torch.rand(shape[1], device=DEV, dtype=mt) + 0.5
+    b = torch.randn(shape[1], device=DEV, dtype=mt)
+    return x, dy, w, b
+
+
 def _kernels_run(fn):
     """The names of the CUDA kernels that fn launches."""
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -423,12 +433,7 @@ def test_persistent_path_matches_float64(monkeypatch, dtype, case):
     (seen in the profiler), agree with float64 and with the multi-pass path within the dtype's
     tolerance, and repeat to the bit."""
     shape, layout = case
-    C = shape[1]
-    mt = torch.float64 if dtype == torch.float64 else torch.float32
-    x = make_input(shape, dtype, DEV, layout, seed=21, mean=3.0, std=0.5)
-    dy = make_input(shape, dtype, DEV, layout, seed=22)
-    w = torch.rand(C, device=DEV, dtype=mt) + 0.5
-    b = torch.randn(C, device=DEV, dtype=mt)
+    x, dy, w, b = _training_case(shape, dtype, layout)
 
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
     names = _kernels_run(lambda: train_ops(x, dy, w, b))
@@ -518,12 +523,7 @@ def test_two_sweeps_experiment(monkeypatch, dtype, shape):
     at batch 256 (12544 elements a channel, multi-pass by default) and one of whole vectors run
     the two-sweep kernel, one launch a pass, repeat to the bit, and agree with float64 and with
     the default's results."""
-    C = shape[1]
-    mt = torch.float64 if dtype == torch.float64 else torch.float32
-    x = make_input(shape, dtype, DEV, "contiguous", seed=21, mean=3.0, std=0.5)
-    dy = make_input(shape, dtype, DEV, "contiguous", seed=22)
-    w = torch.rand(C, device=DEV, dtype=mt) + 0.5
-    b = torch.randn(C, device=DEV, dtype=mt)
+    x, dy, w, b = _training_case(shape, dtype, "contiguous")
     clear_cuda_switches(monkeypatch)
     default = train_ops(x, dy, w, b)
     monkeypatch.setenv("BN_EXT_CUDA_TWO_SWEEPS", "1")
@@ -534,6 +534,52 @@ def test_two_sweeps_experiment(monkeypatch, dtype, shape):
     for a, again in zip(swept, train_ops(x, dy, w, b), strict=True):
         assert torch.equal(a, again)
     assert_training_matches_float64(swept, x, dy, w, b, others=default)
+
+
+def _reductions(x, dy, w, b, eps=1e-5):
+    """Every op that reduces, training and eval: train_ops, then batch_stats, backward_reduce and
+    normalize_backward on train_forward's statistics."""
+    out = train_ops(x, dy, w, b, eps)
+    mean, var = out[1], out[2]
+    return (*out, *ops.batch_stats(x), *ops.backward_reduce(dy, x, mean, var, w, eps),
+            *ops.normalize_backward(dy, x, mean, var, w, eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(32, 64, 56, 56), (4, 2, 256, 256), (32, 256, 28, 27)],
+                         ids=_ids)
+def test_fold_finalize_experiment(monkeypatch, dtype, shape):
+    """BN_EXT_CUDA_FOLD_FINALIZE=1 on the multi-pass path: contiguous reductions split over
+    several blocks a channel run no finalize kernel, and give the finalize pass's bits, call
+    after call (each launch leaves its counters at 0) and on two streams at once (a buffer of
+    counters a stream)."""
+    x, dy, w, b = _training_case(shape, dtype, "contiguous")
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    names = _kernels_run(lambda: _reductions(x, dy, w, b))
+    assert sum("finalize_kernel" in n for n in names) == 5, names  # every reduction stages
+    default = _reductions(x, dy, w, b)
+    monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "1")
+    _reductions(x, dy, w, b)  # the stream's counters made (zeroed once) before the count
+    folded_names = _kernels_run(lambda: _reductions(x, dy, w, b))
+    assert not any("finalize_kernel" in n for n in folded_names), folded_names
+    assert len(folded_names) == len(names) - 5
+    for _ in range(3):
+        assert all(torch.equal(a, c) for a, c in zip(_reductions(x, dy, w, b), default,
+                                                     strict=True))
+    # Two streams at once, each with a copy of the input, so neither waits for the other.
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    inputs = [(x.clone(), dy.clone()) for _ in streams]
+    torch.cuda.synchronize()
+    results = [[], []]
+    for _ in range(8):
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                results[i].append(_reductions(inputs[i][0], inputs[i][1], w, b))
+    torch.cuda.synchronize()
+    for out in results[0] + results[1]:
+        assert all(torch.equal(a, c) for a, c in zip(out, default, strict=True))
 
 
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])
@@ -610,14 +656,19 @@ def test_bitwise_deterministic(dtype, layout, shape):
             assert torch.equal(a, b_)
 
 
-@pytest.mark.parametrize("persistent", ["0", "1"], ids=["multipass", "persistent"])
+@pytest.mark.parametrize("persistent", ["0", "1", "fold"], ids=["multipass", "persistent", "fold"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cuda_graph_capture_and_replay(monkeypatch, layout, persistent):
     """A training step captured once and replayed on new data; with persistent=1 the
-    single-pass kernels (a cooperative launch) are what is captured."""
-    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", persistent)
+    single-pass kernels (a cooperative launch) are what is captured; with "fold", the multi-pass
+    path under BN_EXT_CUDA_FOLD_FINALIZE=1 on a shape whose contiguous reductions stage (the
+    captured launches get counters of their own, zeroed in the graph)."""
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0" if persistent == "fold" else persistent)
+    if persistent == "fold":
+        monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "1")
     torch.manual_seed(0)
-    shape = (8, 16, 12, 10)
+    shape = (8, 16, 64, 64) if persistent == "fold" else (8, 16, 12, 10)
     model = bn_ext.BatchNorm2d(16, momentum=None, device=DEV)  # momentum None: 1/nbt on device
     model2 = bn_ext.BatchNorm2d(16, momentum=0.1, device=DEV)
     with torch.no_grad():

@@ -277,6 +277,67 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
         torch.testing.assert_close(a, c, rtol=tol, atol=tol)
 
 
+# (shape, layout, whether its contiguous reductions split a channel over G > 1 blocks on 16 SMs)
+FOLD_CASES = [
+    ((8, 32, 56, 56), "contiguous", True),     # G = 4: one thread of the merge adds them all
+    ((4, 2, 256, 256), "contiguous", True),    # G = 32-64: rows of the merge, then its tree
+    ((4, 16, 65, 63), "contiguous", True),     # masked slots (odd runs)
+    ((3, 5, 7, 7), "contiguous", False),       # G = 1: the reduction finishes as before
+    ((16, 72, 6, 6), "channels_last", True),   # channels-last: the finalize pass as before
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", FOLD_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay, _ in FOLD_CASES])
+def test_fold_finalize_experiment(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_FOLD_FINALIZE=1: a contiguous reduction split over G > 1 blocks a channel
+    finishes in the channel's last block, one grid fewer than the finalize pass, with the
+    finalize pass's bits (same merge order), whichever block is last (the emulator runs blocks in
+    index order, or the other way round with BN_EXT_EMU_ORDER=reverse); its counters are left at
+    0 for the next call (calls of other shapes between repeat the bits), and the running
+    statistics are updated once. Where nothing is staged, or channels-last, or with any other
+    value, the default's grids and bits. Multi-pass throughout (BN_EXT_CUDA_PERSISTENT=0)."""
+    shape, layout, staged = case
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    monkeypatch.delenv("BN_EXT_EMU_ORDER", raising=False)
+    x, dy, w, b = _case(shape, dtype, layout)
+    default, default_grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+    monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "on")  # not "1": the default
+    again, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+    assert grids == default_grids
+    assert all(torch.equal(a, c) for a, c in zip(again, default, strict=True))
+
+    monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "1")
+    other = _case((2, 3, 64, 64), dtype, "contiguous")  # G > 1 on fewer channels
+    bigger = _case((2, 40, 64, 64), dtype, "contiguous")  # ... and on more (counters grow)
+    folds = staged and layout == "contiguous"
+    for order in ("forward", "reverse", "forward"):
+        monkeypatch.setenv("BN_EXT_EMU_ORDER", order)
+        folded, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+        # _every_op reduces 7 times (its setup's batch_stats and backward_reduce, then those
+        # again, train_forward, normalize_backward and train_backward), a grid fewer each.
+        assert grids == (default_grids[0] - (7 if folds else 0), 0), (order, grids)
+        assert all(torch.equal(a, c) for a, c in zip(folded, default, strict=True)), order
+        train_ops(*other)
+        train_ops(*bigger)
+
+    # The running statistics, updated by the channel's last block, to the default's bits.
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    results = {}
+    for fold in ("0", "1"):
+        monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", fold)
+        rm, rv = torch.full((shape[1],), 0.5, dtype=mt), torch.full((shape[1],), 2.0, dtype=mt)
+        nbt = torch.tensor(4, dtype=torch.long)
+        ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+        results[fold] = (rm, rv, nbt)
+    assert int(results["1"][2]) == 5
+    assert all(torch.equal(a, c) for a, c in zip(results["1"], results["0"], strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(32, 24, 7, 7), (2, 3, 64, 64)],

@@ -12,7 +12,8 @@
 //
 // Determinism: every partial is owned by a fixed set of elements (fixed by the launch geometry,
 // which depends only on the shape, dtype, alignment and device), and partials are merged in a fixed
-// tree. There are no atomics, so the bits are the same from run to run.
+// tree, so the bits are the same from run to run. No sum is an atomic add; the one atomic (a
+// counter, under BN_EXT_CUDA_FOLD_FINALIZE=1) picks which block merges, not the order it merges in.
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
@@ -52,15 +53,15 @@ __device__ __forceinline__ Sums<M> block_merge(
   return BlockMerge<M, kBlock>(tmp).Reduce(v, Merge());
 }
 
-// Merges W values per thread down the y dimension of a (bx, by) block, by a power of two, as a
-// fixed binary tree: afterwards the threads with threadIdx.y == 0 hold their column's result.
+// Merges W values per thread down the rows of a (bx, by) layout, by a power of two, as a fixed
+// binary tree: afterwards the threads of row 0 hold their column's result. (tx, ty) is this
+// thread's place in the layout, which need not be the block's own shape: the reduction's last
+// block merges staged partials in the finalize pass's layout, so that both give the same bits.
 // `smem` holds (by / 2) * bx * W values. Every thread of the block must call it.
 template <typename M, int W>
-__device__ __forceinline__ void column_merge(Sums<M> (&v)[W], Sums<M>* smem) {
-  const int bx = blockDim.x;
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  for (int half = blockDim.y / 2; half > 0; half /= 2) {
+__device__ __forceinline__ void column_merge_as(Sums<M> (&v)[W], Sums<M>* smem, int bx,
+                                                unsigned int by, int tx, int ty) {
+  for (int half = by / 2; half > 0; half /= 2) {  // (by unsigned: a shift, as blockDim.y / 2)
     if (ty >= half && ty < 2 * half) {
 #pragma unroll
       for (int w = 0; w < W; ++w) smem[((ty - half) * bx + tx) * W + w] = v[w];
@@ -72,6 +73,12 @@ __device__ __forceinline__ void column_merge(Sums<M> (&v)[W], Sums<M>* smem) {
     }
     __syncthreads();
   }
+}
+
+// column_merge_as over the block's own (blockDim.x, blockDim.y) shape.
+template <typename M, int W>
+__device__ __forceinline__ void column_merge(Sums<M> (&v)[W], Sums<M>* smem) {
+  column_merge_as<M, W>(v, smem, blockDim.x, blockDim.y, threadIdx.x, threadIdx.y);
 }
 
 }  // namespace detail

@@ -4,9 +4,11 @@
 // channels to a (s1, s2) pair (reduce.cuh). When a channel is split over G > 1 blocks along the
 // grid's y axis, the blocks stage their pairs in a [2][G][C] partials buffer (and the channel's
 // shift after it) and a second kernel (finalize_kernel) merges the G pairs of each channel in a
-// fixed order: a two-stage grid reduction with no atomics. The pass that merges the last level
-// (the reduction kernel itself when G == 1) runs the op's finish() step, which writes the
-// per-channel outputs, including the coefficients the elementwise kernel needs next.
+// fixed order: a two-stage grid reduction. The pass that merges the last level (the reduction
+// kernel itself when G == 1) runs the op's finish() step, which writes the per-channel outputs,
+// including the coefficients the elementwise kernel needs next. Under BN_EXT_CUDA_FOLD_FINALIZE=1
+// (an experiment) the contiguous kernel's last block of each channel does the finalize pass's
+// merge itself (merge_if_last), in the same order, so with the same bits and one launch fewer.
 //
 // Contiguous (N, C, S): grid (C, G), 1-D blocks of kThreads. The channel's N runs of S elements
 // are cut into vectors of V elements (V = 128 bits when the pointers are 16-byte aligned, else 1);
@@ -28,6 +30,11 @@
 // segments. The block merges down its by rows with column_merge, and the G row-blocks of a channel
 // tile merge in the finalize pass.
 #include "channel_ops.cuh"
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace bn_ext {
 namespace cuda {
@@ -133,11 +140,77 @@ __device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t g, 
   if (g == 0) partial[2 * G * C + c] = shift;
 }
 
+// The finalize pass's layout for G partials a channel: by (a power of two) threads share a
+// channel's partials, at most kFinalizePerThread each, and bx = kThreads / by channels share a
+// block. G is large where C is small (the first stage fills the device): with 32 channels a block
+// whatever G, a channels-last input of 64 channels (G = 784 on an H200) had 2 blocks whose threads
+// each added ~100 pairs, an L2 round trip apart; now 64 blocks add 3 or 4 each, then merge down a
+// block.
+constexpr int64_t kFinalizePerThread = 4;
+
+__host__ __device__ constexpr int finalize_rows(int64_t G) {
+  int by = 1;
+  while (by < kThreads && by * kFinalizePerThread < G) by *= 2;
+  return by;
+}
+
+// Channel c's G staged pairs merged by the threads of a (bx, by) layout of the block (column tx
+// holds c where `has`): row ty adds the pairs g = ty, ty + by, ... in ascending order, then
+// column_merge_as's tree; row 0 gets the channel's sums. kViaL2: the pairs were stored by other
+// blocks of this launch, and are loaded through L2 (__ldcg), since this SM's L1 may hold their
+// lines from before they were stored (another channel's pairs share them). Every thread of the
+// block calls it.
+template <bool kViaL2, typename M>
+__device__ __forceinline__ Sums<M> merge_staged(const M* partial, int64_t C, int64_t G, int64_t c,
+                                                bool has, int bx, int by, int tx, int ty,
+                                                Sums<M>* smem) {
+  Sums<M> v[1] = {Sums<M>{0, 0}};
+  if (has) {
+#pragma unroll 4
+    for (int64_t g = ty; g < G; g += by) {
+      const int64_t i = g * C + c, j = (G + g) * C + c;
+      v[0] = merge(v[0], kViaL2 ? Sums<M>{__ldcg(partial + i), __ldcg(partial + j)}
+                                : Sums<M>{partial[i], partial[j]});
+    }
+  }
+  column_merge_as<M, 1>(v, smem, bx, by, tx, ty);
+  return v[0];
+}
+
+// BN_EXT_CUDA_FOLD_FINALIZE=1: once a block of channel c has stored its pair (thread 0, before
+// this), it takes a ticket from the channel's counter; the block with the last ticket (G - 1)
+// merges the channel's pairs in finalize_kernel's layout and order into thread 0's `s`, and sets
+// the counter back to 0 for the stream's next launch (zeroed_counters). Returns whether this block
+// is that one (the same in all its threads). The first fence puts each block's pair before its
+// ticket; the second, the last ticket before the merge's loads.
+template <typename M>
+__device__ __forceinline__ bool merge_if_last(const M* partial, int64_t C, int64_t c,
+                                              unsigned int* __restrict__ arrived, Sums<M>& s) {
+  __shared__ bool last;
+  __shared__ Sums<M> smem[kThreads / 2];
+  const int64_t G = gridDim.y;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(arrived + c, 1u) == static_cast<unsigned int>(G - 1);
+    if (last) {
+      arrived[c] = 0;
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  if (!last) return false;
+  const int by = finalize_rows(G);
+  const int bx = kThreads / by;
+  const int tx = threadIdx.x % bx;
+  s = merge_staged<true>(partial, C, G, c, tx == 0, bx, by, tx, threadIdx.x / bx, smem);
+  return true;
+}
+
 template <typename T, typename Op, typename I, int V, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     reduce_contiguous_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy, I C,
                              I S, at::cuda::detail::IntDivider<I> per_run, I nv, I numel,
-                             math_t<T>* __restrict__ partial) {
+                             math_t<T>* __restrict__ partial, unsigned int* __restrict__ arrived) {
   using M = math_t<T>;
   const I c = blockIdx.x;
   __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift, scale;
@@ -209,13 +282,15 @@ __global__ void __launch_bounds__(kThreads)
   Sums<M> t = merge_lanes<V>(a1, a2);
   __shared__ typename BlockMerge<M>::TempStorage tmp;
   t = block_merge<M>(t, tmp);
-  if (threadIdx.x == 0) {
-    if (gridDim.y == 1) {
-      op.finish(c, k0, t.s1, t.s2);
-    } else {
-      store_partial(partial, static_cast<int64_t>(C), blockIdx.y, static_cast<int64_t>(c), t, k0);
-    }
+  if (threadIdx.x == 0 && gridDim.y > 1) {
+    store_partial(partial, static_cast<int64_t>(C), blockIdx.y, static_cast<int64_t>(c), t, k0);
   }
+  // Whether this block finishes the channel: its only block, or (arrived: G > 1 under
+  // BN_EXT_CUDA_FOLD_FINALIZE=1) its last, with the merged sums and the shift every block of the
+  // channel sampled alike.
+  bool finishes = gridDim.y == 1;
+  if (arrived != nullptr) finishes = merge_if_last(partial, static_cast<int64_t>(C), c, arrived, t);
+  if (threadIdx.x == 0 && finishes) op.finish(c, k0, t.s1, t.s2);
 }
 
 // Whether the channels-last kernel leaves finish() to the finalize pass even when G == 1. With
@@ -285,34 +360,21 @@ __global__ void __launch_bounds__(kThreads)
 
 // Second stage: merges the G partial pairs of each channel (g ascending per thread, then a fixed
 // tree over the block's rows) and finishes with the shift the first stage used (partial[2G][c]).
-// Blocks (bx, by): bx channels, by partials at a time (finalize_geometry).
+// Blocks (bx, by): bx channels, by = finalize_rows(G) partials at a time.
 template <typename Op>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const Op op, const typename Op::M* __restrict__ partial, int64_t C,
                     int64_t G) {
   using M = typename Op::M;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  Sums<M> v[1] = {Sums<M>{0, 0}};
-  if (c < C) {
-#pragma unroll 4
-    for (int64_t g = threadIdx.y; g < G; g += blockDim.y) {
-      v[0] = merge(v[0], Sums<M>{partial[g * C + c], partial[(G + g) * C + c]});
-    }
-  }
   __shared__ Sums<M> smem[kThreads / 2];
-  column_merge<M, 1>(v, smem);
-  if (threadIdx.y == 0 && c < C) op.finish(c, partial[2 * G * C + c], v[0].s1, v[0].s2);
+  const Sums<M> s = merge_staged<false>(partial, C, G, c, c < C, blockDim.x, blockDim.y,
+                                        threadIdx.x, threadIdx.y, smem);
+  if (threadIdx.y == 0 && c < C) op.finish(c, partial[2 * G * C + c], s.s1, s.s2);
 }
 
-// The finalize pass's blocks (bx, by): by (a power of two) threads share a channel's G partials,
-// at most kFinalizePerThread each, and bx = kThreads / by channels share a block. G is large
-// where C is small (the first stage fills the device): with 32 channels a block whatever G, a
-// channels-last input of 64 channels (G = 784 on an H200) had 2 blocks whose threads each added
-// ~100 pairs, an L2 round trip apart; now 64 blocks add 3 or 4 each, then merge down a block.
-constexpr int64_t kFinalizePerThread = 4;
-
 dim3 finalize_geometry(int64_t G) {
-  const int by = std::min(kThreads, next_pow2(ceil_div(G, kFinalizePerThread)));
+  const int by = finalize_rows(G);
   return dim3(static_cast<unsigned>(kThreads / by), static_cast<unsigned>(by));
 }
 
@@ -338,6 +400,41 @@ int64_t channels_last_wave() {
          sm_count();
 }
 
+// BN_EXT_CUDA_FOLD_FINALIZE=1 (read on every call; an experiment, off by default until a GPU
+// has timed it): a contiguous reduction split over G > 1 blocks a channel finishes in its last
+// block (merge_if_last) rather than in a finalize launch. The H200 profile of 84eae82 had each
+// finalize launch at 2.3-5.3 us, against 10-37 us for the reductions before them; the NCHW rows
+// whose reductions stage (56x56 and larger) were within 3% of torch.compile at 2671d08. Not the
+// channels-last one: there G is large where a tile is wide (64 channels by 660 blocks for
+// 32x64x56x56), and one block would merge what the finalize pass spreads over 64.
+bool fold_finalize() {
+  const char* v = std::getenv("BN_EXT_CUDA_FOLD_FINALIZE");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// n counters at 0 for merge_if_last, in a buffer of the device and stream's own that every launch
+// leaves at 0 again (each channel's last block resets its counter), so no launch zeroes it first;
+// launches on one stream run one after another, so they never share it at once. A stream being
+// captured into a CUDA graph gets a fresh zeroed tensor instead (a graph may replay on another
+// stream while this one runs). The buffers are never freed (a few bytes a channel; freeing at exit
+// could come after CUDA's teardown); a larger request replaces the stream's buffer, and the
+// returned reference keeps the old one alive through the caller's launch.
+Tensor zeroed_counters(int64_t n, const Tensor& like) {
+  const auto opts = like.options().dtype(at::kInt);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return at::zeros({n}, opts);
+  static std::mutex mutex;
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  Tensor& b = (*buffers)[{static_cast<int>(like.get_device()), stream}];
+  if (!b.defined() || b.numel() < n) {
+    b = at::zeros({std::max<int64_t>(n, b.defined() ? 2 * b.numel() : 0)}, opts);
+  }
+  return b;
+}
+
 template <typename T, typename Op>
 void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) {
   using M = math_t<T>;
@@ -351,7 +448,8 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
   const int64_t C = g.C;
   int64_t G = 1;
   bool staged = false;  // the blocks store partials, which the finalize pass merges
-  Tensor partial;
+  bool folded = false;  // ... which the reduction's last block of each channel merges instead
+  Tensor partial, arrived;
 
   dispatch_index(x.numel(), [&](auto itag) {
     using I = decltype(itag);
@@ -370,11 +468,15 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
         G = split_count(full_wave_blocks(), C, nv, kThreads, 4);
         staged = G > 1;
         if (staged) partial = at::empty({(2 * G + 1) * C}, opts);
+        folded = staged && fold_finalize();
+        if (folded) arrived = zeroed_counters(C, x);
         reduce_contiguous_kernel<T, Op, I, V, kMasked>
             <<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(G)), kThreads, 0, stream>>>(
                 op, xp, dyp, static_cast<I>(C), static_cast<I>(g.S),
                 at::cuda::detail::IntDivider<I>(static_cast<I>(per_run)), static_cast<I>(nv),
-                static_cast<I>(x.numel()), staged ? partial.mutable_data_ptr<M>() : nullptr);
+                static_cast<I>(x.numel()), staged ? partial.mutable_data_ptr<M>() : nullptr,
+                folded ? reinterpret_cast<unsigned int*>(arrived.mutable_data_ptr<int>())
+                       : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       using Vmax = std::integral_constant<int, VM>;
@@ -406,7 +508,7 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
     }
   });
 
-  if (staged) {
+  if (staged && !folded) {
     const dim3 block = finalize_geometry(G);
     finalize_kernel<Op><<<static_cast<unsigned>(ceil_div(C, block.x)), block, 0, stream>>>(
         op, partial.const_data_ptr<M>(), C, G);

@@ -12,7 +12,9 @@
 // aligned (they fault on a GPU), and that a cooperative grid fits the emulated device.
 // A block's threads run in thread order between barriers, or the other way round with
 // BN_EXT_EMU_ORDER=reverse, so that a value one thread stores in shared memory and others read
-// without a barrier between is caught in one of the two orders.
+// without a barrier between is caught in one of the two orders; the blocks of an ordinary launch
+// run in the order of their indices, or with =reverse the other way round (so a different block
+// of each channel is the last to arrive at a counter).
 // What it cannot check: the GPU memory model (fences, L1 coherence: x86 orders more strongly),
 // concurrent blocks of an ordinary launch, warp-synchronous code (none outside CUB, which is
 // replaced here), sizes that overflow 32-bit arithmetic (tensors of 2^31 elements: the 64-bit
@@ -57,6 +59,18 @@ enum cudaError_t {
   cudaErrorInvalidDeviceFunction = 98,
   cudaErrorCooperativeLaunchTooLarge = 720,
 };
+
+// No stream is ever captured into a graph here.
+enum cudaStreamCaptureStatus {
+  cudaStreamCaptureStatusNone = 0,
+  cudaStreamCaptureStatusActive = 1,
+  cudaStreamCaptureStatusInvalidated = 2,
+};
+
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
 
 // The fields of cudaDeviceProp that csrc/cuda reads.
 struct cudaDeviceProp {

@@ -11,6 +11,7 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -267,6 +268,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bo
   ++g_launches[cooperative ? 1 : 0];
   g_last_block_threads = int64_t(block.x) * block.y * block.z;
   if (!cooperative) {
+    if (reverse_order()) std::reverse(ids.begin(), ids.end());
     for (const uint3& id : ids) run_block(block_body, grid, block, id);
     return;
   }
