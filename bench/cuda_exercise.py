@@ -1,12 +1,13 @@
 """Calls every bn_ext CUDA kernel once or twice on small inputs, for compute-sanitizer
 (bench/gpu_proof.sh runs it under memcheck, racecheck and synccheck): every op, both layouts,
 every dtype, aligned (vectorized) and misaligned (scalar) inputs, one-block and two-stage
-reductions, with the multi-pass kernels (BN_EXT_CUDA_PERSISTENT=0); the training ops once more
-with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per channel, of 64, 128 and
-256 threads where the channels are at least the SMs, and cooperative; and, for 16-bit 14x14, the
-narrow-vector experiment, BN_EXT_CUDA_NARROW_VECTORS=1; for a 7x7 layer, the block-size one,
-BN_EXT_CUDA_ONE_BLOCK_THREADS=256; for the one-block shapes, the two-sweep kernel,
-BN_EXT_CUDA_TWO_SWEEPS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
+reductions, with the multi-pass kernels (BN_EXT_CUDA_PERSISTENT=0), those of contiguous inputs
+once more with BN_EXT_CUDA_FOLD_FINALIZE=1 (the last block of a channel merges); the training
+ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per channel, of
+64, 128 and 256 threads where the channels are at least the SMs, and cooperative; and, for
+16-bit 14x14, the narrow-vector experiment, BN_EXT_CUDA_NARROW_VECTORS=1; for a 7x7 layer, the
+block-size one, BN_EXT_CUDA_ONE_BLOCK_THREADS=256; for the one-block shapes, the two-sweep
+kernel, BN_EXT_CUDA_TWO_SWEEPS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
 
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
@@ -74,6 +75,14 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         ops.running_stats_update(rm, rv, None, mean, var, n, 0.5)
         ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
         ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, None)
+        if layout in ("contiguous", "misaligned"):
+            # Multi-pass reductions that stage, finished by each channel's last block
+            # (BN_EXT_CUDA_FOLD_FINALIZE=1, an experiment; the others leave it to finalize).
+            with mock.patch.dict(os.environ, {"BN_EXT_CUDA_FOLD_FINALIZE": "1"}):
+                y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+                ops.backward_reduce(dy, x, mean, var, w, 1e-5)
+                ops.normalize_backward(dy, x, mean, var, w, 1e-5)
+                ops.train_backward(dy, x, mean, var, w, 1e-5)
         if SINGLE_PASS:
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "1"
             y, mean, var = ops.train_forward(x, w, b, 1e-5)
