@@ -341,11 +341,13 @@ if [ "$QUICK" = "1" ]; then
   stage "tests (test_cuda.py)" 60 240 run_tests tests/test_cuda.py -m "not slow"
   SINGLE=1
   single_pass_ok || SINGLE=0
-  # With bn_ext under BN_EXT_CUDA_FOLD_FINALIZE=1 beside it (fold): the NCHW rows whose
-  # reductions stage lose their finalize launch; on the other rows it runs what bn_ext runs, so
-  # those columns show how far two timings of one kernel sequence differ.
+  # With bn_ext under the multi-pass experiments beside it: BN_EXT_CUDA_FOLD_FINALIZE=1 (fold:
+  # the NCHW rows whose reductions stage lose their finalize launch; on the other rows it runs
+  # what bn_ext runs, so those columns show how far two timings of one kernel sequence differ),
+  # BN_EXT_CUDA_PDL=1 (pdl: every launch after a training op's first may start early) and both.
   stage "bench quick, default path" 120 270 bench bench --quick \
-    --variant fold:BN_EXT_CUDA_FOLD_FINALIZE=1
+    --variant fold:BN_EXT_CUDA_FOLD_FINALIZE=1 --variant pdl:BN_EXT_CUDA_PDL=1 \
+    --variant foldpdl:BN_EXT_CUDA_FOLD_FINALIZE=1,BN_EXT_CUDA_PDL=1
   # The one-block kernel's ResNet-50 rows (7x7 and 14x14 at batch 32, NCHW) in 16-bit, where it
   # trails torch.compile, on the default path (bn_ext), beside the multi-pass path, the
   # experiments (8-byte vectors for 14x14, BN_EXT_CUDA_NARROW_VECTORS=1; blocks of 128 and 256

@@ -10,7 +10,8 @@ Covered here, beyond the device-parametrized suites:
     device, no host synchronisation (torch.cuda.set_sync_debug_mode("error"));
   * a bfloat16 input of more than 2^31 elements (64-bit indexing), marked slow;
   * the persistent (single-pass) training kernels (BN_EXT_CUDA_PERSISTENT=1) against float64 and
-    the multi-pass kernels, and their fallback.
+    the multi-pass kernels, and their fallback;
+  * the experiments' switches (README): which kernels each runs, and its bits.
 """
 import copy
 import math
@@ -582,6 +583,42 @@ def test_fold_finalize_experiment(monkeypatch, dtype, shape):
         assert all(torch.equal(a, c) for a, c in zip(out, default, strict=True))
 
 
+PDL_CASES = [((32, 64, 56, 56), "contiguous"), ((32, 64, 56, 56), "channels_last"),
+             ((32, 256, 28, 27), "contiguous"), ((4096, 1024), "channels_last"),
+             ((6, 520, 2, 2), "channels_last")]
+
+
+@pytest.mark.parametrize("fold", ["0", "1"], ids=["finalize", "fold"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", PDL_CASES, ids=[f"{_ids(s)}-{lay}" for s, lay in PDL_CASES])
+def test_dependent_launch_experiment(monkeypatch, dtype, case, fold):
+    """BN_EXT_CUDA_PDL=1 on the multi-pass path (the finalize pass and the training maps may
+    start before the kernel before them ends, and wait for it before reading what it wrote):
+    the same kernels and the same bits as without it, over many calls queued back to back with
+    no synchronisation between them (a map that read its table early would differ), with the
+    finalize pass or the fold."""
+    shape, layout = case
+    x, dy, w, b = _training_case(shape, dtype, layout)
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", fold)
+    _reductions(x, dy, w, b)  # the stream's counters made before the count
+    names = _kernels_run(lambda: _reductions(x, dy, w, b))
+    default = _reductions(x, dy, w, b)
+    monkeypatch.setenv("BN_EXT_CUDA_PDL", "1")
+    assert sorted(_kernels_run(lambda: _reductions(x, dy, w, b))) == sorted(names)
+    assert all(torch.equal(a, c) for a, c in zip(_reductions(x, dy, w, b), default, strict=True))
+    # Inputs that change from call to call, each result against the same call without the switch.
+    xs = [x * (1 + i / 8) for i in range(12)]
+    torch.cuda.synchronize()
+    overlapped = [_reductions(xi, dy, w, b) for xi in xs]
+    monkeypatch.delenv("BN_EXT_CUDA_PDL")
+    for xi, out in zip(xs, overlapped, strict=True):
+        ref = _reductions(xi, dy, w, b)
+        assert all(torch.equal(a, c) for a, c in zip(out, ref, strict=True))
+
+
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_persistent_path_through_the_module(monkeypatch, layout, channels):
@@ -656,19 +693,25 @@ def test_bitwise_deterministic(dtype, layout, shape):
             assert torch.equal(a, b_)
 
 
-@pytest.mark.parametrize("persistent", ["0", "1", "fold"], ids=["multipass", "persistent", "fold"])
+GRAPH_PATHS = {"multipass": {"BN_EXT_CUDA_PERSISTENT": "0"},
+               "persistent": {"BN_EXT_CUDA_PERSISTENT": "1"},
+               "fold": {"BN_EXT_CUDA_PERSISTENT": "0", "BN_EXT_CUDA_FOLD_FINALIZE": "1"},
+               "pdl": {"BN_EXT_CUDA_PERSISTENT": "0", "BN_EXT_CUDA_PDL": "1"}}
+
+
+@pytest.mark.parametrize("path", list(GRAPH_PATHS))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cuda_graph_capture_and_replay(monkeypatch, layout, persistent):
+def test_cuda_graph_capture_and_replay(monkeypatch, layout, path):
     """A training step captured once and replayed on new data; with persistent=1 the
     single-pass kernels (a cooperative launch) are what is captured; with "fold", the multi-pass
     path under BN_EXT_CUDA_FOLD_FINALIZE=1 on a shape whose contiguous reductions stage (the
-    captured launches get counters of their own, zeroed in the graph)."""
+    captured launches get counters of their own, zeroed in the graph); with "pdl", under
+    BN_EXT_CUDA_PDL=1 (warm-up calls overlap launches, captured ones do not)."""
     clear_cuda_switches(monkeypatch)
-    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0" if persistent == "fold" else persistent)
-    if persistent == "fold":
-        monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "1")
+    for var, value in GRAPH_PATHS[path].items():
+        monkeypatch.setenv(var, value)
     torch.manual_seed(0)
-    shape = (8, 16, 64, 64) if persistent == "fold" else (8, 16, 12, 10)
+    shape = (8, 16, 64, 64) if path in ("fold", "pdl") else (8, 16, 12, 10)
     model = bn_ext.BatchNorm2d(16, momentum=None, device=DEV)  # momentum None: 1/nbt on device
     model2 = bn_ext.BatchNorm2d(16, momentum=0.1, device=DEV)
     with torch.no_grad():

@@ -338,6 +338,50 @@ def test_fold_finalize_experiment(monkeypatch, dtype, case):
     assert all(torch.equal(a, c) for a, c in zip(results["1"], results["0"], strict=True))
 
 
+PDL_CASES = [((8, 32, 56, 56), "contiguous"), ((3, 5, 7, 7), "contiguous"),
+             ((16, 72, 6, 6), "channels_last"), ((6, 520, 2, 2), "channels_last")]
+
+
+@pytest.mark.parametrize("fold", ["0", "1"], ids=["finalize", "fold"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", PDL_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in PDL_CASES])
+def test_dependent_launch_experiment(monkeypatch, dtype, case, fold):
+    """BN_EXT_CUDA_PDL=1: in each multi-pass training op every launch after the reduction (the
+    finalize pass, the map) asks to start before the one before it ends, and nothing else does
+    (an eval map, which may follow the kernel that wrote its input, never); the same grids and
+    bits as without it (here launches run one after another: what it changes on a GPU is when a
+    kernel starts, which the GPU tests and the sanitizers check). With BN_EXT_CUDA_FOLD_FINALIZE
+    =0 or =1, and any other value of the switch asks for nothing."""
+    shape, layout = case
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", fold)
+    x, dy, w, b = _case(shape, dtype, layout)
+    mean, var = ops.batch_stats(x)
+    calls = {"train": lambda: train_ops(x, dy, w, b),
+             "eval": lambda: ops.normalize(x, mean, var, w, b, 1e-5),
+             "eval_backward": lambda: ops.normalize_backward(dy, x, mean, var, w, 1e-5)}
+    dependent = _emu_counter("bn_ext_emu_dependent_launches")
+    default = {k: _with_grids(call) for k, call in calls.items()}
+    for value, asks in (("on", False), ("1", True)):
+        monkeypatch.setenv("BN_EXT_CUDA_PDL", value)
+        for name, call in calls.items():
+            before = dependent()
+            out, grids = _with_grids(call)
+            assert grids == default[name][1], (value, name)
+            out = out if isinstance(out, (tuple, list)) else [out]
+            ref = default[name][0]
+            ref = ref if isinstance(ref, (tuple, list)) else [ref]
+            assert all(torch.equal(a, c) for a, c in zip(out, ref, strict=True)), (value, name)
+            # train: two ops, each with one launch in stream order first (its reduction);
+            # eval_backward: one op, its reduction (which writes dx), then any finalize pass.
+            first = {"train": 2, "eval": grids[0], "eval_backward": 1}[name]
+            assert dependent() - before == (grids[0] - first if asks else 0), (value, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(32, 24, 7, 7), (2, 3, 64, 64)],

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../bn_ext.h"
 
@@ -123,6 +124,45 @@ int64_t resident_per_sm(Kernel kernel, std::array<std::atomic<int>, 64>& cache) 
     if (dev < 64) cache[dev].store(n, std::memory_order_relaxed);
   }
   return n;
+}
+
+// Programmatic dependent launch (BN_EXT_CUDA_PDL=1, an experiment; sm_90 on). A kernel launched
+// by launch_after(true, ...) may start while the kernel before it in the stream still runs,
+// once every block of that one has passed allow_dependents() or ended, so its blocks are placed
+// and its first loads issued during the other's last wave rather than after it. It must pass
+// wait_for_prior_grid() before it touches anything the earlier kernel writes; that returns once
+// the earlier kernel has ended and its writes are visible. Both are no-ops in a kernel launched
+// the ordinary way, and are compiled out below sm_90, where launch_after never asks for it
+// (dependent_launch_on). Not asked for under graph capture.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether launch_after may overlap: BN_EXT_CUDA_PDL=1 (read on every call), the current stream
+// not being captured, and this build's kernels for the current device made from sm_90 code or
+// later (so that their wait_for_prior_grid() is there: all are built for the same architectures,
+// and one is asked). elementwise_kernels.cu.
+bool dependent_launch_on();
+
+// kernel<<<grid, block, 0, stream>>>(args...), as a programmatic dependent launch where `overlap`
+// (cudaLaunchKernelEx either way: with no attribute it is the ordinary launch).
+template <typename... P, typename... A>
+void launch_after(bool overlap, void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream,
+                  A&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  // (gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs)
+  const cudaLaunchConfig_t config = {grid, block, 0, stream, attr, overlap ? 1u : 0u};
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<A>(args)...));
 }
 
 // The most blocks a grid may have along x. The emulator lowers it with BN_EXT_EMU_MAX_GRID_X, so

@@ -28,6 +28,8 @@
 // map_plan and derives_coefs below choose the kernel and whether a table comes first.
 #include "common.cuh"
 
+#include <cstdlib>
+
 namespace bn_ext {
 namespace cuda {
 namespace detail {
@@ -90,6 +92,7 @@ __global__ void __launch_bounds__(kThreads)
                        const Src src, I numel, I C,
                        at::cuda::detail::IntDivider<I> per_run,
                        at::cuda::detail::IntDivider<I> per_c) {
+  wait_for_prior_grid();  // the table (a training map may start early: launch_map)
   const I nv = numel / V;
   const I tid = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x;
   const I step = static_cast<I>(gridDim.x) * kThreads;
@@ -140,6 +143,9 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
   load(r);
+  // A training map may start before the kernel that wrote its table has ended (launch_map); x and
+  // dy were whole before that kernel started, so only the table waits.
+  wait_for_prior_grid();
   Coefs<M> k[V];
 #pragma unroll
   for (int w = 0; w < V; ++w) k[w] = src.template at<kOp>(C, static_cast<I>(c0 + w));
@@ -185,6 +191,7 @@ __global__ void __launch_bounds__(kThreads)
                           const M* __restrict__ weight, const M* __restrict__ sum_dy,
                           const M* __restrict__ sum_dy_xmu, const M* __restrict__ count,
                           double eps, int64_t C, M* __restrict__ coef) {
+  allow_dependents();  // the map after it (BN_EXT_CUDA_PDL=1)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= C) return;
   const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
@@ -281,6 +288,11 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
                 const MapPlan& plan, int64_t numel, const Src& src) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int VM = kMaxVec<T>;
+  // A training map (launch_elementwise) comes right after a kernel of its op's that writes its
+  // table (a reduction, the finalize pass, or the backward coefficients), launched in stream
+  // order; under BN_EXT_CUDA_PDL=1 it may start before that one ends. An eval map may follow
+  // the kernel that wrote its input, so it never does.
+  const bool overlap = !kEvalOnly && dependent_launch_on();
   // The index type must also hold the coefficient offsets, up to 4 * C.
   dispatch_index(std::max<int64_t>(numel, 4 * g.C), [&](auto itag) {
     using I = decltype(itag);
@@ -298,10 +310,10 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
         const int64_t resident = resident_per_sm(kernel, occupancy) * sm_count();
         const int64_t blocks_y = std::max<int64_t>(
             1, std::min({ceil_div(rows, by), ceil_div(resident, blocks_x), int64_t{65535}}));
-        kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
-                 dim3(bx, by), 0, stream>>>(xp, dyp, outp, src, static_cast<I>(rows),
-                                            static_cast<I>(g.C));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_after(overlap, kernel,
+                     dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
+                     dim3(bx, by), stream, xp, dyp, outp, src, static_cast<I>(rows),
+                     static_cast<I>(g.C));
       });
       return;
     }
@@ -313,9 +325,9 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
       const int64_t blocks =
           std::max<int64_t>(1, std::min(ceil_div(nv, kThreads), sm_count() * 32));
       const auto launch = [&](auto kernel) {
-        kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-            xp, dyp, outp, src, static_cast<I>(numel), static_cast<I>(g.C), per_run, per_c);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_after(overlap, kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
+                     stream, xp, dyp, outp, src, static_cast<I>(numel), static_cast<I>(g.C),
+                     per_run, per_c);
       };
       dispatch_op<kEvalOnly>(op, [&](auto otag) {
         launch(elementwise_kernel<T, decltype(otag)::value, I, V, Src>);
@@ -331,6 +343,25 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
 }
 
 }  // namespace
+
+bool dependent_launch_on() {
+  const char* v = std::getenv("BN_EXT_CUDA_PDL");
+  if (v == nullptr || std::strcmp(v, "1") != 0) return false;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return false;
+  // Per device: 0 not asked yet, 1 built below sm_90 (or not asked: device 64 on), 2 sm_90 on.
+  static std::array<std::atomic<int>, 64> built{};
+  const int dev = c10::cuda::current_device();
+  int b = dev < 64 ? built[dev].load(std::memory_order_relaxed) : 0;
+  if (b == 0) {
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, backward_coefs_kernel<float>));
+    b = attr.ptxVersion >= 90 ? 2 : 1;
+    if (dev < 64) built[dev].store(b, std::memory_order_relaxed);
+  }
+  return b == 2;
+}
 
 void launch_forward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,
                           const Tensor& bias, double eps, const Tensor& coef) {

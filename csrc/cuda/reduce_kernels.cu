@@ -211,6 +211,7 @@ __global__ void __launch_bounds__(kThreads)
     reduce_contiguous_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy, I C,
                              I S, at::cuda::detail::IntDivider<I> per_run, I nv, I numel,
                              math_t<T>* __restrict__ partial, unsigned int* __restrict__ arrived) {
+  allow_dependents();  // the finalize pass or the map after it (BN_EXT_CUDA_PDL=1)
   using M = math_t<T>;
   const I c = blockIdx.x;
   __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift, scale;
@@ -304,6 +305,7 @@ template <typename T, typename Op, typename I, int V>
 __global__ void __launch_bounds__(kThreads)
     reduce_channels_last_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy,
                                 I rows, I C, math_t<T>* __restrict__ partial) {
+  allow_dependents();  // the finalize pass or the map after it (BN_EXT_CUDA_PDL=1)
   using M = math_t<T>;
   const I c0 = (static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const bool active = c0 < C;  // V divides C, so a thread's channels are all in or all out
@@ -365,6 +367,8 @@ template <typename Op>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const Op op, const typename Op::M* __restrict__ partial, int64_t C,
                     int64_t G) {
+  allow_dependents();     // the map after it
+  wait_for_prior_grid();  // the partials (BN_EXT_CUDA_PDL=1: launched before the reduction ends)
   using M = typename Op::M;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   __shared__ Sums<M> smem[kThreads / 2];
@@ -510,9 +514,9 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
 
   if (staged && !folded) {
     const dim3 block = finalize_geometry(G);
-    finalize_kernel<Op><<<static_cast<unsigned>(ceil_div(C, block.x)), block, 0, stream>>>(
-        op, partial.const_data_ptr<M>(), C, G);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_after(dependent_launch_on(), finalize_kernel<Op>,
+                 dim3(static_cast<unsigned>(ceil_div(C, block.x))), block, stream, op,
+                 partial.const_data_ptr<M>(), C, G);
   }
 }
 

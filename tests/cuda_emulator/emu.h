@@ -158,7 +158,59 @@ void operator->*(K kernel, PendingLaunch<A...>&& p) {
            false);
 }
 
+void note_dependent_launch();  // a launch that asked to overlap the one before (cudaLaunchKernelEx)
+
 }  // namespace emu
+
+// Programmatic dependent launch: the launch runs as an ordinary one (each launch here ends before
+// the next begins, so there is nothing to overlap); the runtime counts those that asked for it.
+// The kernels' griddepcontrol instructions are compiled only for sm_90 on, so none here.
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 5 };
+
+union cudaLaunchAttributeValue {
+  int programmaticStreamSerializationAllowed;
+};
+
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+
+struct cudaLaunchConfig_t {
+  dim3 gridDim;
+  dim3 blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
+
+// The fields of cudaFuncAttributes that csrc/cuda reads: the emulated kernels count as sm_90's.
+struct cudaFuncAttributes {
+  int ptxVersion;
+  int binaryVersion;
+};
+
+template <typename K>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K) {
+  attr->ptxVersion = 90;
+  attr->binaryVersion = 90;
+  return cudaSuccess;
+}
+
+template <typename... P, typename... A>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(P...),
+                               A&&... args) {
+  for (unsigned int i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization &&
+        config->attrs[i].val.programmaticStreamSerializationAllowed != 0) {
+      ::emu::note_dependent_launch();
+    }
+  }
+  const std::tuple<std::decay_t<P>...> coerced(std::forward<A>(args)...);  // as a launch copies
+  ::emu::run_grid(config->gridDim, config->blockDim, [&] { std::apply(kernel, coerced); }, false);
+  return cudaSuccess;
+}
 
 #define threadIdx (::emu::self().thread_idx)
 #define blockIdx (::emu::self().block_idx)

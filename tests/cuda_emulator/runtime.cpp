@@ -179,6 +179,8 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 b
 std::atomic<int64_t> g_launches[2];
 // The threads per block of the last grid: which of a kernel's block sizes a launch chose.
 std::atomic<int64_t> g_last_block_threads{0};
+// Launches that asked to overlap the one before them (programmatic dependent launch).
+std::atomic<int64_t> g_dependent_launches{0};
 
 std::mutex g_kernels_mutex;
 std::unordered_map<const void*, std::function<void(void**)>>& kernels() {
@@ -204,6 +206,8 @@ void syncthreads(const char* file, int line) {
 std::atomic<int64_t> g_progress{0};
 
 void note_progress() { ++g_progress; }
+
+void note_dependent_launch() { ++g_dependent_launches; }
 
 void spin_wait() {
   // A deadlock: no block has arrived at any barrier (atomicAdd) for the limit.
@@ -357,6 +361,9 @@ extern "C" void bn_ext_emu_frsqrt_rn(const float* in, float* out, int64_t n) {
 extern "C" int64_t bn_ext_emu_launches(int cooperative) {
   return emu::g_launches[cooperative != 0 ? 1 : 0].load();
 }
+
+// For ctypes: the launches so far that asked to overlap the one before them.
+extern "C" int64_t bn_ext_emu_dependent_launches() { return emu::g_dependent_launches.load(); }
 
 // For ctypes: the threads per block of the last grid run.
 extern "C" int64_t bn_ext_emu_last_block_threads() { return emu::g_last_block_threads.load(); }
