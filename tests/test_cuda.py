@@ -566,9 +566,10 @@ def test_fold_finalize_experiment(monkeypatch, dtype, shape):
     folded_names = _kernels_run(lambda: _reductions(x, dy, w, b))
     assert not any("finalize_kernel" in n for n in folded_names), folded_names
     assert len(folded_names) == len(names) - 5
-    for _ in range(3):
-        assert all(torch.equal(a, c) for a, c in zip(_reductions(x, dy, w, b), default,
-                                                     strict=True))
+    # Results kept, so that each call writes fresh memory (not the last call's, which holds
+    # the same bits where a launch did not finish a channel).
+    for out in [_reductions(x, dy, w, b) for _ in range(3)]:
+        assert all(torch.equal(a, c) for a, c in zip(out, default, strict=True))
     # Two streams at once, each with a copy of the input, so neither waits for the other.
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     inputs = [(x.clone(), dy.clone()) for _ in streams]
@@ -691,6 +692,39 @@ def test_bitwise_deterministic(dtype, layout, shape):
         again = run()
         for a, b_ in zip(first, again):
             assert torch.equal(a, b_)
+
+
+def _kernel_spans(fn):
+    """(name, start, end) in microseconds of each CUDA kernel that fn launches, by start."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        torch.cuda.synchronize()
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(spans, key=lambda s: s[1])
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() < (9, 0) if torch.cuda.is_available()
+                    else True, reason="programmatic dependent launch needs sm_90")
+def test_dependent_launches_do_overlap(monkeypatch):
+    """BN_EXT_CUDA_PDL=1 on sm_90 or later: some kernel of a multi-pass training op starts
+    before the kernel before it has ended (the finalize pass or the map during the reduction's
+    last blocks), in at least one of five calls; without the switch, none does. Else the
+    launches would not be dependent ones at all (a build without sm_90 code, or a gate that
+    never opens), and the bits tests above would pass without testing anything."""
+    x, dy, w, b = _training_case((32, 256, 56, 56), torch.float32, "contiguous")
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    ops.train_forward(x, w, b, 1e-5)  # warm-up
+
+    def overlaps():
+        spans = _kernel_spans(lambda: [ops.train_forward(x, w, b, 1e-5) for _ in range(5)])
+        return sum(later[1] < earlier[2] for earlier, later in zip(spans, spans[1:]))
+
+    assert overlaps() == 0
+    monkeypatch.setenv("BN_EXT_CUDA_PDL", "1")
+    assert overlaps() > 0
 
 
 GRAPH_PATHS = {"multipass": {"BN_EXT_CUDA_PERSISTENT": "0"},

@@ -420,9 +420,12 @@ bool fold_finalize() {
 // leaves at 0 again (each channel's last block resets its counter), so no launch zeroes it first;
 // launches on one stream run one after another, so they never share it at once. A stream being
 // captured into a CUDA graph gets a fresh zeroed tensor instead (a graph may replay on another
-// stream while this one runs). The buffers are never freed (a few bytes a channel; freeing at exit
-// could come after CUDA's teardown); a larger request replaces the stream's buffer, and the
-// returned reference keeps the old one alive through the caller's launch.
+// stream while this one runs). The map is never freed (freeing at exit could come after CUDA's
+// teardown). A larger request replaces the stream's buffer: the caching allocator hands the old
+// one's memory only to later work on this stream, which runs after the launches that used it.
+// Streams are told apart by handle: two streams that run at once with one handle (a build with a
+// per-thread default stream; a stream destroyed with work in flight and its handle reused) would
+// share counters, which torch's own streams never do.
 Tensor zeroed_counters(int64_t n, const Tensor& like) {
   const auto opts = like.options().dtype(at::kInt);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

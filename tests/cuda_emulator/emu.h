@@ -165,7 +165,7 @@ void note_dependent_launch();  // a launch that asked to overlap the one before 
 // Programmatic dependent launch: the launch runs as an ordinary one (each launch here ends before
 // the next begins, so there is nothing to overlap); the runtime counts those that asked for it.
 // The kernels' griddepcontrol instructions are compiled only for sm_90 on, so none here.
-enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 5 };
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 6 };  // as CUDA 13
 
 union cudaLaunchAttributeValue {
   int programmaticStreamSerializationAllowed;
