@@ -18,6 +18,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -113,17 +114,34 @@ inline int64_t full_wave_blocks() {
   return sm_count() * (per_sm / kThreads);
 }
 
+// ask() for the current device, asked once per device while it answers non-zero (`cache`: a
+// static array of the caller's, one per question; devices from 64 on are asked every time).
+template <typename F>
+int per_device(std::array<std::atomic<int>, 64>& cache, const F& ask) {
+  const int dev = c10::cuda::current_device();
+  int n = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    n = ask();
+    if (dev < 64) cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 // Blocks of `kernel` (kThreads each) resident on one SM, per device; asked of the runtime once
 // per device and kernel (`cache`: a static array of the caller's, one per kernel).
 template <typename Kernel>
 int64_t resident_per_sm(Kernel kernel, std::array<std::atomic<int>, 64>& cache) {
-  const int dev = c10::cuda::current_device();
-  int n = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
+  return per_device(cache, [&] {
+    int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
-    if (dev < 64) cache[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
+    return n;
+  });
+}
+
+// Whether environment variable `name` is `value` (the CUDA switches, read on every call).
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
 }
 
 // Programmatic dependent launch (BN_EXT_CUDA_PDL=1, an experiment; sm_90 on). A kernel launched

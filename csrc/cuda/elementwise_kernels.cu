@@ -28,8 +28,6 @@
 // map_plan and derives_coefs below choose the kernel and whether a table comes first.
 #include "common.cuh"
 
-#include <cstdlib>
-
 namespace bn_ext {
 namespace cuda {
 namespace detail {
@@ -345,22 +343,16 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
 }  // namespace
 
 bool dependent_launch_on() {
-  const char* v = std::getenv("BN_EXT_CUDA_PDL");
-  if (v == nullptr || std::strcmp(v, "1") != 0) return false;
+  if (!env_is("BN_EXT_CUDA_PDL", "1")) return false;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
   if (capture != cudaStreamCaptureStatusNone) return false;
-  // Per device: 0 not asked yet, 1 built below sm_90 (or not asked: device 64 on), 2 sm_90 on.
-  static std::array<std::atomic<int>, 64> built{};
-  const int dev = c10::cuda::current_device();
-  int b = dev < 64 ? built[dev].load(std::memory_order_relaxed) : 0;
-  if (b == 0) {
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, backward_coefs_kernel<float>));
-    b = attr.ptxVersion >= 90 ? 2 : 1;
-    if (dev < 64) built[dev].store(b, std::memory_order_relaxed);
-  }
-  return b == 2;
+  static std::array<std::atomic<int>, 64> ptx{};  // the kernels' PTX version, per device
+  return per_device(ptx, [] {
+           cudaFuncAttributes attr;
+           C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, backward_coefs_kernel<float>));
+           return attr.ptxVersion;
+         }) >= 90;
 }
 
 void launch_forward_coefs(const Tensor& mean, const Tensor& var, const Tensor& weight,

@@ -32,7 +32,6 @@
 // resident blocks' registers (kItems per thread).
 #include <array>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -495,10 +494,7 @@ __global__ void __launch_bounds__(kThreads, kSweepBlocksPerSm)
   }
 }
 
-bool two_sweeps() {
-  const char* v = std::getenv("BN_EXT_CUDA_TWO_SWEEPS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
+bool two_sweeps() { return env_is("BN_EXT_CUDA_TWO_SWEEPS", "1"); }
 
 // BN_EXT_CUDA_NARROW_VECTORS=1 (read on every call; an experiment, off by default until timed on
 // a GPU): a 16-bit channel whose runs start on 8-byte but not 16-byte boundaries (S % 8 == 4,
@@ -506,10 +502,7 @@ bool two_sweeps() {
 // for sm_90 (nvcc 13.0, bf16, 256 threads) that kernel is 1168 instructions and 76 registers in
 // the backward (masked: 1976 and 71), 1376 and 62 in the forward (1992 and 56): no per-lane
 // predicates and one store path, at twice the slots a thread (bench/results/README.md).
-bool narrow_vectors() {
-  const char* v = std::getenv("BN_EXT_CUDA_NARROW_VECTORS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
+bool narrow_vectors() { return env_is("BN_EXT_CUDA_NARROW_VECTORS", "1"); }
 
 // BN_EXT_CUDA_ONE_BLOCK_THREADS=64|128|256 (read on every call; an experiment, unset by default
 // until a GPU has timed it): the one-block kernel's block where the channel fits in it, else the
@@ -521,11 +514,10 @@ bool narrow_vectors() {
 // (20.6-20.7 against 19.9-20.0); both kernels took 102-104 registers in the masked 16-bit
 // backward (70-71 since ad1e18d).
 int one_block_threads() {
-  const char* v = std::getenv("BN_EXT_CUDA_ONE_BLOCK_THREADS");
-  if (v == nullptr) return 0;
-  if (std::strcmp(v, "64") == 0) return 64;
-  if (std::strcmp(v, "128") == 0) return 128;
-  return std::strcmp(v, "256") == 0 ? kThreads : 0;
+  constexpr const char* kName = "BN_EXT_CUDA_ONE_BLOCK_THREADS";
+  if (env_is(kName, "64")) return 64;
+  if (env_is(kName, "128")) return 128;
+  return env_is(kName, "256") ? kThreads : 0;
 }
 
 // The one-block-per-channel launch where it applies: contiguous, 16-byte aligned, fewer than
@@ -708,9 +700,8 @@ bool persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& o
 }  // namespace
 
 SinglePass single_pass_mode() {
-  const char* v = std::getenv("BN_EXT_CUDA_PERSISTENT");
-  if (v != nullptr && std::strcmp(v, "0") == 0) return SinglePass::kOff;
-  if (v != nullptr && std::strcmp(v, "1") == 0) return SinglePass::kAll;
+  if (env_is("BN_EXT_CUDA_PERSISTENT", "0")) return SinglePass::kOff;
+  if (env_is("BN_EXT_CUDA_PERSISTENT", "1")) return SinglePass::kAll;
   return SinglePass::kOneBlock;
 }
 

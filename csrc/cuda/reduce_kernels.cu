@@ -31,7 +31,6 @@
 // tile merge in the finalize pass.
 #include "channel_ops.cuh"
 
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -411,10 +410,7 @@ int64_t channels_last_wave() {
 // whose reductions stage (56x56 and larger) were within 3% of torch.compile at 2671d08. Not the
 // channels-last one: there G is large where a tile is wide (64 channels by 660 blocks for
 // 32x64x56x56), and one block would merge what the finalize pass spreads over 64.
-bool fold_finalize() {
-  const char* v = std::getenv("BN_EXT_CUDA_FOLD_FINALIZE");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
+bool fold_finalize() { return env_is("BN_EXT_CUDA_FOLD_FINALIZE", "1"); }
 
 // n counters at 0 for merge_if_last, in a buffer of the device and stream's own that every launch
 // leaves at 0 again (each channel's last block resets its counter), so no launch zeroes it first;
