@@ -91,6 +91,15 @@ def clear_cuda_switches(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
+def same_bits(ours, theirs):
+    """Whether two results (a tensor, or a sequence of them) are equal to the bit, item by item
+    (NaNs where both have them excepted: torch.equal)."""
+    def items(r):
+        return list(r) if isinstance(r, (tuple, list)) else [r]
+    ours, theirs = items(ours), items(theirs)
+    return len(ours) == len(theirs) and all(torch.equal(a, c) for a, c in zip(ours, theirs))
+
+
 def train_ops(x, dy, w, b, eps=1e-5):
     """The raw training ops, forward then backward: (y, mean, var, dx, grad_weight, grad_bias)."""
     y, mean, var = torch.ops.bn_ext.train_forward(x, w, b, eps)

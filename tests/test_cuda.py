@@ -23,7 +23,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import bn_ext
 from conftest import (assert_close, assert_training_matches_float64, clear_cuda_switches,
-                      make_input, make_pair, run_steps, train_ops)
+                      make_input, make_pair, run_steps, same_bits, train_ops)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -569,7 +569,7 @@ def test_fold_finalize_experiment(monkeypatch, dtype, shape):
     # Results kept, so that each call writes fresh memory (not the last call's, which holds
     # the same bits where a launch did not finish a channel).
     for out in [_reductions(x, dy, w, b) for _ in range(3)]:
-        assert all(torch.equal(a, c) for a, c in zip(out, default, strict=True))
+        assert same_bits(out, default)
     # Two streams at once, each with a copy of the input, so neither waits for the other.
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     inputs = [(x.clone(), dy.clone()) for _ in streams]
@@ -581,7 +581,7 @@ def test_fold_finalize_experiment(monkeypatch, dtype, shape):
                 results[i].append(_reductions(inputs[i][0], inputs[i][1], w, b))
     torch.cuda.synchronize()
     for out in results[0] + results[1]:
-        assert all(torch.equal(a, c) for a, c in zip(out, default, strict=True))
+        assert same_bits(out, default)
 
 
 PDL_CASES = [((32, 64, 56, 56), "contiguous"), ((32, 64, 56, 56), "channels_last"),
@@ -609,7 +609,7 @@ def test_dependent_launch_experiment(monkeypatch, dtype, case, fold):
     default = _reductions(x, dy, w, b)
     monkeypatch.setenv("BN_EXT_CUDA_PDL", "1")
     assert sorted(_kernels_run(lambda: _reductions(x, dy, w, b))) == sorted(names)
-    assert all(torch.equal(a, c) for a, c in zip(_reductions(x, dy, w, b), default, strict=True))
+    assert same_bits(_reductions(x, dy, w, b), default)
     # Inputs that change from call to call, each result against the same call without the switch.
     xs = [x * (1 + i / 8) for i in range(12)]
     torch.cuda.synchronize()
@@ -617,7 +617,7 @@ def test_dependent_launch_experiment(monkeypatch, dtype, case, fold):
     monkeypatch.delenv("BN_EXT_CUDA_PDL")
     for xi, out in zip(xs, overlapped, strict=True):
         ref = _reductions(xi, dy, w, b)
-        assert all(torch.equal(a, c) for a, c in zip(out, ref, strict=True))
+        assert same_bits(out, ref)
 
 
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])

@@ -19,7 +19,8 @@ import torch
 
 import bn_ext
 from conftest import (CUDA_EMULATED, assert_close, assert_training_matches_float64,
-                      clear_cuda_switches, float64_training_reference, make_input, train_ops)
+                      clear_cuda_switches, float64_training_reference, make_input, same_bits,
+                      train_ops)
 
 pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="needs the CUDA emulator's build")
 
@@ -162,7 +163,7 @@ def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
     default = train_ops(x, dy, w, b)
     assert _last_block_threads() == 128
     monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "yes")  # not "1": the default
-    assert all(torch.equal(a, c) for a, c in zip(train_ops(x, dy, w, b), default))
+    assert same_bits(train_ops(x, dy, w, b), default)
 
     monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")
     (y, mean, var), grids = _with_grids(lambda: ops.train_forward(x, w, b, 1e-5))
@@ -193,7 +194,7 @@ def test_one_block_threads_experiment(monkeypatch, dtype, shape):
     assert _last_block_threads() == fewest
     for value in ("32", "512", "0128", "wide"):
         monkeypatch.setenv("BN_EXT_CUDA_ONE_BLOCK_THREADS", value)
-        assert all(torch.equal(a, c) for a, c in zip(train_ops(x, dy, w, b), default, strict=True))
+        assert same_bits(train_ops(x, dy, w, b), default)
         assert _last_block_threads() == fewest, value
 
     for threads in (64, 128, 256):
@@ -206,7 +207,7 @@ def test_one_block_threads_experiment(monkeypatch, dtype, shape):
         for a, again in zip(results, train_ops(x, dy, w, b), strict=True):
             assert torch.equal(a, again)
         if threads == fewest:
-            assert all(torch.equal(a, c) for a, c in zip(results, default, strict=True))
+            assert same_bits(results, default)
         assert_training_matches_float64(results, x, dy, w, b, others=default)
 
 
@@ -241,20 +242,20 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
     x, dy, w, b = _case(shape, dtype, "contiguous")
     default, default_grids = _with_grids(lambda: train_ops(x, dy, w, b))
     monkeypatch.setenv("BN_EXT_CUDA_TWO_SWEEPS", "yes")  # not "1": the default
-    assert all(torch.equal(a, c) for a, c in zip(train_ops(x, dy, w, b), default, strict=True))
+    assert same_bits(train_ops(x, dy, w, b), default)
 
     monkeypatch.setenv("BN_EXT_CUDA_TWO_SWEEPS", "1")
     swept, grids = _with_grids(lambda: train_ops(x, dy, w, b))
     if not takes:
         assert grids == default_grids
-        assert all(torch.equal(a, c) for a, c in zip(swept, default, strict=True))
+        assert same_bits(swept, default)
         return
     assert grids == (2, 0) and _last_block_threads() == 256
     for a, again in zip(swept, train_ops(x, dy, w, b), strict=True):
         assert torch.equal(a, again)
     assert_training_matches_float64(swept, x, dy, w, b, others=default)
     monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")  # which the two sweeps win over
-    assert all(torch.equal(a, c) for a, c in zip(train_ops(x, dy, w, b), swept, strict=True))
+    assert same_bits(train_ops(x, dy, w, b), swept)
     monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS")
 
     # The running statistics, updated in the kernel (its only grid), as the multi-pass path
@@ -309,7 +310,7 @@ def test_fold_finalize_experiment(monkeypatch, dtype, case):
     monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "on")  # not "1": the default
     again, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
     assert grids == default_grids
-    assert all(torch.equal(a, c) for a, c in zip(again, default, strict=True))
+    assert same_bits(again, default)
 
     monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "1")
     other = _case((2, 3, 64, 64), dtype, "contiguous")  # G > 1 on fewer channels
@@ -321,7 +322,7 @@ def test_fold_finalize_experiment(monkeypatch, dtype, case):
         # _every_op reduces 7 times (its setup's batch_stats and backward_reduce, then those
         # again, train_forward, normalize_backward and train_backward), a grid fewer each.
         assert grids == (default_grids[0] - (7 if folds else 0), 0), (order, grids)
-        assert all(torch.equal(a, c) for a, c in zip(folded, default, strict=True)), order
+        assert same_bits(folded, default), order
         train_ops(*other)
         train_ops(*bigger)
 
@@ -335,7 +336,7 @@ def test_fold_finalize_experiment(monkeypatch, dtype, case):
         ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
         results[fold] = (rm, rv, nbt)
     assert int(results["1"][2]) == 5
-    assert all(torch.equal(a, c) for a, c in zip(results["1"], results["0"], strict=True))
+    assert same_bits(results["1"], results["0"])
 
 
 PDL_CASES = [((8, 32, 56, 56), "contiguous"), ((3, 5, 7, 7), "contiguous"),
@@ -372,10 +373,7 @@ def test_dependent_launch_experiment(monkeypatch, dtype, case, fold):
             before = dependent()
             out, grids = _with_grids(call)
             assert grids == default[name][1], (value, name)
-            out = out if isinstance(out, (tuple, list)) else [out]
-            ref = default[name][0]
-            ref = ref if isinstance(ref, (tuple, list)) else [ref]
-            assert all(torch.equal(a, c) for a, c in zip(out, ref, strict=True)), (value, name)
+            assert same_bits(out, default[name][0]), (value, name)
             # train: two ops, each with one launch in stream order first (its reduction);
             # eval_backward: one op, its reduction (which writes dx), then any finalize pass.
             first = {"train": 2, "eval": grids[0], "eval_backward": 1}[name]
