@@ -1165,34 +1165,32 @@ std::vector<M> replicate(const M* v, int64_t C, int64_t P) {
 // s1[c], s2[c] for every channel, from fixed blocks of rows combined in block order;
 // block_done(r0, r1) after each block's sums, on the thread that summed it, while its rows are
 // still in that thread's cache.
-// The blocks' partials, 2 * C doubles per kRowsPerBlock rows (1/16 of a float32 input's bytes,
-// 1/8 of a 16-bit one's), are left uninitialized: each block writes all of its own before the
-// sums read them. Zeroing them first (std::vector) was one more pass over them, measured on the
-// 2-core Zen 4 VM, batch_stats, zeroed -> not, medians of 9 alternating rounds in one process:
-// fp32 4096x1024 364 -> 288 us, 32x2048x7x7 291 -> 223, 32x512x14x14 269 -> 234; bf16 4096x1024
-// 298 -> 227, 32x512x14x14 568 -> 439.
+// Each block sums straight into its slot of `partial`: 2 * C values of the math type, as its
+// float accumulators are, widened to double only when added (the same bits as double slots), and
+// not zeroed first (row_block_sums starts a slot from 0). The slots then cost a write and a read,
+// 1/16 of a float32 input's bytes (1/8 of a 16-bit one's), where zeroed double slots copied from
+// per-thread accumulators cost 3/16 (3/8). batch_stats, 2-core Zen 4 VM, medians of 9 alternating
+// rounds in one process, zeroed -> unzeroed double slots: fp32 4096x1024 364 -> 288 us,
+// 32x2048x7x7 NHWC 291 -> 223, 32x512x14x14 269 -> 234, bf16 4096x1024 298 -> 227; then
+// copied -> in place, math-type slots: fp32 4096x1024 353 -> 302, 32x512x14x14 296 -> 251,
+// 32x64x56x56 745 -> 620, bf16 4096x1024 290 -> 235.
 template <typename T, typename R, typename BlockDone = NoTileDone>
 void channels_last_row_sums(const R& red, int64_t rows, int64_t C, const math_t<T>* k,
                             double* s1, double* s2, const BlockDone& block_done = {}) {
   using M = math_t<T>;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  const std::unique_ptr<double[]> partial(new double[static_cast<size_t>(blocks) * 2 * C]);
+  const std::unique_ptr<M[]> partial(new M[static_cast<size_t>(blocks) * 2 * C]);
   const int64_t bytes = R::kInputs * rows * C * static_cast<int64_t>(sizeof(T));
   const bool streaming = R::kInputs == 2 && bytes > last_level_cache_bytes() / 2;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<M> acc1(C), acc2(C);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * kRowsPerBlock, r1 = std::min(rows, r0 + kRowsPerBlock);
+      M* acc1 = partial.get() + b * 2 * C;
+      M* acc2 = acc1 + C;
       if (streaming) {
-        row_block_sums<T, R, kStreamingTileRows>(red, r0, r1, rows, C, C, k, acc1.data(),
-                                                 acc2.data());
+        row_block_sums<T, R, kStreamingTileRows>(red, r0, r1, rows, C, C, k, acc1, acc2);
       } else {
-        row_block_sums<T>(red, r0, r1, rows, C, C, k, acc1.data(), acc2.data());
-      }
-      double* p = partial.get() + b * 2 * C;
-      for (int64_t c = 0; c < C; ++c) {
-        p[c] = acc1[c];
-        p[C + c] = acc2[c];
+        row_block_sums<T>(red, r0, r1, rows, C, C, k, acc1, acc2);
       }
       block_done(r0, r1);
     }
@@ -1205,10 +1203,10 @@ void channels_last_row_sums(const R& red, int64_t rows, int64_t C, const math_t<
     std::fill(t1 + c0, t1 + c1, 0.0);
     std::fill(t2 + c0, t2 + c1, 0.0);
     for (int64_t b = 0; b < blocks; ++b) {
-      const double* __restrict p = partial.get() + b * 2 * C;
+      const M* __restrict p = partial.get() + b * 2 * C;
       for (int64_t c = c0; c < c1; ++c) {
-        t1[c] += p[c];
-        t2[c] += p[C + c];
+        t1[c] += static_cast<double>(p[c]);
+        t2[c] += static_cast<double>(p[C + c]);
       }
     }
   });
