@@ -447,8 +447,7 @@ def test_persistent_path_matches_float64(monkeypatch, dtype, case):
                    "persistent_channels_last_kernel")
     assert sum(any(k in n for k in single_pass) for n in names) == 2, names
     single = train_ops(x, dy, w, b)
-    for a, again in zip(single, train_ops(x, dy, w, b)):
-        assert torch.equal(a, again)
+    assert same_bits(single, train_ops(x, dy, w, b))
 
     assert_training_matches_float64(single, x, dy, w, b, others=multi)
 
@@ -482,8 +481,7 @@ def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
     # <T, Op, V, block, masked>: V = 4, unmasked
     assert len(names) == 2 and all(re.search(r", 4, \d+, false>", n) for n in names), names
     narrow = train_ops(x, dy, w, b)
-    for a, again in zip(narrow, train_ops(x, dy, w, b), strict=True):
-        assert torch.equal(a, again)
+    assert same_bits(narrow, train_ops(x, dy, w, b))
     assert_training_matches_float64(narrow, x, dy, w, b, others=default)
 
 
@@ -511,8 +509,7 @@ def test_one_block_threads_experiment(monkeypatch, dtype, threads):
              if "persistent_channel_block_kernel" in n]
     assert len(names) == 2 and all(f", {threads}, true>" in n for n in names), names
     wide = train_ops(x, dy, w, b)
-    for a, again in zip(wide, train_ops(x, dy, w, b), strict=True):
-        assert torch.equal(a, again)
+    assert same_bits(wide, train_ops(x, dy, w, b))
     assert_training_matches_float64(wide, x, dy, w, b, others=default)
 
 
@@ -532,8 +529,7 @@ def test_two_sweeps_experiment(monkeypatch, dtype, shape):
     assert sum("channel_two_sweep_kernel" in n for n in names) == 2, names
     assert not any("persistent_channel_block_kernel" in n or "reduce" in n for n in names), names
     swept = train_ops(x, dy, w, b)
-    for a, again in zip(swept, train_ops(x, dy, w, b), strict=True):
-        assert torch.equal(a, again)
+    assert same_bits(swept, train_ops(x, dy, w, b))
     assert_training_matches_float64(swept, x, dy, w, b, others=default)
 
 

@@ -117,8 +117,7 @@ def test_single_pass_kernels_run_and_match_float64(monkeypatch, dtype, case):
     cooperative = _single_pass_plan(shape, dtype, layout) == "cooperative"
     want = (0, 2) if cooperative else (2, 0)
     assert grids == want, "(ordinary, cooperative) grids of train_forward and train_backward"
-    for a, again in zip(single, train_ops(x, dy, w, b)):
-        assert torch.equal(a, again)
+    assert same_bits(single, train_ops(x, dy, w, b))
     assert_training_matches_float64(single, x, dy, w, b, others=multi)
 
     # The default: the one-block kernel where it applies, else the multi-pass kernels (the
@@ -171,8 +170,7 @@ def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
     (dx, gw, gb), grids = _with_grids(lambda: ops.train_backward(dy, x, mean, var, w, 1e-5))
     assert grids == (1, 0) and _last_block_threads() == 64
     narrow = (y, mean, var, dx, gw, gb)
-    for a, again in zip(narrow, train_ops(x, dy, w, b), strict=True):
-        assert torch.equal(a, again)
+    assert same_bits(narrow, train_ops(x, dy, w, b))
     assert_training_matches_float64(narrow, x, dy, w, b, others=default)
 
 
@@ -204,8 +202,7 @@ def test_one_block_threads_experiment(monkeypatch, dtype, shape):
         (dx, gw, gb), grids = _with_grids(lambda: ops.train_backward(dy, x, mean, var, w, 1e-5))
         assert grids == (1, 0) and _last_block_threads() == max(threads, fewest)
         results = (y, mean, var, dx, gw, gb)
-        for a, again in zip(results, train_ops(x, dy, w, b), strict=True):
-            assert torch.equal(a, again)
+        assert same_bits(results, train_ops(x, dy, w, b))
         if threads == fewest:
             assert same_bits(results, default)
         assert_training_matches_float64(results, x, dy, w, b, others=default)
@@ -251,8 +248,7 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
         assert same_bits(swept, default)
         return
     assert grids == (2, 0) and _last_block_threads() == 256
-    for a, again in zip(swept, train_ops(x, dy, w, b), strict=True):
-        assert torch.equal(a, again)
+    assert same_bits(swept, train_ops(x, dy, w, b))
     assert_training_matches_float64(swept, x, dy, w, b, others=default)
     monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")  # which the two sweeps win over
     assert same_bits(train_ops(x, dy, w, b), swept)
