@@ -1084,10 +1084,12 @@ def test_wrapper_subclass_input_counts_a_batch_once(training, momentum):
 
 
 _DTENSOR_CASE = """
-import tempfile, torch, torch.distributed as dist, bn_ext
+import os, tempfile, torch, torch.distributed as dist, bn_ext
 from torch.distributed.tensor import (DeviceMesh, Replicate, Shard, distribute_module,
                                       distribute_tensor)
-dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+store = tempfile.TemporaryDirectory()  # the group's file store, removed at exit
+dist.init_process_group("gloo", init_method="file://" + os.path.join(store.name, "store"),
+                        rank=0, world_size=1)
 mesh = DeviceMesh("cpu", [0])
 for training in (True, False):
     for placement in (Replicate(), Shard(0)):
