@@ -636,9 +636,21 @@ void affine2_row(const T* dy, const T* x, T* dx, int64_t n, const math_t<T>* a,
 // 513, 32x256x14x14 fp32 training forward 865 -> 628, bf16 256x512x7x7 training forward 3478
 // -> 2801, 32x1000x7x7 bf16 forward + backward 2423 -> 2113; 27 of 28 (shape, dtype, pass)
 // pairs level or faster (one 0.95x). 8192 against 4096: 0.87-1.21x either way, noise.
-constexpr int64_t kRowMapSteps = 4;          // runs shorter than this many kWidth steps,
-constexpr int64_t kRowMapStepsReduced = 16;  // or this many for bf16/fp16 normalize
-constexpr int64_t kRowMapSpan = 4096;        // positions per row, about
+// AVX-512 builds differ, from 2-core Zen 4 (32 KiB L1d, 1 MiB L2), alternating in one process
+// against the AVX2 values: rows of 2048 positions (eval fp32 32x512x7x7 99 -> 69 us,
+// 32x1000x7x7 195 -> 144; bf16 32x2048x7x7 288 -> 260), and bf16/fp16 normalize as rows below
+// 4 steps only, as float's, so that 14x14 (6 steps of 32) takes the stream of runs (eval
+// 32x1024x14x14 1.09-1.20x, 32x256x14x14 1.00-1.17x, in four processes). Likely cause: the
+// per-position coefficients, two 64-byte loads per step beside one of data. Not yet measured
+// on Zen 5 or Intel, this project's other AVX-512 hosts.
+constexpr int64_t kRowMapSteps = 4;  // runs shorter than this many kWidth steps,
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kRowMapStepsReduced = kRowMapSteps;  // or this many for bf16/fp16 normalize
+constexpr int64_t kRowMapSpan = 2048;                  // positions per row, about
+#else
+constexpr int64_t kRowMapStepsReduced = 16;
+constexpr int64_t kRowMapSpan = 4096;
+#endif
 
 // Whether a map with K per-channel coefficients runs over short NCHW runs as rows: not when it
 // streams (tensors beyond the last-level cache), where the rows' C * S strides lost to one
@@ -646,11 +658,20 @@ constexpr int64_t kRowMapSpan = 4096;        // positions per row, about
 // float or double: 8 coefficient loads for 4 data loads per step left it bound by loads, and it
 // lost out of L2 (256x512x7x7 fp32 0.85x, 32x1000x7x7 0.92x). bf16/fp16 normalize, bound by the
 // conversions, gains up to 16 steps (14x14, eval: 32x256x14x14 1.20x, 32x512x14x14 1.26x,
-// 64x256x14x14 1.21x); its backward did not (0.84-1.00x).
+// 64x256x14x14 1.21x); its backward did not (0.84-1.00x). Nor, in AVX-512 builds, when the
+// tensors it reads and writes take more than half the last-level cache: a tile's walk down N
+// rows C * S apart lost to the sequential stream there (Zen 4, 32 MiB L3, 26 MB read and
+// written, eval: fp32 32x2048x7x7 0.81-0.88x eager as rows, 1.26-1.34x as the stream; bf16
+// 256x512x7x7 0.84x -> 1.02x, level in another process), where Zen 3 (AVX2) ran both as rows
+// at 1.67x and 1.85x.
 template <typename T, size_t K>
 bool short_runs_as_rows(const Geometry& g, bool stream) {
   constexpr bool reduced = at::vec::is_reduced_floating_point_v<T>;
   if (g.layout != Layout::kContiguous || stream || (K > 3 && !reduced)) return false;
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t bytes = g.N * g.C * g.S * static_cast<int64_t>(sizeof(T)) * (K > 3 ? 3 : 2);
+  if (bytes > last_level_cache_bytes() / 2) return false;
+#endif
   const int64_t steps = (reduced && K <= 3) ? kRowMapStepsReduced : kRowMapSteps;
   return g.S < steps * VecIO<T>::kWidth;
 }
