@@ -264,8 +264,8 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
     - ONNX export: an ONNX graph runs on the runtime's BatchNormalization, not on bn_ext's
       kernels, and the exporters translate torch's op into it (bn_ext's ops have no ONNX
       translation: the export would fail).
-    The module's semantics kept: num_batches_tracked is counted after the call, and momentum=None
-    averages over the count it will have."""
+    The module's semantics kept: num_batches_tracked is counted (before the call, taken back if
+    it raises), and momentum=None averages over the count it will have."""
     count = training and running_mean is not None and num_batches_tracked is not None
     if count and momentum is None:
         batches = float(num_batches_tracked + 1)
@@ -274,12 +274,21 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
                              f"batches, which is 0 here ({num_batches_tracked.dtype} counts wrap "
                              f"around): reset num_batches_tracked, or pass a float momentum")
         momentum = 1.0 / batches
-    out = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
-                           0.0 if momentum is None else momentum, eps,
-                           torch.backends.cudnn.enabled)
-    if count:
-        num_batches_tracked.add_(1)
-    return out
+    if not count:
+        return torch.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                0.0 if momentum is None else momentum, eps,
+                                torch.backends.cudnn.enabled)
+    # Counted first, as torch's module does: grad, vjp, jacrev, jvp and jacfwd refuse the in-place
+    # add_ on the captured count, and must do so before torch.batch_norm has written the running
+    # statistics. A refusal from torch.batch_norm after it (vmap with tracked statistics) takes
+    # the count back, so a call that raises leaves every buffer as it was.
+    num_batches_tracked.add_(1)
+    try:
+        return torch.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps, torch.backends.cudnn.enabled)
+    except BaseException:
+        num_batches_tracked.sub_(1)
+        raise
 
 
 def _wraps_tensors(*tensors) -> bool:

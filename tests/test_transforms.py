@@ -4,7 +4,7 @@ are torch's. Each test runs the same thing on torch's layer and on bn_ext's and 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import bn_ext
 
@@ -100,3 +100,43 @@ def test_kernels_still_used_outside_transforms(monkeypatch):
     m(x).sum().backward()
     m.eval()
     m(x).sum().backward()
+
+
+def _refusal(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return type(e)
+    return None
+
+
+TRANSFORMS = {
+    "grad": lambda f, x: grad(lambda x: f(x).square().sum())(x),
+    "vjp": lambda f, x: vjp(f, x),
+    "jacrev": lambda f, x: jacrev(f)(x[:2]),
+    "jvp": lambda f, x: jvp(f, (x,), (torch.ones_like(x),)),
+    "jacfwd": lambda f, x: jacfwd(f)(x[:2]),
+    "vmap": lambda f, x: vmap(f)(x.unsqueeze(0).expand((3,) + x.shape)),
+}
+
+
+@pytest.mark.parametrize("torch_cls,ours_cls,shape", CLASSES)
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_transform_refusing_tracked_statistics_leaves_buffers(torch_cls, ours_cls, shape,
+                                                               transform, momentum):
+    # In training with tracked statistics torch refuses every transform here: grad-like ones the
+    # in-place count of a captured buffer, vmap the update of unbatched statistics. bn_ext must
+    # refuse with the same type, and (unlike torch under vmap, which counts first) leave its
+    # running statistics and count exactly as they were, as any call that raises.
+    ref, ours = _pair(torch_cls, ours_cls, True, momentum=momentum)
+    x = torch.randn(shape, dtype=torch.float64)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    expected = _refusal(lambda: TRANSFORMS[transform](ref, x))
+    assert expected is not None, "torch accepted it: compare results instead"
+    assert _refusal(lambda: TRANSFORMS[transform](ours, x)) is expected
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # and the layer still works, counting from where it was
+    ours(x)
+    assert ours.num_batches_tracked.item() == before["num_batches_tracked"].item() + 1
