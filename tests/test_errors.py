@@ -128,6 +128,34 @@ def test_empty_input_checks_its_arguments(device, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_zero_channels(device, training, affine):
+    # Zero channels is an empty input too, checked like any other and then an empty output (a
+    # pruned layer). torch's empty-input path scales by weight[0], an IndexError on an affine
+    # layer of zero channels; without weight it returns the empty output, as bn_ext does.
+    x = torch.randn(4, 0, 5, device=device, requires_grad=True)
+    m = bn_ext.BatchNorm1d(0, affine=affine, device=device).train(training)
+    y = m(x)
+    assert y.shape == x.shape
+    assert m.num_batches_tracked.item() == int(training)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    ref = torch.nn.BatchNorm1d(0, affine=affine, device=device).train(training)
+    if affine:
+        with pytest.raises(IndexError):
+            ref(x)
+    else:
+        assert ref(x).shape == x.shape
+    # and its arguments are checked: a weight of the wrong channel count is refused
+    before = _snapshot(m)
+    with pytest.raises(RuntimeError, match="weight should contain 0 elements"):
+        bn_ext.batch_norm(x, m.running_mean, m.running_var, torch.ones(2, device=device),
+                          None, training)
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_unsupported_dtypes(device):
     m = _trained(bn_ext.BatchNorm2d, 3, device)
     before = _snapshot(m)
