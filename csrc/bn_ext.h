@@ -47,7 +47,10 @@ struct Geometry {
 // against a within-image spread << d) still amplifies the rounding, by up to ~N. The samples are
 // added in 8 groups of 4 consecutive ones, ((v0 + v1) + (v2 + v3)), and the groups in a fixed
 // tree (add_shift_groups), so that up to 8 threads can share the work and still agree to the bit
-// with one thread doing it all.
+// with one thread doing it all. Each sample is scaled by 1/32 as it is loaded (shift_sample):
+// a power of two, so every partial sum is the unscaled one's / 32 exactly, and k has the bits of
+// sum / 32, but no partial sum can overflow (32 samples of 1.1e37 overflow float's sum, and made
+// a constant channel of them a mean of inf).
 constexpr int64_t kShiftSamples = 32;
 constexpr int kShiftGroups = 8;
 
@@ -83,13 +86,20 @@ struct ShiftSamples {
   }
 };
 
-// k from the 8 group sums; 0 when a sample is inf or NaN. An inf sample would make k inf and
-// every x - k inf - inf = NaN, so the mean NaN where torch's is inf (and the running mean with
-// it); with k = 0 the sums, and so the mean, are inf as torch's. k - k is 0 only for finite k.
+// A sample as the groups add it: v / kShiftSamples, exact (below float's normal range it rounds,
+// which only moves k within the channel's values).
+template <typename M>
+BN_EXT_HOST_DEVICE inline M shift_sample(M v) {
+  return v * (M(1) / static_cast<M>(kShiftSamples));
+}
+
+// k from the 8 group sums of scaled samples; 0 when a sample is inf or NaN. An inf sample would
+// make k inf and every x - k inf - inf = NaN, so the mean NaN where torch's is inf (and the
+// running mean with it); with k = 0 the sums, and so the mean, are inf as torch's. k - k is 0
+// only for finite k.
 template <typename M>
 BN_EXT_HOST_DEVICE inline M add_shift_groups(const M (&g)[kShiftGroups]) {
-  const M k = (((g[0] + g[1]) + (g[2] + g[3])) + ((g[4] + g[5]) + (g[6] + g[7]))) /
-              static_cast<M>(kShiftSamples);
+  const M k = ((g[0] + g[1]) + (g[2] + g[3])) + ((g[4] + g[5]) + (g[6] + g[7]));
   return k - k == M(0) ? k : M(0);
 }
 

@@ -1056,6 +1056,33 @@ def test_inf_in_a_channel_gives_torchs_running_mean(device, layout, dtype, fill)
     assert mean[1] == x[:, 1].to(mean.dtype).mean() or (fill == "both" and mean[1].isnan())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype,value", [(torch.float32, 3e38), (torch.bfloat16, -3e38),
+                                         (torch.float64, 1.7e308), (torch.float32, 2e37)],
+                         ids=["fp32", "bf16", "fp64", "fp32-2e37"])
+@pytest.mark.parametrize("shape", [(4, 3, 3, 2), (8, 3, 40, 40)], ids=["small", "large"])
+def test_constant_channel_near_the_largest_finite_value(device, layout, dtype, value, shape):
+    # The shift k is the mean of 32 samples. Summed before being scaled, 32 samples of a value
+    # above max / 32 overflowed: k was inf (then 0), the sums inf, and a constant channel's mean
+    # inf and var NaN. Its statistics are the value and 0 (the float64 reference's).
+    ref, ours = make_pair(4, 3, device, torch.float64 if dtype == torch.float64 else torch.float32)
+    x = make_input(shape, dtype, device, layout).clone()
+    x[:, 1] = value
+    mean, var = ops.batch_stats(x)
+    assert mean[1].item() == x[0, 1, 0, 0].item() and var[1].item() == 0
+    y = ours(x)
+    assert torch.equal(y[:, 1], torch.full_like(y[:, 1], ours.bias[1].item()))
+    rm, rv = ref.running_mean.clone(), ref.running_var.clone()
+    rm[1] = 0.9 * rm[1] + 0.1 * x[0, 1, 0, 0].to(rm.dtype)
+    rv[1] = 0.9 * rv[1]
+    torch.testing.assert_close(ours.running_mean[1], rm[1])
+    torch.testing.assert_close(ours.running_var[1], rv[1])
+    # the other channels as ever
+    y_ref = ref(x)
+    assert_close(y[:, [0, 2]], y_ref[:, [0, 2]], dtype)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_wrapper_subclass_input_counts_a_batch_once(training, momentum):

@@ -1382,8 +1382,8 @@ struct ChannelShift {
   // Group i of the channel whose samples lie at p + base[4i .. 4i + 3].
   M group(const T* p, int i) const {
     const int64_t* b = base + 4 * i;
-    return (static_cast<M>(p[b[0]]) + static_cast<M>(p[b[1]])) +
-           (static_cast<M>(p[b[2]]) + static_cast<M>(p[b[3]]));
+    auto v = [&](int j) { return shift_sample(static_cast<M>(p[b[j]])); };
+    return (v(0) + v(1)) + (v(2) + v(3));
   }
   // k of the channel whose samples lie at p + base[j].
   M operator()(const T* p) const {

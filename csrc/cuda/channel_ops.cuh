@@ -61,7 +61,7 @@ struct StatsOp {
     for (int j = 0; j < 4; ++j) v[j] = static_cast<M>(x[samples.offset(e[j], c)]);
   }
   static __device__ __forceinline__ M add_shift_group(const M (&v)[4]) {
-    return (v[0] + v[1]) + (v[2] + v[3]);
+    return (shift_sample(v[0]) + shift_sample(v[1])) + (shift_sample(v[2]) + shift_sample(v[3]));
   }
   __device__ __forceinline__ M shift_group(int64_t c, int i) const {
     M v[4];
