@@ -331,16 +331,17 @@ def _type_name(value) -> str:
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def _check_arg_types(training, momentum, eps) -> None:
+def _check_arg_types(training, momentum, eps,
+                     where: str = "bn_ext.batch_norm") -> None:
     """torch.batch_norm's TypeErrors for arguments of the wrong type (its parser runs after
     F.batch_norm's Python checks of the batch size and eps, and before its kernel's checks).
     momentum=None is the modules' cumulative average here."""
     if not isinstance(training, (bool, torch.SymBool)):
-        raise TypeError(f"bn_ext.batch_norm: argument 'training' must be bool, not "
+        raise TypeError(f"{where}: argument 'training' must be bool, not "
                         f"{_type_name(training)}")
     for name, value in (("momentum", momentum), ("eps", eps)):
         if not (_is_float_arg(value) or (name == "momentum" and value is None)):
-            raise TypeError(f"bn_ext.batch_norm: argument '{name}' must be float, not "
+            raise TypeError(f"{where}: argument '{name}' must be float, not "
                             f"{_type_name(value)}")
 
 
@@ -366,6 +367,22 @@ def _check_input_batch_and_eps(input, training, eps) -> None:
                              f"got {eps}")
     elif not eps >= 0:
         raise ValueError(f"bn_ext.batch_norm: eps must be non-negative, but got {eps}")
+
+
+def _check_one_param_dtype(where: str, input: Tensor, weight, bias, running_mean,
+                           running_var) -> None:
+    """For a float16/bfloat16 input: the ops take weight, bias and the running statistics each in
+    the input's dtype or in float32; torch's CPU kernel wants them all in the same one of the two.
+    (Other dtypes the ops refuse themselves.)"""
+    given = [(n, t) for n, t in (("weight", weight), ("bias", bias),
+                                 ("running_mean", running_mean),
+                                 ("running_var", running_var)) if t is not None]
+    dtypes = {t.dtype for _, t in given}
+    if len(dtypes) > 1 and dtypes <= {input.dtype, torch.float32}:  # else the op says
+        listed = ", ".join(f"{n} {t.dtype}" for n, t in given)
+        raise RuntimeError(f"{where}: with {input.dtype} input, weight, bias and the running "
+                           f"statistics must share one dtype (all float32, or all "
+                           f"{input.dtype}); got {listed}")
 
 
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -420,17 +437,8 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                                    f"elements (one per channel of the input), got shape "
                                    f"{tuple(t.shape)}")
         if input.dtype in (torch.bfloat16, torch.float16):
-            # The ops take each of these in the input's dtype or in float32; torch's CPU kernel
-            # wants them all in the same one of the two.
-            given = [(n, t) for n, t in (("weight", weight), ("bias", bias),
-                                         ("running_mean", running_mean),
-                                         ("running_var", running_var)) if t is not None]
-            dtypes = {t.dtype for _, t in given}
-            if len(dtypes) > 1 and dtypes <= {input.dtype, torch.float32}:  # else the op says
-                listed = ", ".join(f"{n} {t.dtype}" for n, t in given)
-                raise RuntimeError(f"bn_ext.batch_norm: with {input.dtype} input, weight, bias "
-                                   f"and the running statistics must share one dtype (all "
-                                   f"float32, or all {input.dtype}); got {listed}")
+            _check_one_param_dtype("bn_ext.batch_norm", input, weight, bias, running_mean,
+                                   running_var)
     if (input.is_mkldnn or _functorch_active() or _forward_ad._current_level >= 0 or (
             (_is_exporting() or _tracing_state() is not None) and
             torch.onnx.is_in_onnx_export()) or (

@@ -20,14 +20,22 @@ no samples (n = 0) simply adds zeros. The global statistics follow from the sums
     N = sum n,   mean = sum(n * mean) / N,   var = sum(n * (var + mean^2)) / N - mean^2.
 
 That last subtraction cancels: its relative error is about 2^-52 * (1 + mean^2 / var), times a few
-for the additions. The sums are therefore kept in float64 whatever the input dtype. For float32,
-float16 and bfloat16 input this is below the input's own resolution for any data it can represent
-(a channel with mean 1e4 and std 1 loses ~1e-8 of its variance, float32 itself rounds at 6e-8).
-For float64 input the variance's relative error is ~1e-16 * (mean / std)^2, e.g. 1e-10 at a ratio
-of 1e3, against ~1e-15 for one process. A shifted form (sums of x - K) would cancel less, but
-needs the same K on every rank, which only a second collective (or trusting buffers to agree)
-provides. The price of float64: for 2 ranks this sends 1.5x torch's bytes; from 4 ranks on,
-fewer (11x fewer at 64). bench/bench_sync.py tabulates it.
+for the additions. The sums are therefore kept in float64 whatever the input dtype: a channel
+with mean 1e4 and std 1 loses ~1e-8 of its variance there. For float64 input the variance's
+relative error is ~1e-16 * (mean / std)^2, e.g. 1e-10 at a ratio of 1e3, against ~1e-15 for
+one process. A shifted form (sums of x - K) would cancel less, but needs the same K on every
+rank, which only a second collective (or trusting buffers to agree) provides. The price of
+float64: for 2 ranks this sends 1.5x torch's bytes; from 4 ranks on, fewer (11x fewer at 64).
+bench/bench_sync.py tabulates it.
+
+The larger error for float32, float16 and bfloat16 input comes before the sums: batch_stats
+returns each rank's mean rounded to float32, off by up to 6e-8 * |mean_i|, and that error
+reaches the variance through the spread of the ranks' means, sum n_i (mean_i - mean)^2, as
+about 2 * 6e-8 * |mean| * |mean_i - mean| / var relative. Where |mean| / std is small it is
+float32's own rounding; at mean 1e4 and std 1 with the ranks' means 1 std apart it is 3e-4
+(one process: 7e-8). torch.nn.SyncBatchNorm gathers float32 means as well. Float64 input whose
+|mean| exceeds about 1e154 overflows n * (var + mean^2) (NaN statistics, where one process's
+are finite).
 
 Bad input and hangs
 -------------------
@@ -36,16 +44,17 @@ process group's timeout, and two ranks that send buffers of different sizes cras
 NCCL). So the forward buffer is sized by the module's num_features, never by the input, and it
 carries a "rejected" count: a rank whose input is unusable (rank < 2, channel count other than
 num_features, unsupported dtype, another device than the layer's, a parameter or running statistic
-that the ops after the collective would refuse, a failing local kernel) still takes part in the
-all_reduce, with the flag set, and then raises its own error; every other rank sees the flag and
-raises as well. Nothing is written to the running statistics or num_batches_tracked before that
-check. The ops that run after the collective (normalize, running_stats_update) are checked
-before it, with their fake kernels' mirror of the C++ checks (_fake.py). An error that only a
-later step can find (running out of memory in the backward, say) leaves the peers waiting in the
-backward's collective, which fails after the process group's timeout: a bound, not a clean
-error. Reading the flag needs no device synchronisation when the buffer is on the CPU (gloo); on
-an accelerator it is checked with torch._assert_async, which fails the device stream instead of
-stalling the host.
+that BatchNorm or the ops after the collective would refuse, momentum or eps of the wrong type or
+value, a failing local kernel) still takes part in the all_reduce, with the flag set, and then
+raises its own error; every other rank sees the flag and raises as well. So does a group whose
+whole batch has one value per channel (BatchNorm's ValueError). Nothing is written to the running
+statistics or num_batches_tracked before that check. The ops that run after the collective
+(normalize, running_stats_update) are checked before it, with their fake kernels' mirror of the
+C++ checks (_fake.py). An error that only a later step can find (running out of memory in the
+backward, say) leaves the peers waiting in the backward's collective, which fails after the
+process group's timeout: a bound, not a clean error. Reading the flag needs no device
+synchronisation when the buffer is on the CPU (gloo); on an accelerator it is checked with
+torch._assert_async, which fails the device stream instead of stalling the host.
 """
 from __future__ import annotations
 
@@ -59,7 +68,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.autograd.function import once_differentiable
 
 from . import _fake
-from .functional import _SUPPORTED_DTYPES, _math_dtype, _ops
+from .functional import (_SUPPORTED_DTYPES, _as_float, _check_arg_types,
+                         _check_one_param_dtype, _math_dtype, _ops)
 from .modules import _BatchNormForward, _fx_leaf
 
 # Header of the forward buffer: [count, number of ranks that rejected their input].
@@ -98,12 +108,20 @@ def _local_check(input: Tensor, num_features: int, **tensors) -> Optional[Except
 
 
 def _later_ops_check(input, num_features, weight, bias, running_mean, running_var,
-                     num_batches_tracked, momentum) -> Optional[Exception]:
-    """The error that the ops run after the collective would raise for this rank's arguments
-    (None when none): normalize's for the parameters (say float32 weights with float64 input),
-    running_stats_update's for the running statistics (say an integer running_mean), found by
-    the checks of their fake kernels. Needs _local_check to have passed."""
+                     num_batches_tracked, momentum, eps) -> Optional[Exception]:
+    """The error that BatchNorm's training would raise for this rank's arguments, or the ops run
+    after the collective (None when none), found before it: momentum and eps of the wrong type
+    (TypeError) or eps <= 0 (ValueError); the parameters and running statistics in dtypes that
+    BatchNorm refuses (say float32 weights or float64 statistics with float32 input), by the
+    checks of train_forward's fake kernel, and for 16-bit input in mixed dtypes; the running
+    statistics as running_stats_update wants them (say an expanded tensor); and, for
+    momentum=None, a count that wraps to 0 (ops.cpp's prepare_count). Needs _local_check to have
+    passed."""
+    op = "SyncBatchNorm"
     try:
+        _check_arg_types(True, momentum, eps, op)
+        if not _as_float(eps) > 0:  # as F.batch_norm in training
+            raise ValueError(f"{op}: eps must be positive during training, but got {eps}")
         for name, t in (("weight", weight), ("bias", bias)):
             _fake._check_channel_vector("normalize", input, t, name)
         if running_mean is not None or running_var is not None:
@@ -112,6 +130,18 @@ def _later_ops_check(input, num_features, weight, bias, running_mean, running_va
                          "both be None or neither be None", ValueError)
             _fake._check_running_stats("running_stats_update", input, num_features,
                                        running_mean, running_var, num_batches_tracked, momentum)
+            for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+                _fake._check_channel_vector("train_forward", input, t, name)
+        if input.dtype in (torch.bfloat16, torch.float16):
+            _check_one_param_dtype(op, input, weight, bias, running_mean, running_var)
+        if (momentum is None and num_batches_tracked is not None and running_mean is not None
+                and num_batches_tracked.dtype != torch.int64):
+            # read on the host, as the op reads it: only a count made other than int64
+            if (num_batches_tracked + 1).item() == 0:
+                raise ValueError(f"{op}: momentum=None averages over num_batches_tracked + 1 "
+                                 f"batches, which is 0 here ({num_batches_tracked.dtype} counts "
+                                 f"wrap around): reset num_batches_tracked, or pass a float "
+                                 f"momentum")
     except Exception as exc:  # noqa: BLE001 - returned, for the caller to raise after the flag
         return exc
     return None
@@ -133,10 +163,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
                              running_mean=running_mean, running_var=running_var)
         if error is None:
             error = _later_ops_check(input, num_features, weight, bias, running_mean,
-                                     running_var, num_batches_tracked, momentum)
-        if error is None and not eps > 0:  # as F.batch_norm in training
-            error = ValueError(f"SyncBatchNorm: eps must be positive during training, but got "
-                               f"{eps}")
+                                     running_var, num_batches_tracked, momentum, eps)
+        if error is None:
+            momentum, eps = _as_float(momentum), _as_float(eps)
         # The collective's buffer lives where the layer does (the device the backend was set up
         # for), so that even an input on the wrong device cannot keep this rank out of it.
         device = next((t.device for t in (running_mean, weight) if t is not None),
@@ -166,8 +195,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     f"SyncBatchNorm: {rejected} other rank(s) of the process group rejected "
                     f"their input (see their error); this rank's call was abandoned and its "
                     f"running statistics left unchanged")
+            if int(buf[0]) == 1:
+                # BatchNorm's ValueError for the batch of the whole group (its unbiased
+                # variance would be 0/0, a NaN running_var), raised by every rank alike
+                raise ValueError(
+                    f"SyncBatchNorm: expected more than 1 value per channel when training, got "
+                    f"1 over the whole process group (input size {tuple(input.shape)} on this "
+                    f"rank); the running statistics are unchanged")
         else:
-            torch._assert_async(buf[1] == 0, "SyncBatchNorm: another rank rejected its input")
+            torch._assert_async((buf[1] == 0) & (buf[0] != 1),
+                                "SyncBatchNorm: another rank rejected its input, or the process "
+                                "group's batch has 1 value per channel")
 
         # Global statistics, in float64 until here (see the module docstring).
         total = buf[0]

@@ -330,15 +330,17 @@ def case_bad_parameter_dtype(rank, world):
                       "weight has dtype torch.float32 which cannot be used with torch.float64 input")
 
 
-def _expect_buffer_rejection(rank, bad_rank, spoil, expected_type, expected_text):
-    """One rank's layer has a running statistic that running_stats_update (after the
-    collective) would refuse: refused there, before the collective, and so on the others."""
-    sbn = SyncBatchNorm(4)
+def _expect_buffer_rejection(rank, bad_rank, spoil, expected_type, expected_text,
+                             dtype=torch.float32, **layer_kw):
+    """One rank's layer has a running statistic or an attribute that BatchNorm, or
+    running_stats_update after the collective, would refuse: refused there, before the
+    collective, and so on the others."""
+    sbn = SyncBatchNorm(4, **layer_kw)
     if rank == bad_rank:
         spoil(sbn)
     before = {k: v.clone() for k, v in sbn.state_dict().items()}
     try:
-        sbn(torch.randn(3, 4, 2, 2))
+        sbn(torch.randn(3, 4, 2, 2).to(dtype))
     except Exception as exc:  # noqa: BLE001
         error = exc
     else:
@@ -374,18 +376,76 @@ def case_expanded_running_mean(rank, world):
                              "running_mean has elements that share memory")
 
 
-def case_eps_zero_refused(rank, world):
-    # F.batch_norm's training rule, on every rank (all fail alike, so no "other rank" error)
-    sbn = SyncBatchNorm(4, eps=0.0)
+def _expect_on_every_rank(sbn, x, expected_type, expected_text):
+    """A call that every rank refuses alike (no "other rank" error), buffers unchanged."""
     before = {k: v.clone() for k, v in sbn.state_dict().items()}
     try:
-        sbn(torch.randn(3, 4, 2, 2))
-    except ValueError as exc:
-        assert "eps must be positive during training" in str(exc), str(exc)
+        sbn(x)
+    except expected_type as exc:
+        assert expected_text in str(exc), str(exc)
     else:
         raise AssertionError("no error raised")
     for k, v in sbn.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a rejected call"
+
+
+def case_running_stats_dtype_batchnorm_refuses(rank, world):
+    # float64 running statistics with float32 input: running_stats_update takes them, but
+    # BatchNorm (train_forward, and normalize in eval) does not; a synchronised step used to
+    # train with them, and the layer failed at its first eval
+    def spoil(sbn):
+        sbn.running_mean = sbn.running_mean.double()
+        sbn.running_var = sbn.running_var.double()
+    _expect_buffer_rejection(rank, 1, spoil, RuntimeError,
+                             "running_mean has dtype torch.float64 which cannot be used with "
+                             "torch.float32 input")
+
+
+def case_16bit_input_mixed_parameter_dtypes(rank, world):
+    # bfloat16 input: float32 weights with bfloat16 running statistics, refused as BatchNorm does
+    def spoil(sbn):
+        sbn.running_mean = sbn.running_mean.bfloat16()
+        sbn.running_var = sbn.running_var.bfloat16()
+    _expect_buffer_rejection(rank, 0, spoil, RuntimeError, "must share one dtype",
+                             dtype=torch.bfloat16)
+
+
+def case_bad_eps_and_momentum_types(rank, world):
+    # an eps or momentum of the wrong type on one rank once raised before its collective, and
+    # the peers' collective paired with that rank's next one
+    def eps_none(sbn):
+        sbn.eps = None
+    _expect_buffer_rejection(rank, 1, eps_none, TypeError, "argument 'eps' must be float")
+
+    def momentum_str(sbn):
+        sbn.momentum = "0.1"
+    _expect_buffer_rejection(rank, 0, momentum_str, TypeError,
+                             "argument 'momentum' must be float")
+
+
+def case_count_that_wraps(rank, world):
+    # momentum=None with a uint8 count at 255: found after the collective before (the peers
+    # went on, and waited in the backward); now before it
+    def spoil(sbn):
+        sbn.num_batches_tracked = torch.tensor(255, dtype=torch.uint8)
+    _expect_buffer_rejection(rank, 1, spoil, ValueError, "which is 0 here", momentum=None)
+
+
+def case_one_value_over_the_group(rank, world):
+    # one sample of (N, C) input on rank 0, none elsewhere: one value per channel over the group,
+    # BatchNorm's ValueError on every rank (its unbiased variance would be 0/0)
+    sbn = SyncBatchNorm(4)
+    _expect_on_every_rank(sbn, torch.randn(1 if rank == 0 else 0, 4), ValueError,
+                          "more than 1 value per channel")
+    sbn(torch.randn(1, 4))  # one a rank: world values per channel
+    assert int(sbn.num_batches_tracked) == 1 and torch.isfinite(sbn.running_var).all()
+
+
+def case_eps_zero_refused(rank, world):
+    # F.batch_norm's training rule, on every rank (all fail alike, so no "other rank" error)
+    sbn = SyncBatchNorm(4, eps=0.0)
+    _expect_on_every_rank(sbn, torch.randn(3, 4, 2, 2), ValueError,
+                          "eps must be positive during training")
     sbn.eps = 1e-5
     sbn(torch.randn(2, 4, 2, 2))
     assert int(sbn.num_batches_tracked) == 1
@@ -435,6 +495,13 @@ def case_accelerator_code_path(rank, world):
             assert isinstance(error, RuntimeError) and "input has 5 channels" in str(error)
         else:  # on the CPU, _assert_async raises at once
             assert "another rank rejected its input" in str(error), str(error)
+        assert int(sbn.num_batches_tracked) == 0
+        try:  # one value per channel over the group
+            sbn(torch.randn(1 if rank == 0 else 0, 4))
+        except RuntimeError as exc:
+            assert "batch has 1 value per channel" in str(exc), str(exc)
+        else:
+            raise AssertionError("no error raised")
         assert int(sbn.num_batches_tracked) == 0
     finally:
         module._host_readable = real
@@ -514,12 +581,16 @@ WORLDS = {
         "case_fallbacks", "case_bad_channel_count", "case_bad_input_rank", "case_bad_dtype",
         "case_bad_device", "case_bad_running_stats_shape", "case_bad_parameter_dtype",
         "case_bad_running_stats_dtype", "case_expanded_running_mean",
-        "case_eps_zero_refused", "case_statistics_set_to_none_still_count",
+        "case_running_stats_dtype_batchnorm_refuses", "case_16bit_input_mixed_parameter_dtypes",
+        "case_bad_eps_and_momentum_types", "case_count_that_wraps",
+        "case_one_value_over_the_group", "case_eps_zero_refused",
+        "case_statistics_set_to_none_still_count",
         "case_double_backward_refused", "case_accelerator_code_path",
         "case_ddp_trajectory", "case_rank_never_calls_times_out"],
     3: ["case_uneven_fp64", "case_uneven_fp32", "case_empty_rank",
         "case_empty_rank_fp32_momentum_none", "case_channels_last", "case_momentum_none",
-        "case_large_mean_fp32", "case_bad_channel_count", "case_ddp_trajectory"],
+        "case_large_mean_fp32", "case_bad_channel_count", "case_ddp_trajectory",
+        "case_one_value_over_the_group"],
     4: ["case_uneven_fp32", "case_empty_rank", "case_empty_rank_fp32_momentum_none",
         "case_input_2d_and_3d", "case_bad_dtype", "case_accelerator_code_path"],
 }
