@@ -192,6 +192,8 @@ BN_EXT_DECLARE_KERNELS
 Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype);
 void empty_output_cache();
 std::vector<int64_t> output_cache_stats();
+// Testing: holds the cache's lock for `seconds`, as a thread inside an allocation would.
+void hold_output_cache_lock(double seconds);
 }  // namespace cpu
 
 #ifdef BN_EXT_WITH_CUDA

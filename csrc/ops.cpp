@@ -886,6 +886,8 @@ void empty_cpu_cache() { cpu::empty_output_cache(); }
 
 std::vector<int64_t> cpu_cache_stats() { return cpu::output_cache_stats(); }
 
+void _hold_cpu_cache_lock(double seconds) { cpu::hold_output_cache_lock(seconds); }
+
 #ifdef BN_EXT_WITH_CUDA
 bool built_with_cuda() { return true; }
 #else
@@ -940,6 +942,7 @@ TORCH_LIBRARY(bn_ext, m) {
   // The CPU output cache (cpu/output_cache.cpp); no tensors in or out, so one kernel for all keys.
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
   m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
+  m.def("_hold_cpu_cache_lock(float seconds) -> ()", &_hold_cpu_cache_lock);  // tests only
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
 

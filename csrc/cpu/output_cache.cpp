@@ -21,15 +21,25 @@
 //    BN_EXT_HUGE_PAGES=0 disables the advice.
 //
 // Tensors keep a pointer to this allocator, so resize_() on an output also goes through it.
+#include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <list>
 #include <mutex>
+#include <thread>
 
 #ifdef __linux__
 #include <sys/mman.h>
 #include <unistd.h>
+#endif
+#ifndef _WIN32
+#include <pthread.h>
+#endif
+#ifdef __GLIBC__
+#include <malloc.h>
 #endif
 
 #include <ATen/EmptyTensor.h>
@@ -106,9 +116,15 @@ size_t limit_from_env() {
   const char* v = std::getenv("BN_EXT_CPU_CACHE_MB");
   if (v == nullptr || *v == '\0') return default_limit_bytes();
   char* end = nullptr;
+  errno = 0;
   const long long mb = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && mb >= 0,
-              "bn_ext: BN_EXT_CPU_CACHE_MB must be a whole number of MiB >= 0, got '", v, "'");
+  // the largest limit whose bytes an int64 holds (2^43 - 1 MiB; cpu_cache_stats reports it as
+  // one): beyond 2^44 - 1, mb << 20 wrapped (2^44 MiB to a limit of 0, the cache silently off)
+  constexpr unsigned long long kMaxMb = std::numeric_limits<int64_t>::max() >> 20;
+  TORCH_CHECK(end != v && *end == '\0' && errno != ERANGE && mb >= 0 &&
+                  static_cast<unsigned long long>(mb) <= kMaxMb,
+              "bn_ext: BN_EXT_CPU_CACHE_MB must be a whole number of MiB from 0 to ", kMaxMb,
+              ", got '", v, "'");
   return static_cast<size_t>(mb) << 20;
 }
 
@@ -141,7 +157,14 @@ void free_block(const Block& b) {
 
 class OutputCache final : public c10::Allocator {
  public:
-  OutputCache() : limit_(limit_from_env()) {}
+  OutputCache() : limit_(limit_from_env()) {
+#ifndef _WIN32
+    // A fork while another thread is in take() or put() would leave the child a mutex locked
+    // for ever. The forking thread takes it first, and both sides release it (the child's one
+    // thread is the one that took it), as glibc's malloc does with its arenas.
+    pthread_atfork(&lock_for_fork, &unlock_after_fork, &unlock_after_fork);
+#endif
+  }
 
   bool enabled() const { return limit_ > 0; }
 
@@ -170,6 +193,16 @@ class OutputCache final : public c10::Allocator {
       cached_ = 0;
     }
     for (const Block& b : gone) free_block(b);
+#ifdef __GLIBC__
+    // free() keeps blocks below glibc's mmap threshold on its heap: without a trim the process
+    // would hold most of what was just given back (200 blocks of 384 KiB: none of it returned)
+    malloc_trim(0);
+#endif
+  }
+
+  void hold_lock(double seconds) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   }
 
   std::vector<int64_t> stats() {
@@ -211,7 +244,9 @@ class OutputCache final : public c10::Allocator {
     std::list<Block> gone;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (b->bytes <= limit_) {
+      // a block below kMinCachedBytes is an output that resize_() shrank and grew again through
+      // this allocator: not worth a place
+      if (b->bytes >= kMinCachedBytes && b->bytes <= limit_) {
         BN_EXT_POISON(b->ptr, b->bytes);
         free_.push_back(*b);
         cached_ += b->bytes;
@@ -228,6 +263,8 @@ class OutputCache final : public c10::Allocator {
   }
 
   static void release(void* ctx);
+  static void lock_for_fork();
+  static void unlock_after_fork();
 
   const size_t limit_;
   std::mutex mutex_;
@@ -245,6 +282,9 @@ OutputCache& cache() {
 void OutputCache::release(void* ctx) {
   if (ctx != nullptr) cache().put(static_cast<Block*>(ctx));
 }
+
+void OutputCache::lock_for_fork() { cache().mutex_.lock(); }
+void OutputCache::unlock_after_fork() { cache().mutex_.unlock(); }
 }  // namespace
 
 Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype) {
@@ -262,6 +302,8 @@ Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarTy
 void empty_output_cache() { cache().empty(); }
 
 std::vector<int64_t> output_cache_stats() { return cache().stats(); }
+
+void hold_output_cache_lock(double seconds) { cache().hold_lock(seconds); }
 
 }  // namespace cpu
 }  // namespace bn_ext
