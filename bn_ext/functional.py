@@ -253,6 +253,18 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _tracing_state = torch._C._get_tracing_state
 
 
+def _cumulative_momentum(num_batches_tracked: Tensor, where: str = "bn_ext") -> float:
+    """momentum=None's 1 / (num_batches_tracked + 1), the count taken in its own dtype (read on
+    the host); a count that wraps to 0 is ops.cpp's prepare_count's ValueError (torch's module:
+    ZeroDivisionError)."""
+    batches = float(num_batches_tracked + 1)
+    if batches == 0:
+        raise ValueError(f"{where}: momentum=None averages over num_batches_tracked + 1 batches, "
+                         f"which is 0 here ({num_batches_tracked.dtype} counts wrap around): "
+                         f"reset num_batches_tracked, or pass a float momentum")
+    return 1.0 / batches
+
+
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       num_batches_tracked):
     """torch's own batch_norm, for:
@@ -268,12 +280,7 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
     it raises), and momentum=None averages over the count it will have."""
     count = training and running_mean is not None and num_batches_tracked is not None
     if count and momentum is None:
-        batches = float(num_batches_tracked + 1)
-        if batches == 0:  # as ops.cpp's prepare_count; torch's module: ZeroDivisionError
-            raise ValueError(f"bn_ext: momentum=None averages over num_batches_tracked + 1 "
-                             f"batches, which is 0 here ({num_batches_tracked.dtype} counts wrap "
-                             f"around): reset num_batches_tracked, or pass a float momentum")
-        momentum = 1.0 / batches
+        momentum = _cumulative_momentum(num_batches_tracked)
     if not count:
         return torch.batch_norm(input, weight, bias, running_mean, running_var, training,
                                 0.0 if momentum is None else momentum, eps,

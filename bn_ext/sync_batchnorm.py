@@ -69,7 +69,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _fake
 from .functional import (_SUPPORTED_DTYPES, _as_float, _check_arg_types,
-                         _check_one_param_dtype, _math_dtype, _ops)
+                         _check_one_param_dtype, _cumulative_momentum, _math_dtype, _ops)
 from .modules import _BatchNormForward, _fx_leaf
 
 # Header of the forward buffer: [count, number of ranks that rejected their input].
@@ -136,12 +136,7 @@ def _later_ops_check(input, num_features, weight, bias, running_mean, running_va
             _check_one_param_dtype(op, input, weight, bias, running_mean, running_var)
         if (momentum is None and num_batches_tracked is not None and running_mean is not None
                 and num_batches_tracked.dtype != torch.int64):
-            # read on the host, as the op reads it: only a count made other than int64
-            if (num_batches_tracked + 1).item() == 0:
-                raise ValueError(f"{op}: momentum=None averages over num_batches_tracked + 1 "
-                                 f"batches, which is 0 here ({num_batches_tracked.dtype} counts "
-                                 f"wrap around): reset num_batches_tracked, or pass a float "
-                                 f"momentum")
+            _cumulative_momentum(num_batches_tracked, op)  # only a count made other than int64
     except Exception as exc:  # noqa: BLE001 - returned, for the caller to raise after the flag
         return exc
     return None

@@ -255,3 +255,9 @@ def test_empty_cpu_cache_returns_memory_to_the_system():
     cached, returned = map(int, r.stdout.split())
     assert cached == 200 * 384 * 1024
     assert returned >= cached // 2, f"{returned / MiB:.0f} of {cached / MiB:.0f} MiB returned"
+
+
+@pytest.mark.parametrize("seconds", [-1.0, float("nan"), 1e9])
+def test_hold_lock_refuses_a_bad_duration(seconds):
+    with pytest.raises(ValueError, match="takes 0 to 3600 seconds"):
+        ops._hold_cpu_cache_lock(seconds)

@@ -201,6 +201,8 @@ class OutputCache final : public c10::Allocator {
   }
 
   void hold_lock(double seconds) {
+    TORCH_CHECK_VALUE(seconds >= 0 && seconds <= 3600, "bn_ext: _hold_cpu_cache_lock takes 0 to "
+                      "3600 seconds, got ", seconds);  // NaN too
     std::lock_guard<std::mutex> lock(mutex_);
     std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   }
