@@ -210,9 +210,14 @@ def test_mixed_devices_names_argument():
     rm, rv = torch.zeros(3), torch.ones(3)
     with pytest.raises(RuntimeError, match="weight is on meta but input is on cpu"):
         bn_ext.batch_norm(x, rm, rv, w, None, True)
-    with pytest.raises(RuntimeError, match="running_mean is on meta but input is on cpu|"
-                                           "running_mean is on meta"):
-        bn_ext.batch_norm(x, torch.zeros(3, device="meta"), rv, None, None, True)
+    # batch_norm's own check names the caller's argument in training and in eval, where the
+    # op (normalize) calls it mean
+    for training in (True, False):
+        for name in ("running_mean", "running_var"):
+            stats = {"running_mean": rm, "running_var": rv, name: torch.ones(3, device="meta")}
+            with pytest.raises(RuntimeError, match=f"{name} is on meta but input is on cpu"):
+                bn_ext.batch_norm(x, stats["running_mean"], stats["running_var"], None, None,
+                                  training)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
@@ -331,20 +336,24 @@ def test_argument_types_as_torch(arg, value, training):
         assert_close(rv, rv_ref, torch.float32)
     if arg == "training":
         return
-    ref_m, ours_m = torch.nn.BatchNorm1d(3).train(training), bn_ext.BatchNorm1d(3).train(training)
-    setattr(ref_m, arg, value)
-    setattr(ours_m, arg, value)
-    before = _snapshot(ours_m)
-    try:
-        y_ref = ref_m(x)
-    except TypeError:
-        with pytest.raises(TypeError):  # a str eps fails the eps >= 0 comparison first
-            ours_m(x)
-        _assert_unchanged(ours_m, before)
-    else:
-        assert_close(ours_m(x), y_ref, torch.float32)
-        assert_close(ours_m.running_mean, ref_m.running_mean, torch.float32)
-        assert int(ours_m.num_batches_tracked) == int(ref_m.num_batches_tracked)
+    # an eps of another type with momentum=None too: the cumulative average's own path
+    for momentum in (0.1, None) if arg == "eps" else (0.1,):
+        ref_m = torch.nn.BatchNorm1d(3, momentum=momentum).train(training)
+        ours_m = bn_ext.BatchNorm1d(3, momentum=momentum).train(training)
+        setattr(ref_m, arg, value)
+        setattr(ours_m, arg, value)
+        before = _snapshot(ours_m)
+        try:
+            y_ref = ref_m(x)
+        except TypeError:
+            with pytest.raises(TypeError):  # a str eps fails the eps >= 0 comparison first
+                ours_m(x)
+            _assert_unchanged(ours_m, before)
+        else:
+            assert_close(ours_m(x), y_ref, torch.float32)
+            assert_close(ours_m.running_mean, ref_m.running_mean, torch.float32)
+            assert_close(ours_m.running_var, ref_m.running_var, torch.float32)
+            assert int(ours_m.num_batches_tracked) == int(ref_m.num_batches_tracked)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

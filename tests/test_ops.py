@@ -498,10 +498,15 @@ def _op_calls(draw):
     name = draw(st.sampled_from(["batch_stats", "normalize", "train_forward",
                                  "running_stats_update", "backward_reduce", "backward_input",
                                  "normalize_backward", "train_backward"]))
-    args = _schema_args(name)
-    wrong = draw(st.sets(st.sampled_from([a.name for a in args]), max_size=2))
+    wrong = draw(st.sets(st.sampled_from([a.name for a in _schema_args(name)]), max_size=2))
+    return (name,) + _draw_arguments(draw, name, wrong)
+
+
+def _draw_arguments(draw, name, wrong):
+    """(shape, input dtype, kind of each argument) for a call of op `name`, the arguments in
+    `wrong` of a wrong kind."""
     kinds = {}
-    for a in args:
+    for a in _schema_args(name):
         right, bad = _KINDS["vector" if a.name in _VECTOR_ARGS else a.name]
         if isinstance(a.type, torch.OptionalType) and None not in right:
             right = right + [None]
@@ -512,7 +517,7 @@ def _op_calls(draw):
         shape = shape[:1]
     x_dtype = torch.int64 if kinds.get("input") == "int64" else draw(
         st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
-    return name, shape, x_dtype, kinds
+    return shape, x_dtype, kinds
 
 
 def _op_args(name, shape, x_dtype, kinds, device):
@@ -590,3 +595,39 @@ def test_fake_kernels_refuse_what_the_ops_refuse(call):
     with mode:
         fake = _op_outcome(op, fake_args)
     assert fake == real, f"{name} {kinds}: the op gave {real}, its fake kernel {fake}"
+
+
+# The differentiable backwards (Python, for double backward) check their arguments as the C++
+# backwards they stand in for do: same error type and words, after the op's name.
+_DIFFERENTIABLE = {"_differentiable_train_backward": "train_backward",
+                   "_differentiable_normalize_backward": "normalize_backward"}
+
+
+@st.composite
+def _differentiable_calls(draw):
+    name = draw(st.sampled_from(sorted(_DIFFERENTIABLE)))
+    # arguments of the C++ op's call, only the differentiable op's own ones wrong
+    wrong = draw(st.sets(st.sampled_from([a.name for a in _schema_args(name)]), max_size=2))
+    return (name,) + _draw_arguments(draw, _DIFFERENTIABLE[name], wrong)
+
+
+def _refusal(op, args):
+    """The error's type and words after the op's name, or None where the op returns."""
+    try:
+        op(*args)
+    except Exception as e:  # noqa: BLE001 - the type and wording are what is compared
+        return type(e), str(e).split(":", 1)[-1].split()[:3]
+    return None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_differentiable_calls())
+def test_differentiable_backwards_refuse_what_the_ops_refuse(call):
+    name, shape, x_dtype, kinds = call
+    cpp = _DIFFERENTIABLE[name]
+    args = _op_args(cpp, shape, x_dtype, kinds, "cpu")
+    own = {a.name for a in _schema_args(name)}
+    mine = [a for a, s in zip(args, _schema_args(cpp)) if s.name in own]
+    expected = _refusal(getattr(ops, cpp).default, args)
+    got = _refusal(getattr(ops, name).default, mine)
+    assert got == expected, f"{name} {kinds}: {cpp} gave {expected}, {name} {got}"

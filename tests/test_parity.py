@@ -93,6 +93,34 @@ def test_empty_batch(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_function_returns_batch_statistics(device, training):
+    """BatchNormFunction, public, returns (output, batch mean, biased batch var) in training, the
+    statistics not differentiable, and (output,) in eval; it updates the running statistics as
+    F.batch_norm does."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 5, generator=gen, dtype=torch.float64).to(device)
+    w, b = (torch.randn(3, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+    rm = torch.randn(3, generator=gen, dtype=torch.float64).to(device)
+    rv = torch.rand(3, generator=gen, dtype=torch.float64).to(device) + 0.5
+    for t in (x, w, b):
+        t.requires_grad_()
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    outs = bn_ext.BatchNormFunction.apply(x, w, b, rm, rv, training, 1e-5, None, 0.2)
+    ref = torch.nn.functional.batch_norm(x, rm_ref, rv_ref, w, b, training, 0.2, 1e-5)
+    assert isinstance(outs, tuple) and len(outs) == (3 if training else 1)
+    torch.testing.assert_close(outs[0], ref)
+    torch.testing.assert_close(rm, rm_ref)
+    torch.testing.assert_close(rv, rv_ref)
+    if training:
+        _, mean, var = outs
+        torch.testing.assert_close(mean, x.detach().mean((0, 2, 3)))
+        torch.testing.assert_close(var, x.detach().var((0, 2, 3), unbiased=False))
+        assert not mean.requires_grad and not var.requires_grad
+    assert outs[0].requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("path", ["module", "BatchNormFunction"])
 def test_empty_batch_double_backward_is_zero(device, training, path):
     # An empty batch's statistics are 0/0; the double backward used to carry that NaN into the
