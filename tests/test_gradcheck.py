@@ -113,6 +113,35 @@ def test_backward_runs_in_cpp(device, path, training, needs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["batch_norm", "BatchNormFunction"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad_of", ["x", "w", "b", "xw", "xb", "wb", "xwb"])
+def test_gradients_of_what_requires_grad(device, path, training, grad_of):
+    """Each subset of (input, weight, bias) requiring grad, the others not: the backward takes a
+    different branch (fused op, reduction alone, input alone) for each, and every one gives
+    torch's gradients, and no gradient to what does not require it."""
+    x, w, b = _inputs((4, 3, 3, 2), "contiguous", device, True)
+    for name, t in zip("xwb", (x, w, b)):
+        t.requires_grad_(name in grad_of)
+    dy = torch.randn_like(x)
+    rm = torch.randn(3, dtype=torch.float64, device=device)
+    rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+    wanted = [t for t in (x, w, b) if t.requires_grad]
+
+    def forward():
+        if path == "batch_norm":
+            return bn_ext.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
+        return bn_ext.BatchNormFunction.apply(x, w, b, rm.clone(), rv.clone(), training, 1e-3,
+                                              None, 0.1)[0]
+    ref = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
+    for ours, theirs in zip(torch.autograd.grad(forward(), wanted, dy),
+                            torch.autograd.grad(ref, wanted, dy)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    forward().backward(dy)
+    assert all((t.grad is None) == (name not in grad_of) for name, t in zip("xwb", (x, w, b)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training,asked,kernels", [
     (True, "x", ["bn_ext.train_backward.default"]),
     (True, "wb", ["bn_ext.backward_reduce.default"]),

@@ -140,3 +140,25 @@ def test_transform_refusing_tracked_statistics_leaves_buffers(torch_cls, ours_cl
     # and the layer still works, counting from where it was
     ours(x)
     assert ours.num_batches_tracked.item() == before["num_batches_tracked"].item() + 1
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_forward_mode_ad_with_running_statistics(training):
+    """bn_ext.batch_norm has no num_batches_tracked: under forward AD it runs torch's batch_norm
+    with the caller's momentum, and training updates the running statistics by it."""
+    gen = torch.Generator().manual_seed(0)
+    x, t = (torch.randn(6, 3, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    w, b = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5, torch.randn(3, generator=gen,
+                                                                              dtype=torch.float64)
+    stats = (torch.randn(3, generator=gen, dtype=torch.float64),
+             torch.rand(3, generator=gen, dtype=torch.float64) + 0.5)
+    results = []
+    for fn in (torch.nn.functional.batch_norm, bn_ext.batch_norm):
+        rm, rv = (s.clone() for s in stats)
+        with fwAD.dual_level():
+            y = fn(fwAD.make_dual(x, t), rm, rv, w, b, training, 0.3, 1e-5)
+            results.append(tuple(fwAD.unpack_dual(y)) + (rm, rv))
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref)
+    if training:
+        assert not torch.equal(results[1][2], stats[0])  # the update happened
