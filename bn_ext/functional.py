@@ -334,8 +334,13 @@ def _is_float_arg(value) -> bool:
 
 
 def _type_name(value) -> str:
+    """The name torch's argument parser gives a refused value's type: CPython's tp_name, the bare
+    name of a class defined in Python (Fraction, Tensor) and of a builtin, the module-qualified
+    name of another extension type (numpy.ndarray)."""
     t = type(value)
-    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    if t.__module__ == "builtins" or t.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE
+        return t.__name__
+    return f"{t.__module__}.{t.__qualname__}"
 
 
 def _check_arg_types(training, momentum, eps,
