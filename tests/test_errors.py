@@ -600,6 +600,16 @@ def _functional_one_statistic_wrong_channels(lib):
     return fn(torch.randn(4, 3), None, torch.ones(2), training=True)
 
 
+def _functional_one_statistic_as_row(lib):
+    fn = bn_ext.batch_norm if lib is bn_ext else torch.nn.functional.batch_norm
+    return fn(torch.randn(4, 3), torch.zeros(1, 3), None, training=True)
+
+
+def _functional_integer_input_row_statistics(lib):
+    fn = bn_ext.batch_norm if lib is bn_ext else torch.nn.functional.batch_norm
+    return fn(torch.randint(0, 3, (4, 3)), torch.zeros(1, 3), torch.ones(1, 3), training=True)
+
+
 @pytest.mark.parametrize("call,error,name", [
     (_module_one_value_wrong_channels, ValueError, "more than 1 value"),
     (_module_eval_no_var_negative_eps, ValueError, "eps"),
@@ -607,6 +617,8 @@ def _functional_one_statistic_wrong_channels(lib):
     (_functional_one_statistic_wrong_weight, RuntimeError, "weight"),
     (_functional_one_statistic_wrong_bias, RuntimeError, "bias"),
     (_functional_one_statistic_wrong_channels, RuntimeError, "running_var"),
+    (_functional_one_statistic_as_row, ValueError, "both be None"),  # before their 1-D check
+    (_functional_integer_input_row_statistics, NotImplementedError, "Long"),  # so is the dtype
 ])
 def test_several_wrong_arguments_raise_torchs_first_error(call, error, name):
     # torch's F.batch_norm checks the batch size and eps (ValueError) before its kernel checks
