@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import bn_ext
@@ -229,6 +229,30 @@ def test_running_stats_update_semantics(device):
     ops.running_stats_update(rmb, rvb, None, mean, var, count, 1.0)
     assert rmb.dtype == torch.bfloat16
     torch.testing.assert_close(rmb.float(), mean)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_one_value_per_channel_makes_running_var_nan_as_torch(device, layout, momentum):
+    """A batch of one value per channel (the modules refuse it; the ops take it): the unbiased
+    variance is 0 * 1 / 0, so running_var becomes NaN, as torch.batch_norm's does, and the
+    running mean moves to the value."""
+    x = make_input((1, 3, 1, 1), torch.float32, device, layout)
+    stats = (torch.randn(3, device=device), torch.rand(3, device=device) + 0.5)
+    rm, rv = (t.clone() for t in stats)
+    nbt = torch.tensor(2, device=device)
+    ops.train_forward(x, None, None, 1e-5, rm, rv, nbt, momentum)
+    rm_ref, rv_ref = (t.clone() for t in stats)
+    torch.batch_norm(x, None, None, rm_ref, rv_ref, True, 1 / 3 if momentum is None else momentum,
+                     1e-5, False)
+    torch.testing.assert_close(rm, rm_ref)
+    assert torch.isnan(rv).all() and torch.isnan(rv_ref).all()
+    rm, rv = (t.clone() for t in stats)
+    ops.running_stats_update(rm, rv, None, x.flatten(), torch.zeros(3, device=device),
+                             torch.tensor(1.0, device=device), 0.1)
+    torch.testing.assert_close(rm, 0.9 * stats[0] + 0.1 * x.flatten())
+    assert torch.isnan(rv).all()
 
 
 def _running_buffers(kind, C, device, dtype):
@@ -580,8 +604,18 @@ def _op_outcome(op, args):
     return [None if t is None else (tuple(t.shape), t.dtype, t.stride()) for t in outs]
 
 
+_UPDATE_OK = {"num_batches_tracked": "ok", "momentum": 0.1}
+
+
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_op_calls())
+# expanded running statistics (updated in place): the draws above rarely make one
+@example(("train_forward", (2, 3, 2), torch.float32,
+          {"input": "ok", "weight": "ok", "bias": None, "eps": 1e-5, "running_mean": "expanded",
+           "running_var": "ok", **_UPDATE_OK}))
+@example(("running_stats_update", (2, 3, 2), torch.bfloat16,
+          {"running_mean": "ok", "running_var": "expanded", "mean": "ok", "var": "ok",
+           "count": "ok", **_UPDATE_OK}))
 def test_fake_kernels_refuse_what_the_ops_refuse(call):
     from torch._subclasses.fake_tensor import FakeTensorMode
     name, shape, x_dtype, kinds = call

@@ -132,34 +132,49 @@ C = 8
 def out(h):
     x = torch.randn(4, C, h, 128)
     return torch.ops.bn_ext.normalize(x, torch.zeros(C), torch.ones(C), None, None, 1e-5)
-y = out(512); del y       # 8 MiB
-z = out(128); del z       # 2 MiB
+for h in HEIGHTS:         # an output of h / 64 MiB each, freed at once
+    y = out(h); del y
 s = bn_ext.cpu_cache_stats()
 print(s["limit_bytes"], s["cached_bytes"], s["cached_blocks"])
 """
 
 
+def _probe(limit_mib, heights=(512, 128)):
+    """The cache's (limit, cached bytes, cached blocks) after outputs of the heights' sizes (by
+    default 8 MiB, then 2 MiB) were freed in turn, in a process with that limit."""
+    return run_python(_PROBE.replace("HEIGHTS", repr(tuple(heights))),
+                      BN_EXT_CPU_CACHE_MB=str(limit_mib))
+
+
 def test_limit_drops_blocks_that_do_not_fit():
-    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB="4")
+    r = _probe(4)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(4 * MiB), str(2 * MiB), "1"]
+
+
+def test_block_above_the_limit_leaves_cached_blocks_alone():
+    # 2 MiB cached, then an 8 MiB block freed: it alone exceeds 4 MiB, so it goes, and the
+    # 2 MiB block stays (making room for it first would have emptied the cache)
+    r = _probe(4, heights=(128, 512))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(4 * MiB), str(2 * MiB), "1"]
 
 
 def test_limit_drops_oldest_blocks_first():
-    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB="9")
+    r = _probe(9)
     assert r.returncode == 0, r.stderr
     # 8 MiB cached first, then 2 MiB: 10 > 9, so the older 8 MiB block goes.
     assert r.stdout.split() == [str(9 * MiB), str(2 * MiB), "1"]
 
 
 def test_cache_can_be_switched_off():
-    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB="0")
+    r = _probe(0)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "0", "0"]
 
 
 def test_bad_limit_is_a_clear_error():
-    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB="lots")
+    r = _probe("lots")
     assert r.returncode != 0
     assert "BN_EXT_CPU_CACHE_MB must be a whole number of MiB" in r.stderr
 
@@ -169,13 +184,13 @@ def test_bad_limit_is_a_clear_error():
 def test_limit_too_large_is_an_error(value):
     # 2^44 MiB used to wrap to a limit of 0 (the cache silently off), larger ones to a negative
     # limit_bytes; strtoll's overflow went unchecked
-    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB=value)
+    r = _probe(value)
     assert r.returncode != 0
     assert "BN_EXT_CPU_CACHE_MB must be a whole number of MiB from 0 to 8796093022207" in r.stderr
 
 
 def test_largest_limit_is_taken():
-    r = run_python(_PROBE, BN_EXT_CPU_CACHE_MB="8796093022207")
+    r = _probe("8796093022207")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(8796093022207 * MiB), str(10 * MiB), "2"]
 
