@@ -214,6 +214,77 @@ def test_batch_norm_function_gradgradcheck(device, training, affine):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["batch_norm", "BatchNormFunction"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("layout,shape", [("contiguous", (4, 3, 3, 2)), ("channels_last", (3, 2, 4)),
+                                          ("contiguous", (5, 2))])
+def test_double_backward_values_match_torch(device, path, training, affine, layout, shape):
+    """gradgradcheck differentiates the create_graph backward numerically and analytically, both
+    from that backward's own formula, so a formula that is wrong but smooth passes it (computing
+    var around x + mean did). Here its values: the first derivatives under create_graph=True
+    (the torch-op formulas) are the C++ backward's and torch's, and the second derivatives of a
+    nonlinear function of them, with respect to x, weight, bias and dy, are torch's."""
+    x, w, b = _inputs(shape, layout, device, affine)
+    dy = torch.randn_like(x).requires_grad_()
+    rm = torch.randn(shape[1], dtype=torch.float64, device=device)
+    rv = torch.rand(shape[1], dtype=torch.float64, device=device) + 0.5
+    leaves = [t for t in (x, w, b) if t is not None]
+
+    def derivatives(forward, create_graph):
+        y = forward(x, w, b, rm.clone(), rv.clone())
+        first = torch.autograd.grad(y, leaves, dy, create_graph=create_graph)
+        if not create_graph:
+            return first
+        loss = sum((g * torch.cos(g)).sum() for g in first)
+        return first + torch.autograd.grad(loss, leaves + [dy], allow_unused=True,
+                                           materialize_grads=True)
+
+    def ours(x, w, b, rm, rv):
+        if path == "batch_norm":
+            return bn_ext.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-3)
+        return bn_ext.BatchNormFunction.apply(x, w, b, rm, rv, training, 1e-3, None, 0.1)[0]
+
+    def theirs(x, w, b, rm, rv):
+        return torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-3)
+
+    got, want = derivatives(ours, True), derivatives(theirs, True)
+    first_order = derivatives(ours, False)
+    for i, (g, r) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=f"derivative {i}")
+    for g, r in zip(got, first_order):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_normalize_op_double_backward_values(device, layout, affine):
+    """The op normalize differentiates with respect to mean and var too: its first and second
+    derivatives under create_graph=True against the same function in torch ops (gradgradcheck
+    alone passed a grad_var twice too large)."""
+    x, w, b = _inputs((4, 3, 5, 2), layout, device, affine)
+    mean = torch.randn(3, dtype=torch.float64, device=device).requires_grad_()
+    var = (torch.rand(3, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    dy = torch.randn_like(x).requires_grad_()
+    leaves = [t for t in (x, mean, var, w, b) if t is not None]
+    per = (1, -1, 1, 1)
+
+    def derivatives(y):
+        first = torch.autograd.grad(y, leaves, dy, create_graph=True)
+        loss = sum((g * torch.cos(g)).sum() for g in first)
+        return first + torch.autograd.grad(loss, leaves + [dy], allow_unused=True,
+                                           materialize_grads=True)
+
+    got = derivatives(torch.ops.bn_ext.normalize(x, mean, var, w, b, 1e-3))
+    ref = (x - mean.view(per)) / (var.view(per) + 1e-3).sqrt()
+    if affine:
+        ref = ref * w.view(per) + b.view(per)
+    for i, (g, r) in enumerate(zip(got, derivatives(ref))):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=f"derivative {i}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_one_training_double_backward(device):
     """BatchNormFunction's training double backward and batch_norm's (train_forward's C++
     autograd) run one formula, the op _differentiable_train_backward: the same bits."""
