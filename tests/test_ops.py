@@ -609,10 +609,13 @@ _UPDATE_OK = {"num_batches_tracked": "ok", "momentum": 0.1}
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_op_calls())
-# expanded and integer running statistics: the draws above rarely make a wrong one
+# expanded, inference and integer running statistics: the draws above rarely make a wrong one
 @example(("train_forward", (2, 3, 2), torch.float32,
           {"input": "ok", "weight": "ok", "bias": None, "eps": 1e-5, "running_mean": "expanded",
            "running_var": "ok", **_UPDATE_OK}))
+@example(("train_forward", (2, 3, 2), torch.bfloat16,
+          {"input": "ok", "weight": None, "bias": "ok", "eps": 1e-5, "running_mean": "ok",
+           "running_var": "inference", **_UPDATE_OK}))
 @example(("running_stats_update", (2, 3, 2), torch.bfloat16,
           {"running_mean": "ok", "running_var": "expanded", "mean": "ok", "var": "ok",
            "count": "ok", **_UPDATE_OK}))
