@@ -217,8 +217,8 @@ def test_batch_norm_function_gradgradcheck(device, training, affine):
 @pytest.mark.parametrize("path", ["batch_norm", "BatchNormFunction"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-@pytest.mark.parametrize("layout,shape", [("contiguous", (4, 3, 3, 2)), ("channels_last", (3, 2, 4)),
-                                          ("contiguous", (5, 2))])
+@pytest.mark.parametrize("layout,shape", [("contiguous", (4, 3, 3, 2)),
+                                          ("channels_last", (3, 2, 4)), ("contiguous", (5, 2))])
 def test_double_backward_values_match_torch(device, path, training, affine, layout, shape):
     """gradgradcheck differentiates the create_graph backward numerically and analytically, both
     from that backward's own formula, so a formula that is wrong but smooth passes it (computing
