@@ -112,6 +112,16 @@ def test_backward_runs_in_cpp(device, path, training, needs):
     assert "aten.rsqrt.default" in log.ops and not any(op.startswith("bn_ext.") for op in log.ops)
 
 
+def _batch_norm_via(path, training):
+    """bn_ext.batch_norm, or BatchNormFunction, as f(x, weight, bias, running_mean, running_var),
+    with momentum 0.1 and eps 1e-3."""
+    def f(x, w, b, rm, rv):
+        if path == "batch_norm":
+            return bn_ext.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-3)
+        return bn_ext.BatchNormFunction.apply(x, w, b, rm, rv, training, 1e-3, None, 0.1)[0]
+    return f
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["batch_norm", "BatchNormFunction"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -127,17 +137,12 @@ def test_gradients_of_what_requires_grad(device, path, training, grad_of):
     rm = torch.randn(3, dtype=torch.float64, device=device)
     rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
     wanted = [t for t in (x, w, b) if t.requires_grad]
-
-    def forward():
-        if path == "batch_norm":
-            return bn_ext.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
-        return bn_ext.BatchNormFunction.apply(x, w, b, rm.clone(), rv.clone(), training, 1e-3,
-                                              None, 0.1)[0]
+    f = _batch_norm_via(path, training)
     ref = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
-    for ours, theirs in zip(torch.autograd.grad(forward(), wanted, dy),
+    for ours, theirs in zip(torch.autograd.grad(f(x, w, b, rm.clone(), rv.clone()), wanted, dy),
                             torch.autograd.grad(ref, wanted, dy)):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    forward().backward(dy)
+    f(x, w, b, rm.clone(), rv.clone()).backward(dy)
     assert all((t.grad is None) == (name not in grad_of) for name, t in zip("xwb", (x, w, b)))
 
 
@@ -240,10 +245,7 @@ def test_double_backward_values_match_torch(device, path, training, affine, layo
         return first + torch.autograd.grad(loss, leaves + [dy], allow_unused=True,
                                            materialize_grads=True)
 
-    def ours(x, w, b, rm, rv):
-        if path == "batch_norm":
-            return bn_ext.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-3)
-        return bn_ext.BatchNormFunction.apply(x, w, b, rm, rv, training, 1e-3, None, 0.1)[0]
+    ours = _batch_norm_via(path, training)
 
     def theirs(x, w, b, rm, rv):
         return torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-3)
