@@ -147,8 +147,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
     process_group, num_features) -> output, normalized with statistics over the whole group.
 
     running_mean/running_var/num_batches_tracked are updated in place when given (None: not
-    tracked); momentum None means the cumulative average. Parameter gradients are this rank's
-    own, as in torch.nn.SyncBatchNorm: DDP averages them.
+    tracked); momentum None means the cumulative average; process_group None, the default
+    group. Parameter gradients are this rank's own, as in torch.nn.SyncBatchNorm: DDP averages
+    them.
     """
 
     @staticmethod
@@ -177,7 +178,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 buf[_HEADER + num_features:].mul_(n)
             except Exception as exc:  # the kernel refused: still take part, then raise
                 error = exc
-                buf.zero_()
         if error is not None:
             buf[1].fill_(1)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=process_group)
@@ -268,6 +268,8 @@ def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, 
 
 
 def _group_world_size(process_group) -> int:
+    """The group's rank count (None: the default group's); 1 without an initialised default
+    process group, or where torch.distributed is not built."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)
@@ -316,11 +318,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         traced = _fx_leaf(self, input)
         if traced is not None:
             return traced
-        need_sync = self.training and dist.is_available() and dist.is_initialized()
-        if need_sync:
-            process_group = self.process_group or dist.group.WORLD
-            need_sync = _group_world_size(process_group) > 1
-        if not need_sync:
+        if not (self.training and _group_world_size(self.process_group) > 1):
             self._check_input_dim(input)
             self._check_non_zero_input_channels(input)
             return _BatchNormForward.forward(self, input)
@@ -334,7 +332,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
             self.num_batches_tracked if tracking else None,
-            momentum, self.eps, process_group, self.num_features)
+            momentum, self.eps, self.process_group, self.num_features)
         if tracking and self.num_batches_tracked is not None and self.running_mean is None:
             self.num_batches_tracked.add_(1)  # statistics set to None: torch still counts
         return out
