@@ -517,11 +517,13 @@ def _schema_args(name):
     return getattr(ops, name).default._schema.arguments
 
 
+_OPS = ["batch_stats", "normalize", "train_forward", "running_stats_update", "backward_reduce",
+        "backward_input", "normalize_backward", "train_backward"]
+
+
 @st.composite
 def _op_calls(draw):
-    name = draw(st.sampled_from(["batch_stats", "normalize", "train_forward",
-                                 "running_stats_update", "backward_reduce", "backward_input",
-                                 "normalize_backward", "train_backward"]))
+    name = draw(st.sampled_from(_OPS))
     wrong = draw(st.sets(st.sampled_from([a.name for a in _schema_args(name)]), max_size=2))
     return (name,) + _draw_arguments(draw, name, wrong)
 
@@ -635,6 +637,35 @@ def test_fake_kernels_refuse_what_the_ops_refuse(call):
     with mode:
         fake = _op_outcome(op, fake_args)
     assert fake == real, f"{name} {kinds}: the op gave {real}, its fake kernel {fake}"
+
+
+@pytest.mark.parametrize("name", _OPS)
+def test_fake_kernels_refuse_a_second_device(name):
+    # ops.cpp's check_same_device, mirrored by the fake kernels: a CPU tensor with a meta one
+    # reaches the meta kernel, so the other device is a fake CUDA tensor, which FakeTensorMode
+    # makes without a GPU. Each tensor argument but the one the others are compared with
+    # (input, or running_stats_update's mean) is moved alone.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    kinds = {a.name: _KINDS["vector" if a.name in _VECTOR_ARGS else a.name][0][0]
+             for a in _schema_args(name)}  # every argument of its first right kind
+    names = list(kinds)
+    reference = "input" if "input" in kinds else "mean"
+    cpu_args = _op_args(name, (3, 2, 2), torch.float32, kinds, "cpu")
+    moved = [n for n, a in zip(names, cpu_args) if isinstance(a, torch.Tensor) and n != reference]
+    assert moved or name == "batch_stats"
+    op = getattr(ops, name).default
+    for arg in moved:
+        mode = FakeTensorMode()
+        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                for a in _op_args(name, (3, 2, 2), torch.float32, kinds, "cpu")]
+        i = names.index(arg)
+        with mode:
+            # (Tensor.to("cuda") needs torch built with CUDA; a factory does not)
+            args[i] = torch.empty(args[i].shape, dtype=args[i].dtype, device="cuda")
+            with pytest.raises(RuntimeError) as info:
+                op(*args)
+        assert str(info.value) == (f"bn_ext.{name}: {arg} is on cuda:0 but input is on cpu; "
+                                   f"all tensors must be on one device"), arg
 
 
 # The differentiable backwards (Python, for double backward) check their arguments as the C++
