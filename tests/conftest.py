@@ -138,12 +138,16 @@ def make_input(shape, dtype, device, layout="contiguous", seed=0, mean=0.5, std=
     (N, L, C) for 3D, plain for 2D); sliced: a non-dense view (every other element of the last
     dimension); transposed: the last two dimensions swapped (dense, but neither layout; for 2D
     an (N, C) view of a (C, N) tensor); channels_last_batch_sliced: every other sample of a
-    channels_last tensor (C innermost and each sample dense, the batch stride doubled).
+    channels_last tensor (C innermost and each sample dense, the batch stride doubled);
+    channels_last_dim2_sliced: every other index of dim 2 (L, H or D) of a channels_last tensor.
     """
     g = torch.Generator().manual_seed(seed)
     if layout == "channels_last_batch_sliced":
         big = (2 * shape[0],) + tuple(shape[1:])
         return make_input(big, dtype, device, "channels_last", seed, mean, std)[::2]
+    if layout == "channels_last_dim2_sliced":
+        big = tuple(shape[:2]) + (2 * shape[2],) + tuple(shape[3:])
+        return make_input(big, dtype, device, "channels_last", seed, mean, std)[:, :, ::2]
     if layout == "sliced":
         big = list(shape)
         big[-1] *= 2
