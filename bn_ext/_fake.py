@@ -105,7 +105,8 @@ def _check_updatable(op: str, t: Tensor, name: str) -> None:
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_update_args(op, like, num_batches_tracked, momentum) -> None:
+def _check_update_args(op, like, num_batches_tracked, momentum, updatable=True) -> None:
+    """updatable=False: not _check_updatable (SyncBatchNorm under torch.compile, see there)."""
     if num_batches_tracked is not None:
         _check_same_device(op, like, num_batches_tracked, "num_batches_tracked")
         dt = num_batches_tracked.dtype
@@ -114,13 +115,14 @@ def _check_update_args(op, like, num_batches_tracked, momentum) -> None:
                f"num_batches_tracked must be a tensor with one element of an integer or floating "
                f"dtype (int64, as in torch's modules), got {num_batches_tracked.numel()} "
                f"element(s) of {dt}")
-        _check_updatable(op, num_batches_tracked, "num_batches_tracked")
+        if updatable:
+            _check_updatable(op, num_batches_tracked, "num_batches_tracked")
     _check(momentum is not None or num_batches_tracked is not None, op,
            "momentum=None (cumulative average) needs num_batches_tracked")
 
 
 def _check_running_stats(op, like, C, running_mean, running_var, num_batches_tracked,
-                         momentum) -> None:
+                         momentum, updatable=True) -> None:
     """running_stats_update's running statistics: C elements of any supported floating dtype
     (the op is fed our own statistics) on like's device, updatable; then the count and
     momentum."""
@@ -128,8 +130,9 @@ def _check_running_stats(op, like, C, running_mean, running_var, num_batches_tra
         _check_same_device(op, like, t, name)
         _check(t.numel() == C, op, f"{name} should contain {C} elements, got {t.numel()}")
         _check(t.dtype in _SUPPORTED_DTYPES, op, f"{name} must be floating point, got {t.dtype}")
-        _check_updatable(op, t, name)
-    _check_update_args(op, like, num_batches_tracked, momentum)
+        if updatable:
+            _check_updatable(op, t, name)
+    _check_update_args(op, like, num_batches_tracked, momentum, updatable)
 
 
 def _check_count(op: str, like: Tensor, count: Tensor) -> None:

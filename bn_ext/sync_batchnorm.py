@@ -55,6 +55,15 @@ backward, say) leaves the peers waiting in the backward's collective, which fail
 process group's timeout: a bound, not a clean error. Reading the flag needs no device
 synchronisation when the buffer is on the CPU (gloo); on an accelerator it is checked with
 torch._assert_async, which fails the device stream instead of stalling the host.
+
+Under torch.compile the layer compiles into the model's graph, fullgraph=True included: the
+flag is checked by torch._assert_async on the CPU too (a host read would break the graph), so
+the ranks with good input get that assert's message. Two of the checks made before the
+collective are left to running_stats_update after it, because dynamo cannot trace them: a
+running statistic that is an expanded view or an inference tensor. A compiled layer with such a
+buffer on one rank leaves its peers waiting until the timeout; so does any rejected input with
+fullgraph=True, where the rank's error is a compile error (dynamo cannot compile the raise)
+before the collective. Without fullgraph the raise is a graph break and the errors are clean.
 """
 from __future__ import annotations
 
@@ -77,8 +86,9 @@ _HEADER = 2
 
 
 def _host_readable(t: Tensor) -> bool:
-    """Whether reading t's value on the host is free (no device synchronisation)."""
-    return t.device.type == "cpu"
+    """Whether reading t's value on the host is free: no device synchronisation, and not while
+    torch.compile traces (a read there breaks the graph; the other branch compiles into it)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _local_check(input: Tensor, num_features: int, **tensors) -> Optional[Exception]:
@@ -128,8 +138,10 @@ def _later_ops_check(input, num_features, weight, bias, running_mean, running_va
             _fake._check(running_mean is not None and running_var is not None,
                          "running_stats_update", "running_mean and running_var must either "
                          "both be None or neither be None", ValueError)
+            # dynamo cannot trace the overlap and inference-tensor checks (module docstring)
             _fake._check_running_stats("running_stats_update", input, num_features,
-                                       running_mean, running_var, num_batches_tracked, momentum)
+                                       running_mean, running_var, num_batches_tracked, momentum,
+                                       updatable=not torch.compiler.is_compiling())
             for name, t in (("running_mean", running_mean), ("running_var", running_var)):
                 _fake._check_channel_vector("train_forward", input, t, name)
         if input.dtype in (torch.bfloat16, torch.float16):

@@ -532,6 +532,55 @@ def case_accelerator_code_path(rank, world):
         module._host_readable = real
 
 
+def case_torch_compile(rank, world):
+    """A compiled layer (fullgraph=True: no graph break) gives eager's bits, on the CPU branch
+    and the accelerator one: outputs, input and parameter gradients, running statistics. Its
+    host reads would break the graph, so while compiling the CPU takes the assert branch too.
+    Without fullgraph a rejected input still raises cleanly on every rank."""
+    import torch._dynamo as dynamo
+    import bn_ext.sync_batchnorm as module
+    real = module._host_readable
+    g = torch.Generator().manual_seed(rank)
+    for accelerator in (False, True):
+        if accelerator:
+            module._host_readable = lambda t: False
+        try:
+            dynamo.reset()
+            eager, layer = SyncBatchNorm(4, momentum=None), SyncBatchNorm(4, momentum=None)
+            compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+            checks = []
+            for step in range(2):
+                x = torch.randn(3 + rank, 4, 2, 2, generator=g) * 2 + step
+                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+                ya, yb = eager(xa), compiled(xb)
+                ya.backward(torch.cos(ya.detach()))
+                yb.backward(torch.cos(yb.detach()))
+                checks += [("output", ya, yb), ("grad_input", xa.grad, xb.grad)]
+            checks += [(name, a, b) for (name, a), b in zip(
+                [("weight.grad", eager.weight.grad), ("bias.grad", eager.bias.grad)]
+                + list(eager.state_dict().items()),
+                [layer.weight.grad, layer.bias.grad] + list(layer.state_dict().values()))]
+            for what, a, b in checks:
+                assert torch.equal(a, b), f"accelerator={accelerator}: {what}"
+        finally:
+            module._host_readable = real
+    dynamo.reset()
+    layer = SyncBatchNorm(4)
+    compiled = torch.compile(layer, backend="aot_eager")
+    compiled(torch.randn(2, 4, 2, 2))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    try:
+        compiled(torch.randn(3, 5, 2, 2) if rank == 0 else torch.randn(3, 4, 2, 2))
+    except RuntimeError as exc:
+        error = exc
+    else:
+        raise AssertionError("no error raised")
+    expected = "input has 5 channels" if rank == 0 else "another rank rejected its input"
+    assert expected in str(error), str(error)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a rejected call"
+
+
 def _ddp_net(dtype):
     torch.manual_seed(0)
     return nn.Sequential(
@@ -612,7 +661,7 @@ WORLDS = {
         "case_bad_eps_and_momentum_types", "case_count_that_wraps",
         "case_one_value_over_the_group", "case_eps_zero_refused",
         "case_statistics_set_to_none_still_count",
-        "case_double_backward_refused", "case_accelerator_code_path",
+        "case_double_backward_refused", "case_accelerator_code_path", "case_torch_compile",
         "case_ddp_trajectory", "case_rank_never_calls_times_out"],
     3: ["case_uneven_fp64", "case_uneven_fp32", "case_empty_rank",
         "case_empty_rank_fp32_momentum_none", "case_channels_last", "case_momentum_none",
