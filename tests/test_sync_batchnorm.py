@@ -579,6 +579,10 @@ def case_torch_compile(rank, world):
     assert expected in str(error), str(error)
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a rejected call"
+    # one value per channel over the group: the assert's RuntimeError on every rank (eager
+    # raises BatchNorm's ValueError), the buffers unchanged
+    _expect_on_every_rank(compiled, torch.randn(1 if rank == 0 else 0, 4), RuntimeError,
+                          "batch has 1 value per channel")
 
 
 def _ddp_net(dtype):
