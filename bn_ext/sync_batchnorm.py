@@ -59,12 +59,12 @@ torch._assert_async, which fails the device stream instead of stalling the host.
 Under torch.compile the layer compiles into the model's graph, fullgraph=True included: the
 flag is checked by torch._assert_async on the CPU too (a host read would break the graph), so
 the ranks with good input, and every rank for a group batch of one value per channel, get that
-assert's RuntimeError. Two of the checks made before the
-collective are left to running_stats_update after it, because dynamo cannot trace them: a
-running statistic that is an expanded view or an inference tensor. A compiled layer with such a
-buffer on one rank leaves its peers waiting until the timeout; so does any rejected input with
-fullgraph=True, where the rank's error is a compile error (dynamo cannot compile the raise)
-before the collective. Without fullgraph the raise is a graph break and the errors are clean.
+assert's RuntimeError. Two of the checks made before the collective are left to
+running_stats_update after it, because dynamo cannot trace them: a running statistic that is an
+expanded view or an inference tensor. A compiled layer with such a buffer on one rank leaves its
+peers waiting until the timeout; so does any rejected input with fullgraph=True, where the
+rank's error is a compile error (dynamo cannot compile the raise) before the collective.
+Without fullgraph the raise is a graph break and the errors are clean.
 """
 from __future__ import annotations
 
