@@ -536,11 +536,13 @@ def case_torch_compile(rank, world):
     """A compiled layer (fullgraph=True: no graph break) gives eager's bits, on the CPU branch
     and the accelerator one: outputs, input and parameter gradients, running statistics. Its
     host reads would break the graph, so while compiling the CPU takes the assert branch too.
-    Without fullgraph a rejected input still raises cleanly on every rank."""
+    Without fullgraph a rejected input still raises cleanly on every rank. (Every collective
+    first, then the assertions.)"""
     import torch._dynamo as dynamo
     import bn_ext.sync_batchnorm as module
     real = module._host_readable
     g = torch.Generator().manual_seed(rank)
+    checks = []
     for accelerator in (False, True):
         if accelerator:
             module._host_readable = lambda t: False
@@ -548,20 +550,18 @@ def case_torch_compile(rank, world):
             dynamo.reset()
             eager, layer = SyncBatchNorm(4, momentum=None), SyncBatchNorm(4, momentum=None)
             compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-            checks = []
             for step in range(2):
                 x = torch.randn(3 + rank, 4, 2, 2, generator=g) * 2 + step
                 xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
                 ya, yb = eager(xa), compiled(xb)
                 ya.backward(torch.cos(ya.detach()))
                 yb.backward(torch.cos(yb.detach()))
-                checks += [("output", ya, yb), ("grad_input", xa.grad, xb.grad)]
-            checks += [(name, a, b) for (name, a), b in zip(
+                checks += [(f"{accelerator=} step {step} output", ya, yb),
+                           (f"{accelerator=} step {step} grad_input", xa.grad, xb.grad)]
+            checks += [(f"{accelerator=} {name}", a, b) for (name, a), b in zip(
                 [("weight.grad", eager.weight.grad), ("bias.grad", eager.bias.grad)]
                 + list(eager.state_dict().items()),
                 [layer.weight.grad, layer.bias.grad] + list(layer.state_dict().values()))]
-            for what, a, b in checks:
-                assert torch.equal(a, b), f"accelerator={accelerator}: {what}"
         finally:
             module._host_readable = real
     dynamo.reset()
@@ -569,20 +569,22 @@ def case_torch_compile(rank, world):
     compiled = torch.compile(layer, backend="aot_eager")
     compiled(torch.randn(2, 4, 2, 2))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
+    error = None
     try:
         compiled(torch.randn(3, 5, 2, 2) if rank == 0 else torch.randn(3, 4, 2, 2))
     except RuntimeError as exc:
         error = exc
-    else:
-        raise AssertionError("no error raised")
-    expected = "input has 5 channels" if rank == 0 else "another rank rejected its input"
-    assert expected in str(error), str(error)
-    for k, v in layer.state_dict().items():
-        assert torch.equal(v, before[k]), f"{k} changed by a rejected call"
+    after = {k: v.clone() for k, v in layer.state_dict().items()}
     # one value per channel over the group: the assert's RuntimeError on every rank (eager
     # raises BatchNorm's ValueError), the buffers unchanged
     _expect_on_every_rank(compiled, torch.randn(1 if rank == 0 else 0, 4), RuntimeError,
                           "batch has 1 value per channel")
+    for what, a, b in checks:
+        assert torch.equal(a, b), what
+    expected = "input has 5 channels" if rank == 0 else "another rank rejected its input"
+    assert error is not None and expected in str(error), repr(error)
+    for k, v in after.items():
+        assert torch.equal(v, before[k]), f"{k} changed by a rejected call"
 
 
 def _ddp_net(dtype):
