@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import json
 import os
 import shutil
@@ -135,6 +136,23 @@ def apply(source: str, m: Mutant) -> str | None:
     return new
 
 
+def numbered(folder: str, files):
+    """(index, source, mutant) for every mutant of the modules `files` in `folder`, numbered
+    across them in order: the numbers `list` prints and --only takes."""
+    index = 0
+    for file in files:
+        with open(os.path.join(folder, file)) as f:
+            source = f.read()
+        for m in mutants_of(source, file):
+            yield index, source, m
+            index += 1
+
+
+def _describe(r: dict) -> str:
+    """One line for a mutant (asdict) or its result record."""
+    return f"{r['file']}:{r['line']} {r['kind']}: {r['old'][:60]!r} -> {r['new'][:60]!r}"
+
+
 def _package_dir() -> str:
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(HERE)]
     import bn_ext  # the installed package, with its compiled _C
@@ -196,51 +214,44 @@ def run(files, *, package_dir, tests, out, coverage=False, only=None, timeout=90
     if os.path.exists(out):
         with open(out) as f:
             done = {json.loads(ln)["key"] for ln in f if ln.strip()}
-    work = tempfile.mkdtemp(prefix="mutation-")
-    pkg_copy = os.path.join(work, os.path.basename(package_dir))
-    shutil.copytree(package_dir, pkg_copy, ignore=shutil.ignore_patterns("__pycache__"))
     tests = [os.path.abspath(t) for t in tests]
     root = _root(tests)
     tests = [os.path.relpath(t, root) for t in tests]
-    covering = _covering_tests(pkg_copy, tests, root, work, timeout) if coverage else None
     records = []
+    work = tempfile.mkdtemp(prefix="mutation-")
     try:
-        index = 0
-        for file in files:
-            path = os.path.join(pkg_copy, file)
-            with open(path) as f:
-                source = f.read()
-            for m in mutants_of(source, file):
-                i, index = index, index + 1
-                if (only is not None and i not in only) or m.key in done:
-                    continue
-                rec = dict(index=i, key=m.key, **asdict(m))
-                selected = list(tests)
-                if covering is not None:
-                    lines = covering.get(file, {})
-                    ids = {t for ln in range(m.line, m.end_line + 1) for t in lines.get(ln, [])}
-                    selected = sorted(ids) + [os.path.relpath(os.path.join(HERE, name), root)
-                                              for name in ALWAYS_RUN.get(file, [])]
-                mutated = apply(source, m)
-                if mutated is None:
-                    rec.update(status="not valid Python")
-                elif not selected:
-                    rec.update(status="uncovered")
-                else:
+        pkg_copy = os.path.join(work, os.path.basename(package_dir))
+        shutil.copytree(package_dir, pkg_copy, ignore=shutil.ignore_patterns("__pycache__"))
+        covering = _covering_tests(pkg_copy, tests, root, work, timeout) if coverage else None
+        for i, source, m in numbered(pkg_copy, files):
+            if (only is not None and i not in only) or m.key in done:
+                continue
+            rec = dict(index=i, key=m.key, **asdict(m))
+            selected = list(tests)
+            if covering is not None:
+                lines = covering.get(m.file, {})
+                ids = {t for ln in range(m.line, m.end_line + 1) for t in lines.get(ln, [])}
+                selected = sorted(ids) + [os.path.relpath(os.path.join(HERE, name), root)
+                                          for name in ALWAYS_RUN.get(m.file, [])]
+            mutated = apply(source, m)
+            if mutated is None:
+                rec.update(status="not valid Python")
+            elif not selected:
+                rec.update(status="uncovered")
+            else:
+                path = os.path.join(pkg_copy, m.file)
+                with open(path, "w") as f:
+                    f.write(mutated)
+                try:
+                    status, seconds, by = _pytest([], selected, root, work, timeout)
+                finally:
                     with open(path, "w") as f:
-                        f.write(mutated)
-                    try:
-                        status, seconds, by = _pytest([], selected, root, work, timeout)
-                    finally:
-                        with open(path, "w") as f:
-                            f.write(source)
-                    rec.update(status=status, seconds=round(seconds, 1), tests=len(selected),
-                               by=by)
-                records.append(rec)
-                with open(out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                print(f"{i:4d} {rec['status']:9s} {file}:{m.line} {m.kind}: {m.old[:50]!r} -> "
-                      f"{m.new[:50]!r}", flush=True)
+                        f.write(source)
+                rec.update(status=status, seconds=round(seconds, 1), tests=len(selected), by=by)
+            records.append(rec)
+            with open(out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{i:4d} {rec['status']:9s} {_describe(rec)}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return records
@@ -261,24 +272,17 @@ def main(argv=None) -> int:
     package_dir = args.package or _package_dir()
     files = args.files or sorted(f for f in os.listdir(package_dir) if f.endswith(".py"))
     if args.command == "list":
-        index = 0
-        for file in files:
-            with open(os.path.join(package_dir, file)) as f:
-                for m in mutants_of(f.read(), file):
-                    print(f"{index:4d} {file}:{m.line} {m.kind}: {m.old[:60]!r} -> {m.new[:60]!r}")
-                    index += 1
+        for i, _, m in numbered(package_dir, files):
+            print(f"{i:4d} {_describe(asdict(m))}")
         return 0
     only = {int(i) for i in args.only.split(",")} if args.only else None
     records = run(files, package_dir=package_dir, tests=args.tests, out=args.out,
                   coverage=args.coverage, only=only, timeout=args.timeout)
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    counts = collections.Counter(r["status"] for r in records)
     print("\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for r in records:
         if r["status"] == "survived":
-            print(f"survived {r['index']}: {r['file']}:{r['line']} {r['kind']}: {r['old'][:60]!r}"
-                  f" -> {r['new'][:60]!r}")
+            print(f"survived {r['index']}: {_describe(r)}")
     return 0
 
 
