@@ -655,9 +655,8 @@ def test_fake_kernels_refuse_a_second_device(name):
     assert moved or name == "batch_stats"
     op = getattr(ops, name).default
     for arg in moved:
-        mode = FakeTensorMode()
-        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                for a in _op_args(name, (3, 2, 2), torch.float32, kinds, "cpu")]
+        mode = FakeTensorMode()  # fake copies: the op never writes to cpu_args
+        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in cpu_args]
         i = names.index(arg)
         with mode:
             # (Tensor.to("cuda") needs torch built with CUDA; a factory does not)
