@@ -148,9 +148,13 @@ def _channel_vector(input: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @torch.library.register_fake("bn_ext::batch_stats")
-def _batch_stats_fake(input):
+def _batch_stats_fake(input, *, dtype=None):
     _check_input("batch_stats", input)
-    dt = _math_dtype(input.dtype)
+    math = _math_dtype(input.dtype)
+    _check(dtype in (None, torch.float64, math), "batch_stats",
+           f"dtype must be None, float64 or the input's math type {math} (for {input.dtype} "
+           f"input), got {dtype}", ValueError)
+    dt = math if dtype is None else dtype
     return _channel_vector(input, dt), _channel_vector(input, dt)
 
 

@@ -3,7 +3,7 @@
 The C++ ops (csrc/ops.cpp) are the maths, split so that SyncBatchNorm can put collectives between
 the phases:
 
-    batch_stats          per-channel mean and biased variance
+    batch_stats          per-channel mean and biased variance (math type, or float64: dtype=)
     running_stats_update running <- (1 - m) running + m batch (unbiased var), num_batches_tracked += 1
     normalize            y = (x - mean) / sqrt(var + eps) * weight + bias
     train_forward        batch_stats + normalize, fused; and running_stats_update when given the

@@ -146,7 +146,7 @@ BN_EXT_HOST_DEVICE inline void blend_running_stats(M& running_mean, M& running_v
 // Outputs are preallocated by the front door, uninitialized (for a non-empty input): a kernel
 // writes every element of each output it is given.
 #define BN_EXT_DECLARE_KERNELS                                                                   \
-  /* mean and biased variance per channel */                                                    \
+  /* mean and biased variance per channel, in the math type or float64 (mean, var agree) */     \
   void batch_stats(const Tensor& x, const Geometry& g, Tensor& mean, Tensor& var);               \
   /* y = (x - mean) * weight / sqrt(var + eps) + bias */                                         \
   void normalize(const Tensor& x, const Geometry& g, const Tensor& mean, const Tensor& var,      \

@@ -243,22 +243,30 @@ at::ScalarType param_type(const Tensor& input, const optional<Tensor>& weight) {
   return math_type(input.scalar_type());
 }
 
-// A per-channel output in the math type: uninitialized, for the kernel writes every channel of
-// it (bn_ext.h), but zeros for an empty batch, which runs no kernel. On CUDA zeros would cost a
-// fill launch each, as long as a small layer's own kernels.
-Tensor math_output(const Tensor& input) {
-  const auto options = input.options().dtype(math_type(input.scalar_type()));
+// A per-channel output in the math type (or `dtype`): uninitialized, for the kernel writes every
+// channel of it (bn_ext.h), but zeros for an empty batch, which runs no kernel. On CUDA zeros
+// would cost a fill launch each, as long as a small layer's own kernels.
+Tensor math_output(const Tensor& input, optional<at::ScalarType> dtype = std::nullopt) {
+  const auto options = input.options().dtype(dtype.value_or(math_type(input.scalar_type())));
   return input.numel() > 0 ? at::empty({input.size(1)}, options)
                            : at::zeros({input.size(1)}, options);
 }
 
 // ---- ops -----------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
+// dtype: the math type (None) or float64. The kernels form mean = k + sum(x - k) / n in double
+// and round it once; float64 keeps the bits that rounding to float32 drops, an error of up to
+// 6e-8 * |mean| where the sums' own is ~6e-8 * std (SyncBatchNorm adds the ranks' means).
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& input, optional<at::ScalarType> dtype) {
   check_input("batch_stats", input);
+  TORCH_CHECK_VALUE(!dtype.has_value() || *dtype == at::kDouble ||
+                        *dtype == math_type(input.scalar_type()),
+                    "bn_ext.batch_stats: dtype must be None, float64 or the input's math type ",
+                    math_type(input.scalar_type()), " (for ", input.scalar_type(), " input), got ",
+                    *dtype);
   c10::DeviceGuard guard(input.device());
-  Tensor mean = math_output(input);
-  Tensor var = math_output(input);
+  Tensor mean = math_output(input, dtype);
+  Tensor var = math_output(input, dtype);
   if (input.numel() == 0) return {mean, var};  // an empty batch has mean 0 and variance 0
   const Layout layout = read_layout(input);
   const Tensor x = to_layout(input, layout);
@@ -910,7 +918,7 @@ void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY(bn_ext, m) {
-  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("batch_stats(Tensor input, *, ScalarType? dtype=None) -> (Tensor mean, Tensor var)");
   m.def("normalize(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
         "float eps) -> Tensor");
   m.def("train_forward(Tensor input, Tensor? weight, Tensor? bias, float eps, "

@@ -32,6 +32,7 @@ def _op_samples(device, dtype, layout):
     nbt = torch.tensor(3, device=device)
     return [
         (ops.batch_stats, (x,)),
+        (ops.batch_stats, (x,), {"dtype": torch.float64}),
         (ops.normalize, (x, mean, var, w, b, 1e-5)),
         (ops.normalize, (x, mean, var, None, None, 1e-5)),
         (ops.train_forward, (x, w, b, 1e-5)),
@@ -65,8 +66,8 @@ def _requiring_grad(*tensors):
                          ids=["fp32", "fp64", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 def test_opcheck(device, dtype, layout):
-    for op, args in _op_samples(device, dtype, layout):
-        torch.library.opcheck(op, args)
+    for op, args, *kwargs in _op_samples(device, dtype, layout):
+        torch.library.opcheck(op, args, *kwargs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -206,6 +207,62 @@ def test_batch_stats_shift_not_set_by_the_first_elements(monkeypatch, device, pe
         # A float32 sum of well-centred values: a few ulps of var, whatever the first elements.
         torch.testing.assert_close(var.double(), vr, rtol=2e-6, atol=0)
         torch.testing.assert_close(mean.double(), mr, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("persistent", ["0", "1"], ids=["multipass", "persistent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_batch_stats_float64_statistics(monkeypatch, device, persistent, dtype, layout):
+    """dtype=torch.float64: the kernels' double mean k + sum(x - k) / n and var, unrounded, so
+    that rounding them to the math type gives the default call's statistics to the bit, and the
+    mean of channels far from 0 is exact to the float sums' error (~1e-7 std), not to float32's
+    rounding of the mean itself (up to 4.9e-4 at 1e4)."""
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", persistent)
+    if device == "cpu" and persistent == "1":
+        pytest.skip("the single-pass path is CUDA's")
+    shape = (6, 4, 7, 9)
+    offsets = torch.tensor([1e4, -1e4, 3e3, 0.0], dtype=torch.float64)
+    # float16's largest is 65504; bfloat16 near 1e4 has steps of 64, a var of 0 here
+    offsets = offsets / {torch.float16: 16, torch.bfloat16: 1000}.get(dtype, 1)
+    x = make_input(shape, torch.float64, device, layout, mean=0.0, std=1.0)
+    x = (x + offsets.to(device).view(1, -1, 1, 1)).to(dtype)
+    want_mean, want_var = ops.batch_stats(x)
+    mean, var = ops.batch_stats(x, dtype=torch.float64)
+    assert mean.dtype == var.dtype == torch.float64 and mean.shape == var.shape == (4,)
+    assert torch.equal(mean.to(want_mean.dtype), want_mean)
+    assert torch.equal(var.to(want_var.dtype), want_var)
+    assert torch.equal(ops.batch_stats(x, dtype=want_mean.dtype)[0], want_mean)
+    ref_var, ref_mean = torch.var_mean(x.double(), [0, 2, 3], correction=0)
+    # (float64 input: the reference's own sums of values near 1e4 err by ~1e-12 and more)
+    tol = 1e-6 if dtype != torch.float64 else 1e-10
+    torch.testing.assert_close(var, ref_var, rtol=tol, atol=0)
+    mean_err = (mean - ref_mean).abs() / ref_var.sqrt()
+    assert mean_err.max().item() < tol, mean_err
+    if dtype == torch.float32:  # the point of it: the default mean is off by more
+        assert ((want_mean.double() - ref_mean).abs() / ref_var.sqrt()).max().item() > 1e-5
+    empty = ops.batch_stats(x[:0], dtype=torch.float64)
+    for t in empty:
+        assert t.dtype == torch.float64 and torch.equal(t, torch.zeros(4, device=device,
+                                                                         dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_batch_stats_refuses_other_statistics_dtypes(device, dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x = make_input((4, 3, 5), dtype, device)
+    bad = [torch.float16, torch.bfloat16, torch.int64, torch.complex64]
+    if dtype == torch.float64:
+        bad.append(torch.float32)
+    mode = FakeTensorMode()
+    for d in bad:
+        for where, arg in (("op", x), ("fake", mode.from_tensor(x))):
+            with mode if where == "fake" else torch.no_grad():
+                with pytest.raises(ValueError, match=r"^bn_ext\.batch_stats: dtype must be "
+                                                     r"None, float64 or the input's math type"):
+                    ops.batch_stats(arg, dtype=d)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -510,6 +567,8 @@ _KINDS = {
                                                               "inference"]),
     "eps": ([1e-5, 0.0], [-1e-3]),
     "momentum": ([0.1, None], []),
+    # batch_stats' statistics dtype ("math": the input's math type)
+    "dtype": ([None, torch.float64, "math"], [torch.float16, torch.bfloat16, torch.int64]),
 }
 
 
@@ -547,7 +606,8 @@ def _draw_arguments(draw, name, wrong):
 
 
 def _op_args(name, shape, x_dtype, kinds, device):
-    """The call's arguments, made afresh on `device` (the op may write to them)."""
+    """The call's positional and keyword arguments, made afresh on `device` (the op may write to
+    them)."""
     C = shape[1] if len(shape) > 1 else 1
     md = torch.float64 if x_dtype == torch.float64 else torch.float32
     x = torch.rand(shape, device=device).to(x_dtype)
@@ -570,36 +630,41 @@ def _op_args(name, shape, x_dtype, kinds, device):
                  "int64": torch.int64}.get(kind, md)
         return make(kind, n, dtype)
 
-    args = []
+    args, kwargs = [], {}
     for a in _schema_args(name):
         kind = kinds.get(a.name)
         if a.name == "input":
-            args.append(x)
+            value = x
         elif a.name in _VECTOR_ARGS:
-            args.append(vector(kind))
+            value = vector(kind)
         elif a.name == "grad_out":
             g_shape = (shape[0] + 1, *shape[1:]) if kind == "shape" else shape
             g_dtype = (torch.float64 if x_dtype != torch.float64 else torch.float32) \
                 if kind == "dtype" else x_dtype
-            args.append(torch.rand(g_shape, device=device).to(g_dtype))
+            value = torch.rand(g_shape, device=device).to(g_dtype)
         elif a.name == "count":
-            args.append(None if kind is None else torch.full(
+            value = None if kind is None else torch.full(
                 (2,) if kind == "two" else (), 4.0, device=device,
-                dtype=torch.int64 if kind == "int64" else md))
+                dtype=torch.int64 if kind == "int64" else md)
         elif a.name == "num_batches_tracked":
             n = 2 if kind == "two" else 1
             t = make(kind, n, {"float": torch.float32, "int32": torch.int32,
                                "bool": torch.bool}.get(kind, torch.int64))
-            args.append(None if t is None else t.reshape(()) if n == 1 and kind != "expanded"
-                        else t)
+            value = None if t is None else t.reshape(()) if n == 1 and kind != "expanded" else t
+        elif a.name == "dtype":
+            value = md if kind == "math" else kind
         else:  # eps, momentum
-            args.append(kind)
-    return args
+            value = kind
+        if a.kwarg_only:
+            kwargs[a.name] = value
+        else:
+            args.append(value)
+    return args, kwargs
 
 
-def _op_outcome(op, args):
+def _op_outcome(op, args, kwargs):
     try:
-        out = op(*args)
+        out = op(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - the type and wording are what is compared
         return type(e), " ".join(str(e).split()[:4])
     outs = out if isinstance(out, tuple) else (out,)
@@ -628,14 +693,14 @@ def test_fake_kernels_refuse_what_the_ops_refuse(call):
     from torch._subclasses.fake_tensor import FakeTensorMode
     name, shape, x_dtype, kinds = call
     op = getattr(ops, name).default
-    real = _op_outcome(op, _op_args(name, shape, x_dtype, kinds, "cpu"))
-    meta = _op_outcome(op, _op_args(name, shape, x_dtype, kinds, "meta"))
+    real = _op_outcome(op, *_op_args(name, shape, x_dtype, kinds, "cpu"))
+    meta = _op_outcome(op, *_op_args(name, shape, x_dtype, kinds, "meta"))
     assert meta == real, f"{name} {kinds}: the op gave {real}, its meta kernel {meta}"
     mode = FakeTensorMode()
-    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                 for a in _op_args(name, shape, x_dtype, kinds, "cpu")]
+    args, kwargs = _op_args(name, shape, x_dtype, kinds, "cpu")
+    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     with mode:
-        fake = _op_outcome(op, fake_args)
+        fake = _op_outcome(op, fake_args, kwargs)
     assert fake == real, f"{name} {kinds}: the op gave {real}, its fake kernel {fake}"
 
 
@@ -650,7 +715,7 @@ def test_fake_kernels_refuse_a_second_device(name):
              for a in _schema_args(name)}  # every argument of its first right kind
     names = list(kinds)
     reference = "input" if "input" in kinds else "mean"
-    cpu_args = _op_args(name, (3, 2, 2), torch.float32, kinds, "cpu")
+    cpu_args, kwargs = _op_args(name, (3, 2, 2), torch.float32, kinds, "cpu")
     moved = [n for n, a in zip(names, cpu_args) if isinstance(a, torch.Tensor) and n != reference]
     assert moved or name == "batch_stats"
     op = getattr(ops, name).default
@@ -662,7 +727,7 @@ def test_fake_kernels_refuse_a_second_device(name):
             # (Tensor.to("cuda") needs torch built with CUDA; a factory does not)
             args[i] = torch.empty(args[i].shape, dtype=args[i].dtype, device="cuda")
             with pytest.raises(RuntimeError) as info:
-                op(*args)
+                op(*args, **kwargs)
         assert str(info.value) == (f"bn_ext.{name}: {arg} is on cuda:0 but input is on cpu; "
                                    f"all tensors must be on one device"), arg
 
@@ -695,7 +760,8 @@ def _refusal(op, args):
 def test_differentiable_backwards_refuse_what_the_ops_refuse(call):
     name, shape, x_dtype, kinds = call
     cpp = _DIFFERENTIABLE[name]
-    args = _op_args(cpp, shape, x_dtype, kinds, "cpu")
+    args, kwargs = _op_args(cpp, shape, x_dtype, kinds, "cpu")
+    assert not kwargs
     own = {a.name for a in _schema_args(name)}
     mine = [a for a, s in zip(args, _schema_args(cpp)) if s.name in own]
     expected = _refusal(getattr(ops, cpp).default, args)

@@ -1393,12 +1393,13 @@ struct ChannelShift {
   }
 };
 
-template <typename T>
+// O: the statistics' type, M or double (store_moments rounds the double moments once to it).
+template <typename T, typename O = math_t<T>>
 void batch_stats_impl(const Tensor& xt, const Geometry& g, Tensor& mean, Tensor& var) {
   using M = math_t<T>;
   const T* x = xt.const_data_ptr<T>();
-  M* mean_p = mean.data_ptr<M>();
-  M* var_p = var.data_ptr<M>();
+  O* mean_p = mean.data_ptr<O>();
+  O* var_p = var.data_ptr<O>();
   const ShiftedMoments<T> red{x};
   const ShiftSamples samples = shift_samples(g);
   const ChannelShift<T> shift(samples);
@@ -1913,7 +1914,13 @@ void update_running_stats(const RunningStats& r, const Tensor& mean, const Tenso
 // ---- entry points (bn_ext.h) ----------------------------------------------------------------
 
 void batch_stats(const Tensor& x, const Geometry& g, Tensor& mean, Tensor& var) {
-  BN_EXT_DISPATCH(x, "bn_ext::batch_stats", [&] { batch_stats_impl<scalar_t>(x, g, mean, var); });
+  BN_EXT_DISPATCH(x, "bn_ext::batch_stats", [&] {
+    if (mean.scalar_type() == at::kDouble) {
+      batch_stats_impl<scalar_t, double>(x, g, mean, var);
+    } else {
+      batch_stats_impl<scalar_t>(x, g, mean, var);
+    }
+  });
 }
 
 void normalize(const Tensor& x, const Geometry& g, const Tensor& mean, const Tensor& var,

@@ -39,8 +39,10 @@ struct StatsOp {
   double eps;
   const M* weight;  // nullable
   const M* bias;    // nullable
-  M* mean;
+  M* mean;    // null where mean64 is set
   M* var;
+  double* mean64;  // nullable: batch_stats' float64 statistics (ops.cpp), stored instead
+  double* var64;
   M* coef;  // nullable: (mu | alpha | beta) for the forward elementwise kernel
   // kRunning, nullable: running statistics that the finishing step updates where it stores mean
   // and var, as running_stats_update does (bn_ext.h) with this fixed momentum; channel 0's step
@@ -120,8 +122,13 @@ struct StatsOp {
     r.p2 = p != nullptr ? p->b : bias != nullptr ? bias[c] : M(0);
     r.p3 = 0;
     if (store) {
-      mean[c] = r.mu;
-      var[c] = vm;
+      if (mean64 != nullptr) {
+        mean64[c] = k + m1;
+        var64[c] = v;
+      } else {
+        mean[c] = r.mu;
+        var[c] = vm;
+      }
       if (coef != nullptr) {
         coef[c] = r.mu;
         coef[C + c] = r.p1;
@@ -225,8 +232,9 @@ struct GradOp {
   }
 };
 
-// The ops for a launch: per-channel tensors are math-type [C]; undefined ones become nullptr.
-// `running` (nullable; only with kRunning) must have a momentum: see launch_batch_stats.
+// The ops for a launch: per-channel tensors are math-type [C], but for mean and var, which may
+// be float64 (then stored as mean64 and var64); undefined ones become nullptr. `running`
+// (nullable; only with kRunning) must have a momentum: see launch_batch_stats.
 template <typename T, bool kRunning = false>
 StatsOp<T, kRunning> stats_op(const Tensor& x, const Geometry& g, const Tensor& weight,
                               const Tensor& bias, double eps, const Tensor& mean,
@@ -242,8 +250,11 @@ StatsOp<T, kRunning> stats_op(const Tensor& x, const Geometry& g, const Tensor& 
   op.eps = eps;
   op.weight = opt_ptr<M>(weight);
   op.bias = opt_ptr<M>(bias);
-  op.mean = mean.mutable_data_ptr<M>();
-  op.var = var.mutable_data_ptr<M>();
+  const bool wide = mean.scalar_type() == at::kDouble && !std::is_same_v<M, double>;
+  op.mean = wide ? nullptr : mean.mutable_data_ptr<M>();
+  op.var = wide ? nullptr : var.mutable_data_ptr<M>();
+  op.mean64 = wide ? mean.mutable_data_ptr<double>() : nullptr;
+  op.var64 = wide ? var.mutable_data_ptr<double>() : nullptr;
   op.coef = opt_mutable_ptr<M>(coef);
   op.running_mean = running != nullptr ? running->mean.mutable_data_ptr<M>() : nullptr;
   op.running_var = running != nullptr ? running->var.mutable_data_ptr<M>() : nullptr;
