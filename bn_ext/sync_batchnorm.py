@@ -28,14 +28,17 @@ rank, which only a second collective (or trusting buffers to agree) provides. Th
 float64: for 2 ranks this sends 1.5x torch's bytes; from 4 ranks on, fewer (11x fewer at 64).
 bench/bench_sync.py tabulates it.
 
-The larger error for float32, float16 and bfloat16 input comes before the sums: batch_stats
-returns each rank's mean rounded to float32, off by up to 6e-8 * |mean_i|, and that error
-reaches the variance through the spread of the ranks' means, sum n_i (mean_i - mean)^2, as
-about 2 * 6e-8 * |mean| * |mean_i - mean| / var relative. Where |mean| / std is small it is
-float32's own rounding; at mean 1e4 and std 1 with the ranks' means 1 std apart it is 3e-4
-(one process: 7e-8). torch.nn.SyncBatchNorm gathers float32 means as well. Float64 input whose
-|mean| exceeds about 1e154 overflows n * (var + mean^2) (NaN statistics, where one process's
-are finite).
+Each rank's mean and var come from batch_stats(input, dtype=float64), for float32, float16 and
+bfloat16 input too: the kernels form mean = k + sum(x - k) / n in double (k: a shift sampled
+from the channel), and that is what the sums get. A mean rounded to float32 first, as
+torch.nn.SyncBatchNorm gathers it (and as this layer did before), is off by up to
+6e-8 * |mean_i|, and that error reaches the variance through the spread of the ranks' means,
+sum n_i (mean_i - mean)^2, as about 2 * 6e-8 * |mean| * |mean_i - mean| / var relative: 2.4e-4
+at mean 1e4 and std 1 with the ranks' means 1 std apart, where one process errs by 4e-8.
+Unrounded, a rank's mean carries only the float sums' error (~6e-8 * std), and the variance
+that of one process (4e-8 for 2 ranks there: case_large_mean_ranks_apart_fp32 in
+tests/test_sync_batchnorm.py). Float64 input whose |mean| exceeds about 1e154 overflows
+n * (var + mean^2) (NaN statistics, where one process's are finite).
 
 Bad input and hangs
 -------------------
@@ -182,12 +185,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         buf = torch.zeros(_HEADER + 2 * num_features, dtype=torch.float64, device=device)
         if error is None:
             try:
-                mean, var = _ops.batch_stats(input)  # math dtype; mean 0, var 0 for N == 0
+                # float64 whatever the input (module docstring); mean 0, var 0 for N == 0
+                mean, var = _ops.batch_stats(input, dtype=torch.float64)
                 n = input.numel() // input.size(1)
-                m = mean.double()
                 buf[0].fill_(n)
-                torch.mul(m, n, out=buf[_HEADER:_HEADER + num_features])
-                torch.addcmul(var.double(), m, m, out=buf[_HEADER + num_features:])
+                torch.mul(mean, n, out=buf[_HEADER:_HEADER + num_features])
+                torch.addcmul(var, mean, mean, out=buf[_HEADER + num_features:])
                 buf[_HEADER + num_features:].mul_(n)
             except Exception as exc:  # the kernel refused: still take part, then raise
                 error = exc

@@ -219,6 +219,34 @@ def case_large_mean_fp32(rank, world):
     assert mean_err < 1e-3 * 1e4 * 1e-3, f"running_mean error {mean_err}"
 
 
+def case_large_mean_ranks_apart_fp32(rank, world):
+    """Float32, per-channel means up to 1e4 and std 1, each rank's slice shifted by a std from
+    the next: the spread of the ranks' means, sum n_i (mean_i - mean)^2, is then part of the
+    variance, and a rank's mean rounded to float32 (off by up to 4.9e-4 at 1e4) would spoil it
+    by ~2 * 4.9e-4 * 1 / 1 relative. batch_stats' float64 mean keeps it to float32's rounding of
+    the variance itself, as one process: momentum 1 makes running_var the batch's unbiased
+    variance."""
+    sizes = [6, 5, 7, 4][:world]
+    C, tail = 3, (5, 5)
+    g = torch.Generator().manual_seed(11)
+    offsets = torch.tensor([1e4, -1e4, 3e3], dtype=torch.float64).view(1, C, 1, 1)
+    steps = torch.cat([torch.full((n,), float(r)) for r, n in enumerate(sizes)]).double()
+    full = (torch.randn((sum(sizes), C) + tail, generator=g, dtype=torch.float64)
+            + steps.view(-1, 1, 1, 1) + offsets).float()
+    sbn = SyncBatchNorm(C, momentum=1.0)
+    sbn(_shard(full, sizes, rank))
+    local = ExtBatchNorm2d(C, momentum=1.0)
+    local(full)
+    ref = full.double()
+    ref_var = ref.var((0, 2, 3), unbiased=True)
+    var_err = ((sbn.running_var.double() - ref_var) / ref_var).abs().max().item()
+    local_err = ((local.running_var.double() - ref_var) / ref_var).abs().max().item()
+    assert var_err <= max(2 * local_err, 2 * 2.0 ** -24), \
+        f"batch variance relative error {var_err}, single process {local_err}"
+    mean_err = (sbn.running_mean.double() - ref.mean((0, 2, 3))).abs().max().item()
+    assert mean_err <= 2.0 ** -24 * 1e4 * 1.01, f"batch mean error {mean_err}"
+
+
 def case_all_ranks_empty(rank, world):
     sbn = SyncBatchNorm(3, momentum=None)
     with torch.no_grad():
@@ -658,7 +686,7 @@ WORLDS = {
         "case_channels_last", "case_channels_last_3d", "case_momentum_none",
         "case_input_2d_and_3d", "case_one_channel", "case_no_affine_no_tracking",
         "case_no_bias", "case_bfloat16",
-        "case_large_mean_fp32", "case_all_ranks_empty", "case_one_collective_each_way",
+        "case_large_mean_fp32", "case_large_mean_ranks_apart_fp32", "case_all_ranks_empty", "case_one_collective_each_way",
         "case_fallbacks", "case_bad_channel_count", "case_bad_input_rank", "case_bad_dtype",
         "case_zero_channels", "case_bad_device", "case_bad_running_stats_shape",
         "case_one_running_statistic_missing", "case_bad_parameter_dtype",
@@ -671,8 +699,8 @@ WORLDS = {
         "case_ddp_trajectory", "case_rank_never_calls_times_out"],
     3: ["case_uneven_fp64", "case_uneven_fp32", "case_empty_rank",
         "case_empty_rank_fp32_momentum_none", "case_channels_last", "case_momentum_none",
-        "case_large_mean_fp32", "case_bad_channel_count", "case_ddp_trajectory",
-        "case_one_value_over_the_group", "case_one_channel"],
+        "case_large_mean_fp32", "case_large_mean_ranks_apart_fp32", "case_bad_channel_count",
+        "case_ddp_trajectory", "case_one_value_over_the_group", "case_one_channel"],
     4: ["case_uneven_fp32", "case_empty_rank", "case_empty_rank_fp32_momentum_none",
         "case_input_2d_and_3d", "case_bad_dtype", "case_accelerator_code_path"],
 }
