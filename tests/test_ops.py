@@ -680,7 +680,8 @@ _UPDATE_OK = {"num_batches_tracked": "ok", "momentum": 0.1}
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_op_calls())
-# expanded, inference and integer running statistics: the draws above rarely make a wrong one
+# expanded, inference and integer running statistics and counts: the draws above rarely make a
+# wrong one (the inference num_batches_tracked of train_forward: a mutation run, 2026-12-06)
 @example(("train_forward", (2, 3, 2), torch.float32,
           {"input": "ok", "weight": "ok", "bias": None, "eps": 1e-5, "running_mean": "expanded",
            "running_var": "ok", **_UPDATE_OK}))
@@ -693,6 +694,9 @@ _UPDATE_OK = {"num_batches_tracked": "ok", "momentum": 0.1}
 @example(("running_stats_update", (2, 3, 2), torch.float32,
           {"running_mean": "int64", "running_var": "ok", "mean": "ok", "var": "ok",
            "count": "ok", **_UPDATE_OK}))
+@example(("train_forward", (2, 3, 2), torch.float32,
+          {"input": "ok", "weight": "ok", "bias": "ok", "eps": 1e-5, "running_mean": "ok",
+           "running_var": "ok", "num_batches_tracked": "inference", "momentum": 0.1}))
 def test_fake_kernels_refuse_what_the_ops_refuse(call):
     from torch._subclasses.fake_tensor import FakeTensorMode
     name, shape, x_dtype, kinds = call
