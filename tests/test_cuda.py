@@ -589,28 +589,29 @@ PDL_CASES = [((32, 64, 56, 56), "contiguous"), ((32, 64, 56, 56), "channels_last
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", PDL_CASES, ids=[f"{_ids(s)}-{lay}" for s, lay in PDL_CASES])
-def test_dependent_launch_experiment(monkeypatch, dtype, case, fold):
-    """BN_EXT_CUDA_PDL=1 on the multi-pass path (the finalize pass and the training maps may
-    start before the kernel before them ends, and wait for it before reading what it wrote):
-    the same kernels and the same bits as without it, over many calls queued back to back with
-    no synchronisation between them (a map that read its table early would differ), with the
-    finalize pass or the fold."""
+def test_dependent_launches(monkeypatch, dtype, case, fold):
+    """Programmatic dependent launches on the multi-pass path (the default; the finalize pass and
+    the training maps may start before the kernel before them ends, and wait for it before
+    reading what it wrote): the same kernels and the same bits as with BN_EXT_CUDA_PDL=0, over
+    many calls queued back to back with no synchronisation between them (a map that read its
+    table early would differ), with the finalize pass or the fold."""
     shape, layout = case
     x, dy, w, b = _training_case(shape, dtype, layout)
     clear_cuda_switches(monkeypatch)
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
     monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", fold)
+    monkeypatch.setenv("BN_EXT_CUDA_PDL", "0")
     _reductions(x, dy, w, b)  # the stream's counters made before the count
     names = _kernels_run(lambda: _reductions(x, dy, w, b))
-    default = _reductions(x, dy, w, b)
-    monkeypatch.setenv("BN_EXT_CUDA_PDL", "1")
+    ordinary = _reductions(x, dy, w, b)
+    monkeypatch.delenv("BN_EXT_CUDA_PDL")
     assert sorted(_kernels_run(lambda: _reductions(x, dy, w, b))) == sorted(names)
-    assert same_bits(_reductions(x, dy, w, b), default)
-    # Inputs that change from call to call, each result against the same call without the switch.
+    assert same_bits(_reductions(x, dy, w, b), ordinary)
+    # Inputs that change from call to call, each result against the same call without overlap.
     xs = [x * (1 + i / 8) for i in range(12)]
     torch.cuda.synchronize()
     overlapped = [_reductions(xi, dy, w, b) for xi in xs]
-    monkeypatch.delenv("BN_EXT_CUDA_PDL")
+    monkeypatch.setenv("BN_EXT_CUDA_PDL", "0")
     for xi, out in zip(xs, overlapped, strict=True):
         ref = _reductions(xi, dy, w, b)
         assert same_bits(out, ref)
@@ -704,9 +705,9 @@ def _kernel_spans(fn):
 @pytest.mark.skipif(torch.cuda.get_device_capability() < (9, 0) if torch.cuda.is_available()
                     else True, reason="programmatic dependent launch needs sm_90")
 def test_dependent_launches_do_overlap(monkeypatch):
-    """BN_EXT_CUDA_PDL=1 on sm_90 or later: some kernel of a multi-pass training op starts
-    before the kernel before it has ended (the finalize pass or the map during the reduction's
-    last blocks), in at least one of five calls; without the switch, none does. Else the
+    """On sm_90 or later, by default: some kernel of a multi-pass training op starts before the
+    kernel before it has ended (the finalize pass or the map during the reduction's last
+    blocks), in at least one of five calls; with BN_EXT_CUDA_PDL=0, none does. Else the
     launches would not be dependent ones at all (a build without sm_90 code, or a gate that
     never opens), and the bits tests above would pass without testing anything."""
     x, dy, w, b = _training_case((32, 256, 56, 56), torch.float32, "contiguous")
@@ -718,15 +719,15 @@ def test_dependent_launches_do_overlap(monkeypatch):
         spans = _kernel_spans(lambda: [ops.train_forward(x, w, b, 1e-5) for _ in range(5)])
         return sum(later[1] < earlier[2] for earlier, later in zip(spans, spans[1:]))
 
-    assert overlaps() == 0
-    monkeypatch.setenv("BN_EXT_CUDA_PDL", "1")
     assert overlaps() > 0
+    monkeypatch.setenv("BN_EXT_CUDA_PDL", "0")
+    assert overlaps() == 0
 
 
 GRAPH_PATHS = {"multipass": {"BN_EXT_CUDA_PERSISTENT": "0"},
                "persistent": {"BN_EXT_CUDA_PERSISTENT": "1"},
                "fold": {"BN_EXT_CUDA_PERSISTENT": "0", "BN_EXT_CUDA_FOLD_FINALIZE": "1"},
-               "pdl": {"BN_EXT_CUDA_PERSISTENT": "0", "BN_EXT_CUDA_PDL": "1"}}
+               "staged": {"BN_EXT_CUDA_PERSISTENT": "0"}}
 
 
 @pytest.mark.parametrize("path", list(GRAPH_PATHS))
@@ -735,13 +736,13 @@ def test_cuda_graph_capture_and_replay(monkeypatch, layout, path):
     """A training step captured once and replayed on new data; with persistent=1 the
     single-pass kernels (a cooperative launch) are what is captured; with "fold", the multi-pass
     path under BN_EXT_CUDA_FOLD_FINALIZE=1 on a shape whose contiguous reductions stage (the
-    captured launches get counters of their own, zeroed in the graph); with "pdl", under
-    BN_EXT_CUDA_PDL=1 (warm-up calls overlap launches, captured ones do not)."""
+    captured launches get counters of their own, zeroed in the graph); with "staged", the
+    multi-pass path on that shape (its warm-up calls overlap launches, captured ones do not)."""
     clear_cuda_switches(monkeypatch)
     for var, value in GRAPH_PATHS[path].items():
         monkeypatch.setenv(var, value)
     torch.manual_seed(0)
-    shape = (8, 16, 64, 64) if path in ("fold", "pdl") else (8, 16, 12, 10)
+    shape = (8, 16, 64, 64) if path in ("fold", "staged") else (8, 16, 12, 10)
     model = bn_ext.BatchNorm2d(16, momentum=None, device=DEV)  # momentum None: 1/nbt on device
     model2 = bn_ext.BatchNorm2d(16, momentum=0.1, device=DEV)
     with torch.no_grad():

@@ -344,13 +344,14 @@ PDL_CASES = [((8, 32, 56, 56), "contiguous"), ((3, 5, 7, 7), "contiguous"),
                          ids=["fp64", "fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", PDL_CASES,
                          ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in PDL_CASES])
-def test_dependent_launch_experiment(monkeypatch, dtype, case, fold):
-    """BN_EXT_CUDA_PDL=1: in each multi-pass training op every launch after the reduction (the
-    finalize pass, the map) asks to start before the one before it ends, and nothing else does
-    (an eval map, which may follow the kernel that wrote its input, never); the same grids and
-    bits as without it (here launches run one after another: what it changes on a GPU is when a
-    kernel starts, which the GPU tests and the sanitizers check). With BN_EXT_CUDA_FOLD_FINALIZE
-    =0 or =1, and any other value of the switch asks for nothing."""
+def test_dependent_launches(monkeypatch, dtype, case, fold):
+    """Programmatic dependent launches (the default; BN_EXT_CUDA_PDL=0 turns them off): in each
+    multi-pass training op every launch after the reduction (the finalize pass, the map) asks to
+    start before the one before it ends, and nothing else does (an eval map, which may follow
+    the kernel that wrote its input, never); the same grids and bits as with the switch at 0
+    (here launches run one after another: what it changes on a GPU is when a kernel starts,
+    which the GPU tests and the sanitizers check). With BN_EXT_CUDA_FOLD_FINALIZE =0 or =1; any
+    value of the switch but 0 leaves them on."""
     shape, layout = case
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
     clear_cuda_switches(monkeypatch)
@@ -362,14 +363,18 @@ def test_dependent_launch_experiment(monkeypatch, dtype, case, fold):
              "eval": lambda: ops.normalize(x, mean, var, w, b, 1e-5),
              "eval_backward": lambda: ops.normalize_backward(dy, x, mean, var, w, 1e-5)}
     dependent = _emu_counter("bn_ext_emu_dependent_launches")
-    default = {k: _with_grids(call) for k, call in calls.items()}
-    for value, asks in (("on", False), ("1", True)):
-        monkeypatch.setenv("BN_EXT_CUDA_PDL", value)
+    monkeypatch.setenv("BN_EXT_CUDA_PDL", "0")
+    ordinary = {k: _with_grids(call) for k, call in calls.items()}
+    for value, asks in ((None, True), ("1", True), ("off", True), ("0", False)):
+        if value is None:
+            monkeypatch.delenv("BN_EXT_CUDA_PDL")
+        else:
+            monkeypatch.setenv("BN_EXT_CUDA_PDL", value)
         for name, call in calls.items():
             before = dependent()
             out, grids = _with_grids(call)
-            assert grids == default[name][1], (value, name)
-            assert same_bits(out, default[name][0]), (value, name)
+            assert grids == ordinary[name][1], (value, name)
+            assert same_bits(out, ordinary[name][0]), (value, name)
             # train: two ops, each with one launch in stream order first (its reduction);
             # eval_backward: one op, its reduction (which writes dx), then any finalize pass.
             first = {"train": 2, "eval": grids[0], "eval_backward": 1}[name]

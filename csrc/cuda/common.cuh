@@ -144,14 +144,15 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
-// Programmatic dependent launch (BN_EXT_CUDA_PDL=1, an experiment; sm_90 on). A kernel launched
-// by launch_after(true, ...) may start while the kernel before it in the stream still runs,
-// once every block of that one has passed allow_dependents() or ended, so its blocks are placed
-// and its first loads issued during the other's last wave rather than after it. It must pass
-// wait_for_prior_grid() before it touches anything the earlier kernel writes; that returns once
-// the earlier kernel has ended and its writes are visible. Both are no-ops in a kernel launched
-// the ordinary way, and are compiled out below sm_90, where launch_after never asks for it
-// (dependent_launch_on). Not asked for under graph capture.
+// Programmatic dependent launch (sm_90 on; the default, BN_EXT_CUDA_PDL=0 turns it off: 2-6%
+// faster training passes on an H100, bench/results/cuda-nvidia-h100-80gb-hbm3-quick.md). A
+// kernel launched by launch_after(true, ...) may start while the kernel before it in the stream
+// still runs, once every block of that one has passed allow_dependents() or ended, so its blocks
+// are placed and its first loads issued during the other's last wave rather than after it. It
+// must pass wait_for_prior_grid() before it touches anything the earlier kernel writes; that
+// returns once the earlier kernel has ended and its writes are visible. Both are no-ops in a
+// kernel launched the ordinary way, and are compiled out below sm_90, where launch_after never
+// asks for it (dependent_launch_on). Not asked for under graph capture.
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -164,10 +165,10 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-// Whether launch_after may overlap: BN_EXT_CUDA_PDL=1 (read on every call), the current stream
-// not being captured, and this build's kernels for the current device made from sm_90 code or
-// later (so that their wait_for_prior_grid() is there: all are built for the same architectures,
-// and one is asked). elementwise_kernels.cu.
+// Whether launch_after may overlap: BN_EXT_CUDA_PDL not 0 (read on every call), the current
+// stream not being captured, and this build's kernels for the current device made from sm_90
+// code or later (so that their wait_for_prior_grid() is there: all are built for the same
+// architectures, and one is asked). elementwise_kernels.cu.
 bool dependent_launch_on();
 
 // kernel<<<grid, block, 0, stream>>>(args...), as a programmatic dependent launch where `overlap`

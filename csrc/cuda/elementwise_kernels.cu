@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
                           const M* __restrict__ weight, const M* __restrict__ sum_dy,
                           const M* __restrict__ sum_dy_xmu, const M* __restrict__ count,
                           double eps, int64_t C, M* __restrict__ coef) {
-  allow_dependents();  // the map after it (BN_EXT_CUDA_PDL=1)
+  allow_dependents();  // the map after it (a dependent launch)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= C) return;
   const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
@@ -288,8 +288,8 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
   constexpr int VM = kMaxVec<T>;
   // A training map (launch_elementwise) comes right after a kernel of its op's that writes its
   // table (a reduction, the finalize pass, or the backward coefficients), launched in stream
-  // order; under BN_EXT_CUDA_PDL=1 it may start before that one ends. An eval map may follow
-  // the kernel that wrote its input, so it never does.
+  // order; with dependent launches on (the default) it may start before that one ends. An eval
+  // map may follow the kernel that wrote its input, so it never does.
   const bool overlap = !kEvalOnly && dependent_launch_on();
   // The index type must also hold the coefficient offsets, up to 4 * C.
   dispatch_index(std::max<int64_t>(numel, 4 * g.C), [&](auto itag) {
@@ -343,7 +343,7 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
 }  // namespace
 
 bool dependent_launch_on() {
-  if (!env_is("BN_EXT_CUDA_PDL", "1")) return false;
+  if (env_is("BN_EXT_CUDA_PDL", "0")) return false;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
   if (capture != cudaStreamCaptureStatusNone) return false;

@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kThreads)
     reduce_contiguous_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy, I C,
                              I S, at::cuda::detail::IntDivider<I> per_run, I nv, I numel,
                              math_t<T>* __restrict__ partial, unsigned int* __restrict__ arrived) {
-  allow_dependents();  // the finalize pass or the map after it (BN_EXT_CUDA_PDL=1)
+  allow_dependents();  // the finalize pass or the map after it (a dependent launch)
   using M = math_t<T>;
   const I c = blockIdx.x;
   __shared__ M groups[Op::kSampledShift ? kShiftGroups : 1], shift, scale;
@@ -304,7 +304,7 @@ template <typename T, typename Op, typename I, int V>
 __global__ void __launch_bounds__(kThreads)
     reduce_channels_last_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy,
                                 I rows, I C, math_t<T>* __restrict__ partial) {
-  allow_dependents();  // the finalize pass or the map after it (BN_EXT_CUDA_PDL=1)
+  allow_dependents();  // the finalize pass or the map after it (a dependent launch)
   using M = math_t<T>;
   const I c0 = (static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const bool active = c0 < C;  // V divides C, so a thread's channels are all in or all out
@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const Op op, const typename Op::M* __restrict__ partial, int64_t C,
                     int64_t G) {
   allow_dependents();     // the map after it
-  wait_for_prior_grid();  // the partials (BN_EXT_CUDA_PDL=1: launched before the reduction ends)
+  wait_for_prior_grid();  // the partials (a dependent launch: started before the reduction ends)
   using M = typename Op::M;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   __shared__ Sums<M> smem[kThreads / 2];
