@@ -4,12 +4,12 @@ every dtype, aligned (vectorized) and misaligned (scalar) inputs, one-block and 
 reductions, with the multi-pass kernels (BN_EXT_CUDA_PERSISTENT=0), those of contiguous inputs
 once more with BN_EXT_CUDA_FOLD_FINALIZE=1 (the last block of a channel merges), and the
 training ops with BN_EXT_CUDA_PDL=0 (no overlapped launches; the default overlaps them on
-sm_90 and later); the training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass
-kernels: one block per channel, of 64, 128 and 256 threads where the channels are at least the
-SMs, and cooperative; and, for 16-bit 14x14, the narrow-vector experiment,
-BN_EXT_CUDA_NARROW_VECTORS=1; for a 7x7 layer, the block-size one,
-BN_EXT_CUDA_ONE_BLOCK_THREADS=256; for the one-block shapes, the two-sweep kernel,
-BN_EXT_CUDA_TWO_SWEEPS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
+sm_90 and later) and with BN_EXT_CUDA_REVERSE_MAP=1 (maps sweeping from the end); the
+training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per
+channel, of 64, 128 and 256 threads where the channels are at least the SMs, and cooperative;
+and, for 16-bit 14x14, the narrow-vector experiment, BN_EXT_CUDA_NARROW_VECTORS=1; for a 7x7
+layer, the block-size one, BN_EXT_CUDA_ONE_BLOCK_THREADS=256; for the one-block shapes, the
+two-sweep kernel, BN_EXT_CUDA_TWO_SWEEPS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
 
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
@@ -92,6 +92,11 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             ops.backward_input(dy, x, mean, var, w, sdy, sdx, n, 1e-5)
             ops.train_backward(dy, x, mean, var, w, 1e-5)
             ops.normalize_backward(dy, x, mean, var, w, 1e-5)
+        # The training maps sweeping from the end (BN_EXT_CUDA_REVERSE_MAP=1, an experiment).
+        with mock.patch.dict(os.environ, {"BN_EXT_CUDA_REVERSE_MAP": "1"}):
+            y, mean, var = ops.train_forward(x, w, b, 1e-5)
+            ops.backward_input(dy, x, mean, var, w, sdy, sdx, n, 1e-5)
+            ops.train_backward(dy, x, mean, var, w, 1e-5)
         if SINGLE_PASS:
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "1"
             y, mean, var = ops.train_forward(x, w, b, 1e-5)

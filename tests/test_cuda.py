@@ -617,6 +617,27 @@ def test_dependent_launches(monkeypatch, dtype, case, fold):
         assert same_bits(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", PDL_CASES, ids=[f"{_ids(s)}-{lay}" for s, lay in PDL_CASES])
+def test_reverse_map_experiment(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_REVERSE_MAP=1 on the multi-pass path (the training maps sweep from the end,
+    one wave of blocks): the same kernels and the same bits as the default, with dependent
+    launches (the default) and without."""
+    shape, layout = case
+    x, dy, w, b = _training_case(shape, dtype, layout)
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("BN_EXT_CUDA_PDL", pdl)
+        monkeypatch.delenv("BN_EXT_CUDA_REVERSE_MAP", raising=False)
+        names = _kernels_run(lambda: _reductions(x, dy, w, b))
+        default = _reductions(x, dy, w, b)
+        monkeypatch.setenv("BN_EXT_CUDA_REVERSE_MAP", "1")
+        assert sorted(_kernels_run(lambda: _reductions(x, dy, w, b))) == sorted(names)
+        assert same_bits(_reductions(x, dy, w, b), default)
+
+
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_persistent_path_through_the_module(monkeypatch, layout, channels):

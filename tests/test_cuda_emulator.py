@@ -381,6 +381,47 @@ def test_dependent_launches(monkeypatch, dtype, case, fold):
             assert dependent() - before == (grids[0] - first if asks else 0), (value, name)
 
 
+# (shape, layout): the flat map (whole vectors with a tail; vectors straddling runs; scalar, where
+# the input is misaligned; channels-last rows under 128 bytes) and the rows kernel.
+REVERSE_CASES = [((8, 32, 56, 56), "contiguous"), ((3, 5, 7, 7), "contiguous"),
+                 ((5, 3, 7, 9), "misaligned"), ((7, 6, 5, 3), "channels_last"),
+                 ((16, 72, 6, 6), "channels_last"), ((6, 520, 2, 2), "channels_last")]
+
+
+@pytest.mark.parametrize("sms", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", REVERSE_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in REVERSE_CASES])
+def test_reverse_map_experiment(monkeypatch, dtype, case, sms):
+    """BN_EXT_CUDA_REVERSE_MAP=1: the training maps (train_forward's, train_backward's,
+    backward_input's) sweep the tensor from its end, in one wave of blocks: the same launches and
+    the same bits as the default (the default's outputs are held, so a skipped element would
+    show whatever else the allocator had left there), with one SM (each thread takes many
+    vectors) or four. Eval maps never reverse. The order itself is not visible in the values;
+    the GPU bench's rev variant times it."""
+    shape, layout = case
+    monkeypatch.setenv("BN_EXT_EMU_SMS", str(sms))
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")  # the multi-pass maps
+    x, dy, w, b = _case(shape, dtype, "contiguous" if layout == "misaligned" else layout)
+    if layout == "misaligned":
+        x, dy = _misaligned(x), _misaligned(dy)
+    mean, var = ops.batch_stats(x)
+    sums = ops.backward_reduce(dy, x, mean, var, w, 1e-5)
+    count = torch.tensor(float(x.numel() // x.shape[1]), dtype=mean.dtype)
+    calls = {"train": lambda: train_ops(x, dy, w, b),
+             "backward_input": lambda: ops.backward_input(dy, x, mean, var, w, sums[0], sums[1],
+                                                          count, 1e-5),
+             "eval": lambda: ops.normalize(x, mean, var, w, b, 1e-5)}
+    default = {k: _with_grids(call) for k, call in calls.items()}
+    monkeypatch.setenv("BN_EXT_CUDA_REVERSE_MAP", "1")
+    for name, call in calls.items():
+        out, grids = _with_grids(call)
+        assert grids == default[name][1], name
+        assert same_bits(out, default[name][0]), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(32, 24, 7, 7), (2, 3, 64, 64)],

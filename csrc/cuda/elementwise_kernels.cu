@@ -17,6 +17,16 @@
 // coefficients in registers, for all the rows it visits; the values, and so the bits, are the
 // flat kernel's.
 //
+// Sweep direction (BN_EXT_CUDA_REVERSE_MAP=1, an experiment, off by default until a GPU has
+// timed it; training maps only). A training map follows its op's reduction, which swept the
+// input from its start to its end (all its blocks in one wave, each striding over its rows or
+// runs), so when the map starts the last megabytes it read are the ones still in L2. A map that
+// sweeps forward evicts them before it gets there; one that sweeps backward (one wave of blocks,
+// element i taken as numel - 1 - i, row r as rows - 1 - r) reads them first. Up to the L2's size
+// (50 MB on an H100) of the map's input then comes from L2 rather than memory: 205 MB of x and
+// dy in the 32x256x56x56 float32 backward's map, 25.7 MB in all in the 32x64x56x56 fp16 one.
+// The same values and bits either way: each element's result depends on nothing else.
+//
 // Per-channel coefficients:
 //   forward  (mu | alpha | beta):  y  = (x - mu) * alpha + beta,  alpha = w * invstd, beta = b.
 //            The centred form keeps mean * alpha from rounding at a large magnitude.
@@ -32,6 +42,12 @@ namespace bn_ext {
 namespace cuda {
 namespace detail {
 namespace {
+
+// Whether a map reading its coefficients from Src may sweep backward: only the training maps
+// do (a table), so the eval maps that derive theirs keep the registers the choice would take
+// (in the 16-bit rows kernel, enough to spill).
+template <typename Src>
+constexpr bool kMayReverse = !Src::kDerives;
 
 template <typename T, Elementwise kOp, typename I, int W, typename Src>
 __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
@@ -89,13 +105,15 @@ __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
                        const Src src, I numel, I C,
                        at::cuda::detail::IntDivider<I> per_run,
-                       at::cuda::detail::IntDivider<I> per_c) {
+                       at::cuda::detail::IntDivider<I> per_c, bool reverse) {
   wait_for_prior_grid();  // the table (a training map may start early: launch_map)
   const I nv = numel / V;
   const I tid = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x;
   const I step = static_cast<I>(gridDim.x) * kThreads;
+  const bool back = kMayReverse<Src> && reverse;
   for (I i = tid; i < nv; i += step) {
-    elementwise_at<T, kOp, I, V>(i * V, x, dy, out, src, C, per_run, per_c);
+    const I v = back ? nv - 1 - i : i;
+    elementwise_at<T, kOp, I, V>(v * V, x, dy, out, src, C, per_run, per_c);
   }
   if constexpr (V > 1) {
     const I done = nv * V;
@@ -118,7 +136,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, Elementwise kOp, typename I, int V, typename Src>
 __global__ void __launch_bounds__(kThreads)
     elementwise_rows_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
-                            const Src src, I rows, I C) {
+                            const Src src, I rows, I C, bool reverse) {
   using M = math_t<T>;
   constexpr bool kReadsX = kOp != Elementwise::kBackwardEval;
   constexpr bool kReadsDy = kOp != Elementwise::kForward;
@@ -129,14 +147,17 @@ __global__ void __launch_bounds__(kThreads)
   I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y;
   if (r >= rows) return;
   Vec<T, V> xv[U], gv[U];
+  // Where sweep row ru lies: row ru, or (reverse) rows - 1 - ru.
+  const bool back = kMayReverse<Src> && reverse;
+  const auto at = [&](I ru) { return (back ? rows - 1 - ru : ru) * C + c0; };
   // Rows r, r + step, ... r + (U - 1) * step, those below `rows`.
   const auto load = [&](I r0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const I ru = r0 + static_cast<I>(u) * step;
       if (ru < rows) {
-        if constexpr (kReadsX) xv[u] = load_vec<V>(x + ru * C + c0);
-        if constexpr (kReadsDy) gv[u] = load_vec<V>(dy + ru * C + c0);
+        if constexpr (kReadsX) xv[u] = load_vec<V>(x + at(ru));
+        if constexpr (kReadsDy) gv[u] = load_vec<V>(dy + at(ru));
       }
     }
   };
@@ -159,7 +180,7 @@ __global__ void __launch_bounds__(kThreads)
           const M dw = kReadsDy ? lane_value(gv[u], w) : M(0);
           ov.v[w] = static_cast<T>(elementwise_value<kOp>(xw, dw, k[w]));
         }
-        store_vec<V>(out + ru * C + c0, ov);
+        store_vec<V>(out + at(ru), ov);
       }
     }
     // On while r + U * step < rows, written so that nothing wraps around in an unsigned I.
@@ -281,9 +302,11 @@ bool derives_coefs(const MapPlan& plan) {
   return plan.by_rows || (plan.vectorize && plan.run >= kMaxVec<T>);
 }
 
+// `reverse`: sweep from the end (training maps under BN_EXT_CUDA_REVERSE_MAP=1, above), in one
+// wave of blocks (the rows kernel's grid always is one; the flat kernel's is otherwise up to 4).
 template <typename T, bool kEvalOnly, typename Src>
 void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geometry& g,
-                const MapPlan& plan, int64_t numel, const Src& src) {
+                const MapPlan& plan, int64_t numel, const Src& src, bool reverse = false) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int VM = kMaxVec<T>;
   // A training map (launch_elementwise) comes right after a kernel of its op's that writes its
@@ -311,7 +334,7 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
         launch_after(overlap, kernel,
                      dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
                      dim3(bx, by), stream, xp, dyp, outp, src, static_cast<I>(rows),
-                     static_cast<I>(g.C));
+                     static_cast<I>(g.C), reverse);
       });
       return;
     }
@@ -320,12 +343,14 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
     const auto flat = [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       const int64_t nv = numel / V;
-      const int64_t blocks =
-          std::max<int64_t>(1, std::min(ceil_div(nv, kThreads), sm_count() * 32));
       const auto launch = [&](auto kernel) {
+        static std::array<std::atomic<int>, 64> occupancy{};
+        const int64_t wave =
+            reverse ? resident_per_sm(kernel, occupancy) * sm_count() : sm_count() * 32;
+        const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nv, kThreads), wave));
         launch_after(overlap, kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
                      stream, xp, dyp, outp, src, static_cast<I>(numel), static_cast<I>(g.C),
-                     per_run, per_c);
+                     per_run, per_c, reverse);
       };
       dispatch_op<kEvalOnly>(op, [&](auto otag) {
         launch(elementwise_kernel<T, decltype(otag)::value, I, V, Src>);
@@ -396,7 +421,8 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
     const T* dyp = op != Elementwise::kForward ? dy.const_data_ptr<T>() : nullptr;
     T* outp = out.mutable_data_ptr<T>();
     launch_map<T, false>(op, xp, dyp, outp, g, map_plan(xp, dyp, outp, g), numel,
-                         CoefTable<math_t<T>>{coef.const_data_ptr<math_t<T>>()});
+                         CoefTable<math_t<T>>{coef.const_data_ptr<math_t<T>>()},
+                         env_is("BN_EXT_CUDA_REVERSE_MAP", "1"));
   });
 }
 
