@@ -824,15 +824,20 @@ def allocation_settings(device: str) -> Optional[str]:
 
 
 def training_path() -> str:
-    """bn_ext's CUDA training path under this process's BN_EXT_CUDA_PERSISTENT."""
+    """bn_ext's CUDA training path under this process's BN_EXT_CUDA_PERSISTENT, and whether
+    the multi-pass path's later launches are dependent ones (BN_EXT_CUDA_PDL)."""
     mode = os.environ.get("BN_EXT_CUDA_PERSISTENT")
     if mode == "0":
-        return "multi-pass (BN_EXT_CUDA_PERSISTENT=0)"
-    if mode == "1":
-        return ("single-pass kernels (one block per channel, or cooperative) where a channel "
+        path = "multi-pass (BN_EXT_CUDA_PERSISTENT=0)"
+    elif mode == "1":
+        path = ("single-pass kernels (one block per channel, or cooperative) where a channel "
                 "fits, multi-pass elsewhere (BN_EXT_CUDA_PERSISTENT=1)")
-    return ("the default: the one-block single-pass kernel where a contiguous channel fits in "
-            "a block, multi-pass elsewhere")
+    else:
+        path = ("the default: the one-block single-pass kernel where a contiguous channel fits "
+                "in a block, multi-pass elsewhere")
+    if os.environ.get("BN_EXT_CUDA_PDL") == "0":
+        return path + "; no dependent launches (BN_EXT_CUDA_PDL=0)"
+    return path + "; the multi-pass launches after an op's first are dependent ones (sm_90 on)"
 
 
 def header(args, meta: dict) -> list:

@@ -8,11 +8,10 @@
 #   tests       pytest with -rA, teed to bench/results/<gpu>-tests.txt under a header naming the
 #               device and the torch/CUDA/cuDNN versions;
 #   bench       (quick mode only) bench.py --quick, the default path (the one-block single-pass
-#               kernel where a channel fits, else multi-pass); and the one-block kernel's
-#               16-bit ResNet-50 rows beside the multi-pass path and the experiments' switches
-#               (cuda-<device>-onepass-experiments.md);
-#   counters    (quick mode only) Nsight Compute (ncu) over one call of the passes that trail
-#               torch.compile, bn_ext's kernels and compile's, saved as
+#               kernel where a channel fits, else multi-pass), beside the experiments' switches;
+#               and a sample of ResNet-50's batch-256 rows (cuda-<device>-quick-b256.md);
+#   counters    (quick mode only) Nsight Compute (ncu) over one call of the passes that trail a
+#               peer, bn_ext's kernels and the peer's, saved as
 #               bench/results/<gpu>-counters.txt: what bounds each (issue, memory, occupancy);
 #   profile     (quick mode only) bench/cuda_profile.py, each kernel's time in the quick rows'
 #               passes, multi-pass and single-pass, saved as bench/results/<gpu>-profile.txt;
@@ -22,8 +21,8 @@
 #               dtypes and layouts against float64, saved as bench/results/<gpu>-fuzz.txt.
 #
 # BN_EXT_PROOF_QUICK=1 is the plan for a 15-minute lease: tests/test_cuda.py without the slow
-# test, the default path's quick benchmark, the one-block rows, the counters (where ncu can read
-# them; else that stage says so and passes), memcheck, racecheck, synccheck, the CUDA cases of the
+# test, the default path's quick benchmark, memcheck, the batch-256 rows, the counters (where ncu
+# can read them; else that stage says so and passes), racecheck, synccheck, the CUDA cases of the
 # other suites, the kernel profile and a short fuzz, while time remains (the last ones are
 # skipped first). Without it:
 # the whole suite (slow tests included), the three sanitizers and a 10-minute fuzz.
@@ -108,7 +107,7 @@ sync_out() {
   [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
   local f files=()
   for f in "$SUMMARY" "$TESTS" "$RESULTS/$GPU-profile.txt" "$RESULTS/$GPU-counters.txt" \
-    "$RESULTS"/cuda-*-quick*.md "$RESULTS"/cuda-*-onepass*.md; do
+    "$RESULTS"/cuda-*-quick*.md; do
     [ -f "$f" ] && [ "$f" -nt "$MARK" ] && cp "$f" "$OUT"/
   done
   for f in "$RESULTS"/* "$LOGS"/*; do
@@ -257,39 +256,43 @@ for f in "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" /usr/local/cuda/bin/ncu \
   [ -n "$NCU" ] && break
   [ -x "$f" ] && NCU=$f
 done
-# The one-block kernels' rows that trail torch.compile (16-bit backward of 14x14 and 7x7 layers)
-# and their fp32 counterparts, and BatchNorm1d 4096x1024's 16-bit forward: bn_ext's kernels and
-# torch.compile's, one call each, under Nsight Compute's counters (--clock-control none: the
-# clocks are left alone). Says whether a kernel is bound by issue slots, memory or latency.
+# The training rows that trail a peer on the first H100 lease: channels-last 32x64x56x56's
+# backward in fp32 and fp16 (0.87x and 0.83x cuDNN), beside cuDNN's and torch.compile's kernels,
+# and NCHW 32x256x56x56's fp32 backward (0.98x torch.compile), beside compile's; one call each,
+# under Nsight Compute's counters (--clock-control none: the clocks are left alone), with L2's
+# hit rate (MemoryWorkloadAnalysis). Says whether a kernel is bound by issue slots, memory or
+# latency. Then the same bn_ext calls under BN_EXT_CUDA_REVERSE_MAP=1: whether the maps' reads
+# hit L2 more, as the experiment means them to.
 counters() {
   local out=$RESULTS/$GPU-counters.txt rc=0 t0 total=$LIMIT
   t0=$(date +%s)
   [ -n "$NCU" ] || { echo "gpu_proof: ncu (Nsight Compute) not found: no counters"; return 0; }
   {
-    echo "# ncu over bench/cuda_profile.py --ncu: one call per pass, bn_ext and torch.compile"
+    echo "# ncu over bench/cuda_profile.py --ncu: one call per pass, bn_ext and its peers"
     echo "# device: $NAME; $("$NCU" --version | tail -n 1)"
   } >"$out"
   local ncu=("$NCU" --profile-from-start off --clock-control none --section SpeedOfLight
     --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats
-    --section InstructionStats)
-  limited "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu --peers bn_ext,compile \
-    --rows 32x1024x14x14:nchw,32x512x7x7:nchw,4096x1024 --dtype bf16,fp32 --pass fwd,bwd \
-    >>"$out" 2>&1 || rc=$?
+    --section MemoryWorkloadAnalysis)
+  limited "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu --peers bn_ext,cudnn,compile \
+    --rows 32x64x56x56:nhwc --dtype fp32,fp16 --pass bwd >>"$out" 2>&1 || rc=$?
   # refused the counters (a container without permission; gVisor: LibraryNotLoaded)
   if grep -qE 'ERR_NVGPUCTRPERM|Failed to initialize the profiler' "$out"; then
     echo "gpu_proof: ncu cannot read this machine's counters (see $(basename "$out"))"
     return 0
   fi
-  # Then each experiment's switch on the row it is for, bn_ext only, while the stage has time.
-  local exp var row
-  for exp in "BN_EXT_CUDA_NARROW_VECTORS=1 32x1024x14x14" "BN_EXT_CUDA_TWO_SWEEPS=1 32x1024x14x14" \
-    "BN_EXT_CUDA_ONE_BLOCK_THREADS=256 32x512x7x7"; do
-    read -r var row <<<"$exp"
+  local step var peers row dtype envs
+  for step in "default bn_ext,compile 32x256x56x56:nchw fp32" \
+    "BN_EXT_CUDA_REVERSE_MAP=1 bn_ext 32x64x56x56:nhwc fp32,fp16" \
+    "BN_EXT_CUDA_REVERSE_MAP=1 bn_ext 32x256x56x56:nchw fp32"; do
+    read -r var peers row dtype <<<"$step"
     LIMIT=$((total - ($(date +%s) - t0)))  # the rest of the stage's limit
     [ "$rc" -eq 0 ] && [ "$LIMIT" -gt 20 ] || break
+    envs=()
+    [ "$var" = "default" ] || envs=("$var")
     echo "# $var" >>"$out"
-    limited env "$var" "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu --peers bn_ext \
-      --rows "$row:nchw" --dtype bf16 --pass fwd,bwd >>"$out" 2>&1 || rc=$?
+    limited env ${envs[@]+"${envs[@]}"} "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu \
+      --peers "$peers" --rows "$row" --dtype "$dtype" --pass bwd >>"$out" 2>&1 || rc=$?
   done
   LIMIT=$total
   grep -c '^==PROF== Profiling' "$out" | sed 's/$/ kernels profiled/'
@@ -339,42 +342,39 @@ single_pass_ok() {
 
 if [ "$QUICK" = "1" ]; then
   stage "tests (test_cuda.py)" 60 240 run_tests tests/test_cuda.py -m "not slow"
-  SINGLE=1
-  single_pass_ok || SINGLE=0
-  # With bn_ext under the multi-pass experiments beside it: BN_EXT_CUDA_FOLD_FINALIZE=1 (fold:
-  # the NCHW rows whose reductions stage lose their finalize launch; on the other rows it runs
-  # what bn_ext runs, so those columns show how far two timings of one kernel sequence differ),
-  # BN_EXT_CUDA_PDL=1 (pdl: every launch after a training op's first may start early) and both.
+  # The coop variant runs the cooperative kernels: left out where the tests saw them fail or hang.
+  COOP=()
+  single_pass_ok && COOP=(--variant coop:BN_EXT_CUDA_PERSISTENT=1)
+  # With bn_ext beside it under: BN_EXT_CUDA_PDL=0 (nopdl: the default's dependent launches off;
+  # on eval rows it runs what bn_ext runs, so those columns show how far two timings of one
+  # kernel sequence differ), BN_EXT_CUDA_REVERSE_MAP=1 (rev: the training maps sweep from the
+  # end, where the reduction left L2) and BN_EXT_CUDA_PERSISTENT=1 (coop: the cooperative
+  # single-pass kernels where a tile fits, 1.06-1.15x the multi-pass path in the 56x56 float32
+  # NCHW backwards on an H200, 0.3-0.9x in most other rows).
   stage "bench quick, default path" 120 270 bench bench --quick \
-    --variant fold:BN_EXT_CUDA_FOLD_FINALIZE=1 --variant pdl:BN_EXT_CUDA_PDL=1 \
-    --variant foldpdl:BN_EXT_CUDA_FOLD_FINALIZE=1,BN_EXT_CUDA_PDL=1
-  # The one-block kernel's ResNet-50 rows (7x7 and 14x14 at batch 32, NCHW) in 16-bit, where it
-  # trails torch.compile, on the default path (bn_ext), beside the multi-pass path, the
-  # experiments (8-byte vectors for 14x14, BN_EXT_CUDA_NARROW_VECTORS=1; blocks of 128 and 256
-  # threads, BN_EXT_CUDA_ONE_BLOCK_THREADS; two sweeps, BN_EXT_CUDA_TWO_SWEEPS=1, which also
-  # takes the 7x7 layers at batch 256, multi-pass by default) and every peer; to set against
-  # the 16-bit rows of cuda-nvidia-h200-onepass.md (2671d08), under a name of its own.
-  ONEPASS=$(echo "cuda-$NAME" | tr 'A-Z ' 'a-z-')-onepass-experiments  # cuda-nvidia-h200-...
-  ONEPASS_SHAPES=32x256x14x14,32x1024x14x14,32x512x14x14,32x512x7x7,32x2048x7x7,32x1000x7x7
-  ONEPASS_SHAPES+=,256x2048x7x7,256x512x7x7
-  [ "$SINGLE" = "1" ] && stage "bench one-block rows" 90 180 bench bench-onepass \
-    --variant multi-pass:BN_EXT_CUDA_PERSISTENT=0 --variant narrow:BN_EXT_CUDA_NARROW_VECTORS=1 \
-    --variant t128:BN_EXT_CUDA_ONE_BLOCK_THREADS=128 \
-    --variant t256:BN_EXT_CUDA_ONE_BLOCK_THREADS=256 \
-    --variant sweep2:BN_EXT_CUDA_TWO_SWEEPS=1 --layout nchw \
-    --dtype bf16,fp16 --pass fwd,bwd --name "$ONEPASS" \
-    --shape "$ONEPASS_SHAPES"
-  stage "kernel counters (ncu)" 60 150 counters
+    --variant nopdl:BN_EXT_CUDA_PDL=0 --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 \
+    ${COOP[@]+"${COOP[@]}"}
   stage "sanitizer memcheck" 45 120 sanitize memcheck
+  # ResNet-50's batch-256 rows, which no lease has timed yet (the quick plan is batch 32): the
+  # 56x56 layers (x6 and x4 in the net), 14x14's most repeated one and 7x7's widest, fp32 and
+  # fp16, both layouts, training forward and backward, with rev and coop beside the default.
+  # The one-block experiments' rows (BN_EXT_CUDA_NARROW_VECTORS, _ONE_BLOCK_THREADS,
+  # _TWO_SWEEPS), timed by the first H100 lease (cuda-nvidia-h100-80gb-hbm3-onepass-
+  # experiments.md), left the quick plan for these.
+  B256=$(echo "cuda-$NAME" | tr 'A-Z ' 'a-z-')-quick-b256  # cuda-nvidia-h100-...-quick-b256
+  stage "bench batch-256 rows" 90 180 bench bench-b256 --name "$B256" \
+    --shape 256x64x56x56,256x256x56x56,256x1024x14x14,256x2048x7x7 --dtype fp32,fp16 \
+    --pass fwd,bwd --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 ${COOP[@]+"${COOP[@]}"}
+  stage "kernel counters (ncu)" 60 150 counters
   stage "sanitizer racecheck" 45 150 sanitize racecheck
   stage "sanitizer synccheck" 45 120 sanitize synccheck
   stage "tests (other suites, cuda)" 60 300 run_tests tests --ignore tests/test_cuda.py -k cuda \
     -m "not slow"
   stage "kernel profile" 30 90 profile
   stage "fuzz against float64" 70 120 fuzz 30
-  # Not in the quick plan: the cooperative single-pass kernels' quick bench (opt-in kernels,
-  # 0.55-0.59x the multi-pass speed in three leases, unchanged since): `python bench/bench.py
-  # --device cuda --quick --cuda-persistent --pass fwd,bwd,fwdbwd --peers cudnn,native`.
+  # The cooperative kernels' own quick bench, with the multi-pass path beside them as a peer,
+  # is not in the plan (the coop variant above times them): `python bench/bench.py --device cuda
+  # --quick --cuda-persistent --pass fwd,bwd,fwdbwd --peers cudnn,native`.
 else
   stage "tests (whole suite)" 300 1800 run_tests tests
   single_pass_ok
