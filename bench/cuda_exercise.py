@@ -7,9 +7,10 @@ training ops with BN_EXT_CUDA_PDL=0 (no overlapped launches; the default overlap
 sm_90 and later) and with BN_EXT_CUDA_REVERSE_MAP=1 (maps sweeping from the end); the
 training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per
 channel, of 64, 128 and 256 threads where the channels are at least the SMs, and cooperative;
-and, for 16-bit 14x14, the narrow-vector experiment, BN_EXT_CUDA_NARROW_VECTORS=1; for a 7x7
-layer, the block-size one, BN_EXT_CUDA_ONE_BLOCK_THREADS=256; for the one-block shapes, the
-two-sweep kernel, BN_EXT_CUDA_TWO_SWEEPS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
+and, for 16-bit 14x14, the masked vectors that the default's 8-byte ones replace,
+BN_EXT_CUDA_NARROW_VECTORS=0; for a 7x7 layer, the block-size experiment,
+BN_EXT_CUDA_ONE_BLOCK_THREADS=256; for the one-block shapes, the two-sweep kernel,
+BN_EXT_CUDA_TWO_SWEEPS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
 
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
@@ -106,8 +107,9 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             # The experiments' switches (README), each on the shapes it is for.
             experiments = []
             if dtype in (torch.float16, torch.bfloat16) and shape[-1] * shape[-2] % 8 == 4:
-                # narrow vectors (14x14: 8-byte vectors, unmasked)
-                experiments.append(("BN_EXT_CUDA_NARROW_VECTORS", "1"))
+                # masked vectors (14x14: 16-byte vectors with masked lanes; the default reads
+                # 8-byte ones, unmasked)
+                experiments.append(("BN_EXT_CUDA_NARROW_VECTORS", "0"))
             if shape == (4, 160, 7, 7):
                 # the block size: this channel's few slots in 256 threads, most idle
                 experiments.append(("BN_EXT_CUDA_ONE_BLOCK_THREADS", "256"))

@@ -397,7 +397,8 @@ PERSISTENT_CASES = [
     ((4, 16, 33, 31), "contiguous"),     # scalar (odd runs)
     ((2, 3, 128, 128), "contiguous"),    # few channels, many blocks each
     ((32, 2048, 7, 7), "contiguous"),    # one block of 64 threads a channel (float64: 128)
-    ((32, 256, 14, 14), "contiguous"),   # one block of 256 (16-bit: masked; float64: cooperative)
+    ((32, 256, 14, 14), "contiguous"),   # one block of 256 (16-bit: 8-byte vectors; float64:
+                                         # cooperative)
     ((8, 32, 28, 28), "channels_last"),  # one tile
     ((300, 6), "channels_last"),         # C not a multiple of the vector width
     ((64, 1000), "channels_last"),       # partial last tile
@@ -464,25 +465,32 @@ def test_persistent_path_matches_float64(monkeypatch, dtype, case):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(32, 256, 14, 14), (10, 512, 14, 14)], ids=_ids)
-def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
-    """BN_EXT_CUDA_NARROW_VECTORS=1 (14x14: runs on 8-byte boundaries): the one-block kernels with
-    8-byte vectors (V = 4 in the kernel's name) run, repeat to the bit, and agree with float64 and
-    with the default's masked 16-byte ones."""
+def test_narrow_vectors(monkeypatch, dtype, shape):
+    """By default (14x14: runs on 8-byte boundaries) the one-block kernels with 8-byte vectors
+    (V = 4 in the kernel's name) run, repeat to the bit, and agree with float64 and with
+    BN_EXT_CUDA_NARROW_VECTORS=0's masked 16-byte ones (V = 8, masked), which run there."""
     C = shape[1]
     x = make_input(shape, dtype, DEV, "contiguous", seed=21, mean=3.0, std=0.5)
     dy = make_input(shape, dtype, DEV, "contiguous", seed=22)
     w = torch.rand(C, device=DEV) + 0.5
     b = torch.randn(C, device=DEV)
     clear_cuda_switches(monkeypatch)
-    default = train_ops(x, dy, w, b)
-    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")
-    names = [n for n in _kernels_run(lambda: train_ops(x, dy, w, b))
-             if "persistent_channel_block_kernel" in n]
-    # <T, Op, V, block, masked>: V = 4, unmasked
+
+    def one_block_kernels():
+        return [n for n in _kernels_run(lambda: train_ops(x, dy, w, b))
+                if "persistent_channel_block_kernel" in n]
+
+    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "0")
+    names = one_block_kernels()
+    # <T, Op, V, block, masked>
+    assert len(names) == 2 and all(re.search(r", 8, \d+, true>", n) for n in names), names
+    masked = train_ops(x, dy, w, b)
+    monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS")
+    names = one_block_kernels()
     assert len(names) == 2 and all(re.search(r", 4, \d+, false>", n) for n in names), names
     narrow = train_ops(x, dy, w, b)
     assert same_bits(narrow, train_ops(x, dy, w, b))
-    assert_training_matches_float64(narrow, x, dy, w, b, others=default)
+    assert_training_matches_float64(narrow, x, dy, w, b, others=masked)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],

@@ -81,8 +81,9 @@ def _single_pass_plan(shape, dtype, layout, sms=16):
     many as the SMs (persistent_channel_block_kernel, an ordinary launch: the fewest threads that
     hold the channel at kItems vectors a thread), else "cooperative". A channel's slots are S / V
     vectors a run, or (S + 2V - 2) / V where S % V != 0; kItems is 32 values a thread (16 in
-    float64) over V. (Inputs here are 16-byte aligned, which the C++ rule also asks; a 2-D input
-    is channels-last to it.)"""
+    float64) over V. V is 16 bytes, or 8 in 16-bit types whose runs start on 8-byte but not
+    16-byte boundaries (the narrow vectors, on by default). (Inputs here are 16-byte aligned,
+    which the C++ rule also asks; a 2-D input is channels-last to it.)"""
     if layout != "contiguous" or shape[1] < sms:
         return "cooperative"
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -90,6 +91,8 @@ def _single_pass_plan(shape, dtype, layout, sms=16):
     S = 1
     for d in shape[2:]:
         S *= d
+    if itemsize == 2 and S % V != 0 and S % (V // 2) == 0:
+        V //= 2
     slots = shape[0] * (S // V if S % V == 0 else (S + 2 * V - 2) // V)
     items = (16 if itemsize == 8 else 32) // V
     return next((block for block in (64, 128, 256) if slots <= block * items), "cooperative")
@@ -149,29 +152,31 @@ NARROW_CASES = [(10, 16, 14, 14), (200, 16, 1, 4), (100, 17, 2, 6)]
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", NARROW_CASES, ids=["x".join(map(str, s)) for s in NARROW_CASES])
-def test_narrow_vectors_experiment(monkeypatch, dtype, shape):
-    """BN_EXT_CUDA_NARROW_VECTORS=1: the one-block kernels read these channels in whole 8-byte
-    vectors (64 threads a block here, where the default's masked 16-byte slots take 128), repeat
-    to the bit, and agree with float64 and with the default's results; any other value, or
-    none, leaves the default."""
+def test_narrow_vectors(monkeypatch, dtype, shape):
+    """By default the one-block kernels read these channels in whole 8-byte vectors (64 threads
+    a block here, where BN_EXT_CUDA_NARROW_VECTORS=0's masked 16-byte slots take 128), repeat to
+    the bit, and agree with float64 and with the masked kernels' results; any value of the
+    switch but 0 leaves the default."""
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
     clear_cuda_switches(monkeypatch)
     x, dy, w, b = _case(shape, dtype, "contiguous")
+    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "0")
     ops.train_forward(x, w, b, 1e-5)
     assert _last_block_threads() == 128
-    default = train_ops(x, dy, w, b)
+    masked = train_ops(x, dy, w, b)
     assert _last_block_threads() == 128
-    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "yes")  # not "1": the default
-    assert same_bits(train_ops(x, dy, w, b), default)
 
-    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")
+    monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS")
     (y, mean, var), grids = _with_grids(lambda: ops.train_forward(x, w, b, 1e-5))
     assert grids == (1, 0) and _last_block_threads() == 64
     (dx, gw, gb), grids = _with_grids(lambda: ops.train_backward(dy, x, mean, var, w, 1e-5))
     assert grids == (1, 0) and _last_block_threads() == 64
     narrow = (y, mean, var, dx, gw, gb)
     assert same_bits(narrow, train_ops(x, dy, w, b))
-    assert_training_matches_float64(narrow, x, dy, w, b, others=default)
+    assert_training_matches_float64(narrow, x, dy, w, b, others=masked)
+    for value in ("1", "no"):
+        monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", value)
+        assert same_bits(train_ops(x, dy, w, b), narrow), value
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
@@ -215,7 +220,7 @@ TWO_SWEEP_CASES = [
     ((256, 16, 7, 7), True),     # 12544 elements (ResNet-50's 7x7 at batch 256): several slots a
                                  # thread, beyond the register kernel (multi-pass by default)
     ((3, 17, 7, 7), True),       # masked slots, the tensor ending mid-vector
-    ((10, 16, 14, 14), True),    # 16-bit runs on 8-byte boundaries: narrow's too, if it were set
+    ((10, 16, 14, 14), True),    # 16-bit runs on 8-byte boundaries: the narrow kernel's too
     ((16, 16, 32, 32), True),    # whole vectors, 16384 elements: the largest channel it takes
     ((17, 16, 32, 32), False),   # 17408 elements: the default's path
     ((64, 8, 7, 7), False),      # fewer channels than SMs: the default's path
@@ -231,8 +236,8 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
     blocks, one a channel, where a contiguous channel has at most 16384 elements and the
     channels are at least the SMs; they repeat to the bit, agree with float64 and with the
     default's results, and update the running statistics once, as the multi-pass path does.
-    Elsewhere, and with any other value, the default's path and bits. It wins over
-    BN_EXT_CUDA_NARROW_VECTORS=1."""
+    Elsewhere, and with any other value, the default's path and bits. It wins over the narrow
+    vectors (on by default), and does not depend on them."""
     shape, takes = case
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
     clear_cuda_switches(monkeypatch)
@@ -250,7 +255,7 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
     assert grids == (2, 0) and _last_block_threads() == 256
     assert same_bits(swept, train_ops(x, dy, w, b))
     assert_training_matches_float64(swept, x, dy, w, b, others=default)
-    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "1")  # which the two sweeps win over
+    monkeypatch.setenv("BN_EXT_CUDA_NARROW_VECTORS", "0")  # the two sweeps' own vectors either way
     assert same_bits(train_ops(x, dy, w, b), swept)
     monkeypatch.delenv("BN_EXT_CUDA_NARROW_VECTORS")
 

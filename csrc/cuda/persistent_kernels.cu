@@ -496,13 +496,14 @@ __global__ void __launch_bounds__(kThreads, kSweepBlocksPerSm)
 
 bool two_sweeps() { return env_is("BN_EXT_CUDA_TWO_SWEEPS", "1"); }
 
-// BN_EXT_CUDA_NARROW_VECTORS=1 (read on every call; an experiment, off by default until timed on
-// a GPU): a 16-bit channel whose runs start on 8-byte but not 16-byte boundaries (S % 8 == 4,
-// as 14x14) is read in 8-byte vectors, whole, instead of 16-byte ones with masked lanes. Built
-// for sm_90 (nvcc 13.0, bf16, 256 threads) that kernel is 1168 instructions and 76 registers in
-// the backward (masked: 1976 and 71), 1376 and 62 in the forward (1992 and 56): no per-lane
-// predicates and one store path, at twice the slots a thread (bench/results/README.md).
-bool narrow_vectors() { return env_is("BN_EXT_CUDA_NARROW_VECTORS", "1"); }
+// Narrow vectors (the default; BN_EXT_CUDA_NARROW_VECTORS=0, read on every call, turns them
+// off): a 16-bit channel whose runs start on 8-byte but not 16-byte boundaries (S % 8 == 4, as
+// 14x14) is read in 8-byte vectors, whole, instead of 16-byte ones with masked lanes. Built for
+// sm_90 (nvcc 13.0, bf16, 256 threads) that kernel is 1168 instructions and 76 registers in the
+// backward (masked: 1976 and 71), 1376 and 62 in the forward (1992 and 56): no per-lane
+// predicates and one store path, at twice the slots a thread (bench/results/README.md). On an
+// H100, side by side, 3-7% faster on the six bf16 14x14 rows at batch 32 (forward, backward).
+bool narrow_vectors() { return !env_is("BN_EXT_CUDA_NARROW_VECTORS", "0"); }
 
 // BN_EXT_CUDA_ONE_BLOCK_THREADS=64|128|256 (read on every call; an experiment, unset by default
 // until a GPU has timed it): the one-block kernel's block where the channel fits in it, else the
