@@ -18,6 +18,9 @@ torch.cuda.profiler.start() and stop(), after a line naming it, so that under
         python bench/cuda_profile.py --ncu --peers bn_ext,compile
 ncu profiles exactly those calls, and its "==PROF==" lines follow the line of the pass they
 belong to. The compile peer (torch.compile) is allowed here: its kernels are the bar.
+--flush-l2 reads 256 MiB before the marked call, as bench.py does before each timed call: under
+ncu --cache-control none (ncu otherwise flushes the caches before every kernel it profiles) the
+call's first kernel then starts from a cold L2 and its later ones see what the earlier left.
 
 bn_ext's training path follows BN_EXT_CUDA_PERSISTENT (unset: the default path, the one-block
 single-pass kernel where a channel fits; 0: multi-pass; 1: every single-pass kernel).
@@ -74,10 +77,14 @@ def profile_one(fn, iters: int) -> tuple:
     return sum(t for _, t in per_call.values()), per_call
 
 
-def mark_one(fn, label: str) -> None:
-    """One call of fn in the profiler's range (for ncu --profile-from-start off), warmed up."""
+def mark_one(fn, label: str, flush=None) -> None:
+    """One call of fn in the profiler's range (for ncu --profile-from-start off), warmed up;
+    with `flush` (a large CUDA tensor), L2 is flushed by reading it first, as bench.py does
+    before each timed call (under ncu --cache-control none, the call then meets L2 as there)."""
     for _ in range(3):
         fn()
+    if flush is not None:
+        flush.sum()
     torch.cuda.synchronize()
     print(f"\n== pass: {label}", flush=True)
     torch.cuda.profiler.start()
@@ -98,12 +105,17 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--ncu", action="store_true",
                     help="one marked call per pass, for ncu --profile-from-start off")
+    ap.add_argument("--flush-l2", action="store_true",
+                    help="with --ncu: read 256 MiB before the marked call, as bench.py does "
+                         "before each timed one (for ncu --cache-control none)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     import bn_ext
     if not bn_ext.has_cuda_kernels():
         ap.error("this bn_ext was built without CUDA kernels")
+    flush = (torch.empty(bench.CudaTimer.FLUSH_BYTES // 4, device="cuda")
+             if args.ncu and args.flush_l2 else None)
     peers = {p.name: p for p in bench.peers_for("cuda") if args.ncu or p.kind != "compile"}
     wanted = [peers[p] for p in args.peers.split(",")]
     path = bench.training_path()
@@ -125,7 +137,7 @@ def main(argv=None) -> int:
                     fn = bench.make_workload(pas, inst, x, dy)
                     label = "x".join(map(str, dims))
                     if args.ncu:
-                        mark_one(fn, f"{label} {layout} {dname} {pas} {peer.name}")
+                        mark_one(fn, f"{label} {layout} {dname} {pas} {peer.name}", flush)
                         continue
                     total, kernels = profile_one(fn, args.iters)
                     print(f"\n{label} {layout} {dname} {pas} {peer.name}: {total:.1f} us "

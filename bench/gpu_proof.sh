@@ -257,12 +257,15 @@ for f in "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" /usr/local/cuda/bin/ncu \
   [ -x "$f" ] && NCU=$f
 done
 # The training rows that trail a peer on the first H100 lease: channels-last 32x64x56x56's
-# backward in fp32 and fp16 (0.87x and 0.83x cuDNN), beside cuDNN's and torch.compile's kernels,
-# and NCHW 32x256x56x56's fp32 backward (0.98x torch.compile), beside compile's; one call each,
-# under Nsight Compute's counters (--clock-control none: the clocks are left alone), with L2's
-# hit rate (MemoryWorkloadAnalysis). Says whether a kernel is bound by issue slots, memory or
-# latency. Then the same bn_ext calls under BN_EXT_CUDA_REVERSE_MAP=1: whether the maps' reads
-# hit L2 more, as the experiment means them to.
+# backward in fp32 and fp16 (0.87x and 0.83x cuDNN), beside cuDNN's and torch.compile's kernels;
+# one call each, under Nsight Compute's counters (--clock-control none: the clocks are left
+# alone). Says whether a kernel is bound by issue slots, memory or latency. Then, while the
+# stage has time, L2 as the bench meets it (--cache-control none, and cuda_profile --flush-l2:
+# cold at the call's start, each kernel seeing what the ones before it left; application replay,
+# so that a metric needing a second pass does not meet the first pass's leftovers): bn_ext's
+# kernels' L2 hit rate and DRAM bytes on those rows and NCHW 32x256x56x56's fp32 backward (0.98x
+# torch.compile), by default and under BN_EXT_CUDA_REVERSE_MAP=1, whose maps should hit more.
+# Last, NCHW 32x256x56x56's fp32 backward beside compile's kernels, with the sections above.
 counters() {
   local out=$RESULTS/$GPU-counters.txt rc=0 t0 total=$LIMIT
   t0=$(date +%s)
@@ -274,6 +277,9 @@ counters() {
   local ncu=("$NCU" --profile-from-start off --clock-control none --section SpeedOfLight
     --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats
     --section MemoryWorkloadAnalysis)
+  local l2=("$NCU" --profile-from-start off --clock-control none --cache-control none
+    --replay-mode application --metrics
+    gpu__time_duration.sum,lts__t_sector_hit_rate.pct,dram__bytes_read.sum,dram__bytes_write.sum)
   limited "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu --peers bn_ext,cudnn,compile \
     --rows 32x64x56x56:nhwc --dtype fp32,fp16 --pass bwd >>"$out" 2>&1 || rc=$?
   # refused the counters (a container without permission; gVisor: LibraryNotLoaded)
@@ -281,18 +287,22 @@ counters() {
     echo "gpu_proof: ncu cannot read this machine's counters (see $(basename "$out"))"
     return 0
   fi
-  local step var peers row dtype envs
-  for step in "default bn_ext,compile 32x256x56x56:nchw fp32" \
-    "BN_EXT_CUDA_REVERSE_MAP=1 bn_ext 32x64x56x56:nhwc fp32,fp16" \
-    "BN_EXT_CUDA_REVERSE_MAP=1 bn_ext 32x256x56x56:nchw fp32"; do
-    read -r var peers row dtype <<<"$step"
+  local step kind var envs
+  for step in "l2 default" "l2 BN_EXT_CUDA_REVERSE_MAP=1" "sections default"; do
+    read -r kind var <<<"$step"
     LIMIT=$((total - ($(date +%s) - t0)))  # the rest of the stage's limit
     [ "$rc" -eq 0 ] && [ "$LIMIT" -gt 20 ] || break
     envs=()
     [ "$var" = "default" ] || envs=("$var")
-    echo "# $var" >>"$out"
-    limited env ${envs[@]+"${envs[@]}"} "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu \
-      --peers "$peers" --rows "$row" --dtype "$dtype" --pass bwd >>"$out" 2>&1 || rc=$?
+    echo "# $kind, $var" >>"$out"
+    if [ "$kind" = "l2" ]; then
+      limited env ${envs[@]+"${envs[@]}"} "${l2[@]}" "$PY" bench/cuda_profile.py --ncu \
+        --flush-l2 --peers bn_ext --rows 32x64x56x56:nhwc,32x256x56x56:nchw --dtype fp32 \
+        --pass bwd >>"$out" 2>&1 || rc=$?
+    else
+      limited "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu --peers bn_ext,compile \
+        --rows 32x256x56x56:nchw --dtype fp32 --pass bwd >>"$out" 2>&1 || rc=$?
+    fi
   done
   LIMIT=$total
   grep -c '^==PROF== Profiling' "$out" | sed 's/$/ kernels profiled/'
@@ -356,15 +366,18 @@ if [ "$QUICK" = "1" ]; then
     ${COOP[@]+"${COOP[@]}"}
   stage "sanitizer memcheck" 45 120 sanitize memcheck
   # ResNet-50's batch-256 rows, which no lease has timed yet (the quick plan is batch 32): the
-  # 56x56 layers (x6 and x4 in the net), 14x14's most repeated one and 7x7's widest, fp32 and
-  # fp16, both layouts, training forward and backward, with rev and coop beside the default.
+  # 56x56 layers (x6 and x4 in the net) and 7x7's widest (multi-pass by default: 12544 values a
+  # channel), fp32 and fp16, both layouts, training forward and backward, beside cuDNN and
+  # torch.compile (native is never the best peer on these rows), with rev and coop. Not
+  # --quick (its shapes are batch 32): 50 samples a peer, and a group (shape, layout, dtype)
+  # takes about 10-15 s, so the stage's deadline may leave the last ones for --resume.
   # The one-block experiments' rows (BN_EXT_CUDA_NARROW_VECTORS, _ONE_BLOCK_THREADS,
   # _TWO_SWEEPS), timed by the first H100 lease (cuda-nvidia-h100-80gb-hbm3-onepass-
   # experiments.md), left the quick plan for these.
   B256=$(echo "cuda-$NAME" | tr 'A-Z ' 'a-z-')-quick-b256  # cuda-nvidia-h100-...-quick-b256
-  stage "bench batch-256 rows" 90 180 bench bench-b256 --name "$B256" \
-    --shape 256x64x56x56,256x256x56x56,256x1024x14x14,256x2048x7x7 --dtype fp32,fp16 \
-    --pass fwd,bwd --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 ${COOP[@]+"${COOP[@]}"}
+  stage "bench batch-256 rows" 90 150 bench bench-b256 --name "$B256" \
+    --shape 256x64x56x56,256x256x56x56,256x2048x7x7 --dtype fp32,fp16 --pass fwd,bwd \
+    --peers cudnn,compile --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 ${COOP[@]+"${COOP[@]}"}
   stage "kernel counters (ncu)" 60 150 counters
   stage "sanitizer racecheck" 45 150 sanitize racecheck
   stage "sanitizer synccheck" 45 120 sanitize synccheck

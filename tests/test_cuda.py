@@ -625,15 +625,22 @@ def test_dependent_launches(monkeypatch, dtype, case, fold):
         assert same_bits(out, ref)
 
 
+# PDL_CASES, and the flat map's scalar tail (7x7 runs) and scalar path (a misaligned input).
+REVERSE_CASES = PDL_CASES + [((3, 5, 7, 7), "contiguous"), ((5, 3, 7, 9), "misaligned")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", PDL_CASES, ids=[f"{_ids(s)}-{lay}" for s, lay in PDL_CASES])
+@pytest.mark.parametrize("case", REVERSE_CASES,
+                         ids=[f"{_ids(s)}-{lay}" for s, lay in REVERSE_CASES])
 def test_reverse_map_experiment(monkeypatch, dtype, case):
     """BN_EXT_CUDA_REVERSE_MAP=1 on the multi-pass path (the training maps sweep from the end,
     one wave of blocks): the same kernels and the same bits as the default, with dependent
     launches (the default) and without."""
     shape, layout = case
-    x, dy, w, b = _training_case(shape, dtype, layout)
+    x, dy, w, b = _training_case(shape, dtype, "contiguous" if layout == "misaligned" else layout)
+    if layout == "misaligned":
+        x, dy = _misaligned(x), _misaligned(dy)
     clear_cuda_switches(monkeypatch)
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
     for pdl in ("1", "0"):

@@ -386,7 +386,7 @@ def test_dependent_launches(monkeypatch, dtype, case, fold):
             assert dependent() - before == (grids[0] - first if asks else 0), (value, name)
 
 
-# (shape, layout): the flat map (whole vectors with a tail; vectors straddling runs; scalar, where
+# (shape, layout): the flat map (whole vectors; vectors straddling runs and a tail; scalar, where
 # the input is misaligned; channels-last rows under 128 bytes) and the rows kernel.
 REVERSE_CASES = [((8, 32, 56, 56), "contiguous"), ((3, 5, 7, 7), "contiguous"),
                  ((5, 3, 7, 9), "misaligned"), ((7, 6, 5, 3), "channels_last"),
@@ -403,8 +403,9 @@ def test_reverse_map_experiment(monkeypatch, dtype, case, sms):
     backward_input's) sweep the tensor from its end, in one wave of blocks: the same launches and
     the same bits as the default (the default's outputs are held, so a skipped element would
     show whatever else the allocator had left there), with one SM (each thread takes many
-    vectors) or four. Eval maps never reverse. The order itself is not visible in the values;
-    the GPU bench's rev variant times it."""
+    vectors) or four. The flat map's grid is then one wave (the emulated blocks an SM times its
+    SMs), the rows kernel's as by default (always one wave). Eval maps never reverse. The order
+    itself is not visible in the values; the GPU bench's rev variant times it."""
     shape, layout = case
     monkeypatch.setenv("BN_EXT_EMU_SMS", str(sms))
     clear_cuda_switches(monkeypatch)
@@ -419,12 +420,22 @@ def test_reverse_map_experiment(monkeypatch, dtype, case, sms):
              "backward_input": lambda: ops.backward_input(dy, x, mean, var, w, sums[0], sums[1],
                                                           count, 1e-5),
              "eval": lambda: ops.normalize(x, mean, var, w, b, 1e-5)}
-    default = {k: _with_grids(call) for k, call in calls.items()}
+    last_grid = _emu_counter("bn_ext_emu_last_grid_blocks")
+    default = {k: (*_with_grids(call), last_grid()) for k, call in calls.items()}
+    # Each call's last grid is a map: the rows kernel (channels-last rows of whole 16-byte
+    # vectors, at least 128 bytes) or the flat one, with V-element vectors where aligned.
+    itemsize = x.element_size()
+    by_rows = (layout == "channels_last" and shape[1] % (16 // itemsize) == 0
+               and shape[1] * itemsize >= 128)
+    nv = x.numel() // (1 if layout == "misaligned" else 16 // itemsize)
+    one_wave = min(-(-nv // 256), int(os.environ.get("BN_EXT_EMU_BLOCKS_PER_SM", "2")) * sms)
     monkeypatch.setenv("BN_EXT_CUDA_REVERSE_MAP", "1")
     for name, call in calls.items():
         out, grids = _with_grids(call)
         assert grids == default[name][1], name
         assert same_bits(out, default[name][0]), name
+        flat_training = name != "eval" and not by_rows
+        assert last_grid() == (one_wave if flat_training else default[name][2]), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],

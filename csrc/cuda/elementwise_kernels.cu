@@ -22,7 +22,8 @@
 // input from its start to its end (all its blocks in one wave, each striding over its rows or
 // runs), so when the map starts the last megabytes it read are the ones still in L2. A map that
 // sweeps forward evicts them before it gets there; one that sweeps backward (one wave of blocks,
-// element i taken as numel - 1 - i, row r as rows - 1 - r) reads them first. Up to the L2's size
+// vector i taken as nv - 1 - i, row r as rows - 1 - r; the flat kernel's scalar tail stays where
+// it is) reads them first. Up to the L2's size
 // (50 MB on an H100) of the map's input then comes from L2 rather than memory: 205 MB of x and
 // dy in the 32x256x56x56 float32 backward's map, 25.7 MB in all in the 32x64x56x56 fp16 one.
 // The same values and bits either way: each element's result depends on nothing else.
@@ -343,17 +344,15 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
     const auto flat = [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       const int64_t nv = numel / V;
-      const auto launch = [&](auto kernel) {
-        static std::array<std::atomic<int>, 64> occupancy{};
+      dispatch_op<kEvalOnly>(op, [&](auto otag) {
+        const auto kernel = elementwise_kernel<T, decltype(otag)::value, I, V, Src>;
+        static std::array<std::atomic<int>, 64> occupancy{};  // this kernel's (op's) own
         const int64_t wave =
             reverse ? resident_per_sm(kernel, occupancy) * sm_count() : sm_count() * 32;
         const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nv, kThreads), wave));
         launch_after(overlap, kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
                      stream, xp, dyp, outp, src, static_cast<I>(numel), static_cast<I>(g.C),
                      per_run, per_c, reverse);
-      };
-      dispatch_op<kEvalOnly>(op, [&](auto otag) {
-        launch(elementwise_kernel<T, decltype(otag)::value, I, V, Src>);
       });
     };
     if constexpr (Src::kDerives) {  // derives_coefs: whole vectors only
