@@ -368,7 +368,8 @@ if [ "$QUICK" = "1" ]; then
   # ResNet-50's batch-256 rows, which no lease has timed yet (the quick plan is batch 32): the
   # 56x56 layers (x6 and x4 in the net) and 7x7's widest (multi-pass by default: 12544 values a
   # channel), fp32 and fp16, both layouts, training forward and backward, beside cuDNN and
-  # torch.compile (native is never the best peer on these rows), with rev and coop. Not
+  # torch.compile (native was the best peer on no fp32 or fp16 ResNet-50 row of the H100 and
+  # H200 quick tables; the full plan times it), with rev and coop. Not
   # --quick (its shapes are batch 32): 50 samples a peer, and a group (shape, layout, dtype)
   # takes about 10-15 s, so the stage's deadline may leave the last ones for --resume.
   # The one-block experiments' rows (BN_EXT_CUDA_NARROW_VECTORS, _ONE_BLOCK_THREADS,
