@@ -23,9 +23,9 @@
 // runs), so when the map starts the last megabytes it read are the ones still in L2. A map that
 // sweeps forward evicts them before it gets there; one that sweeps backward (one wave of blocks,
 // vector i taken as nv - 1 - i, row r as rows - 1 - r; the flat kernel's scalar tail stays where
-// it is) reads them first. Up to the L2's size
-// (50 MB on an H100) of the map's input then comes from L2 rather than memory: 205 MB of x and
-// dy in the 32x256x56x56 float32 backward's map, 25.7 MB in all in the 32x64x56x56 fp16 one.
+// it is) reads them first. Up to the L2's size (50 MB on an H100) of the map's input then comes
+// from L2 rather than memory: 205 MB of x and dy in the 32x256x56x56 float32 backward's map,
+// 25.7 MB in all in the 32x64x56x56 fp16 one.
 // The same values and bits either way: each element's result depends on nothing else.
 //
 // Per-channel coefficients:
@@ -49,6 +49,9 @@ namespace {
 // (in the 16-bit rows kernel, enough to spill).
 template <typename Src>
 constexpr bool kMayReverse = !Src::kDerives;
+
+// BN_EXT_CUDA_REVERSE_MAP=1, read on every call: the sweep direction above.
+bool reverse_map() { return env_is("BN_EXT_CUDA_REVERSE_MAP", "1"); }
 
 template <typename T, Elementwise kOp, typename I, int W, typename Src>
 __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
@@ -421,7 +424,7 @@ void launch_elementwise(Elementwise op, const Tensor& x, const Tensor& dy, const
     T* outp = out.mutable_data_ptr<T>();
     launch_map<T, false>(op, xp, dyp, outp, g, map_plan(xp, dyp, outp, g), numel,
                          CoefTable<math_t<T>>{coef.const_data_ptr<math_t<T>>()},
-                         env_is("BN_EXT_CUDA_REVERSE_MAP", "1"));
+                         reverse_map());
   });
 }
 

@@ -411,20 +411,20 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks * kThreads / kBlock)
   }
 }
 
-// BN_EXT_CUDA_TWO_SWEEPS=1 (read on every call; an experiment, off by default until a GPU has
-// timed it): one block of kThreads a channel, as above, but holding nothing: a first sweep over
-// the channel sums it, a second loads it again, maps it and stores the output. Registers then
-// bound neither the channels resident (the kernel above: 3 blocks of 256 an SM in the 16-bit
-// 14x14 backward, so 32x1024x14x14 runs in 2.6 waves on an H200; here 5) nor the channel's size
-// (here up to kTwoSweepMaxElems: 7x7 layers at batch 256, 12544 elements, which the kernel above
-// leaves to the multi-pass path). Memory sees 2 and 3 passes, as above, where the second sweep
-// finds the channel still in L2: the resident channels' inputs are 16.5 MB in the 16-bit 14x14
-// backward at batch 32 (660 blocks on an H200), but 66 MB, more than its L2, in the float32
-// 7x7 backward at batch 256. torch.compile is ahead of the kernel above on those 16-bit
-// backwards (cuda-nvidia-h200-onepass.md). A thread has kSweepVectors vectors of each input in
-// flight and one pair of sums: ptxas (sm_90, nvcc 13.0) fits that in 48 registers, 5 blocks an
-// SM, with no spill (4 vectors took 64-78 registers; a pair of sums a lane, as above, spilled
-// at 48).
+// BN_EXT_CUDA_TWO_SWEEPS=1 (read on every call; an experiment, off by default: the first H100 lease
+// had it 9% slower forward, level backward, on the bf16 one-block rows): one block of kThreads a
+// channel, as above, but holding nothing: a first sweep over the channel sums it, a second loads it
+// again, maps it and stores the output. Registers then bound neither the channels resident (the
+// kernel above: 3 blocks of 256 an SM in the 16-bit 14x14 backward, so 32x1024x14x14 runs in 2.6
+// waves on an H200; here 5) nor the channel's size (here up to kTwoSweepMaxElems: 7x7 layers at
+// batch 256, 12544 elements, which the kernel above leaves to the multi-pass path). Memory sees 2
+// and 3 passes, as above, where the second sweep finds the channel still in L2: the resident
+// channels' inputs are 16.5 MB in the 16-bit 14x14 backward at batch 32 (660 blocks on an H200),
+// but 66 MB, more than its L2, in the float32 7x7 backward at batch 256. torch.compile is ahead of
+// the kernel above on those 16-bit backwards (cuda-nvidia-h200-onepass.md). A thread has
+// kSweepVectors vectors of each input in flight and one pair of sums: ptxas (sm_90, nvcc 13.0) fits
+// that in 48 registers, 5 blocks an SM, with no spill (4 vectors took 64-78 registers; a pair of
+// sums a lane, as above, spilled at 48).
 constexpr int kSweepVectors = 2;
 constexpr int kSweepBlocksPerSm = 5;
 constexpr int64_t kTwoSweepMaxElems = 16384;
@@ -505,15 +505,15 @@ bool two_sweeps() { return env_is("BN_EXT_CUDA_TWO_SWEEPS", "1"); }
 // H100, side by side, 3-7% faster on the six bf16 14x14 rows at batch 32 (forward, backward).
 bool narrow_vectors() { return !env_is("BN_EXT_CUDA_NARROW_VECTORS", "0"); }
 
-// BN_EXT_CUDA_ONE_BLOCK_THREADS=64|128|256 (read on every call; an experiment, unset by default
-// until a GPU has timed it): the one-block kernel's block where the channel fits in it, else the
-// fewest threads that hold it (the default's choice). A wider block gives each thread fewer slots:
-// a shorter chain of loads, sums and stores a thread, for fewer channels resident. In two
-// leases' tables (a92f479, 2671d08), the first kernel (256 threads, a quarter of the slots a
-// thread) was the faster on the row with the fewest channels an SM, 32x512x7x7 16-bit backward
-// (8.8-8.9 us against 10.3-10.4; 3.9 channels an SM on an H200), and the slower on 32x2048x7x7
-// (20.6-20.7 against 19.9-20.0); both kernels took 102-104 registers in the masked 16-bit
-// backward (70-71 since ad1e18d).
+// BN_EXT_CUDA_ONE_BLOCK_THREADS=64|128|256 (read on every call; an experiment, unset by default:
+// the first H100 lease had 128 level with the default, 256 2-4% slower, on the bf16 one-block
+// rows): the one-block kernel's block where the channel fits in it, else the fewest threads that
+// hold it (the default's choice). A wider block gives each thread fewer slots: a shorter chain of
+// loads, sums and stores a thread, for fewer channels resident. In two leases' tables (a92f479,
+// 2671d08), the first kernel (256 threads, a quarter of the slots a thread) was the faster on the
+// row with the fewest channels an SM, 32x512x7x7 16-bit backward (8.8-8.9 us against 10.3-10.4; 3.9
+// channels an SM on an H200), and the slower on 32x2048x7x7 (20.6-20.7 against 19.9-20.0); both
+// kernels took 102-104 registers in the masked 16-bit backward (70-71 since ad1e18d).
 int one_block_threads() {
   constexpr const char* kName = "BN_EXT_CUDA_ONE_BLOCK_THREADS";
   if (env_is(kName, "64")) return 64;

@@ -403,13 +403,14 @@ int64_t channels_last_wave() {
          sm_count();
 }
 
-// BN_EXT_CUDA_FOLD_FINALIZE=1 (read on every call; an experiment, off by default until a GPU
-// has timed it): a contiguous reduction split over G > 1 blocks a channel finishes in its last
-// block (merge_if_last) rather than in a finalize launch. The H200 profile of 84eae82 had each
-// finalize launch at 2.3-5.3 us, against 10-37 us for the reductions before them; the NCHW rows
-// whose reductions stage (56x56 and larger) were within 3% of torch.compile at 2671d08. Not the
-// channels-last one: there G is large where a tile is wide (64 channels by 660 blocks for
-// 32x64x56x56), and one block would merge what the finalize pass spreads over 64.
+// BN_EXT_CUDA_FOLD_FINALIZE=1 (read on every call; an experiment, off by default: the first H100
+// lease had the default at 0.99-1.00x its speed): a contiguous reduction split over G > 1 blocks a
+// channel finishes in its last block (merge_if_last) rather than in a finalize launch. The H200
+// profile of 84eae82 had each finalize launch at 2.3-5.3 us, against 10-37 us for the reductions
+// before them; the NCHW rows whose reductions stage (56x56 and larger) were within 3% of
+// torch.compile at 2671d08. Not the channels-last one: there G is large where a tile is wide (64
+// channels by 660 blocks for 32x64x56x56), and one block would merge what the finalize pass spreads
+// over 64.
 bool fold_finalize() { return env_is("BN_EXT_CUDA_FOLD_FINALIZE", "1"); }
 
 // n counters at 0 for merge_if_last, in a buffer of the device and stream's own that every launch
