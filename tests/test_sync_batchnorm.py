@@ -661,20 +661,30 @@ def case_ddp_trajectory(rank, world):
 
 def case_rank_never_calls_times_out(rank, world):
     """A rank that skips the layer altogether (a user error no collective can detect) makes its
-    peers fail after the process group's timeout, not hang. Run on a group of its own, last."""
+    peers fail after the process group's timeout, not hang. Run on a group of its own, last.
+
+    The idle rank must stay alive until its peers are done: had it exited (as it once did, right
+    after new_group), its closed sockets failed the peers' new_group when their side of the mesh
+    was still connecting (2 of 30 runs), and otherwise failed their collective at once, never
+    reaching the timeout under test. So it waits on a barrier of the default group, which the
+    peers join once their call has failed."""
     group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=3))
     if rank == 1:
+        dist.barrier()
         return
-    sbn = SyncBatchNorm(4, process_group=group)
-    start = time.monotonic()
     try:
-        sbn(torch.randn(3, 4, 2, 2))
-    except RuntimeError:
-        pass
-    else:
-        raise AssertionError("no error without the peer")
-    elapsed = time.monotonic() - start
-    assert elapsed < 30, f"took {elapsed:.1f}s"
+        sbn = SyncBatchNorm(4, process_group=group)
+        start = time.monotonic()
+        try:
+            sbn(torch.randn(3, 4, 2, 2))
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("no error without the peer")
+        elapsed = time.monotonic() - start
+    finally:
+        dist.barrier()
+    assert 3 <= elapsed < 30, f"took {elapsed:.1f}s, not the group's timeout of 3s"
     assert int(sbn.num_batches_tracked) == 0
 
 
