@@ -684,7 +684,8 @@ def case_rank_never_calls_times_out(rank, world):
         elapsed = time.monotonic() - start
     finally:
         dist.barrier()
-    assert 3 <= elapsed < 30, f"took {elapsed:.1f}s, not the group's timeout of 3s"
+    # 3.002-3.013 s in 8 runs; a closed peer fails at once
+    assert 2 <= elapsed < 30, f"took {elapsed:.1f}s, not about the group's timeout of 3s"
     assert int(sbn.num_batches_tracked) == 0
 
 
