@@ -153,6 +153,11 @@ inline bool env_is(const char* name, const char* value) {
 // returns once the earlier kernel has ended and its writes are visible. Both are no-ops in a
 // kernel launched the ordinary way, and are compiled out below sm_90, where launch_after never
 // asks for it (dependent_launch_on). Not asked for under graph capture.
+// What the earlier kernel writes is read with coherent loads: not through a const __restrict__
+// pointer or __ldg, whose ld.global.nc declares the data read-only for the kernel's whole life,
+// which lets ptxas issue it before the wait. It did (nvcc 13.0, sm_90, 12-06): the finalize pass's
+// load of the shift, once written right after the wait, came before it in the SASS.
+// .ci/check_dependent_loads.py reads the SASS of every kernel that waits.
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -362,10 +362,10 @@ __global__ void __launch_bounds__(kThreads)
 // Second stage: merges the G partial pairs of each channel (g ascending per thread, then a fixed
 // tree over the block's rows) and finishes with the shift the first stage used (partial[2G][c]).
 // Blocks (bx, by): bx channels, by = finalize_rows(G) partials at a time.
+// `partial` is not __restrict__: see wait_for_prior_grid.
 template <typename Op>
 __global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const Op op, const typename Op::M* __restrict__ partial, int64_t C,
-                    int64_t G) {
+    finalize_kernel(const Op op, const typename Op::M* partial, int64_t C, int64_t G) {
   allow_dependents();     // the map after it
   wait_for_prior_grid();  // the partials (a dependent launch: started before the reduction ends)
   using M = typename Op::M;
