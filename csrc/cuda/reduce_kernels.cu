@@ -362,18 +362,33 @@ __global__ void __launch_bounds__(kThreads)
 // Second stage: merges the G partial pairs of each channel (g ascending per thread, then a fixed
 // tree over the block's rows) and finishes with the shift the first stage used (partial[2G][c]).
 // Blocks (bx, by): bx channels, by = finalize_rows(G) partials at a time.
+//
+// The map after it waits for this whole pass, so the pass keeps few memory round trips in a row.
+// With the shift loaded after the merge and finish()'s parameters (Op::Params) read where it uses
+// them (weight and bias, then each running statistic after a store that might alias it), the
+// training forward's pass made five dependent round trips after the merge (sm_90 SASS, 12-06).
+// Now the shift is loaded beside the partials, and the parameters, the op's inputs, whole before
+// the reduction began (which this launch follows), before the wait, into shared memory (held in
+// registers across finish()'s float64 divisions, a call, they spilled; in the float64 kernels
+// even there, 4 bytes in the division, so those keep the loads in finish()). One round trip is
+// left after the merge, channel 0's num_batches_tracked. Same values, same bits.
 // `partial` is not __restrict__: see wait_for_prior_grid.
 template <typename Op>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const Op op, const typename Op::M* partial, int64_t C, int64_t G) {
-  allow_dependents();     // the map after it
-  wait_for_prior_grid();  // the partials (a dependent launch: started before the reduction ends)
+  allow_dependents();  // the map after it
   using M = typename Op::M;
+  constexpr bool kAhead = !std::is_same_v<M, double>;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool finishes = threadIdx.y == 0 && c < C;
+  __shared__ typename Op::Params params[kThreads];
+  if (kAhead && finishes) params[threadIdx.x] = op.params(c);
+  wait_for_prior_grid();  // the partials (a dependent launch: started before the reduction ends)
+  const M shift = finishes ? partial[2 * G * C + c] : M(0);
   __shared__ Sums<M> smem[kThreads / 2];
   const Sums<M> s = merge_staged<false>(partial, C, G, c, c < C, blockDim.x, blockDim.y,
                                         threadIdx.x, threadIdx.y, smem);
-  if (threadIdx.y == 0 && c < C) op.finish(c, partial[2 * G * C + c], s.s1, s.s2);
+  if (finishes) op.finish(c, shift, s.s1, s.s2, true, kAhead ? &params[threadIdx.x] : nullptr);
 }
 
 dim3 finalize_geometry(int64_t G) {
