@@ -1,17 +1,21 @@
-"""Reads the sm_90 SASS of the built extension and checks what each kernel that waits for the
-kernel before it (griddepcontrol.wait, ACQBULK in SASS: a programmatic dependent launch, common.cuh)
-loads before that wait.
+"""Reads the sm_90 SASS of the built extension and checks what each dependent launch's kernel
+(common.cuh: launch_after, wait_for_prior_grid; griddepcontrol.wait is ACQBULK in SASS) loads
+before its wait, and how it reads what the kernel before it writes.
 
-A dependent launch starts while the kernel before it still runs, so before its wait it may read
-only what no earlier kernel of the op writes (common.cuh, wait_for_prior_grid). In the SASS:
-  elementwise_rows_kernel  only its rows of x and dy (ld.global.nc through __restrict__: .CONSTANT),
-                           never the coefficient table (coherent loads, LDG.E);
-  finalize_kernel          only finish()'s parameters (coherent, LDG.E), and never a .CONSTANT
-                           load anywhere: the partial sums, which the reduction writes, are read
-                           with coherent loads (ptxas moved an ld.global.nc of them above the wait);
-  any other kernel         nothing.
-Each of the three families must have a kernel that waits, so that the check cannot pass on a
-build without sm_90 code.
+Such a kernel starts while the kernel before it still runs. That kernel is the first of its op
+and an ordinary launch (so every earlier op has ended), so before the wait a dependent kernel may
+read the op's inputs, but nothing the op's earlier kernel writes; and it reads that with coherent
+loads (an ld.global.nc, .CONSTANT in SASS, declares its data read-only for the kernel's life, and
+ptxas moved one above the wait). In the SASS:
+  elementwise_rows_kernel  before the wait, only whole rows of x and dy (LDG.E.128.CONSTANT);
+                           no narrower .CONSTANT load anywhere (the table is read coherently);
+  finalize_kernel          before the wait, exactly finish()'s parameters: 4 coherent loads for
+                           StatsOp, 2 for GradOp, none in float64 (which keeps them in finish());
+                           no .CONSTANT load anywhere (the partial sums are read coherently);
+  elementwise_kernel       nothing before the wait.
+Every kernel of the three families must wait, and each family must have one, so that the check
+cannot pass on a build without sm_90 code. A load is any global-memory read: LDG, generic LD,
+LDGSTS (cp.async), atomics (ATOMG, RED), TMA and texture fetches.
 
     python .ci/check_dependent_loads.py CUOBJDUMP EXTENSION.so
 """
@@ -19,7 +23,13 @@ import re
 import subprocess
 import sys
 
-LOAD = re.compile(r"\b(LDG|LD)\.[A-Z0-9.]*")
+LOAD = re.compile(r"\b(LDGSTS|LDG|LD|ATOMG|ATOM|RED|UTMALDG|UBLKCP|TLD|TEX)(\.[A-Z0-9_.]*)?\b")
+# The kernels' mangled identifiers (length-prefixed), not bare words: the anonymous namespace's
+# name carries the file's, elementwise_kernels_cu, which a bare "elementwise_kernel" matches.
+FAMILIES = {"15finalize_kernelI": "finalize_kernel",
+            "23elementwise_rows_kernelI": "elementwise_rows_kernel",
+            "18elementwise_kernelI": "elementwise_kernel"}
+ROW_VECTOR = "LDG.E.128.CONSTANT"
 
 
 def functions(sass):
@@ -30,33 +40,44 @@ def functions(sass):
 
 
 def family(name):
-    for f in ("finalize_kernel", "elementwise_rows_kernel", "elementwise_kernel"):
-        if f in name:
-            return f
+    for key, fam in FAMILIES.items():
+        if key in name:
+            return fam
     return "other"
 
 
+def finalize_parameters(name):
+    """How many loads finish()'s parameters take before a finalize kernel's wait."""
+    if re.search(r"(7StatsOp|6GradOp)Id", name):
+        return 0  # float64 keeps them in finish()
+    return 4 if "7StatsOp" in name else 2
+
+
+def loads(ins):
+    return [(s.strip(), m.group(0)) for s in ins if (m := LOAD.search(s))]
+
+
 def problems(name, ins):
-    """What is wrong with one function's loads, as messages (none if it does not wait)."""
+    """What is wrong with one function's loads, as messages."""
+    fam = family(name)
     waits = [i for i, s in enumerate(ins) if "ACQBULK" in s]
     if not waits:
-        return []
-    fam = family(name)
+        return [] if fam == "other" else ["does not wait"]
+    before, every = loads(ins[:waits[0]]), loads(ins)
     out = []
-    for s in ins[:waits[0]]:
-        m = LOAD.search(s)
-        if not m:
-            continue
-        op = m.group(0)
-        constant = ".CONSTANT" in op
-        if fam == "elementwise_rows_kernel" and constant:
-            continue  # x and dy
-        if fam == "finalize_kernel" and not constant:
-            continue  # finish()'s parameters
-        out.append(f"loads before its wait: {s.strip()}")
-    if fam == "finalize_kernel":
-        out += [f"a non-coherent load of the partials: {s.strip()}"
-                for s in ins if (m := LOAD.search(s)) and ".CONSTANT" in m.group(0)]
+    if fam == "elementwise_rows_kernel":
+        out += [f"loads before its wait: {s}" for s, op in before if op != ROW_VECTOR]
+        out += [f"a narrow non-coherent load (the table?): {s}" for s, op in every
+                if ".CONSTANT" in op and op != ROW_VECTOR]
+    elif fam == "finalize_kernel":
+        want = finalize_parameters(name)
+        coherent = [s for s, op in before if op.startswith("LDG.E") and ".CONSTANT" not in op]
+        if len(before) != want or len(coherent) != want:
+            out.append(f"{len(before)} loads before its wait, {len(coherent)} of them coherent "
+                       f"LDG; finish()'s parameters are {want}: " + "; ".join(s for s, _ in before))
+        out += [f"a non-coherent load: {s}" for s, op in every if ".CONSTANT" in op]
+    else:
+        out += [f"loads before its wait: {s}" for s, _ in before]
     return out
 
 
@@ -64,23 +85,22 @@ def main():
     cuobjdump, so = sys.argv[1], sys.argv[2]
     sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", so], capture_output=True,
                           text=True, check=True).stdout
-    waiting = {"finalize_kernel": 0, "elementwise_rows_kernel": 0, "elementwise_kernel": 0}
+    waiting = {fam: 0 for fam in FAMILIES.values()}
     bad = 0
     for name, ins in functions(sass):
-        if any("ACQBULK" in s for s in ins) and family(name) in waiting:
+        if family(name) in waiting and any("ACQBULK" in s for s in ins):
             waiting[family(name)] += 1
         for msg in problems(name, ins):
             bad += 1
             if bad <= 20:
                 print(f"{name}: {msg}")
-    if bad:
-        print(f"{bad} load(s) in all that a dependent launch must not make")
     print("kernels that wait, by family:", waiting)
+    if bad:
+        print(f"{bad} problem(s) in all")
     missing = [f for f, n in waiting.items() if n == 0]
     if missing:
         print("no kernel that waits in:", ", ".join(missing))
-        return 1
-    return 1 if bad else 0
+    return 1 if bad or missing else 0
 
 
 if __name__ == "__main__":

@@ -129,9 +129,10 @@ if [ -n "$OBJDUMP" ]; then
   echo "$elves" | grep -q "sm_90" || die "no sm_90 code in $SO"
   echo "$ptx" | grep -q "sm_90" || die "no compute_90 PTX in $SO"
   echo "fat binary: $(echo "$elves" | wc -l) cubins (sm_80, sm_90) and $(echo "$ptx" | wc -l) PTX"
-  # What the dependent launches load before their wait (common.cuh, wait_for_prior_grid).
+  # What the dependent launches load before their wait, and how (common.cuh,
+  # wait_for_prior_grid).
   "$PY" "$ROOT/.ci/check_dependent_loads.py" "$OBJDUMP" "$SO" \
-    || die "a dependent launch loads, before its wait, what the kernel before it writes (above)"
+    || die "a dependent launch's loads are not the ones its wait allows (above)"
 else
   echo "cuobjdump not found: architecture and dependent-load checks skipped"
 fi

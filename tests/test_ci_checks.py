@@ -10,12 +10,28 @@ _spec = importlib.util.spec_from_file_location("check_dependent_loads", _PATH)
 check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check)
 
-PRE = "        /*0000*/                   PREEXIT ;"
-WAIT = "        /*0010*/                   ACQBULK ;"
-X_VEC = "        /*0020*/                   LDG.E.128.CONSTANT R8, desc[UR8][R8.64] ;"
-COHERENT = "        /*0030*/               @P1 LDG.E R10, desc[UR8][R16.64] ;"
-NC_SCALAR = "        /*0040*/               @P0 LDG.E.CONSTANT R4, desc[UR8][R4.64] ;"
-STORE = "        /*0050*/                   STG.E desc[UR8][R2.64], R4 ;"
+
+def ins(text, at=0):
+    return f"        /*{at:04x}*/                   {text} ;          /* 0x000fe20000000000 */"
+
+
+PRE, WAIT = ins("PREEXIT"), ins("ACQBULK", 0x10)
+ROW = ins("LDG.E.128.CONSTANT R8, desc[UR8][R8.64]", 0x20)
+NARROW_NC = ins("@P0 LDG.E.CONSTANT R4, desc[UR8][R4.64]", 0x30)
+COHERENT = ins("@P1 LDG.E R10, desc[UR8][R16.64]", 0x40)
+ASYNC = ins("LDGSTS.E.BYPASS.128 [R3], desc[UR8][R4.64]", 0x50)
+ATOMIC = ins("ATOMG.E.ADD.STRONG.GPU PT, R5, desc[UR8][R2.64], R5", 0x60)
+STORE = ins("STG.E desc[UR8][R2.64], R4", 0x70)
+
+# Real names (sm_90, nvcc 13.0): the anonymous namespace's name carries the file's.
+NS = "_ZN6bn_ext4cuda6detail50_GLOBAL__N__2a7dec8f_22_elementwise_kernels_cu_f724262"
+ROWS = NS + "23elementwise_rows_kernelIfLNS1_11ElementwiseE1EjLi4ENS1_9CoefTableIfEEEEvPKT_"
+FLAT = NS + "18elementwise_kernelIfLNS1_11ElementwiseE1EjLi4ENS1_9CoefTableIfEEEEvPKT_"
+COEFS = NS + "21backward_coefs_kernelIfEEvPKT_S7_S7_S7_S7_S7_dPS5_l"
+RNS = "_ZN6bn_ext4cuda6detail50_GLOBAL__N__afb2d38e_17_reduce_kernels_cu_f7242625"
+STATS = RNS + "15finalize_kernelINS1_7StatsOpIfLb1EEEEEvT_PKNS6_1MEll"
+GRAD = RNS + "15finalize_kernelINS1_6GradOpIN3c104HalfELb0EEEEEvT_PKNS8_1MEll"
+STATS64 = RNS + "15finalize_kernelINS1_7StatsOpIdLb1EEEEEvT_PKNS6_1MEll"
 
 
 def sass(*functions):
@@ -27,39 +43,47 @@ def sass(*functions):
 
 
 def found(name, lines):
-    [(n, ins)] = list(check.functions(sass((name, lines))))
-    assert n == name
-    return check.problems(n, ins)
-
-
-ROWS = "_ZN6bn_ext4cuda6detail23elementwise_rows_kernelIfLi1EjLi4ENS1_9CoefTableIfEEEEvv"
-FLAT = "_ZN6bn_ext4cuda6detail18elementwise_kernelIfLi1EjLi4ENS1_9CoefTableIfEEEEvv"
-FINALIZE = "_ZN6bn_ext4cuda6detail15finalize_kernelINS1_7StatsOpIfLb1EEEEEvT_PKNS6_1MEll"
+    [(n, body)] = list(check.functions(sass((name, lines))))
+    assert n == name and len(body) == len(lines)
+    return check.problems(n, body)
 
 
 @pytest.mark.parametrize("name,before,after,bad", [
-    # the rows map may load its rows of x and dy (.CONSTANT) before the wait, not the table
-    (ROWS, [X_VEC], [COHERENT], 0),
-    (ROWS, [COHERENT], [X_VEC], 1),
+    # the rows map: whole rows of x and dy before the wait; the table, coherent, after it
+    (ROWS, [ROW, ROW], [COHERENT, ROW, STORE], 0),
+    (ROWS, [COHERENT], [ROW], 1),
+    (ROWS, [NARROW_NC], [ROW], 2),      # before the wait, and a narrow .nc load at all
+    (ROWS, [ROW], [NARROW_NC], 1),      # a table read through __ldg, after the wait
+    (ROWS, [ROW, ASYNC], [], 1),
     # the flat map loads nothing before its wait
-    (FLAT, [], [X_VEC, COHERENT], 0),
-    (FLAT, [X_VEC], [], 1),
-    # the finalize pass: parameters (coherent) before; never a .CONSTANT load, before or after
-    (FINALIZE, [COHERENT, COHERENT], [COHERENT, STORE], 0),
-    (FINALIZE, [NC_SCALAR], [COHERENT], 2),
-    (FINALIZE, [COHERENT], [NC_SCALAR], 1),
+    (FLAT, [], [ROW, COHERENT, NARROW_NC], 0),
+    (FLAT, [ROW], [], 1),
+    (FLAT, [ATOMIC], [], 1),
+    # the finalize pass: exactly finish()'s parameters before (4, 2, float64 none), coherent;
+    # no .nc load anywhere
+    (STATS, [COHERENT] * 4, [COHERENT, STORE], 0),
+    (STATS, [COHERENT] * 5, [], 1),     # a partial's load moved above the wait
+    (STATS, [COHERENT] * 3, [], 1),
+    (STATS, [COHERENT] * 3 + [NARROW_NC], [], 2),
+    (STATS, [COHERENT] * 4, [NARROW_NC], 1),
+    (GRAD, [COHERENT] * 2, [COHERENT], 0),
+    (GRAD, [COHERENT] * 4, [COHERENT], 1),
+    (STATS64, [], [COHERENT, COHERENT], 0),
+    (STATS64, [COHERENT], [], 1),
 ])
-def test_loads_before_the_wait(name, before, after, bad):
+def test_loads_around_the_wait(name, before, after, bad):
     assert len(found(name, [PRE] + before + [WAIT] + after)) == bad
 
 
-def test_a_kernel_that_does_not_wait_is_not_judged():
-    assert found(FLAT, [X_VEC, NC_SCALAR, STORE]) == []
-    assert found(FINALIZE, [NC_SCALAR]) == []
+def test_every_kernel_of_the_families_waits():
+    assert found(FLAT, [ROW, STORE]) == ["does not wait"]
+    assert found(STATS, [COHERENT]) == ["does not wait"]
+    assert found(COEFS, [NARROW_NC, STORE]) == []  # not a dependent launch
 
 
-def test_families_and_function_split():
-    text = sass((ROWS, [PRE, WAIT]), (FLAT, [PRE, X_VEC]), (FINALIZE, [WAIT, NC_SCALAR]))
-    got = [(check.family(n), len(ins)) for n, ins in check.functions(text)]
-    assert got == [("elementwise_rows_kernel", 2), ("elementwise_kernel", 2),
-                   ("finalize_kernel", 2)]
+def test_families_by_mangled_identifier():
+    # the file tag (elementwise_kernels_cu) is not the flat map's name
+    assert [check.family(n) for n in (ROWS, FLAT, COEFS, STATS, GRAD, STATS64)] == [
+        "elementwise_rows_kernel", "elementwise_kernel", "other", "finalize_kernel",
+        "finalize_kernel", "finalize_kernel"]
+    assert [check.finalize_parameters(n) for n in (STATS, GRAD, STATS64)] == [4, 2, 0]

@@ -156,8 +156,10 @@ inline bool env_is(const char* name, const char* value) {
 // What the earlier kernel writes is read with coherent loads: not through a const __restrict__
 // pointer or __ldg, whose ld.global.nc declares the data read-only for the kernel's whole life,
 // which lets ptxas issue it before the wait. It did (nvcc 13.0, sm_90, 12-06): the finalize pass's
-// load of the shift, once written right after the wait, came before it in the SASS.
-// .ci/check_dependent_loads.py reads the SASS of every kernel that waits.
+// load of the shift, once written right after the wait, came before it in the SASS. Before the
+// wait a kernel may read the op's inputs: the op's first kernel is an ordinary launch (so every
+// earlier op has ended), and nothing in the op writes them. .ci/check_dependent_loads.py checks
+// the sm_90 SASS of every kernel that waits against its expected loads (see there).
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -527,6 +527,10 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
     }
   });
 
+  // The reductions above are ordinary launches, and must stay so: the finalize pass (and the
+  // training map after it) starts before the reduction ends and reads the op's inputs before its
+  // wait (finish()'s parameters; the rows map's x and dy), which only a first kernel that waited
+  // for everything before it makes safe.
   if (staged && !folded) {
     const dim3 block = finalize_geometry(G);
     launch_after(dependent_launch_on(), finalize_kernel<Op>,
