@@ -12,8 +12,12 @@ ptxas moved one above the wait). In the SASS:
   finalize_kernel          before the wait, exactly finish()'s parameters: 4 coherent loads for
                            StatsOp, 2 for GradOp, none in float64 (which keeps them in finish());
                            no .CONSTANT load anywhere (the partial sums are read coherently);
+  merging_map_kernel       before the wait, finish()'s parameters as the finalize pass (its
+                           prefetches of x and dy, CCTL.E.PF2, load nothing into a register);
+                           no .CONSTANT load narrower than a row vector anywhere (x and dy may
+                           be read so after the wait; the partial sums are read coherently);
   elementwise_kernel       nothing before the wait.
-Every kernel of the three families must wait, and each family must have one, so that the check
+Every kernel of the four families must wait, and each family must have one, so that the check
 cannot pass on a build without sm_90 code. A load is any global-memory read: LDG, generic LD,
 LDGSTS (cp.async), atomics (ATOMG, RED), TMA and texture fetches.
 
@@ -27,6 +31,7 @@ LOAD = re.compile(r"\b(LDGSTS|LDG|LD|ATOMG|ATOM|RED|UTMALDG|UBLKCP|TLD|TEX)(\.[A
 # The kernels' mangled identifiers (length-prefixed), not bare words: the anonymous namespace's
 # name carries the file's, elementwise_kernels_cu, which a bare "elementwise_kernel" matches.
 FAMILIES = {"15finalize_kernelI": "finalize_kernel",
+            "18merging_map_kernelI": "merging_map_kernel",
             "23elementwise_rows_kernelI": "elementwise_rows_kernel",
             "18elementwise_kernelI": "elementwise_kernel"}
 ROW_VECTOR = "LDG.E.128.CONSTANT"
@@ -47,7 +52,8 @@ def family(name):
 
 
 def finalize_parameters(name):
-    """How many loads finish()'s parameters take before a finalize kernel's wait."""
+    """How many loads finish()'s parameters take before the wait of a finalize pass or a
+    merging map."""
     if re.search(r"(7StatsOp|6GradOp)Id", name):
         return 0  # float64 keeps them in finish()
     return 4 if "7StatsOp" in name else 2
@@ -69,13 +75,17 @@ def problems(name, ins):
         out += [f"loads before its wait: {s}" for s, op in before if op != ROW_VECTOR]
         out += [f"a narrow non-coherent load (the table?): {s}" for s, op in every
                 if ".CONSTANT" in op and op != ROW_VECTOR]
-    elif fam == "finalize_kernel":
+    elif fam in ("finalize_kernel", "merging_map_kernel"):
         want = finalize_parameters(name)
         coherent = [s for s, op in before if op.startswith("LDG.E") and ".CONSTANT" not in op]
         if len(before) != want or len(coherent) != want:
             out.append(f"{len(before)} loads before its wait, {len(coherent)} of them coherent "
                        f"LDG; finish()'s parameters are {want}: " + "; ".join(s for s, _ in before))
-        out += [f"a non-coherent load: {s}" for s, op in every if ".CONSTANT" in op]
+        if fam == "finalize_kernel":
+            out += [f"a non-coherent load: {s}" for s, op in every if ".CONSTANT" in op]
+        else:
+            out += [f"a narrow non-coherent load (a partial?): {s}" for s, op in every
+                    if ".CONSTANT" in op and op != ROW_VECTOR]
     else:
         out += [f"loads before its wait: {s}" for s, _ in before]
     return out

@@ -32,6 +32,11 @@ RNS = "_ZN6bn_ext4cuda6detail50_GLOBAL__N__afb2d38e_17_reduce_kernels_cu_f724262
 STATS = RNS + "15finalize_kernelINS1_7StatsOpIfLb1EEEEEvT_PKNS6_1MEll"
 GRAD = RNS + "15finalize_kernelINS1_6GradOpIN3c104HalfELb0EEEEEvT_PKNS8_1MEll"
 STATS64 = RNS + "15finalize_kernelINS1_7StatsOpIdLb1EEEEEvT_PKNS6_1MEll"
+MAP_ARGS = "EEvT0_PKT_SB_PS9_T1_SD_N2at4cuda6detail10IntDividerISD_EESD_PKNS8_1MElb"
+MAP_GRAD = RNS + "18merging_map_kernelIN3c104HalfENS1_6GradOpIS5_Lb0EEEjLi8" + MAP_ARGS
+MAP_STATS = RNS + "18merging_map_kernelIfNS1_7StatsOpIfLb1EEEjLi4" + MAP_ARGS
+MAP_STATS64 = RNS + "18merging_map_kernelIdNS1_7StatsOpIdLb1EEEjLi2" + MAP_ARGS
+PREFETCH = ins("CCTL.E.PF2 desc[UR8][R2.64]", 0x80)
 
 
 def sass(*functions):
@@ -70,6 +75,16 @@ def found(name, lines):
     (GRAD, [COHERENT] * 4, [COHERENT], 1),
     (STATS64, [], [COHERENT, COHERENT], 0),
     (STATS64, [COHERENT], [], 1),
+    # the merging map: finish()'s parameters before its wait as the finalize pass, beside the
+    # prefetches of x and dy; x and dy as row vectors after it, the partials coherent
+    (MAP_STATS, [PREFETCH] + [COHERENT] * 4, [COHERENT, ROW, STORE], 0),
+    (MAP_STATS, [PREFETCH] + [COHERENT] * 4 + [ROW], [COHERENT], 1),  # x loaded before the wait
+    (MAP_STATS, [COHERENT] * 5, [], 1),  # a partial's load moved above the wait
+    (MAP_STATS, [COHERENT] * 4, [NARROW_NC], 1),  # a partial read through __ldg
+    (MAP_GRAD, [PREFETCH, PREFETCH] + [COHERENT] * 2, [COHERENT, ROW, ROW, STORE], 0),
+    (MAP_GRAD, [COHERENT] * 4, [], 1),
+    (MAP_STATS64, [PREFETCH], [COHERENT, ROW], 0),
+    (MAP_STATS64, [COHERENT], [], 1),
 ])
 def test_loads_around_the_wait(name, before, after, bad):
     assert len(found(name, [PRE] + before + [WAIT] + after)) == bad
@@ -78,6 +93,7 @@ def test_loads_around_the_wait(name, before, after, bad):
 def test_every_kernel_of_the_families_waits():
     assert found(FLAT, [ROW, STORE]) == ["does not wait"]
     assert found(STATS, [COHERENT]) == ["does not wait"]
+    assert found(MAP_GRAD, [COHERENT, ROW, STORE]) == ["does not wait"]
     assert found(COEFS, [NARROW_NC, STORE]) == []  # not a dependent launch
 
 
@@ -87,3 +103,6 @@ def test_families_by_mangled_identifier():
         "elementwise_rows_kernel", "elementwise_kernel", "other", "finalize_kernel",
         "finalize_kernel", "finalize_kernel"]
     assert [check.finalize_parameters(n) for n in (STATS, GRAD, STATS64)] == [4, 2, 0]
+    # the merging map's: its own family, finish()'s parameters told apart as the finalize pass's
+    assert {check.family(n) for n in (MAP_GRAD, MAP_STATS, MAP_STATS64)} == {"merging_map_kernel"}
+    assert [check.finalize_parameters(n) for n in (MAP_STATS, MAP_GRAD, MAP_STATS64)] == [4, 2, 0]

@@ -653,6 +653,50 @@ def test_reverse_map_experiment(monkeypatch, dtype, case):
         assert same_bits(_reductions(x, dy, w, b), default)
 
 
+# (shape, layout, whether the merging map applies: contiguous, staged, whole 16-byte vectors)
+MERGING_CASES = [((32, 64, 56, 56), "contiguous", True), ((4, 2, 256, 256), "contiguous", True),
+                 ((32, 256, 27, 27), "contiguous", False), ((5, 3, 7, 9), "misaligned", False),
+                 ((32, 64, 56, 56), "channels_last", False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", MERGING_CASES,
+                         ids=[f"{_ids(s)}-{lay}" for s, lay, _ in MERGING_CASES])
+def test_merging_map_experiment(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_MERGING_MAP=1 on the multi-pass path: where a contiguous reduction stages its
+    sums, train_forward and train_backward run the merging map in place of the finalize pass
+    and the flat map (two kernels fewer in _reductions' calls, and no finalize pass in the
+    training ops), with the default's bits, over many calls queued back to back with inputs
+    that change (a map that read the partials before the reduction ended would differ), in
+    either sweep direction, with dependent launches (the default) and without. Elsewhere, the
+    default's kernels."""
+    shape, layout, merges = case
+    x, dy, w, b = _training_case(shape, dtype, "contiguous" if layout == "misaligned" else layout)
+    if layout == "misaligned":
+        x, dy = _misaligned(x), _misaligned(dy)
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    names = _kernels_run(lambda: _reductions(x, dy, w, b))
+    xs = [x * (1 + i / 8) for i in range(8)]
+    defaults = [_reductions(xi, dy, w, b) for xi in xs]
+    monkeypatch.setenv("BN_EXT_CUDA_MERGING_MAP", "1")
+    for pdl, reverse in (("1", "0"), ("1", "1"), ("0", "0")):
+        monkeypatch.setenv("BN_EXT_CUDA_PDL", pdl)
+        monkeypatch.setenv("BN_EXT_CUDA_REVERSE_MAP", reverse)
+        merged = _kernels_run(lambda: _reductions(x, dy, w, b))
+        if merges:
+            assert sum("merging_map_kernel" in n for n in merged) == 2, merged
+            assert len(merged) == len(names) - 2, (names, merged)
+            assert sum("finalize_kernel" in n for n in merged) == 3, merged  # the other ops'
+        else:
+            assert sorted(merged) == sorted(names)
+        torch.cuda.synchronize()
+        results = [_reductions(xi, dy, w, b) for xi in xs]
+        for out, default in zip(results, defaults, strict=True):
+            assert same_bits(out, default), (pdl, reverse)
+
+
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_persistent_path_through_the_module(monkeypatch, layout, channels):

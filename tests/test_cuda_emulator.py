@@ -279,6 +279,17 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
         torch.testing.assert_close(a, c, rtol=tol, atol=tol)
 
 
+def _default_run(monkeypatch, switch, x, dy, w, b):
+    """Every op's results on the default path and the grids they ran; the same again with an
+    experiment's switch at a value other than "1", which is the default too."""
+    default, default_grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+    monkeypatch.setenv(switch, "on")
+    again, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+    assert grids == default_grids
+    assert same_bits(again, default)
+    return default, default_grids
+
+
 # (shape, layout, whether its contiguous reductions split a channel over G > 1 blocks on 16 SMs)
 FOLD_CASES = [
     ((8, 32, 56, 56), "contiguous", True),     # G = 4: one thread of the merge adds them all
@@ -307,11 +318,7 @@ def test_fold_finalize_experiment(monkeypatch, dtype, case):
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
     monkeypatch.delenv("BN_EXT_EMU_ORDER", raising=False)
     x, dy, w, b = _case(shape, dtype, layout)
-    default, default_grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
-    monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "on")  # not "1": the default
-    again, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
-    assert grids == default_grids
-    assert same_bits(again, default)
+    default, default_grids = _default_run(monkeypatch, "BN_EXT_CUDA_FOLD_FINALIZE", x, dy, w, b)
 
     monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "1")
     other = _case((2, 3, 64, 64), dtype, "contiguous")  # G > 1 on fewer channels
@@ -338,6 +345,68 @@ def test_fold_finalize_experiment(monkeypatch, dtype, case):
         results[fold] = (rm, rv, nbt)
     assert int(results["1"][2]) == 5
     assert same_bits(results["1"], results["0"])
+
+
+# (shape, layout, whether the merging map applies: contiguous, each channel over G > 1 blocks on
+# 16 SMs, whole 16-byte vectors)
+MERGING_MAP_CASES = [
+    ((8, 32, 56, 56), "contiguous", True),     # G = 4: one thread of the merge adds them all
+    ((4, 2, 256, 256), "contiguous", True),    # G = 32-64: rows of the merge, then its tree
+    ((4, 16, 65, 63), "contiguous", False),    # staged, masked slots (odd runs): as by default
+    ((8, 32, 56, 56), "misaligned", False),    # staged, scalar: as by default
+    ((3, 5, 7, 7), "contiguous", False),       # G = 1: the reduction finishes, as by default
+    ((16, 72, 6, 6), "channels_last", False),  # channels-last: as by default
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", MERGING_MAP_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay, _ in MERGING_MAP_CASES])
+def test_merging_map_experiment(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_MERGING_MAP=1: in train_forward and train_backward, a contiguous reduction
+    that stages its sums is followed by one map that merges them itself, in each of its blocks,
+    in place of the finalize pass and the flat map: a grid fewer in each of those two ops and
+    none fewer in any other, with every op's results at the default's bits (the same merge
+    order; the default's outputs are held, so a skipped element would show what the allocator
+    left there), in either block order and either sweep direction (BN_EXT_CUDA_REVERSE_MAP=1).
+    The running statistics are blended once (one block a channel stores) and num_batches_tracked
+    counted once. Elsewhere, the default's grids. Multi-pass throughout."""
+    shape, layout, merges = case
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    monkeypatch.delenv("BN_EXT_EMU_ORDER", raising=False)
+    x, dy, w, b = _case(shape, dtype, "contiguous" if layout == "misaligned" else layout)
+    if layout == "misaligned":
+        x, dy = _misaligned(x), _misaligned(dy)
+    default, default_grids = _default_run(monkeypatch, "BN_EXT_CUDA_MERGING_MAP", x, dy, w, b)
+
+    monkeypatch.setenv("BN_EXT_CUDA_MERGING_MAP", "1")
+    for order, reverse in (("forward", "0"), ("reverse", "0"), ("forward", "1"),
+                           ("reverse", "1")):
+        monkeypatch.setenv("BN_EXT_EMU_ORDER", order)
+        monkeypatch.setenv("BN_EXT_CUDA_REVERSE_MAP", reverse)
+        merged, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+        assert grids == (default_grids[0] - (2 if merges else 0), 0), (order, reverse, grids)
+        assert same_bits(merged, default), (order, reverse)
+    monkeypatch.delenv("BN_EXT_EMU_ORDER")
+    monkeypatch.delenv("BN_EXT_CUDA_REVERSE_MAP")
+
+    # The running statistics, updated where the merging map's block 0 of a channel stores its
+    # outputs, to the default's bits; with momentum None, in the launch after, as by default.
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    for momentum in (0.1, None):
+        results = {}
+        for merging in ("0", "1"):
+            monkeypatch.setenv("BN_EXT_CUDA_MERGING_MAP", merging)
+            rm = torch.full((shape[1],), 0.5, dtype=mt)
+            rv = torch.full((shape[1],), 2.0, dtype=mt)
+            nbt = torch.tensor(4, dtype=torch.long)
+            y = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, momentum)
+            results[merging] = (*y, rm, rv, nbt)
+        assert int(results["1"][-1]) == 5, momentum
+        assert same_bits(results["1"], results["0"]), momentum
 
 
 PDL_CASES = [((8, 32, 56, 56), "contiguous"), ((3, 5, 7, 7), "contiguous"),

@@ -17,6 +17,8 @@
 //                      sums): the reads of backward_reduce, and backward_input's write
 //   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise;
 //                      or one persistent kernel, as train_forward
+//   (both training ops: where BN_EXT_CUDA_MERGING_MAP=1 applies, a staged reduction is followed
+//   by one map that merges its partial sums, in place of finalize and elementwise)
 //   running_stats_update  one single-block kernel
 //
 // The kernels are described in reduce_kernels.cu, elementwise_kernels.cu and
@@ -66,8 +68,9 @@ void train_forward(const Tensor& x, const Geometry& g, const Tensor& weight, con
                                           folded))) {
     folded = fixed != nullptr;
     const Tensor coef = coef_buffer(mean, g, 3);
-    detail::launch_batch_stats(x, g, weight, bias, eps, mean, var, coef, fixed);
-    detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);
+    if (!detail::launch_batch_stats(x, g, weight, bias, eps, mean, var, coef, fixed, y)) {
+      detail::launch_elementwise(Elementwise::kForward, x, Tensor(), g, coef, y);
+    }
   }
   if (running != nullptr && !folded) {
     detail::launch_running_stats_update(running->mean, running->var,
@@ -116,9 +119,10 @@ void train_backward(const Tensor& dy, const Tensor& x, const Geometry& g, const 
     return;
   }
   const Tensor coef = coef_buffer(mean, g, 4);
-  detail::launch_grad_sums(dy, x, g, mean, var, weight, eps, Tensor(), Tensor(), grad_weight,
-                           grad_bias, coef);
-  detail::launch_elementwise(Elementwise::kBackwardTrain, x, dy, g, coef, dx);
+  if (!detail::launch_grad_sums(dy, x, g, mean, var, weight, eps, Tensor(), Tensor(),
+                                grad_weight, grad_bias, coef, dx)) {
+    detail::launch_elementwise(Elementwise::kBackwardTrain, x, dy, g, coef, dx);
+  }
 }
 
 void running_stats_update(Tensor& running_mean, Tensor& running_var,

@@ -409,6 +409,21 @@ __device__ __forceinline__ void accumulate_vec_masked(const Vec<T, V>& xv, const
   }
 }
 
+// The elementwise map of one vector of x (and of dy, for the backward) with its channel's
+// coefficients, as finish() returns them (the kernels that map what they reduced).
+template <typename Op, int V, typename T, typename M>
+__device__ __forceinline__ Vec<T, V> map_vec(const Vec<T, V>& xv, const Vec<T, V>& dv,
+                                             const Coefs<M>& kc) {
+  Vec<T, V> o;
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    const M xw = lane_value(xv, w);
+    const M dw = Op::kNeedsDy ? lane_value(dv, w) : M(0);
+    o.v[w] = static_cast<T>(elementwise_value<Op::kMap>(xw, dw, kc));
+  }
+  return o;
+}
+
 // The masked layout of a contiguous (N, C, S) channel whose runs of S elements do not start on a
 // vector boundary (S % V != 0): run n's K = (S + 2V - 2) / V slots are the aligned vectors from
 // the one holding its first element, their lanes outside the run masked (reduce_kernels.cu).

@@ -166,6 +166,16 @@ __device__ __forceinline__ void wait_for_prior_grid() {
 #endif
 }
 
+// Asks for the line holding *p in L2, holding no register for it (a hint: no fault, no value).
+template <typename T>
+__device__ __forceinline__ void prefetch_l2(const T* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
+}
+
 __device__ __forceinline__ void allow_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -177,6 +187,10 @@ __device__ __forceinline__ void allow_dependents() {
 // code or later (so that their wait_for_prior_grid() is there: all are built for the same
 // architectures, and one is asked). elementwise_kernels.cu.
 bool dependent_launch_on();
+
+// BN_EXT_CUDA_REVERSE_MAP=1 (read on every call; an experiment): the training maps sweep the
+// tensor from its end (elementwise_kernels.cu says why).
+bool reverse_map();
 
 // kernel<<<grid, block, 0, stream>>>(args...), as a programmatic dependent launch where `overlap`
 // (cudaLaunchKernelEx either way: with no attribute it is the ordinary launch).
@@ -247,17 +261,22 @@ M* opt_mutable_ptr(const Tensor& t) {
 // and `bias` (either may be undefined) and eps; and when `running` is given, it also updates
 // those running statistics. `running` must then have a momentum: with momentum None every
 // channel would read num_batches_tracked while channel 0 increments it.
-void launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight,
+// With `y` defined (train_forward), the launches may also write the forward map's output there
+// (BN_EXT_CUDA_MERGING_MAP=1, reduce_kernels.cu) rather than the table: returns whether they did.
+bool launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight,
                         const Tensor& bias, double eps, const Tensor& mean, const Tensor& var,
-                        const Tensor& coef, const RunningStats* running = nullptr);
+                        const Tensor& coef, const RunningStats* running = nullptr,
+                        const Tensor& y = Tensor());
 
 // sum_dy, sum_dy_xmu (either may be undefined: not stored), grad_bias = sum_dy and
 // grad_weight = sum_dy_xmu * invstd. When `coef` is defined ([4C]) also the training backward's
-// coefficients (mu | a | b | d, see elementwise_kernels.cu) with n = g.count() and `weight`.
-void launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
+// coefficients (mu | a | b | d, see elementwise_kernels.cu) with n = g.count() and `weight`;
+// with `dx` defined too, maybe the map's dx instead of them, as launch_batch_stats' y.
+bool launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
                       const Tensor& var, const Tensor& weight, double eps, const Tensor& sum_dy,
                       const Tensor& sum_dy_xmu, const Tensor& grad_weight,
-                      const Tensor& grad_bias, const Tensor& coef);
+                      const Tensor& grad_bias, const Tensor& coef,
+                      const Tensor& dx = Tensor());
 
 // launch_grad_sums' grad_weight and grad_bias, and eval's grad_input dx = dy * w * invstd (the
 // eval map's values, bit for bit) written by the same kernel where it loads dy: one read of dy

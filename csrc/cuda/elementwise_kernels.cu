@@ -50,9 +50,6 @@ namespace {
 template <typename Src>
 constexpr bool kMayReverse = !Src::kDerives;
 
-// BN_EXT_CUDA_REVERSE_MAP=1, read on every call: the sweep direction above.
-bool reverse_map() { return env_is("BN_EXT_CUDA_REVERSE_MAP", "1"); }
-
 template <typename T, Elementwise kOp, typename I, int W, typename Src>
 __device__ __forceinline__ void elementwise_at(I e, const T* __restrict__ x,
                                                const T* __restrict__ dy, T* __restrict__ out,
@@ -368,6 +365,8 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
 }
 
 }  // namespace
+
+bool reverse_map() { return env_is("BN_EXT_CUDA_REVERSE_MAP", "1"); }
 
 bool dependent_launch_on() {
   if (env_is("BN_EXT_CUDA_PDL", "0")) return false;

@@ -83,21 +83,6 @@ __device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t G, 
   partial[(G + g) * C + c] = s.s2;
 }
 
-// The elementwise map of one vector of x (and of dy, for the backward) with its channel's
-// coefficients.
-template <typename Op, int V, typename T, typename M>
-__device__ __forceinline__ Vec<T, V> map_vec(const Vec<T, V>& xv, const Vec<T, V>& dv,
-                                             const Coefs<M>& kc) {
-  Vec<T, V> o;
-#pragma unroll
-  for (int w = 0; w < V; ++w) {
-    const M xw = lane_value(xv, w);
-    const M dw = Op::kNeedsDy ? lane_value(dv, w) : M(0);
-    o.v[w] = static_cast<T>(elementwise_value<Op::kMap>(xw, dw, kc));
-  }
-  return o;
-}
-
 // Contiguous (N, C, S): tile = channel c, its nv = N * S / V vectors; vector j at
 // (j / per_run * C + c) * S + (j % per_run) * V. 1-D blocks of kThreads.
 template <typename T, typename Op, typename I, int V>

@@ -9,6 +9,9 @@
 // including the coefficients the elementwise kernel needs next. Under BN_EXT_CUDA_FOLD_FINALIZE=1
 // (an experiment) the contiguous kernel's last block of each channel does the finalize pass's
 // merge itself (merge_if_last), in the same order, so with the same bits and one launch fewer.
+// Under BN_EXT_CUDA_MERGING_MAP=1 (another) the training ops' map merges them instead, each of
+// its blocks a channel's pairs (merging_map_kernel), and neither a finalize pass nor a table is
+// launched or written.
 //
 // Contiguous (N, C, S): grid (C, G), 1-D blocks of kThreads. The channel's N runs of S elements
 // are cut into vectors of V elements (V = 128 bits when the pointers are 16-byte aligned, else 1);
@@ -391,6 +394,87 @@ __global__ void __launch_bounds__(kThreads)
   if (finishes) op.finish(c, shift, s.s1, s.s2, true, kAhead ? &params[threadIdx.x] : nullptr);
 }
 
+// BN_EXT_CUDA_MERGING_MAP=1 (an experiment, off by default until a GPU has timed it): in
+// train_forward and train_backward, a contiguous reduction that staged its sums (G > 1 blocks a
+// channel) is followed by this map instead of the finalize pass and the flat map. Each block
+// (c, h) of its grid (C, H) merges channel c's G pairs itself, in the finalize pass's layout and
+// order (merge_staged over by = finalize_rows(G) rows of one column: the same bits), finishes
+// them (the outputs stored by block h = 0 alone, running statistics included), and maps its
+// share of the channel with the coefficients from its shared memory. What it removes from the
+// chain before the first store: the finalize pass's end (its grid drains and its stores become
+// visible before the map's wait returns), the table's round trip through L2, and, for the first
+// vectors, the trip to memory (their lines are prefetched into L2 before the wait; loaded into
+// registers there, they were live across finish()'s float64 division: 46 registers in the
+// float32 backward rather than 38). Every block merges G pairs (G = 5-17 on ResNet-50's 56x56
+// layers at batch 32): a few loads from L2 and one finish() a block; so H is one wave of this
+// kernel's blocks, not more (a second wave would start that chain again).
+// Slots as the reduction's: block (c, h) takes slots h * kThreads + tid + r * H * kThreads,
+// round r; with `reverse` (BN_EXT_CUDA_REVERSE_MAP=1) its rounds run from the last, so that what
+// the reduction read last, still in L2, is read first. Whole 16-byte vectors only (S % V == 0,
+// every pointer aligned). Before the wait it reads only the op's inputs (finish()'s parameters,
+// and the prefetch of x and dy), as the finalize pass and the rows map do; `partial` is not
+// __restrict__ (see wait_for_prior_grid).
+template <typename T, typename Op, typename I, int V>
+__global__ void __launch_bounds__(kThreads)
+    merging_map_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy,
+                       T* __restrict__ out, I C, I S, at::cuda::detail::IntDivider<I> per_run,
+                       I nv, const typename Op::M* partial, int64_t G, bool reverse) {
+  using M = typename Op::M;
+  constexpr bool kAhead = !std::is_same_v<M, double>;  // as in finalize_kernel
+  constexpr bool kDy = Op::kNeedsDy;
+  const I c = blockIdx.x;
+  const int tid = threadIdx.x;
+  const I step = static_cast<I>(gridDim.y) * kThreads;
+  const I first = static_cast<I>(blockIdx.y) * kThreads;  // the block's first slot
+  const I rounds = first < nv ? (nv - first - 1) / step + 1 : 0;
+  // Round r's slot of this thread (past nv for some threads of the last round).
+  const auto slot = [&](I r) { return first + tid + (reverse ? rounds - 1 - r : r) * step; };
+  const auto offset = [&](I j) {
+    const auto qr = per_run.divmod(j);  // (n, vector within the run)
+    return (qr.div * C + c) * S + qr.mod * V;
+  };
+  if (rounds > 0 && slot(0) < nv) {
+    prefetch_l2(x + offset(slot(0)));
+    if constexpr (kDy) prefetch_l2(dy + offset(slot(0)));
+  }
+  __shared__ typename Op::Params params;
+  if (kAhead && tid == 0) params = op.params(static_cast<int64_t>(c));
+  wait_for_prior_grid();  // the partials (a dependent launch: started before the reduction ends)
+  const int64_t cc = static_cast<int64_t>(c);
+  const int by = finalize_rows(G);
+  const M shift = tid == 0 ? partial[2 * G * static_cast<int64_t>(C) + cc] : M(0);
+  __shared__ Sums<M> smem[kThreads / 2];
+  const Sums<M> s = merge_staged<false>(partial, static_cast<int64_t>(C), G, cc, tid < by, 1, by,
+                                        0, tid, smem);
+  __shared__ Coefs<M> coefs;
+  if (tid == 0) {
+    coefs = op.finish(cc, shift, s.s1, s.s2, blockIdx.y == 0, kAhead ? &params : nullptr);
+  }
+  __syncthreads();
+  const Coefs<M> kc = coefs;
+  for (I r = 0; r < rounds; ++r) {
+    const I j = slot(r);
+    if (j < nv) {
+      const I o = offset(j);
+      const Vec<T, V> xv = load_vec<V>(x + o);
+      Vec<T, V> dv = xv;
+      if constexpr (kDy) dv = load_vec<V>(dy + o);
+      store_vec<V>(out + o, map_vec<Op>(xv, dv, kc));
+    }
+  }
+}
+
+// Blocks a channel of the merging map: one wave of them (`wave` blocks), but no more than give
+// each thread kMinMapVectors vectors.
+constexpr int64_t kMinMapVectors = 4;
+
+int64_t merging_map_rows(int64_t wave, int64_t C, int64_t nv) {
+  const int64_t most = ceil_div(nv, kThreads * kMinMapVectors);
+  return std::max<int64_t>(1, std::min({wave / C, most, int64_t{65535}}));
+}
+
+bool merging_map() { return env_is("BN_EXT_CUDA_MERGING_MAP", "1"); }
+
 dim3 finalize_geometry(int64_t G) {
   const int by = finalize_rows(G);
   return dim3(static_cast<unsigned>(kThreads / by), static_cast<unsigned>(by));
@@ -454,8 +538,12 @@ Tensor zeroed_counters(int64_t n, const Tensor& like) {
   return b;
 }
 
+// The op's reduction [+ finalize pass]. With `out` defined (train_forward's y, train_backward's
+// dx), where BN_EXT_CUDA_MERGING_MAP=1 applies (above), the merging map instead of the finalize
+// pass, writing `out`: returns whether it did, so that the caller's map is then not launched.
 template <typename T, typename Op>
-void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) {
+bool reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g,
+            const Tensor& out = Tensor()) {
   using M = math_t<T>;
   constexpr int VM = kMaxVec<T>;
   const T* xp = x.const_data_ptr<T>();
@@ -468,6 +556,7 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
   int64_t G = 1;
   bool staged = false;  // the blocks store partials, which the finalize pass merges
   bool folded = false;  // ... which the reduction's last block of each channel merges instead
+  bool mapped = false;  // ... which the merging map merges instead
   Tensor partial, arrived;
 
   dispatch_index(x.numel(), [&](auto itag) {
@@ -497,6 +586,26 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
                 folded ? reinterpret_cast<unsigned int*>(arrived.mutable_data_ptr<int>())
                        : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        // The merging map, where it may apply (whole 16-byte vectors; an op with a map).
+        constexpr bool kMayMerge = !kMasked && V == VM && !Op::kWritesDx;
+        if constexpr (kMayMerge) {
+          if (staged && !folded && out.defined() && is_aligned16(out.const_data_ptr<T>()) &&
+              merging_map()) {
+            Op mop = op;
+            mop.coef = nullptr;  // no table: the map holds its coefficients
+            const auto kernel = merging_map_kernel<T, Op, I, V>;
+            static std::array<std::atomic<int>, 64> occupancy{};
+            const int64_t H =
+                merging_map_rows(resident_per_sm(kernel, occupancy) * sm_count(), C, nv);
+            const at::cuda::detail::IntDivider<I> runs(static_cast<I>(per_run));
+            launch_after(dependent_launch_on(), kernel,
+                         dim3(static_cast<unsigned>(C), static_cast<unsigned>(H)),
+                         dim3(kThreads), stream, mop, xp, dyp, out.mutable_data_ptr<T>(),
+                         static_cast<I>(C), static_cast<I>(g.S), runs, static_cast<I>(nv),
+                         partial.const_data_ptr<M>(), G, reverse_map());
+            mapped = true;
+          }
+        }
       };
       using Vmax = std::integral_constant<int, VM>;
       if (!aligned) {
@@ -531,34 +640,40 @@ void reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g) 
   // training map after it) starts before the reduction ends and reads the op's inputs before its
   // wait (finish()'s parameters; the rows map's x and dy), which only a first kernel that waited
   // for everything before it makes safe.
-  if (staged && !folded) {
+  if (staged && !folded && !mapped) {
     const dim3 block = finalize_geometry(G);
     launch_after(dependent_launch_on(), finalize_kernel<Op>,
                  dim3(static_cast<unsigned>(ceil_div(C, block.x))), block, stream, op,
                  partial.const_data_ptr<M>(), C, G);
   }
+  return mapped;
 }
 
 }  // namespace
 
-void launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight,
+bool launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight,
                         const Tensor& bias, double eps, const Tensor& mean, const Tensor& var,
-                        const Tensor& coef, const RunningStats* running) {
+                        const Tensor& coef, const RunningStats* running, const Tensor& y) {
+  bool mapped = false;
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::batch_stats", [&] {
-    reduce<scalar_t>(stats_op<scalar_t, true>(x, g, weight, bias, eps, mean, var, coef, running),
-                     x, Tensor(), g);
+    mapped = reduce<scalar_t>(
+        stats_op<scalar_t, true>(x, g, weight, bias, eps, mean, var, coef, running), x, Tensor(),
+        g, y);
   });
+  return mapped;
 }
 
-void launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
+bool launch_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, const Tensor& mean,
                       const Tensor& var, const Tensor& weight, double eps, const Tensor& sum_dy,
                       const Tensor& sum_dy_xmu, const Tensor& grad_weight,
-                      const Tensor& grad_bias, const Tensor& coef) {
+                      const Tensor& grad_bias, const Tensor& coef, const Tensor& dx) {
+  bool mapped = false;
   BN_EXT_CUDA_DISPATCH(x.scalar_type(), "bn_ext::cuda::backward_reduce", [&] {
-    reduce<scalar_t>(grad_op<scalar_t>(g, mean, var, weight, eps, sum_dy, sum_dy_xmu,
-                                       grad_weight, grad_bias, coef),
-                     x, dy, g);
+    mapped = reduce<scalar_t>(grad_op<scalar_t>(g, mean, var, weight, eps, sum_dy, sum_dy_xmu,
+                                                grad_weight, grad_bias, coef),
+                              x, dy, g, dx);
   });
+  return mapped;
 }
 
 void launch_grad_sums_eval_dx(const Tensor& dy, const Tensor& x, const Geometry& g,
