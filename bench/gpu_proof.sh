@@ -355,21 +355,24 @@ if [ "$QUICK" = "1" ]; then
   # The coop variant runs the cooperative kernels: left out where the tests saw them fail or hang.
   COOP=()
   single_pass_ok && COOP=(--variant coop:BN_EXT_CUDA_PERSISTENT=1)
-  # With bn_ext beside it under: BN_EXT_CUDA_PDL=0 (nopdl: the default's dependent launches off;
-  # on eval rows it runs what bn_ext runs, so those columns show how far two timings of one
-  # kernel sequence differ), BN_EXT_CUDA_REVERSE_MAP=1 (rev: the training maps sweep from the
-  # end, where the reduction left L2) and BN_EXT_CUDA_PERSISTENT=1 (coop: the cooperative
-  # single-pass kernels where a tile fits, 1.06-1.15x the multi-pass path in the 56x56 float32
-  # NCHW backwards on an H200, 0.3-0.9x in most other rows).
+  # With bn_ext beside it under: BN_EXT_CUDA_MERGING_MAP=1 (merge: NCHW training passes whose
+  # reduction stages its sums, 56x56, map them with a kernel that merges them itself, no
+  # finalize pass; on the other rows it runs what bn_ext runs, so those columns show how far two
+  # timings of one kernel sequence differ), BN_EXT_CUDA_REVERSE_MAP=1 (rev: the training maps
+  # sweep from the end, where the reduction left L2), both (mergerev), and
+  # BN_EXT_CUDA_PERSISTENT=1 (coop: the cooperative single-pass kernels where a tile fits,
+  # 1.06-1.15x the multi-pass path in the 56x56 float32 NCHW backwards on an H200, 0.3-0.9x in
+  # most other rows). The dependent launches' own columns (pdl) are in the H100 table of a6e9ccd.
   stage "bench quick, default path" 120 270 bench bench --quick \
-    --variant nopdl:BN_EXT_CUDA_PDL=0 --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 \
+    --variant merge:BN_EXT_CUDA_MERGING_MAP=1 --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 \
+    --variant mergerev:BN_EXT_CUDA_MERGING_MAP=1,BN_EXT_CUDA_REVERSE_MAP=1 \
     ${COOP[@]+"${COOP[@]}"}
   stage "sanitizer memcheck" 45 120 sanitize memcheck
   # ResNet-50's batch-256 rows, which no lease has timed yet (the quick plan is batch 32): the
   # 56x56 layers (x6 and x4 in the net) and 7x7's widest (multi-pass by default: 12544 values a
   # channel), fp32 and fp16, both layouts, training forward and backward, beside cuDNN and
   # torch.compile (native was the best peer on no fp32 or fp16 ResNet-50 row of the H100 and
-  # H200 quick tables; the full plan times it), with rev and coop. Not
+  # H200 quick tables; the full plan times it), with rev, merge and coop. Not
   # --quick (its shapes are batch 32): 50 samples a peer, and a group (shape, layout, dtype)
   # takes about 10-15 s, so the stage's deadline may leave the last ones for --resume.
   # The one-block experiments' rows (BN_EXT_CUDA_NARROW_VECTORS, _ONE_BLOCK_THREADS,
@@ -378,7 +381,8 @@ if [ "$QUICK" = "1" ]; then
   B256=$(echo "cuda-$NAME" | tr 'A-Z ' 'a-z-')-quick-b256  # cuda-nvidia-h100-...-quick-b256
   stage "bench batch-256 rows" 90 150 bench bench-b256 --name "$B256" \
     --shape 256x64x56x56,256x256x56x56,256x2048x7x7 --dtype fp32,fp16 --pass fwd,bwd \
-    --peers cudnn,compile --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 ${COOP[@]+"${COOP[@]}"}
+    --peers cudnn,compile --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 \
+    --variant merge:BN_EXT_CUDA_MERGING_MAP=1 ${COOP[@]+"${COOP[@]}"}
   stage "kernel counters (ncu)" 60 150 counters
   stage "sanitizer racecheck" 45 150 sanitize racecheck
   stage "sanitizer synccheck" 45 120 sanitize synccheck
