@@ -32,8 +32,9 @@ RNS = "_ZN6bn_ext4cuda6detail50_GLOBAL__N__afb2d38e_17_reduce_kernels_cu_f724262
 STATS = RNS + "15finalize_kernelINS1_7StatsOpIfLb1EEEEEvT_PKNS6_1MEll"
 GRAD = RNS + "15finalize_kernelINS1_6GradOpIN3c104HalfELb0EEEEEvT_PKNS8_1MEll"
 STATS64 = RNS + "15finalize_kernelINS1_7StatsOpIdLb1EEEEEvT_PKNS6_1MEll"
-MAP_ARGS = "EEvT0_PKT_SB_PS9_T1_SD_N2at4cuda6detail10IntDividerISD_EESD_PKNS8_1MElb"
-MAP_GRAD = RNS + "18merging_map_kernelIN3c104HalfENS1_6GradOpIS5_Lb0EEEjLi8" + MAP_ARGS
+MAP_GRAD = (RNS + "18merging_map_kernelIN3c104HalfENS1_6GradOpIS5_Lb0EEEjLi8EEEvT0_PKT_SB_PS9_"
+            "T1_SD_N2at4cuda6detail10IntDividerISD_EESD_PKNS8_1MElb")
+MAP_ARGS = "EEEvT0_PKT_S9_PS7_T1_SB_N2at4cuda6detail10IntDividerISB_EESB_PKNS6_1MElb"
 MAP_STATS = RNS + "18merging_map_kernelIfNS1_7StatsOpIfLb1EEEjLi4" + MAP_ARGS
 MAP_STATS64 = RNS + "18merging_map_kernelIdNS1_7StatsOpIdLb1EEEjLi2" + MAP_ARGS
 PREFETCH = ins("CCTL.E.PF2 desc[UR8][R2.64]", 0x80)

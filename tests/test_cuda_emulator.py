@@ -352,6 +352,7 @@ def test_fold_finalize_experiment(monkeypatch, dtype, case):
 MERGING_MAP_CASES = [
     ((8, 32, 56, 56), "contiguous", True),     # G = 4: one thread of the merge adds them all
     ((4, 2, 256, 256), "contiguous", True),    # G = 32-64: rows of the merge, then its tree
+    ((4, 16, 60, 60), "contiguous", True),     # 2 map blocks a channel, unequal rounds
     ((4, 16, 65, 63), "contiguous", False),    # staged, masked slots (odd runs): as by default
     ((8, 32, 56, 56), "misaligned", False),    # staged, scalar: as by default
     ((3, 5, 7, 7), "contiguous", False),       # G = 1: the reduction finishes, as by default
@@ -368,8 +369,9 @@ def test_merging_map_experiment(monkeypatch, dtype, case):
     that stages its sums is followed by one map that merges them itself, in each of its blocks,
     in place of the finalize pass and the flat map: a grid fewer in each of those two ops and
     none fewer in any other, with every op's results at the default's bits (the same merge
-    order; the default's outputs are held, so a skipped element would show what the allocator
-    left there), in either block order and either sweep direction (BN_EXT_CUDA_REVERSE_MAP=1).
+    order; the default's and every run's outputs are held, so a skipped element shows whatever
+    else the allocator left there, not a copy of the right value), in either block order and
+    either sweep direction (BN_EXT_CUDA_REVERSE_MAP=1).
     The running statistics are blended once (one block a channel stores) and num_batches_tracked
     counted once. Elsewhere, the default's grids. Multi-pass throughout."""
     shape, layout, merges = case
@@ -383,11 +385,13 @@ def test_merging_map_experiment(monkeypatch, dtype, case):
     default, default_grids = _default_run(monkeypatch, "BN_EXT_CUDA_MERGING_MAP", x, dy, w, b)
 
     monkeypatch.setenv("BN_EXT_CUDA_MERGING_MAP", "1")
-    for order, reverse in (("forward", "0"), ("reverse", "0"), ("forward", "1"),
-                           ("reverse", "1")):
+    kept = []  # every run's results held, so that none lands on another's memory
+    for order, reverse in (("forward", "1"), ("reverse", "1"), ("forward", "0"),
+                           ("reverse", "0")):
         monkeypatch.setenv("BN_EXT_EMU_ORDER", order)
         monkeypatch.setenv("BN_EXT_CUDA_REVERSE_MAP", reverse)
         merged, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+        kept.append(merged)
         assert grids == (default_grids[0] - (2 if merges else 0), 0), (order, reverse, grids)
         assert same_bits(merged, default), (order, reverse)
     monkeypatch.delenv("BN_EXT_EMU_ORDER")

@@ -437,6 +437,8 @@ __global__ void __launch_bounds__(kThreads)
     prefetch_l2(x + offset(slot(0)));
     if constexpr (kDy) prefetch_l2(dy + offset(slot(0)));
   }
+  // (Blocks h > 0 load the running statistics too, maybe after block 0 stored them: finish()
+  // without its stores never reads them.)
   __shared__ typename Op::Params params;
   if (kAhead && tid == 0) params = op.params(static_cast<int64_t>(c));
   wait_for_prior_grid();  // the partials (a dependent launch: started before the reduction ends)
