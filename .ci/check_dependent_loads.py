@@ -12,8 +12,9 @@ ptxas moved one above the wait). In the SASS:
   finalize_kernel          before the wait, exactly finish()'s parameters: 4 coherent loads for
                            StatsOp, 2 for GradOp, none in float64 (which keeps them in finish());
                            no .CONSTANT load anywhere (the partial sums are read coherently);
-  merging_map_kernel       before the wait, finish()'s parameters as the finalize pass (its
-                           prefetches of x and dy, CCTL.E.PF2, load nothing into a register);
+  merging_map_kernel       before the wait, finish()'s parameters as the finalize pass (it has
+                           no float64 kernels; its prefetches of x and dy, CCTL.E.PF2, load
+                           nothing into a register);
                            no .CONSTANT load narrower than a row vector anywhere (x and dy may
                            be read so after the wait; the partial sums are read coherently);
   elementwise_kernel       nothing before the wait.

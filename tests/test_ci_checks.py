@@ -36,7 +36,6 @@ MAP_GRAD = (RNS + "18merging_map_kernelIN3c104HalfENS1_6GradOpIS5_Lb0EEEjLi8EEEv
             "T1_SD_N2at4cuda6detail10IntDividerISD_EESD_PKNS8_1MElb")
 MAP_ARGS = "EEEvT0_PKT_S9_PS7_T1_SB_N2at4cuda6detail10IntDividerISB_EESB_PKNS6_1MElb"
 MAP_STATS = RNS + "18merging_map_kernelIfNS1_7StatsOpIfLb1EEEjLi4" + MAP_ARGS
-MAP_STATS64 = RNS + "18merging_map_kernelIdNS1_7StatsOpIdLb1EEEjLi2" + MAP_ARGS
 PREFETCH = ins("CCTL.E.PF2 desc[UR8][R2.64]", 0x80)
 
 
@@ -84,8 +83,6 @@ def found(name, lines):
     (MAP_STATS, [COHERENT] * 4, [NARROW_NC], 1),  # a partial read through __ldg
     (MAP_GRAD, [PREFETCH, PREFETCH] + [COHERENT] * 2, [COHERENT, ROW, ROW, STORE], 0),
     (MAP_GRAD, [COHERENT] * 4, [], 1),
-    (MAP_STATS64, [PREFETCH], [COHERENT, ROW], 0),
-    (MAP_STATS64, [COHERENT], [], 1),
 ])
 def test_loads_around_the_wait(name, before, after, bad):
     assert len(found(name, [PRE] + before + [WAIT] + after)) == bad
@@ -104,6 +101,7 @@ def test_families_by_mangled_identifier():
         "elementwise_rows_kernel", "elementwise_kernel", "other", "finalize_kernel",
         "finalize_kernel", "finalize_kernel"]
     assert [check.finalize_parameters(n) for n in (STATS, GRAD, STATS64)] == [4, 2, 0]
-    # the merging map's: its own family, finish()'s parameters told apart as the finalize pass's
-    assert {check.family(n) for n in (MAP_GRAD, MAP_STATS, MAP_STATS64)} == {"merging_map_kernel"}
-    assert [check.finalize_parameters(n) for n in (MAP_STATS, MAP_GRAD, MAP_STATS64)] == [4, 2, 0]
+    # the merging map's (never float64): its own family, finish()'s parameters as the finalize
+    # pass's
+    assert {check.family(n) for n in (MAP_GRAD, MAP_STATS)} == {"merging_map_kernel"}
+    assert [check.finalize_parameters(n) for n in (MAP_STATS, MAP_GRAD)] == [4, 2]

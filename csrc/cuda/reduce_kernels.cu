@@ -411,16 +411,17 @@ __global__ void __launch_bounds__(kThreads)
 // Slots as the reduction's: block (c, h) takes slots h * kThreads + tid + r * H * kThreads,
 // round r; with `reverse` (BN_EXT_CUDA_REVERSE_MAP=1) its rounds run from the last, so that what
 // the reduction read last, still in L2, is read first. Whole 16-byte vectors only (S % V == 0,
-// every pointer aligned). Before the wait it reads only the op's inputs (finish()'s parameters,
-// and the prefetch of x and dy), as the finalize pass and the rows map do; `partial` is not
-// __restrict__ (see wait_for_prior_grid).
+// every pointer aligned), and not float64: there finish()'s float64 division, a call, spilled 16
+// bytes on sm_80 (nvcc 13.0), however the kernel was arranged. Before the wait it reads only the
+// op's inputs (finish()'s parameters, and the prefetch of x and dy), as the finalize pass and
+// the rows map do; `partial` is not __restrict__ (see wait_for_prior_grid).
 template <typename T, typename Op, typename I, int V>
 __global__ void __launch_bounds__(kThreads)
     merging_map_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy,
                        T* __restrict__ out, I C, I S, at::cuda::detail::IntDivider<I> per_run,
                        I nv, const typename Op::M* partial, int64_t G, bool reverse) {
   using M = typename Op::M;
-  constexpr bool kAhead = !std::is_same_v<M, double>;  // as in finalize_kernel
+  static_assert(!std::is_same_v<M, double>, "float64 keeps the finalize pass (above)");
   constexpr bool kDy = Op::kNeedsDy;
   const I c = blockIdx.x;
   const int tid = threadIdx.x;
@@ -440,7 +441,7 @@ __global__ void __launch_bounds__(kThreads)
   // (Blocks h > 0 load the running statistics too, maybe after block 0 stored them: finish()
   // without its stores never reads them.)
   __shared__ typename Op::Params params;
-  if (kAhead && tid == 0) params = op.params(static_cast<int64_t>(c));
+  if (tid == 0) params = op.params(static_cast<int64_t>(c));
   wait_for_prior_grid();  // the partials (a dependent launch: started before the reduction ends)
   const int64_t cc = static_cast<int64_t>(c);
   const int by = finalize_rows(G);
@@ -450,7 +451,7 @@ __global__ void __launch_bounds__(kThreads)
                                         0, tid, smem);
   __shared__ Coefs<M> coefs;
   if (tid == 0) {
-    coefs = op.finish(cc, shift, s.s1, s.s2, blockIdx.y == 0, kAhead ? &params : nullptr);
+    coefs = op.finish(cc, shift, s.s1, s.s2, blockIdx.y == 0, &params);
   }
   __syncthreads();
   const Coefs<M> kc = coefs;
@@ -588,8 +589,10 @@ bool reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g,
                 folded ? reinterpret_cast<unsigned int*>(arrived.mutable_data_ptr<int>())
                        : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        // The merging map, where it may apply (whole 16-byte vectors; an op with a map).
-        constexpr bool kMayMerge = !kMasked && V == VM && !Op::kWritesDx;
+        // The merging map, where it may apply (whole 16-byte vectors; an op with a map; not
+        // float64).
+        constexpr bool kMayMerge =
+            !kMasked && V == VM && !Op::kWritesDx && !std::is_same_v<M, double>;
         if constexpr (kMayMerge) {
           if (staged && !folded && out.defined() && is_aligned16(out.const_data_ptr<T>()) &&
               merging_map()) {
