@@ -7,8 +7,10 @@ and an ordinary launch (so every earlier op has ended), so before the wait a dep
 read the op's inputs, but nothing the op's earlier kernel writes; and it reads that with coherent
 loads (an ld.global.nc, .CONSTANT in SASS, declares its data read-only for the kernel's life, and
 ptxas moved one above the wait). In the SASS:
-  elementwise_rows_kernel  before the wait, only whole rows of x and dy (LDG.E.128.CONSTANT);
-                           no narrower .CONSTANT load anywhere (the table is read coherently);
+  elementwise_rows_kernel  before the wait, only whole row vectors of x and dy
+                           (LDG.E.128.CONSTANT; LDG.E.64.CONSTANT in the 16-bit kernels of 4
+                           channels a thread, BN_EXT_CUDA_NARROW_ROWS=1); no narrower .CONSTANT
+                           load anywhere (the table is read coherently);
   finalize_kernel          before the wait, exactly finish()'s parameters: 4 coherent loads for
                            StatsOp, 2 for GradOp, none in float64 (which keeps them in finish());
                            no .CONSTANT load anywhere (the partial sums are read coherently);
@@ -36,6 +38,19 @@ FAMILIES = {"15finalize_kernelI": "finalize_kernel",
             "23elementwise_rows_kernelI": "elementwise_rows_kernel",
             "18elementwise_kernelI": "elementwise_kernel"}
 ROW_VECTOR = "LDG.E.128.CONSTANT"
+# A rows map's element type and vector width, from its mangled template arguments (T, the op,
+# the index type, V): ...23elementwise_rows_kernelIN3c104HalfELNS1_11ElementwiseE1EjLi4E...
+ROWS_ARGS = re.compile(r"23elementwise_rows_kernelI(f|d|N3c104HalfE|N3c108BFloat16E)"
+                       r"LNS\d+_11ElementwiseE\dE[jm]Li(\d+)E")
+ELEMENT_BYTES = {"f": 4, "d": 8, "N3c104HalfE": 2, "N3c108BFloat16E": 2}
+
+
+def row_vector(name):
+    """The load of one row vector (V elements of x or dy) in a rows map's SASS."""
+    m = ROWS_ARGS.search(name)
+    if m is None:
+        return ROW_VECTOR
+    return f"LDG.E.{8 * ELEMENT_BYTES[m.group(1)] * int(m.group(2))}.CONSTANT"
 
 
 def functions(sass):
@@ -73,9 +88,10 @@ def problems(name, ins):
     before, every = loads(ins[:waits[0]]), loads(ins)
     out = []
     if fam == "elementwise_rows_kernel":
-        out += [f"loads before its wait: {s}" for s, op in before if op != ROW_VECTOR]
+        row = row_vector(name)
+        out += [f"loads before its wait: {s}" for s, op in before if op != row]
         out += [f"a narrow non-coherent load (the table?): {s}" for s, op in every
-                if ".CONSTANT" in op and op != ROW_VECTOR]
+                if ".CONSTANT" in op and op != row]
     elif fam in ("finalize_kernel", "merging_map_kernel"):
         want = finalize_parameters(name)
         coherent = [s for s, op in before if op.startswith("LDG.E") and ".CONSTANT" not in op]

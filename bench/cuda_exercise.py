@@ -5,7 +5,8 @@ reductions, with the multi-pass kernels (BN_EXT_CUDA_PERSISTENT=0), those of con
 once more with BN_EXT_CUDA_FOLD_FINALIZE=1 (the last block of a channel merges), and the
 training ops with BN_EXT_CUDA_PDL=0 (no overlapped launches; the default overlaps them on
 sm_90 and later), with BN_EXT_CUDA_REVERSE_MAP=1 (maps sweeping from the end) and, for
-contiguous inputs, with BN_EXT_CUDA_MERGING_MAP=1 (the map merges the staged sums); the
+contiguous inputs, with BN_EXT_CUDA_MERGING_MAP=1 (the map merges the staged sums), and
+for channels-last ones, the backward with BN_EXT_CUDA_NARROW_ROWS=1 (8-byte row vectors); the
 training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per
 channel, of 64, 128 and 256 threads where the channels are at least the SMs, and cooperative;
 and, for 16-bit 14x14, the masked vectors that the default's 8-byte ones replace,
@@ -99,6 +100,13 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             y, mean, var = ops.train_forward(x, w, b, 1e-5)
             ops.backward_input(dy, x, mean, var, w, sdy, sdx, n, 1e-5)
             ops.train_backward(dy, x, mean, var, w, 1e-5)
+        # The 16-bit channels-last backward's rows map in 8-byte vectors
+        # (BN_EXT_CUDA_NARROW_ROWS=1, an experiment), in either sweep.
+        if layout == "channels_last":
+            for reverse in ("0", "1"):
+                with mock.patch.dict(os.environ, {"BN_EXT_CUDA_NARROW_ROWS": "1",
+                                                  "BN_EXT_CUDA_REVERSE_MAP": reverse}):
+                    ops.train_backward(dy, x, mean, var, w, 1e-5)
         # Staged contiguous reductions followed by the map that merges their sums
         # (BN_EXT_CUDA_MERGING_MAP=1, an experiment), forward and backward, in either sweep.
         if layout == "contiguous":

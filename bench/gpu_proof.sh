@@ -266,7 +266,9 @@ done
 # so that a metric needing a second pass does not meet the first pass's leftovers): bn_ext's
 # kernels' L2 hit rate and DRAM bytes on those rows and NCHW 32x256x56x56's fp32 backward (0.98x
 # torch.compile), by default and under BN_EXT_CUDA_REVERSE_MAP=1, whose maps should hit more.
-# Last, NCHW 32x256x56x56's fp32 backward beside compile's kernels, with the sections above.
+# Then the first step's channels-last rows under BN_EXT_CUDA_NARROW_ROWS=1 (the rows map's
+# occupancy and bytes in flight), and last, NCHW 32x256x56x56's fp32 backward beside compile's
+# kernels, with the sections above.
 counters() {
   local out=$RESULTS/$GPU-counters.txt rc=0 t0 total=$LIMIT
   t0=$(date +%s)
@@ -289,7 +291,8 @@ counters() {
     return 0
   fi
   local step kind var envs
-  for step in "l2 default" "l2 BN_EXT_CUDA_REVERSE_MAP=1" "sections default"; do
+  for step in "l2 default" "l2 BN_EXT_CUDA_REVERSE_MAP=1" "rows BN_EXT_CUDA_NARROW_ROWS=1" \
+    "sections default"; do
     read -r kind var <<<"$step"
     LIMIT=$((total - ($(date +%s) - t0)))  # the rest of the stage's limit
     [ "$rc" -eq 0 ] && [ "$LIMIT" -gt 20 ] || break
@@ -300,6 +303,10 @@ counters() {
       limited env ${envs[@]+"${envs[@]}"} "${l2[@]}" "$PY" bench/cuda_profile.py --ncu \
         --flush-l2 --peers bn_ext --rows 32x64x56x56:nhwc,32x256x56x56:nchw --dtype fp32 \
         --pass bwd >>"$out" 2>&1 || rc=$?
+    elif [ "$kind" = "rows" ]; then  # the first step's fp16 channels-last rows, bn_ext alone
+      limited env ${envs[@]+"${envs[@]}"} "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu \
+        --peers bn_ext --rows 32x64x56x56:nhwc,32x256x56x56:nhwc --dtype fp16 --pass bwd \
+        >>"$out" 2>&1 || rc=$?
     else
       limited "${ncu[@]}" "$PY" bench/cuda_profile.py --ncu --peers bn_ext,compile \
         --rows 32x256x56x56:nchw --dtype fp32 --pass bwd >>"$out" 2>&1 || rc=$?
@@ -360,20 +367,20 @@ if [ "$QUICK" = "1" ]; then
   # reduction stages its sums, 56x56, map them with a kernel that merges them itself, no
   # finalize pass; on the other rows it runs what bn_ext runs, so those columns show how far two
   # timings of one kernel sequence differ), BN_EXT_CUDA_REVERSE_MAP=1 (rev: the training maps
-  # sweep from the end, where the reduction left L2), both (mergerev), and
+  # sweep from the end, where the reduction left L2), BN_EXT_CUDA_NARROW_ROWS=1 (narrow: the
+  # 16-bit channels-last backward's map in 8-byte vectors, 2.5x the bytes in flight an SM), and
   # BN_EXT_CUDA_PERSISTENT=1 (coop: the cooperative single-pass kernels where a tile fits,
   # 1.06-1.15x the multi-pass path in the 56x56 float32 NCHW backwards on an H200, 0.3-0.9x in
   # most other rows). The dependent launches' own columns (pdl) are in the H100 table of a6e9ccd.
   stage "bench quick, default path" 120 270 bench bench --quick \
     --variant merge:BN_EXT_CUDA_MERGING_MAP=1 --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 \
-    --variant mergerev:BN_EXT_CUDA_MERGING_MAP=1,BN_EXT_CUDA_REVERSE_MAP=1 \
-    ${COOP[@]+"${COOP[@]}"}
+    --variant narrow:BN_EXT_CUDA_NARROW_ROWS=1 ${COOP[@]+"${COOP[@]}"}
   stage "sanitizer memcheck" 45 120 sanitize memcheck
   # ResNet-50's batch-256 rows, which no lease has timed yet (the quick plan is batch 32): the
   # 56x56 layers (x6 and x4 in the net) and 7x7's widest (multi-pass by default: 12544 values a
   # channel), fp32 and fp16, both layouts, training forward and backward, beside cuDNN and
   # torch.compile (native was the best peer on no fp32 or fp16 ResNet-50 row of the H100 and
-  # H200 quick tables; the full plan times it), with rev, merge and coop. Not
+  # H200 quick tables; the full plan times it), with rev, merge, narrow and coop. Not
   # --quick (its shapes are batch 32): 50 samples a peer, and a group (shape, layout, dtype)
   # takes about 10-15 s, so the stage's deadline may leave the last ones for --resume.
   # The one-block experiments' rows (BN_EXT_CUDA_NARROW_VECTORS, _ONE_BLOCK_THREADS,
@@ -383,7 +390,8 @@ if [ "$QUICK" = "1" ]; then
   stage "bench batch-256 rows" 90 150 bench bench-b256 --name "$B256" \
     --shape 256x64x56x56,256x256x56x56,256x2048x7x7 --dtype fp32,fp16 --pass fwd,bwd \
     --peers cudnn,compile --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 \
-    --variant merge:BN_EXT_CUDA_MERGING_MAP=1 ${COOP[@]+"${COOP[@]}"}
+    --variant merge:BN_EXT_CUDA_MERGING_MAP=1 --variant narrow:BN_EXT_CUDA_NARROW_ROWS=1 \
+    ${COOP[@]+"${COOP[@]}"}
   stage "kernel counters (ncu)" 60 150 counters
   stage "sanitizer racecheck" 45 150 sanitize racecheck
   stage "sanitizer synccheck" 45 120 sanitize synccheck

@@ -27,6 +27,12 @@ STORE = ins("STG.E desc[UR8][R2.64], R4", 0x70)
 NS = "_ZN6bn_ext4cuda6detail50_GLOBAL__N__2a7dec8f_22_elementwise_kernels_cu_f724262"
 ROWS = NS + "23elementwise_rows_kernelIfLNS1_11ElementwiseE1EjLi4ENS1_9CoefTableIfEEEEvPKT_"
 FLAT = NS + "18elementwise_kernelIfLNS1_11ElementwiseE1EjLi4ENS1_9CoefTableIfEEEEvPKT_"
+# BN_EXT_CUDA_NARROW_ROWS=1's 16-bit backward rows map: 4 channels a thread, 8-byte row vectors
+ROWS_NARROW = (NS + "23elementwise_rows_kernelIN3c104HalfELNS1_11ElementwiseE1EjLi4ENS1_9CoefTable"
+               "IfEEEEvPKT_SB_PS9_T3_T1_SE_b")
+ROWS_HALF = (NS + "23elementwise_rows_kernelIN3c104HalfELNS1_11ElementwiseE1EjLi8ENS1_9CoefTable"
+             "IfEEEEvPKT_SB_PS9_T3_T1_SE_b")
+ROW64 = ins("LDG.E.64.CONSTANT R8, desc[UR8][R8.64]", 0x28)
 COEFS = NS + "21backward_coefs_kernelIfEEvPKT_S7_S7_S7_S7_S7_dPS5_l"
 RNS = "_ZN6bn_ext4cuda6detail50_GLOBAL__N__afb2d38e_17_reduce_kernels_cu_f7242625"
 STATS = RNS + "15finalize_kernelINS1_7StatsOpIfLb1EEEEEvT_PKNS6_1MEll"
@@ -60,6 +66,11 @@ def found(name, lines):
     (ROWS, [NARROW_NC], [ROW], 2),      # before the wait, and a narrow .nc load at all
     (ROWS, [ROW], [NARROW_NC], 1),      # a table read through __ldg, after the wait
     (ROWS, [ROW, ASYNC], [], 1),
+    # ... whose row vectors are 8 bytes in the narrow 16-bit kernel, and 16 in the others
+    (ROWS_NARROW, [ROW64, ROW64], [COHERENT, ROW64, STORE], 0),
+    (ROWS_NARROW, [ROW64], [NARROW_NC], 1),
+    (ROWS_NARROW, [ROW], [ROW64], 2),   # a 16-byte .nc load is not this kernel's row vector
+    (ROWS_HALF, [ROW64], [ROW], 2),
     # the flat map loads nothing before its wait
     (FLAT, [], [ROW, COHERENT, NARROW_NC], 0),
     (FLAT, [ROW], [], 1),
@@ -101,6 +112,8 @@ def test_families_by_mangled_identifier():
         "elementwise_rows_kernel", "elementwise_kernel", "other", "finalize_kernel",
         "finalize_kernel", "finalize_kernel"]
     assert [check.finalize_parameters(n) for n in (STATS, GRAD, STATS64)] == [4, 2, 0]
+    assert [check.row_vector(n) for n in (ROWS, ROWS_HALF, ROWS_NARROW)] == [
+        "LDG.E.128.CONSTANT", "LDG.E.128.CONSTANT", "LDG.E.64.CONSTANT"]
     # the merging map's (never float64): its own family, finish()'s parameters as the finalize
     # pass's
     assert {check.family(n) for n in (MAP_GRAD, MAP_STATS)} == {"merging_map_kernel"}

@@ -583,6 +583,61 @@ def _misaligned(t):
     return out
 
 
+def _rows_grid(C, rows, V, sms):
+    """Blocks of the channels-last rows map's grid (elementwise_kernels.cu, launch_map) for V
+    channels a thread on `sms` emulated SMs."""
+    cv = C // V
+    bx = min(32, 1 << (cv - 1).bit_length())
+    by = 256 // bx
+    blocks_x = -(-cv // bx)
+    resident = int(os.environ.get("BN_EXT_EMU_BLOCKS_PER_SM", "2")) * sms
+    return blocks_x * max(1, min(-(-rows // by), -(-resident // blocks_x)))
+
+
+# (shape, layout): channels-last rows maps of one and of several column blocks, and inputs the
+# switch leaves alone (rows under 128 bytes; contiguous).
+NARROW_ROWS_CASES = [((16, 72, 6, 6), "channels_last"), ((6, 520, 2, 2), "channels_last"),
+                     ((300, 40), "channels_last"), ((8, 32, 14, 14), "contiguous")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", NARROW_ROWS_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in NARROW_ROWS_CASES])
+def test_narrow_rows_experiment(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_NARROW_ROWS=1: the 16-bit training backward's rows map takes 8-byte vectors
+    (4 channels a thread, 4 rows in flight): its grid is that layout's (train_backward's map is
+    train_ops' last grid), every op's results are the default's to the bit (the outputs of every
+    run held, so a skipped element shows), in either sweep, and nothing else changes (other
+    dtypes and ops, rows under 128 bytes, contiguous inputs: the default's last grid)."""
+    shape, layout = case
+    sms = 64  # enough resident blocks that the rows, not the wave, set the rows map's grid
+    monkeypatch.setenv("BN_EXT_EMU_SMS", str(sms))
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    x, dy, w, b = _case(shape, dtype, layout)
+    last_grid = _emu_counter("bn_ext_emu_last_grid_blocks")
+    default, default_grids = _default_run(monkeypatch, "BN_EXT_CUDA_NARROW_ROWS", x, dy, w, b)
+    train_ops(x, dy, w, b)
+    default_last = last_grid()
+    C = shape[1]
+    by_rows = layout == "channels_last" and C % 8 == 0 and C * x.element_size() >= 128
+    narrow = by_rows and x.element_size() == 2
+    if narrow:
+        assert default_last == _rows_grid(C, x.numel() // C, 8, sms)
+    monkeypatch.setenv("BN_EXT_CUDA_NARROW_ROWS", "1")
+    kept = []
+    for reverse in ("1", "0"):
+        monkeypatch.setenv("BN_EXT_CUDA_REVERSE_MAP", reverse)
+        out, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+        kept.append(out)
+        assert grids == default_grids, reverse
+        assert same_bits(out, default), reverse
+        train_ops(x, dy, w, b)
+        want = _rows_grid(C, x.numel() // C, 4, sms) if narrow else default_last
+        assert last_grid() == want, reverse
+
+
 @pytest.mark.parametrize("sms", [1, 132])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])

@@ -124,6 +124,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// BN_EXT_CUDA_NARROW_ROWS=1 (read on every call; an experiment, off by default until a GPU has
+// timed it): the 16-bit training backward's rows map takes 8-byte vectors, 4 channels a thread,
+// and 4 rows of x and dy in flight, where the 16-byte one takes 8 channels and one row (its 32
+// coefficients leave no room for more). sm_90 (nvcc 13.0): 47-48 registers, 5 blocks an SM and
+// 64 bytes in flight a thread, against 58-59, 4 blocks and 32 bytes: 80 KB an SM against 32 KB.
+// The flat map (NCHW) keeps 64 KB an SM in flight; on the first H100 lease the channels-last
+// 16-bit backwards took about 13% longer per byte than the NCHW ones (a fit of time against
+// size over 32x64x56x56 and 32x256x56x56) and trailed cuDNN (0.83-0.90x). Same values and bits.
+template <typename T, Elementwise kOp>
+constexpr bool kNarrowRows = sizeof(T) == 2 && kOp == Elementwise::kBackwardTrain;
+
+bool narrow_rows() { return env_is("BN_EXT_CUDA_NARROW_ROWS", "1"); }
+
 // Channels-last, C % V == 0: blocks (bx, by), bx * by = kThreads; thread (tx, ty) of block
 // (i, j) maps channels c0 .. c0 + V - 1, c0 = (i * bx + tx) * V, of rows j * by + ty, stepping
 // gridDim.y * by (the layout of reduce_channels_last_kernel). A warp reads whole row segments.
@@ -132,7 +145,8 @@ __global__ void __launch_bounds__(kThreads)
 // coefficients: with one row a thread, as the grid once had for (4096, 1024), they took longer
 // than the row itself. The training backward loads two rows of dy and x at a time, and one in
 // 16-bit types, whose 8 channels' 32 coefficients leave no room for more in the 64 registers
-// ptxas gives these kernels on sm_80: two rows spilled there.
+// ptxas gives these kernels on sm_80: two rows spilled there; four with 8-byte vectors (4
+// channels; BN_EXT_CUDA_NARROW_ROWS=1, above).
 
 template <typename T, Elementwise kOp, typename I, int V, typename Src>
 __global__ void __launch_bounds__(kThreads)
@@ -141,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
   using M = math_t<T>;
   constexpr bool kReadsX = kOp != Elementwise::kBackwardEval;
   constexpr bool kReadsDy = kOp != Elementwise::kForward;
-  constexpr int U = !(kReadsX && kReadsDy) ? 4 : (V == 8 ? 1 : 2);
+  constexpr int U = !(kReadsX && kReadsDy) ? 4 : sizeof(T) != 2 ? 2 : V == 8 ? 1 : 4;
   const I c0 = (static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= C) return;  // the last column block's spare lanes (no barrier follows)
   const I step = static_cast<I>(gridDim.y) * blockDim.y;
@@ -319,23 +333,33 @@ void launch_map(Elementwise op, const T* xp, const T* dyp, T* outp, const Geomet
   dispatch_index(std::max<int64_t>(numel, 4 * g.C), [&](auto itag) {
     using I = decltype(itag);
     if (plan.by_rows) {
-      const int64_t cv = g.C / VM;  // channel vectors per row
-      const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cv)));
-      const int by = kThreads / bx;
-      const int64_t blocks_x = ceil_div(cv, bx);
       const int64_t rows = numel / g.C;
       dispatch_op<kEvalOnly>(op, [&](auto otag) {
         constexpr Elementwise kOp = decltype(otag)::value;
-        const auto kernel = elementwise_rows_kernel<T, kOp, I, VM, Src>;
-        static std::array<std::atomic<int>, 64> occupancy{};
-        // One wave of resident blocks, or fewer where the rows run out first.
-        const int64_t resident = resident_per_sm(kernel, occupancy) * sm_count();
-        const int64_t blocks_y = std::max<int64_t>(
-            1, std::min({ceil_div(rows, by), ceil_div(resident, blocks_x), int64_t{65535}}));
-        launch_after(overlap, kernel,
-                     dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
-                     dim3(bx, by), stream, xp, dyp, outp, src, static_cast<I>(rows),
-                     static_cast<I>(g.C), reverse);
+        const auto launch_rows = [&](auto vtag) {
+          constexpr int V = decltype(vtag)::value;
+          const int64_t cv = g.C / V;  // channel vectors per row
+          const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cv)));
+          const int by = kThreads / bx;
+          const int64_t blocks_x = ceil_div(cv, bx);
+          const auto kernel = elementwise_rows_kernel<T, kOp, I, V, Src>;
+          static std::array<std::atomic<int>, 64> occupancy{};
+          // One wave of resident blocks, or fewer where the rows run out first.
+          const int64_t resident = resident_per_sm(kernel, occupancy) * sm_count();
+          const int64_t blocks_y = std::max<int64_t>(
+              1, std::min({ceil_div(rows, by), ceil_div(resident, blocks_x), int64_t{65535}}));
+          launch_after(overlap, kernel,
+                       dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
+                       dim3(bx, by), stream, xp, dyp, outp, src, static_cast<I>(rows),
+                       static_cast<I>(g.C), reverse);
+        };
+        if constexpr (kNarrowRows<T, kOp>) {
+          if (narrow_rows()) {
+            launch_rows(std::integral_constant<int, VM / 2>{});
+            return;
+          }
+        }
+        launch_rows(std::integral_constant<int, VM>{});
       });
       return;
     }
