@@ -279,14 +279,17 @@ def test_two_sweeps_experiment(monkeypatch, dtype, case):
         torch.testing.assert_close(a, c, rtol=tol, atol=tol)
 
 
-def _default_run(monkeypatch, switch, x, dy, w, b):
+def _default_run(monkeypatch, switch, x, dy, w, b, kept=None):
     """Every op's results on the default path and the grids they ran; the same again with an
-    experiment's switch at a value other than "1", which is the default too."""
+    experiment's switch at a value other than "1", which is the default too. `kept` (a list)
+    receives the second run's results, held so that no later result lands on their memory."""
     default, default_grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
     monkeypatch.setenv(switch, "on")
     again, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
     assert grids == default_grids
     assert same_bits(again, default)
+    if kept is not None:
+        kept.append(again)
     return default, default_grids
 
 
@@ -383,10 +386,11 @@ def test_merging_map_experiment(monkeypatch, dtype, case):
     x, dy, w, b = _case(shape, dtype, "contiguous" if layout == "misaligned" else layout)
     if layout == "misaligned":
         x, dy = _misaligned(x), _misaligned(dy)
-    default, default_grids = _default_run(monkeypatch, "BN_EXT_CUDA_MERGING_MAP", x, dy, w, b)
+    kept = []  # every run's results held, so that none lands on another's memory
+    default, default_grids = _default_run(monkeypatch, "BN_EXT_CUDA_MERGING_MAP", x, dy, w, b,
+                                          kept)
 
     monkeypatch.setenv("BN_EXT_CUDA_MERGING_MAP", "1")
-    kept = []  # every run's results held, so that none lands on another's memory
     for order, reverse in (("forward", "1"), ("reverse", "1"), ("forward", "0"),
                            ("reverse", "0")):
         monkeypatch.setenv("BN_EXT_EMU_ORDER", order)
@@ -595,7 +599,7 @@ def _rows_grid(C, rows, V, sms):
 
 
 # (shape, layout): channels-last rows maps of one and of several column blocks, and inputs the
-# switch leaves alone (rows under 128 bytes; contiguous).
+# switch leaves alone (16-bit rows under 128 bytes; contiguous).
 NARROW_ROWS_CASES = [((16, 72, 6, 6), "channels_last"), ((6, 520, 2, 2), "channels_last"),
                      ((300, 40), "channels_last"), ((8, 32, 14, 14), "contiguous")]
 
@@ -605,37 +609,43 @@ NARROW_ROWS_CASES = [((16, 72, 6, 6), "channels_last"), ((6, 520, 2, 2), "channe
 @pytest.mark.parametrize("case", NARROW_ROWS_CASES,
                          ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in NARROW_ROWS_CASES])
 def test_narrow_rows_experiment(monkeypatch, dtype, case):
-    """BN_EXT_CUDA_NARROW_ROWS=1: the 16-bit training backward's rows map takes 8-byte vectors
-    (4 channels a thread, 4 rows in flight): its grid is that layout's (train_backward's map is
-    train_ops' last grid), every op's results are the default's to the bit (the outputs of every
-    run held, so a skipped element shows), in either sweep, and nothing else changes (other
-    dtypes and ops, rows under 128 bytes, contiguous inputs: the default's last grid)."""
+    """BN_EXT_CUDA_NARROW_ROWS=1: the 16-bit training backward's rows map (train_backward's and
+    backward_input's) takes 8-byte vectors, 4 channels and 4 rows in flight a thread. On 64 SMs
+    (the rows, not the wave, set the grid) its grid is that layout's (train_backward's map is
+    train_ops' last grid); on 1 SM each thread takes many rows, 4 at a time. Every op's results
+    are the default's to the bit (every run's outputs held, so a skipped element shows), in
+    either sweep, and nothing else changes (other dtypes and ops, short rows, contiguous
+    inputs: the default's last grid)."""
     shape, layout = case
-    sms = 64  # enough resident blocks that the rows, not the wave, set the rows map's grid
-    monkeypatch.setenv("BN_EXT_EMU_SMS", str(sms))
+    C = shape[1]
     clear_cuda_switches(monkeypatch)
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
     x, dy, w, b = _case(shape, dtype, layout)
-    last_grid = _emu_counter("bn_ext_emu_last_grid_blocks")
-    default, default_grids = _default_run(monkeypatch, "BN_EXT_CUDA_NARROW_ROWS", x, dy, w, b)
-    train_ops(x, dy, w, b)
-    default_last = last_grid()
-    C = shape[1]
     by_rows = layout == "channels_last" and C % 8 == 0 and C * x.element_size() >= 128
     narrow = by_rows and x.element_size() == 2
-    if narrow:
-        assert default_last == _rows_grid(C, x.numel() // C, 8, sms)
-    monkeypatch.setenv("BN_EXT_CUDA_NARROW_ROWS", "1")
-    kept = []
-    for reverse in ("1", "0"):
-        monkeypatch.setenv("BN_EXT_CUDA_REVERSE_MAP", reverse)
-        out, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
-        kept.append(out)
-        assert grids == default_grids, reverse
-        assert same_bits(out, default), reverse
-        train_ops(x, dy, w, b)
-        want = _rows_grid(C, x.numel() // C, 4, sms) if narrow else default_last
-        assert last_grid() == want, reverse
+    last_grid = _emu_counter("bn_ext_emu_last_grid_blocks")
+    kept = []  # every run's results held, so that none lands on another's memory
+    for sms in (64, 1):
+        monkeypatch.setenv("BN_EXT_EMU_SMS", str(sms))
+        monkeypatch.delenv("BN_EXT_CUDA_NARROW_ROWS", raising=False)
+        monkeypatch.delenv("BN_EXT_CUDA_REVERSE_MAP", raising=False)
+        default, default_grids = _default_run(monkeypatch, "BN_EXT_CUDA_NARROW_ROWS", x, dy, w, b,
+                                              kept)
+        for reverse in ("1", "0"):
+            monkeypatch.setenv("BN_EXT_CUDA_REVERSE_MAP", reverse)  # (the flat map's grid too)
+            monkeypatch.delenv("BN_EXT_CUDA_NARROW_ROWS")
+            kept.append(train_ops(x, dy, w, b))
+            default_last = last_grid()
+            if narrow:
+                assert default_last == _rows_grid(C, x.numel() // C, 8, sms)
+            monkeypatch.setenv("BN_EXT_CUDA_NARROW_ROWS", "1")
+            out, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+            kept.append(out)
+            assert grids == default_grids, (sms, reverse)
+            assert same_bits(out, default), (sms, reverse)
+            kept.append(train_ops(x, dy, w, b))
+            want = _rows_grid(C, x.numel() // C, 4, sms) if narrow else default_last
+            assert last_grid() == want, (sms, reverse)
 
 
 @pytest.mark.parametrize("sms", [1, 132])
