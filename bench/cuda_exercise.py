@@ -6,6 +6,7 @@ once more with BN_EXT_CUDA_FOLD_FINALIZE=1 (the last block of a channel merges),
 training ops with BN_EXT_CUDA_PDL=0 (no overlapped launches; the default overlaps them on
 sm_90 and later), with BN_EXT_CUDA_REVERSE_MAP=1 (maps sweeping from the end) and, for
 contiguous inputs, with BN_EXT_CUDA_MERGING_MAP=1 (the map merges the staged sums), and
+with BN_EXT_CUDA_FIT_WAVE=1 (a channel split over one wave of the reduction's blocks), and
 for channels-last ones, the backward with BN_EXT_CUDA_NARROW_ROWS=1 (8-byte row vectors); the
 training ops once more with BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels: one block per
 channel, of 64, 128 and 256 threads where the channels are at least the SMs, and cooperative;
@@ -115,6 +116,14 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
                                                   "BN_EXT_CUDA_REVERSE_MAP": reverse}):
                     y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
                     ops.train_backward(dy, x, mean, var, w, 1e-5)
+            # A channel split over one wave of the reduction's own blocks
+            # (BN_EXT_CUDA_FIT_WAVE=1, an experiment), every op with a contiguous reduction.
+            with mock.patch.dict(os.environ, {"BN_EXT_CUDA_FIT_WAVE": "1"}):
+                mean, var = ops.batch_stats(x)
+                ops.backward_reduce(dy, x, mean, var, w, 1e-5)
+                y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+                ops.train_backward(dy, x, mean, var, w, 1e-5)
+                ops.normalize_backward(dy, x, mean, var, w, 1e-5)
         if SINGLE_PASS:
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "1"
             y, mean, var = ops.train_forward(x, w, b, 1e-5)

@@ -371,10 +371,13 @@ if [ "$QUICK" = "1" ]; then
   # 16-bit channels-last backward's map in 8-byte vectors, 2.5x the bytes in flight an SM), and
   # BN_EXT_CUDA_PERSISTENT=1 (coop: the cooperative single-pass kernels where a tile fits,
   # 1.06-1.15x the multi-pass path in the 56x56 float32 NCHW backwards on an H200, 0.3-0.9x in
-  # most other rows). The dependent launches' own columns (pdl) are in the H100 table of a6e9ccd.
+  # most other rows), and BN_EXT_CUDA_FIT_WAVE=1 (fit: NCHW reductions split a channel over one
+  # wave of their own blocks, not 1.2-1.6 waves: 32x256x56x56, 32x64x56x56's 16-bit backward).
+  # The dependent launches' own columns (pdl) are in the H100 table of a6e9ccd.
   stage "bench quick, default path" 120 270 bench bench --quick \
     --variant merge:BN_EXT_CUDA_MERGING_MAP=1 --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 \
-    --variant narrow:BN_EXT_CUDA_NARROW_ROWS=1 ${COOP[@]+"${COOP[@]}"}
+    --variant narrow:BN_EXT_CUDA_NARROW_ROWS=1 --variant fit:BN_EXT_CUDA_FIT_WAVE=1 \
+    ${COOP[@]+"${COOP[@]}"}
   stage "sanitizer memcheck" 45 120 sanitize memcheck
   # ResNet-50's batch-256 rows, which no lease has timed yet (the quick plan is batch 32): the
   # 56x56 layers (x6 and x4 in the net) and 7x7's widest (multi-pass by default: 12544 values a

@@ -713,6 +713,37 @@ def test_merging_map_experiment(monkeypatch, dtype, case):
     assert same_bits(stats["1"], stats["0"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(32, 64, 56, 56), (32, 256, 56, 56), (4, 2, 256, 256)],
+                         ids=_ids)
+def test_fit_wave_experiment(monkeypatch, dtype, shape):
+    """BN_EXT_CUDA_FIT_WAVE=1 on the multi-pass path: contiguous reductions split a channel over
+    one wave of their own blocks. Every reducing op's results within rounding of the default's
+    (the partials differ, so the bits may), to the bit over many calls queued back to back with
+    inputs that change, and with the merging map as without it (its merge is the finalize
+    pass's)."""
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    x, dy, w, b = _training_case(shape, dtype, "contiguous")
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    default = _reductions(x, dy, w, b)
+    monkeypatch.setenv("BN_EXT_CUDA_FIT_WAVE", "1")
+    fitted = _reductions(x, dy, w, b)
+    for i, (ours, theirs) in enumerate(zip(fitted, default, strict=True)):
+        assert_close(ours, theirs, dtype if ours.dtype == dtype else mt, msg=f"result {i}")
+    xs = [x * (1 + i / 8) for i in range(4)]
+    kept = []  # every run's results held, so that none lands on another's memory
+    first = [_reductions(xi, dy, w, b) for xi in xs]
+    for merging in ("0", "1"):
+        monkeypatch.setenv("BN_EXT_CUDA_MERGING_MAP", merging)
+        torch.cuda.synchronize()
+        again = [_reductions(xi, dy, w, b) for xi in xs]
+        kept.append(again)
+        for out, want in zip(again, first, strict=True):
+            assert same_bits(out, want), merging
+
+
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_persistent_path_through_the_module(monkeypatch, layout, channels):

@@ -648,6 +648,101 @@ def test_narrow_rows_experiment(monkeypatch, dtype, case):
             assert last_grid() == want, (sms, reverse)
 
 
+def _contiguous_split(shape, itemsize, aligned, sms, fit):
+    """Blocks a channel of the contiguous reduction (reduce_kernels.cu, contiguous_split) on `sms`
+    emulated SMs: ceil(8 * sms / C) by default (8 blocks of 256 an SM), floor(R / C) under
+    BN_EXT_CUDA_FIT_WAVE=1 (R = BN_EXT_EMU_BLOCKS_PER_SM * sms, the blocks the device holds), at
+    least 1; either way no more than leave each thread 4 vectors."""
+    N, C, S = shape[0], shape[1], 1
+    for d in shape[2:]:
+        S *= d
+    V = 16 // itemsize if aligned else 1
+    per_run = (S + 2 * V - 2) // V if S % V else S // V
+    held = int(os.environ.get("BN_EXT_EMU_BLOCKS_PER_SM", "2")) * sms
+    G = max(1, held // C) if fit else -(-8 * sms // C)
+    return max(1, min(G, -(-N * per_run // (256 * 4)), 65535))
+
+
+# (shape, layout): contiguous reductions that split a channel over blocks on 16 SMs, and inputs
+# whose split the switch leaves alone.
+FIT_WAVE_CASES = [
+    ((8, 32, 56, 56), "contiguous"),    # G = 4-10 by default; 1 and 2 fitted
+    ((4, 2, 256, 256), "contiguous"),   # 32-128 by default; 16 and 40 (32 in 16-bit: the same)
+    ((4, 16, 65, 63), "contiguous"),    # masked slots (odd runs)
+    ((8, 32, 56, 56), "misaligned"),    # the scalar kernel
+    ((3, 5, 7, 7), "contiguous"),       # G = 1 either way
+    ((16, 72, 6, 6), "channels_last"),  # the channels-last reduction: as by default
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", FIT_WAVE_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in FIT_WAVE_CASES])
+def test_fit_wave_experiment(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_FIT_WAVE=1: the contiguous reduction splits a channel over as many blocks as
+    one wave of its own kernel holds, floor(R / C), rather than ceil(8 * SMs / C). Seen through
+    the reduction's grid (the last of batch_stats under BN_EXT_CUDA_FOLD_FINALIZE=1), on 16 and
+    40 SMs (the blocks an SM are asked once a process, so they stay as the run set them). Every
+    op's results: the default's bits where the split is the same, else within rounding of the
+    default's (not float64's: on 4x2x256x256, float32's grad_weight is 6e-5 off float64's by
+    default, and torch's on the CPU, from the float32 mean's rounding); with the merging map,
+    the bits of the fitted split's finalize pass; the running statistics updated once.
+    Channels-last: the default's grids and bits. Multi-pass throughout."""
+    shape, layout = case
+    C = shape[1]
+    clear_cuda_switches(monkeypatch)
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    x, dy, w, b = _case(shape, dtype, "contiguous" if layout == "misaligned" else layout)
+    if layout == "misaligned":
+        x, dy = _misaligned(x), _misaligned(dy)
+    contiguous = layout != "channels_last"
+    mt = torch.float64 if dtype == torch.float64 else torch.float32
+    last_grid = _emu_counter("bn_ext_emu_last_grid_blocks")
+    kept = []  # every run's results held, so that none lands on another's memory
+    for sms in (16, 40):
+        monkeypatch.setenv("BN_EXT_EMU_SMS", str(sms))
+        monkeypatch.delenv("BN_EXT_CUDA_FIT_WAVE", raising=False)
+        default, default_grids = _default_run(monkeypatch, "BN_EXT_CUDA_FIT_WAVE", x, dy, w, b,
+                                              kept)
+        splits = {}
+        for fit in ("0", "1"):
+            monkeypatch.setenv("BN_EXT_CUDA_FIT_WAVE", fit)
+            monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", "1")
+            kept.append(ops.batch_stats(x))
+            monkeypatch.delenv("BN_EXT_CUDA_FOLD_FINALIZE")
+            splits[fit] = last_grid() // C
+            if contiguous:
+                want = _contiguous_split(shape, x.element_size(), layout == "contiguous", sms,
+                                         fit == "1")
+                assert splits[fit] == want, (sms, fit)
+        fitted, grids = _with_grids(lambda: _every_op(x, dy, w, b)[0])
+        kept.append(fitted)
+        if splits["1"] == splits["0"]:
+            assert grids == default_grids, sms
+            assert same_bits(fitted, default), sms
+        else:
+            assert contiguous
+            for i, (ours, theirs) in enumerate(zip(fitted, default, strict=True)):
+                assert_close(ours, theirs, dtype if ours.dtype == dtype else mt,
+                             msg=f"result {i}, {sms} SMs")
+        training = train_ops(x, dy, w, b)
+        kept.append(training)
+        monkeypatch.setenv("BN_EXT_CUDA_MERGING_MAP", "1")
+        merged = train_ops(x, dy, w, b)
+        kept.append(merged)
+        monkeypatch.delenv("BN_EXT_CUDA_MERGING_MAP")
+        assert same_bits(merged, training), sms
+        # The running statistics: blended once, counted once, from the fitted split's sums.
+        rm, rv = torch.full((C,), 0.5, dtype=mt), torch.full((C,), 2.0, dtype=mt)
+        nbt = torch.tensor(4, dtype=torch.long)
+        out = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+        assert int(nbt) == 5
+        n = x.numel() // C
+        assert_close(rm, 0.9 * 0.5 + 0.1 * out[1], mt, msg="running_mean")
+        assert_close(rv, 0.9 * 2.0 + 0.1 * out[2] * n / (n - 1), mt, msg="running_var")
+
+
 @pytest.mark.parametrize("sms", [1, 132])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])

@@ -492,6 +492,27 @@ int64_t split_count(int64_t wave, int64_t tiles, int64_t work_per_tile,
   return std::max<int64_t>(1, std::min<int64_t>(G, 65535));
 }
 
+// BN_EXT_CUDA_FIT_WAVE=1 (read on every call; an experiment, off by default until a GPU has timed
+// it): the contiguous reduction splits a channel over floor(R / C) blocks, R the blocks of its own
+// kernel that the device holds at once, rather than ceil(W / C), W = full_wave_blocks() (8 blocks
+// of 256 an SM): one wave, not one and a tail. By default, on an H100 (132 SMs), 32x256x56x56 runs
+// 256 x 5 = 1280 blocks where the float32 kernels hold 1056 (32 registers, 8 an SM), and the
+// 16-bit backward's 792 (40 registers, 6 an SM: 1.6 waves); 32x64x56x56 runs 64 x 17 = 1088. A
+// channel's blocks change, and with them the partials and the sums' bits. Asked of the 32-bit
+// index kernel for either index type, as channels_last_wave is.
+bool fit_wave() { return env_is("BN_EXT_CUDA_FIT_WAVE", "1"); }
+
+template <typename T, typename Op, int V, bool kMasked>
+int64_t contiguous_split(int64_t C, int64_t nv) {
+  if (!fit_wave()) return split_count(full_wave_blocks(), C, nv, kThreads, 4);
+  static std::array<std::atomic<int>, 64> occupancy{};
+  const int64_t held =
+      resident_per_sm(reduce_contiguous_kernel<T, Op, uint32_t, V, kMasked>, occupancy) *
+      sm_count();
+  // split_count rounds up a wave that C divides: C * floor(held / C), at least C.
+  return split_count(C * std::max<int64_t>(1, held / C), C, nv, kThreads, 4);
+}
+
 // The channels-last kernel's blocks that the device holds at once: its registers allow fewer
 // than the 8 an SM that full_wave_blocks assumes (4 or 5 for the 128-bit kernels on sm_90), so a
 // grid sized by that ran in more than one wave: 784 blocks where 660 fit, for float32
@@ -576,7 +597,7 @@ bool reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g,
         constexpr bool kMasked = decltype(mtag)::value;
         const int64_t per_run = kMasked ? (g.S + 2 * V - 2) / V : g.S / V;
         const int64_t nv = g.N * per_run;
-        G = split_count(full_wave_blocks(), C, nv, kThreads, 4);
+        G = contiguous_split<T, Op, V, kMasked>(C, nv);
         staged = G > 1;
         if (staged) partial = at::empty({(2 * G + 1) * C}, opts);
         folded = staged && fold_finalize();
