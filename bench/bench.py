@@ -921,6 +921,34 @@ def table(rows: list, peers: list) -> list:
     return out
 
 
+def vs_best_as(r, paths: list, others: list) -> Optional[float]:
+    """Row r's speedup over its best torch peer had bn_ext taken the least of `paths`' times
+    (bn_ext's own paths: its default, the --variant peers)."""
+    t = min((r.times[p] for p in paths if r.times.get(p)), default=None)
+    s = [r.times[q] / t for q in others if t and r.times.get(q)]
+    return min(s) if s else None
+
+
+def what_if(ok: list, others: list, own: list) -> list:
+    """The bar's view of each of bn_ext's paths as if it were the default: how many rows would
+    be below the best torch peer, and the geometric mean over it (rows where every path and a
+    peer were timed). "fastest" takes each row's fastest path: the most that a choice made per
+    row could reach."""
+    sel = [r for r in ok if all(r.times.get(p) for p in own)]
+    out = ["Had bn_ext run each of its paths on every row (n = rows where all were timed):", "",
+           "| path | n | below the best peer | geomean vs best |", "|---|---|---|---|"]
+    for name, paths in [(p, [p]) for p in ["bn_ext"] + own] + [("fastest", ["bn_ext"] + own)]:
+        s = [v for v in (vs_best_as(r, paths, others) for r in sel) if v is not None]
+        out.append(f"| {name} | {len(s)} | {sum(v < 1.0 for v in s)} | {fmt_x(geomean(s))} |")
+    every = ["bn_ext"] + own
+    below = [(r, v) for r in sel
+             for v in [vs_best_as(r, every, others)] if v is not None and v < 1.0]
+    if below:
+        out += ["", "Rows below the best peer on every path:"]
+        out += [f"- {r.shape} {r.layout} {r.dtype} {r.pas}: {v:.2f}x" for r, v in below]
+    return out
+
+
 def summary(rows: list, peers: list, args) -> list:
     others, own = torch_peers(peers), own_peers(peers)
     ok = [r for r in rows if r.status == "ok" and r.times.get("bn_ext")]
@@ -963,6 +991,8 @@ def summary(rows: list, peers: list, args) -> list:
                   f"{len(ok)}**" + (":" if slower else ".")]
         lines += [f"- {r.shape} {r.layout} {r.dtype} {r.pas}: {fmt_ms(r.times['bn_ext'])} vs "
                   f"{fmt_ms(r.times[p])} ms ({r.speedup(p):.2f}x)" for r in slower]
+    if own:
+        lines += [""] + what_if(ok, others, own)
     lines.append("")
     # Bandwidth of out-of-cache rows, against the issue's bar.
     bar = BW_BAR[args.device]

@@ -200,6 +200,35 @@ def test_single_pass_run_times_the_multi_pass_path_beside_it(monkeypatch):
     assert "- 9x9x9x9 nchw fp32 fwd: 2000.0 vs 1000.0 ms (0.50x)" in text
 
 
+def test_summary_weighs_each_variant_as_the_default(monkeypatch):
+    # With --variant peers, the summary counts the rows each of bn_ext's paths would leave below
+    # the best torch peer if it ran on every row, and the same for the fastest path of each row.
+    args, _ = bench.parse_args(["--device", "cuda", "--peers", "cudnn,compile", "--pass", "bwd",
+                                "--variant", "fit:BN_EXT_CUDA_FIT_WAVE=1",
+                                "--variant", "rev:BN_EXT_CUDA_REVERSE_MAP=1"])
+    peers = bench.selected_peers(args)
+    assert [p.name for p in peers] == ["bn_ext", "fit", "rev", "cudnn", "compile"]
+
+    def row(shape, **times):
+        return bench.Row(shape=shape, note="", group="g", layout="nchw", dtype="fp32", pas="bwd",
+                         mb=1.0, bytes_moved=10**6, times=times)
+    rows = [row("1x1x1x1", bn_ext=1.0, fit=0.8, rev=1.2, cudnn=0.9, compile=2.0),
+            row("2x2x2x2", bn_ext=1.0, fit=1.1, rev=1.0, cudnn=1.5, compile=1.2),
+            row("3x3x3x3", bn_ext=2.0, fit=2.5, rev=2.2, cudnn=1.0),
+            row("4x4x4x4", bn_ext=1.0, rev=0.5, cudnn=0.9, compile=0.9)]  # fit not timed
+    monkeypatch.setitem(bench.META, "copy_gbs", 1.0)
+    monkeypatch.setitem(bench.META, "cache_mb", 1e9)
+    text = "\n".join(bench.summary(rows, peers, args))
+    # best peer: 0.9, 1.2, 1.0; bn_ext 0.90x, 1.20x, 0.50x; fit 1.125x, 1.09x, 0.40x;
+    # rev 0.75x, 1.20x, 0.45x; each row's fastest 1.125x, 1.20x, 0.50x
+    assert "| bn_ext | 3 | 2 | **0.81x** |" in text
+    assert "| fit | 3 | 1 | **0.79x** |" in text
+    assert "| rev | 3 | 2 | **0.74x** |" in text
+    assert "| fastest | 3 | 1 | **0.88x** |" in text
+    assert "Rows below the best peer on every path:\n- 3x3x3x3 nchw fp32 bwd: 0.50x" in text
+    assert "4x4x4x4 nchw fp32 bwd: 0.90x" not in text.split("Had bn_ext run")[1]
+
+
 def test_eval_backward_pass_is_opt_in_and_times_the_eval_backward():
     # --pass evalbwd: eval's backward alone (a graph built once), asked for by name only; issue
     # 4's four passes stay the default.
