@@ -361,6 +361,7 @@ class Peer:
     kind: str                      # "bn_ext" | "eager" | "compile"
     cudnn: Optional[bool] = None   # cuda only: torch.backends.cudnn.enabled while it runs
     env: Optional[dict] = None     # environment variables set while it runs
+    variant: bool = False          # a --variant peer (timed on --variant-passes only)
 
 
 # --cuda-persistent's second bn_ext: the multi-pass path, timed in the same rounds as the
@@ -390,7 +391,7 @@ def variant_peers(specs: list, taken=()) -> list:
             raise SystemExit(f"--variant {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE...]")
         if name in [*taken, "copy", *(p.name for p in peers)]:
             raise SystemExit(f"--variant: the name {name!r} is taken")
-        peers.append(Peer(name, "bn_ext", env=dict(pairs)))
+        peers.append(Peer(name, "bn_ext", env=dict(pairs), variant=True))
     return peers
 
 
@@ -682,6 +683,9 @@ def run_group(args, shape, layout, dtype, peers, group_rows, timer, bar, log,
             if inst.error:
                 row.na[name] = inst.error
                 continue
+            if inst.peer.variant and row.pas not in args.variant_passes:
+                row.na[name] = "not in --variant-passes"
+                continue
             training = row.pas not in ("eval", "evalbwd")
             if inst.peer.cudnn and not cudnn_eligible(x, inst.module, training):
                 row.na[name] = "cuDNN not eligible: torch runs its native kernel for this input"
@@ -879,7 +883,9 @@ def header(args, meta: dict) -> list:
     for v in variant_peers(getattr(args, "variant", None)):
         lines.append(f"- variant: {v.name} = bn_ext with "
                      + ", ".join(f"{k}={val}" for k, val in v.env.items())
-                     + " while it runs, in the same rounds")
+                     + " while it runs, in the same rounds"
+                     + ("" if getattr(args, "variant_passes", args.passes) == args.passes else
+                        f", on {','.join(args.variant_passes)} only (n/a elsewhere)"))
     if args.device == "cuda":
         lines.append("- bn_ext CUDA training path: " + training_path()
                      + (f"; {MULTI_PASS} = bn_ext's multi-pass path (BN_EXT_CUDA_PERSISTENT=0 "
@@ -1143,6 +1149,10 @@ def parse_args(argv=None):
                     help="time bn_ext once more in the same rounds, under these environment "
                          "variables, as the peer NAME (repeatable): an experiment's switch "
                          "against the default, e.g. narrow:BN_EXT_CUDA_NARROW_VECTORS=1")
+    ap.add_argument("--variant-passes", default=None,
+                    help="comma list of the passes on which the --variant peers are timed "
+                         "(default: every pass of the run); n/a on the others (a switch for "
+                         "the training kernels runs bn_ext's default code in eval)")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="start no (shape, layout, dtype) group that would not end this many "
                          "seconds after the start (judged by the longest group so far); the "
@@ -1175,6 +1185,8 @@ def parse_args(argv=None):
         ap.error(f"dtype {bad} is not benchmarked on {args.device}")
     args.layouts = split(args.layout, LAYOUTS)
     args.passes = split(args.passes, PASSES + EXTRA_PASSES)
+    args.variant_passes = (args.passes if args.variant_passes is None
+                           else split(args.variant_passes, args.passes))
     if args.max_mb is None:
         args.max_mb = 256.0 if args.device == "cpu" else None
     elif args.max_mb <= 0:
@@ -1324,7 +1336,11 @@ def load_earlier(path: str, args) -> dict:
     # Rows timed another way would not compare with this run's: the timer's label names its
     # settings (triton, L2 flush, threads, min_run_time); these are the rest.
     was, now = saved["args"], vars(args)
-    for key in ("compile_mode", "cuda_persistent", "variant", "peers", "rounds"):
+    if now.get("variant"):
+        # (a file from before --variant-passes timed its variants on every pass of its run)
+        was = dict(was, variant_passes=was.get("variant_passes", was.get("passes")))
+    for key in ("compile_mode", "cuda_persistent", "variant", "peers", "rounds") + (
+            ("variant_passes",) if now.get("variant") else ()):
         # (a file from before --variant existed has no key: it was timed with none)
         if (key in was or key == "variant") and was.get(key) != now.get(key):
             raise SystemExit(f"--resume: {path} was measured with --{key.replace('_', '-')} "

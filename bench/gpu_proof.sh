@@ -373,8 +373,10 @@ if [ "$QUICK" = "1" ]; then
   # 1.06-1.15x the multi-pass path in the 56x56 float32 NCHW backwards on an H200, 0.3-0.9x in
   # most other rows), and BN_EXT_CUDA_FIT_WAVE=1 (fit: NCHW reductions split a channel over one
   # wave of their own blocks, not 1.2-1.6 waves: 32x256x56x56, 32x64x56x56's 16-bit backward).
-  # The dependent launches' own columns (pdl) are in the H100 table of a6e9ccd.
-  stage "bench quick, default path" 120 270 bench bench --quick \
+  # The dependent launches' own columns (pdl) are in the H100 table of a6e9ccd. The variants
+  # run on the bar's passes only, training forward and backward (in eval they run bn_ext's
+  # default code; fwdbwd is the two): five variants on every pass would not fit the stage.
+  stage "bench quick, default path" 120 270 bench bench --quick --variant-passes fwd,bwd \
     --variant merge:BN_EXT_CUDA_MERGING_MAP=1 --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 \
     --variant narrow:BN_EXT_CUDA_NARROW_ROWS=1 --variant fit:BN_EXT_CUDA_FIT_WAVE=1 \
     ${COOP[@]+"${COOP[@]}"}

@@ -229,6 +229,46 @@ def test_summary_weighs_each_variant_as_the_default(monkeypatch):
     assert "4x4x4x4 nchw fp32 bwd: 0.90x" not in text.split("Had bn_ext run")[1]
 
 
+def test_variants_are_timed_on_their_passes_only(setup, monkeypatch, tmp_path):
+    # --variant-passes: the --variant peers run on those passes and are n/a on the others (a
+    # training kernel's switch changes nothing in eval); bn_ext and torch run on every pass.
+    _, plan, _, _, _ = setup
+    argv = ["--device", "cpu", "--quick", "--shape", "4096x1024", "--dtype", "fp32",
+            "--pass", "fwd,eval", "--peers", "eager", "--rounds", "1", "--close-rounds", "1",
+            "--out", str(tmp_path),
+            "--variant", "v:BN_EXT_TEST_UNUSED=1"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv + ["--variant-passes", "bwd"])  # not a pass of the run
+    args, _ = bench.parse_args(argv)
+    assert args.variant_passes == ["fwd", "eval"]
+    args, _ = bench.parse_args(argv + ["--variant-passes", "fwd"])
+    peers = bench.selected_peers(args)
+    assert [(p.name, p.variant) for p in peers] == [("bn_ext", False), ("v", True),
+                                                    ("eager", False)]
+    monkeypatch.setattr(bench, "copy_workload", lambda device: None)
+    calls = []
+
+    def timer(fn):
+        calls.append(fn)
+        fn()
+        return 1e-3
+    rows, _ = bench.run(args, plan, peers, timer, lambda msg: None)
+    assert [(r.pas, r.status) for r in rows] == [("fwd", "ok"), ("eval", "ok")]
+    assert len(calls) == 3 + 2
+    fwd, ev = rows
+    assert fwd.times["v"] == 1e-3 and fwd.times["bn_ext"] == 1e-3 and fwd.times["eager"] == 1e-3
+    assert ev.times["v"] is None and ev.na["v"] == "not in --variant-passes"
+    assert ev.times["bn_ext"] == 1e-3 and ev.times["eager"] == 1e-3
+    assert "on fwd only (n/a elsewhere)" in "\n".join(bench.header(args, bench.META))
+    # A run with its variants on other passes does not resume this one.
+    base = str(tmp_path / "run")
+    bench.write_results(base, args, rows, peers, len(rows), final=True)
+    again, _ = bench.parse_args(argv)
+    with pytest.raises(SystemExit, match="--variant-passes"):
+        bench.load_earlier(base + ".json", again)
+    assert bench.load_earlier(base + ".json", args)
+
+
 def test_eval_backward_pass_is_opt_in_and_times_the_eval_backward():
     # --pass evalbwd: eval's backward alone (a graph built once), asked for by name only; issue
     # 4's four passes stay the default.
