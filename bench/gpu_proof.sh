@@ -372,7 +372,7 @@ if [ "$QUICK" = "1" ]; then
   # BN_EXT_CUDA_PERSISTENT=1 (coop: the cooperative single-pass kernels where a tile fits,
   # 1.06-1.15x the multi-pass path in the 56x56 float32 NCHW backwards on an H200, 0.3-0.9x in
   # most other rows), and BN_EXT_CUDA_FIT_WAVE=1 (fit: NCHW reductions split a channel over one
-  # wave of their own blocks, not 1.2-1.6 waves: 32x256x56x56, 32x64x56x56's 16-bit backward).
+  # wave of their own blocks, not 1.2-1.6 waves, as 32x256x56x56's by default).
   # The dependent launches' own columns (pdl) are in the H100 table of a6e9ccd. The variants
   # run on the bar's passes only, training forward and backward (in eval they run bn_ext's
   # default code; fwdbwd is the two): five variants on every pass would not fit the stage.

@@ -19,8 +19,8 @@ import torch
 
 import bn_ext
 from conftest import (CUDA_EMULATED, assert_close, assert_training_matches_float64,
-                      clear_cuda_switches, float64_training_reference, make_input, same_bits,
-                      train_ops)
+                      clear_cuda_switches, float64_training_reference, make_input, run_python,
+                      same_bits, train_ops)
 
 pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="needs the CUDA emulator's build")
 
@@ -741,6 +741,27 @@ def test_fit_wave_experiment(monkeypatch, dtype, case):
         n = x.numel() // C
         assert_close(rm, 0.9 * 0.5 + 0.1 * out[1], mt, msg="running_mean")
         assert_close(rv, 0.9 * 2.0 + 0.1 * out[2] * n / (n - 1), mt, msg="running_var")
+
+
+def test_fit_wave_asks_the_reductions_own_kernel():
+    """BN_EXT_CUDA_FIT_WAVE=1 sizes the wave by the occupancy of the contiguous reduction's own
+    kernel, its 32-bit-index instance for either index type. In a child process (the answer is
+    asked once a process), the emulated runtime reports 5 blocks an SM for that kernel alone (its
+    type: IntDivider<uint32_t>, then two 32-bit counts and a pointer) and 2 for every other:
+    8x32x56x56 fp32 on 16 SMs then splits each channel over floor(5 * 16 / 32) = 2 blocks, with
+    32-bit or 64-bit indices, where another kernel's answer would give 1 (as without the report)."""
+    code = ("import ctypes, torch, bn_ext\n"
+            "last = ctypes.CDLL(bn_ext._C.__file__).bn_ext_emu_last_grid_blocks\n"
+            "last.restype = ctypes.c_int64\n"
+            "torch.ops.bn_ext.batch_stats(torch.randn(8, 32, 56, 56))\n"
+            "print(last())\n")
+    env = dict(BN_EXT_EMU_SMS="16", BN_EXT_CUDA_PERSISTENT="0", BN_EXT_CUDA_FIT_WAVE="1",
+               BN_EXT_CUDA_FOLD_FINALIZE="1", BN_EXT_EMU_BLOCKS_PER_SM="2")
+    for index64, of, blocks in (("0", "IntDividerIjEEjjP:5", 2), ("1", "IntDividerIjEEjjP:5", 2),
+                                ("0", "", 1)):
+        out = run_python(code, BN_EXT_EMU_INDEX64=index64, BN_EXT_EMU_BLOCKS_PER_SM_OF=of, **env)
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout.split()[-1]) == 32 * blocks, (index64, of)
 
 
 @pytest.mark.parametrize("sms", [1, 132])

@@ -15,6 +15,7 @@ process with a report (CI builds it so).
 Switches read by the emulated kernels at run time: BN_EXT_EMU_SMS (streaming multiprocessors,
 default 4), BN_EXT_EMU_BLOCKS_PER_SM (resident blocks per SM of a cooperative launch, default 2;
 the kernels cache it at their first launch, so set it before the process starts),
+BN_EXT_EMU_BLOCKS_PER_SM_OF=TEXT:N (N for the kernels whose mangled type contains TEXT),
 BN_EXT_EMU_ORDER=reverse (a block's threads run last to first between barriers),
 BN_EXT_EMU_DEADLOCK_S (default 120), BN_EXT_CUDA_PERSISTENT=1 (the single-pass kernels, as on a
 GPU).

@@ -29,6 +29,7 @@
 #include <functional>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 
 #define BN_EXT_CUDA_EMULATOR 1
@@ -103,6 +104,7 @@ void note_progress();                              // a block has arrived (atomi
 void check_aligned(const void* p, size_t bytes);   // a vector access's alignment
 void poison_shared(void* p, size_t bytes);         // all ones, once per block (build.py)
 int blocks_per_sm();                               // the emulated occupancy of every kernel
+int blocks_per_sm(const char* kernel_type);        // ... or of some (BN_EXT_EMU_BLOCKS_PER_SM_OF)
 int64_t index32_bound();                           // 0 with BN_EXT_EMU_INDEX64=1, else 2^31
 int64_t max_grid_x();                              // BN_EXT_EMU_MAX_GRID_X, else 2^31 - 1
 
@@ -248,6 +250,6 @@ inline void __nanosleep(unsigned int) { ::emu::spin_wait(); }
 
 template <typename K>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int, size_t) {
-  *blocks = ::emu::blocks_per_sm();
+  *blocks = ::emu::blocks_per_sm(typeid(K).name());
   return cudaSuccess;
 }

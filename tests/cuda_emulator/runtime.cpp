@@ -239,6 +239,20 @@ void poison_shared(void* p, size_t bytes) {
 
 int blocks_per_sm() { return env_int("BN_EXT_EMU_BLOCKS_PER_SM", 2); }
 
+// BN_EXT_EMU_BLOCKS_PER_SM_OF=TEXT:N: the occupancy that the runtime reports for the kernels whose
+// type (typeid's mangled name of the kernel's function pointer type, so its parameters' types)
+// contains TEXT, so that a test can tell which kernel the host asked about; the others get
+// BN_EXT_EMU_BLOCKS_PER_SM. Cooperative grids are held to the latter.
+int blocks_per_sm(const char* kernel_type) {
+  const char* v = std::getenv("BN_EXT_EMU_BLOCKS_PER_SM_OF");
+  const char* colon = v != nullptr ? std::strrchr(v, ':') : nullptr;
+  if (colon != nullptr && colon != v &&
+      std::string(kernel_type).find(std::string(v, colon)) != std::string::npos) {
+    return std::atoi(colon + 1);
+  }
+  return blocks_per_sm();
+}
+
 // Launch plans that dispatch_index (common.cuh) sent to the 64-bit kernels by BN_EXT_EMU_INDEX64=1.
 std::atomic<int64_t> g_forced_index64{0};
 
