@@ -498,9 +498,8 @@ int64_t split_count(int64_t wave, int64_t tiles, int64_t work_per_tile,
 // of 256 an SM): one wave, not one and a tail. By default, on an H100 (132 SMs), 32x256x56x56 runs
 // 256 x 5 = 1280 blocks where the float32 kernels hold 1056 (32 registers, 8 an SM), and the
 // 16-bit backward's 792 (40 registers, 6 an SM: 1.6 waves); 32x64x56x56 runs 64 x 17 = 1088 in
-// float32 (1.03 waves). A
-// channel's blocks change, and with them the partials and the sums' bits. Asked of the 32-bit
-// index kernel for either index type, as channels_last_wave is.
+// float32 (1.03 waves). A channel's blocks change, and with them the partials and the sums' bits.
+// Asked of the 32-bit index kernel for either index type, as channels_last_wave is.
 bool fit_wave() { return env_is("BN_EXT_CUDA_FIT_WAVE", "1"); }
 
 template <typename T, typename Op, int V, bool kMasked>
