@@ -743,25 +743,52 @@ def test_fit_wave_experiment(monkeypatch, dtype, case):
         assert_close(rv, 0.9 * 2.0 + 0.1 * out[2] * n / (n - 1), mt, msg="running_var")
 
 
-def test_fit_wave_asks_the_reductions_own_kernel():
-    """BN_EXT_CUDA_FIT_WAVE=1 sizes the wave by the occupancy of the contiguous reduction's own
-    kernel, its 32-bit-index instance for either index type. In a child process (the answer is
-    asked once a process), the emulated runtime reports 5 blocks an SM for that kernel alone (its
-    type: IntDivider<uint32_t>, then two 32-bit counts and a pointer) and 2 for every other:
-    8x32x56x56 fp32 on 16 SMs then splits each channel over floor(5 * 16 / 32) = 2 blocks, with
-    32-bit or 64-bit indices, where another kernel's answer would give 1 (as without the report)."""
+# What each launch plan that sizes its grid by a kernel's occupancy asks it of (reduce_kernels.cu):
+# (case, the op and input, the grid read, the text of that kernel's mangled type that the emulated
+# runtime answers 5 blocks an SM for, where every other kernel gets 2, the same with 64-bit
+# indices, the blocks it then runs on 16 SMs, the blocks without that answer). The kernels' types,
+# their parameters': the contiguous reduction (IntDivider<uint32_t>, two 32-bit counts, the
+# partials), the merging map (IntDivider<uint32_t>, a count, then the partials, a second const
+# float*: a substitution, S..._) and the channels-last reduction (two 32-bit counts and the
+# partials, last). The reductions ask their
+# 32-bit-index kernel with either index type, so that both split a channel alike (the same bits);
+# the merging map asks the kernel it launches (its rows do not change its bits).
+OCCUPANCY_CASES = [
+    # BN_EXT_CUDA_FIT_WAVE=1: 8x32x56x56 fp32 splits a channel over floor(5 * 16 / 32) = 2 blocks
+    # (1 on another kernel's answer), the reduction the last grid of batch_stats once folded
+    ("fit-wave", "torch.ops.bn_ext.batch_stats(torch.randn(8, 32, 56, 56))", "last",
+     "IntDividerIjEEjjP", "IntDividerIjEEjjP", 32 * 2, 32 * 1,
+     dict(BN_EXT_CUDA_FIT_WAVE="1", BN_EXT_CUDA_FOLD_FINALIZE="1")),
+    # BN_EXT_CUDA_MERGING_MAP=1: train_forward's last grid, the merging map, 2 blocks a channel
+    ("merging-map", "torch.ops.bn_ext.train_forward(torch.randn(8, 32, 56, 56), torch.ones(32), "
+     "torch.zeros(32), 1e-5)", "last", "IntDividerIjEEjS", "IntDividerImEEmS", 32 * 2, 32 * 1,
+     dict(BN_EXT_CUDA_MERGING_MAP="1")),
+    # the channels-last reduction (the grid before the finalize pass): one wave, 80 or 32 blocks
+    ("channels-last", "torch.ops.bn_ext.batch_stats("
+     "torch.randn(16, 64, 28, 28).to(memory_format=torch.channels_last))", "previous", "jjPfE",
+     "jjPfE", 80, 32, {}),
+]
+
+
+@pytest.mark.parametrize("case", OCCUPANCY_CASES, ids=[c[0] for c in OCCUPANCY_CASES])
+def test_launch_plans_ask_their_own_kernels_occupancy(case):
+    """Each launch plan sized by occupancy asks it of its own kernel (OCCUPANCY_CASES). In a
+    child process (the answer is asked once a process), the emulated runtime reports 5 blocks an
+    SM for that kernel alone and 2 for every other (BN_EXT_EMU_BLOCKS_PER_SM_OF): the grid
+    follows the 5, with 32- or 64-bit indices, and the 2 without the report."""
+    _, call, which, text, text64, blocks, plain, switches = case
     code = ("import ctypes, torch, bn_ext\n"
-            "last = ctypes.CDLL(bn_ext._C.__file__).bn_ext_emu_last_grid_blocks\n"
-            "last.restype = ctypes.c_int64\n"
-            "torch.ops.bn_ext.batch_stats(torch.randn(8, 32, 56, 56))\n"
-            "print(last())\n")
-    env = dict(BN_EXT_EMU_SMS="16", BN_EXT_CUDA_PERSISTENT="0", BN_EXT_CUDA_FIT_WAVE="1",
-               BN_EXT_CUDA_FOLD_FINALIZE="1", BN_EXT_EMU_BLOCKS_PER_SM="2")
-    for index64, of, blocks in (("0", "IntDividerIjEEjjP:5", 2), ("1", "IntDividerIjEEjjP:5", 2),
-                                ("0", "", 1)):
+            f"grid = ctypes.CDLL(bn_ext._C.__file__).bn_ext_emu_{which}_grid_blocks\n"
+            "grid.restype = ctypes.c_int64\n"
+            f"{call}\n"
+            "print(grid())\n")
+    env = dict(BN_EXT_EMU_SMS="16", BN_EXT_CUDA_PERSISTENT="0", BN_EXT_EMU_BLOCKS_PER_SM="2",
+               **switches)
+    for index64, of, want in (("0", f"{text}:5", blocks), ("1", f"{text64}:5", blocks),
+                              ("0", "", plain)):
         out = run_python(code, BN_EXT_EMU_INDEX64=index64, BN_EXT_EMU_BLOCKS_PER_SM_OF=of, **env)
         assert out.returncode == 0, out.stderr
-        assert int(out.stdout.split()[-1]) == 32 * blocks, (index64, of)
+        assert int(out.stdout.split()[-1]) == want, (index64, of)
 
 
 @pytest.mark.parametrize("sms", [1, 132])

@@ -178,9 +178,10 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 b
 // which path an op took, as test_cuda.py reads the profiler on a GPU.
 std::atomic<int64_t> g_launches[2];
 // The threads per block of the last grid: which of a kernel's block sizes a launch chose; and
-// its blocks: how a launch sized its grid.
+// its blocks: how a launch sized its grid (and the blocks of the grid before it).
 std::atomic<int64_t> g_last_block_threads{0};
 std::atomic<int64_t> g_last_grid_blocks{0};
+std::atomic<int64_t> g_previous_grid_blocks{0};
 // Launches that asked to overlap the one before them (programmatic dependent launch).
 std::atomic<int64_t> g_dependent_launches{0};
 
@@ -287,6 +288,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bo
   }
   ++g_launches[cooperative ? 1 : 0];
   g_last_block_threads = int64_t(block.x) * block.y * block.z;
+  g_previous_grid_blocks = g_last_grid_blocks.load();
   g_last_grid_blocks = int64_t(grid.x) * grid.y * grid.z;
   if (!cooperative) {
     if (reverse_order()) std::reverse(ids.begin(), ids.end());
@@ -387,6 +389,11 @@ extern "C" int64_t bn_ext_emu_last_block_threads() { return emu::g_last_block_th
 
 // For ctypes: the blocks of the last grid run.
 extern "C" int64_t bn_ext_emu_last_grid_blocks() { return emu::g_last_grid_blocks.load(); }
+
+// For ctypes: the blocks of the grid run before the last.
+extern "C" int64_t bn_ext_emu_previous_grid_blocks() {
+  return emu::g_previous_grid_blocks.load();
+}
 
 // For ctypes: the number of index dispatches that BN_EXT_EMU_INDEX64=1 sent to 64-bit kernels.
 extern "C" int64_t bn_ext_emu_forced_index64() { return emu::g_forced_index64.load(); }
