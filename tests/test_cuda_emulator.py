@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import bn_ext
-from conftest import (CUDA_EMULATED, assert_close, assert_training_matches_float64,
-                      clear_cuda_switches, float64_training_reference, make_input, run_python,
-                      same_bits, train_ops)
+from conftest import (CUDA_EMULATED, CUDA_SWITCHES, assert_close,
+                      assert_training_matches_float64, clear_cuda_switches,
+                      float64_training_reference, make_input, run_python, same_bits, train_ops)
 
 pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="needs the CUDA emulator's build")
 
@@ -782,8 +782,10 @@ def test_launch_plans_ask_their_own_kernels_occupancy(case):
             "grid.restype = ctypes.c_int64\n"
             f"{call}\n"
             "print(grid())\n")
-    env = dict(BN_EXT_EMU_SMS="16", BN_EXT_CUDA_PERSISTENT="0", BN_EXT_EMU_BLOCKS_PER_SM="2",
-               **switches)
+    # every switch of the run's (CI's emulator modes set some) unset in the child: "" is the
+    # default for each
+    env = {**{v: "" for v in CUDA_SWITCHES}, "BN_EXT_EMU_SMS": "16",
+           "BN_EXT_CUDA_PERSISTENT": "0", "BN_EXT_EMU_BLOCKS_PER_SM": "2", **switches}
     for index64, of, want in (("0", f"{text}:5", blocks), ("1", f"{text64}:5", blocks),
                               ("0", "", plain)):
         out = run_python(code, BN_EXT_EMU_INDEX64=index64, BN_EXT_EMU_BLOCKS_PER_SM_OF=of, **env)
