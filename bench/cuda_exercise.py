@@ -13,7 +13,9 @@ channel, of 64, 128 and 256 threads where the channels are at least the SMs, and
 and, for 16-bit 14x14, the masked vectors that the default's 8-byte ones replace,
 BN_EXT_CUDA_NARROW_VECTORS=0; for a 7x7 layer, the block-size experiment,
 BN_EXT_CUDA_ONE_BLOCK_THREADS=256; for the one-block shapes, the two-sweep kernel,
-BN_EXT_CUDA_TWO_SWEEPS=1; unless BN_EXT_EXERCISE_SINGLE_PASS=0).
+BN_EXT_CUDA_TWO_SWEEPS=1; for channels-last ones, the semi-persistent kernel,
+BN_EXT_CUDA_SEMI_PERSISTENT=1, also on an input large enough to stream some rows; unless
+BN_EXT_EXERCISE_SINGLE_PASS=0).
 
 Usage: python bench/cuda_exercise.py   (needs a GPU and a CUDA build of bn_ext)
 """
@@ -142,6 +144,9 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             if shape[1] >= 160:
                 # two sweeps (masked slots, whole vectors, several slots a thread, the tensor's end)
                 experiments.append(("BN_EXT_CUDA_TWO_SWEEPS", "1"))
+            if layout == "channels_last":
+                # the semi-persistent kernel (where C / V <= 32; else the cooperative one)
+                experiments.append(("BN_EXT_CUDA_SEMI_PERSISTENT", "1"))
             for switch, value in experiments:
                 with mock.patch.dict(os.environ, {switch: value}):
                     y, mean, var = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
@@ -149,6 +154,17 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
                     ops.train_backward(dy, x, mean, var, w, 1e-5)
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "0"
         launches += 1
+# The semi-persistent kernel with every share of a thread's items: on 132 SMs (264 blocks) the
+# backward holds 8 items a thread (registers, shared memory) of 17-18 in float32, 8-9 in fp16,
+# and streams the rest.
+if SINGLE_PASS:
+    with mock.patch.dict(os.environ, {"BN_EXT_CUDA_PERSISTENT": "1",
+                                      "BN_EXT_CUDA_SEMI_PERSISTENT": "1"}):
+        for dtype in (torch.float32, torch.float16):
+            x, dy = (shaped((8, 64, 96, 96), dtype, "channels_last") for _ in range(2))
+            w, b = torch.rand(64, device=dev) + 0.5, torch.randn(64, device=dev)
+            y, mean, var = ops.train_forward(x, w, b, 1e-5)
+            ops.train_backward(dy, x, mean, var, w, 1e-5)
 # The modules end to end, training and eval, forward and backward.
 for layout in ("contiguous", "channels_last"):
     m = bn_ext.BatchNorm2d(8, momentum=None, device=dev)

@@ -362,27 +362,35 @@ if [ "$QUICK" = "1" ]; then
   stage "tests (test_cuda.py)" 60 240 run_tests tests/test_cuda.py -m "not slow"
   # The coop variant runs the cooperative kernels: left out where the tests saw them fail or hang.
   COOP=()
-  single_pass_ok && COOP=(--variant coop:BN_EXT_CUDA_PERSISTENT=1)
+  SEMI=()
+  if single_pass_ok; then
+    COOP=(--variant coop:BN_EXT_CUDA_PERSISTENT=1)
+    SEMI=(--variant semi:BN_EXT_CUDA_SEMI_PERSISTENT=1)
+  fi
   # With bn_ext beside it under: BN_EXT_CUDA_MERGING_MAP=1 (merge: NCHW training passes whose
   # reduction stages its sums, 56x56, map them with a kernel that merges them itself, no
   # finalize pass; on the other rows it runs what bn_ext runs, so those columns show how far two
   # timings of one kernel sequence differ), BN_EXT_CUDA_REVERSE_MAP=1 (rev: the training maps
   # sweep from the end, where the reduction left L2), BN_EXT_CUDA_NARROW_ROWS=1 (narrow: the
-  # 16-bit channels-last backward's map in 8-byte vectors, 2.5x the bytes in flight an SM), and
+  # 16-bit channels-last backward's map in 8-byte vectors, 2.5x the bytes in flight an SM),
   # BN_EXT_CUDA_PERSISTENT=1 (coop: the cooperative single-pass kernels where a tile fits,
   # 1.06-1.15x the multi-pass path in the 56x56 float32 NCHW backwards on an H200, 0.3-0.9x in
-  # most other rows), and BN_EXT_CUDA_FIT_WAVE=1 (fit: NCHW reductions split a channel over one
-  # wave of their own blocks, not 1.2-1.6 waves, as 32x256x56x56's by default).
+  # most other rows), BN_EXT_CUDA_FIT_WAVE=1 (fit: NCHW reductions split a channel over one
+  # wave of their own blocks, not 1.2-1.6 waves, as 32x256x56x56's by default), and
+  # BN_EXT_CUDA_SEMI_PERSISTENT=1 (semi: channels-last training passes of up to 128 channels
+  # in 32-bit types, 256 in 16-bit, in one cooperative kernel that holds each thread's last
+  # rows on chip: 3 passes in the 16-bit 32x64x56x56 backward, where cuDNN's kernel of that
+  # kind is 1.2x the multi-pass path). Like coop, left out where the single-pass tests failed.
   # The dependent launches' own columns (pdl) are in the H100 table of a6e9ccd. The variants
   # run on the bar's passes only, training forward and backward (in eval they run bn_ext's
-  # default code; fwdbwd is the two): five variants on every pass would not fit the stage.
+  # default code; fwdbwd is the two): six variants on every pass would not fit the stage.
   # fp16 before bf16: a stage cut short keeps the dtype with more rows below the bar (3 of the
   # a6e9ccd table's 6, against bf16's 1; cuDNN runs fp16, not bf16).
   stage "bench quick, default path" 120 270 bench bench --quick --dtype fp32,fp16,bf16 \
     --variant-passes fwd,bwd \
     --variant merge:BN_EXT_CUDA_MERGING_MAP=1 --variant rev:BN_EXT_CUDA_REVERSE_MAP=1 \
     --variant narrow:BN_EXT_CUDA_NARROW_ROWS=1 --variant fit:BN_EXT_CUDA_FIT_WAVE=1 \
-    ${COOP[@]+"${COOP[@]}"}
+    ${COOP[@]+"${COOP[@]}"} ${SEMI[@]+"${SEMI[@]}"}
   stage "sanitizer memcheck" 45 120 sanitize memcheck
   # ResNet-50's batch-256 rows, which no lease has timed yet (the quick plan is batch 32): the
   # 56x56 layers (x6 and x4 in the net) and 7x7's widest (multi-pass by default: 12544 values a

@@ -82,7 +82,8 @@ def float64_training_reference(x, dy, w, b, eps=1e-5):
 CUDA_SWITCHES = ("BN_EXT_CUDA_PERSISTENT", "BN_EXT_CUDA_NARROW_VECTORS",
                  "BN_EXT_CUDA_ONE_BLOCK_THREADS", "BN_EXT_CUDA_TWO_SWEEPS",
                  "BN_EXT_CUDA_FOLD_FINALIZE", "BN_EXT_CUDA_PDL", "BN_EXT_CUDA_REVERSE_MAP",
-                 "BN_EXT_CUDA_MERGING_MAP", "BN_EXT_CUDA_NARROW_ROWS", "BN_EXT_CUDA_FIT_WAVE")
+                 "BN_EXT_CUDA_MERGING_MAP", "BN_EXT_CUDA_NARROW_ROWS", "BN_EXT_CUDA_FIT_WAVE",
+                 "BN_EXT_CUDA_SEMI_PERSISTENT")
 
 
 def clear_cuda_switches(monkeypatch):

@@ -654,6 +654,21 @@ def test_reverse_map_experiment(monkeypatch, dtype, case):
         assert same_bits(_reductions(x, dy, w, b), default)
 
 
+def _training_forward_each_way(monkeypatch, switch, x, w, b):
+    """{value: (y, mean, var, running_mean, running_var, num_batches_tracked)} of one
+    train_forward with momentum 0.1 from (0.5, 2.0, 4), with the switch at "0" and at "1"."""
+    mt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv(switch, value)
+        rm = torch.full((x.shape[1],), 0.5, device=DEV, dtype=mt)
+        rv = torch.full((x.shape[1],), 2.0, device=DEV, dtype=mt)
+        nbt = torch.tensor(4, device=DEV, dtype=torch.long)
+        y = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+        stats[value] = (*y, rm, rv, nbt)
+    return stats
+
+
 # (shape, layout, whether the merging map applies: contiguous, staged, whole 16-byte vectors; and
 # not float64)
 MERGING_CASES = [((32, 64, 56, 56), "contiguous", True), ((4, 2, 256, 256), "contiguous", True),
@@ -701,15 +716,7 @@ def test_merging_map_experiment(monkeypatch, dtype, case):
         for out, default in zip(results, defaults, strict=True):
             assert same_bits(out, default), (pdl, reverse)
     # The running statistics: blended once (block 0 of a channel stores them), counted once.
-    mt = torch.float64 if dtype == torch.float64 else torch.float32
-    stats = {}
-    for merging in ("0", "1"):
-        monkeypatch.setenv("BN_EXT_CUDA_MERGING_MAP", merging)
-        rm = torch.full((shape[1],), 0.5, device=DEV, dtype=mt)
-        rv = torch.full((shape[1],), 2.0, device=DEV, dtype=mt)
-        nbt = torch.tensor(4, device=DEV, dtype=torch.long)
-        y = ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
-        stats[merging] = (*y, rm, rv, nbt)
+    stats = _training_forward_each_way(monkeypatch, "BN_EXT_CUDA_MERGING_MAP", x, w, b)
     assert int(stats["1"][-1]) == 5
     assert same_bits(stats["1"], stats["0"])
 
@@ -772,6 +779,54 @@ def test_fit_wave_experiment(monkeypatch, tmp_path, dtype, shape):
         kept.append(again)
         for out, want in zip(again, first, strict=True):
             assert same_bits(out, want), merging
+
+
+# (shape, layout, whether BN_EXT_CUDA_SEMI_PERSISTENT=1 applies in 32-bit and in 16-bit types:
+# channels-last with C / V <= 32 channel vectors of 16 bytes)
+SEMI_PERSISTENT_CASES = [((32, 64, 56, 56), "channels_last", True, True),
+                         ((8, 128, 28, 28), "channels_last", True, True),
+                         ((32, 256, 56, 56), "channels_last", False, True),
+                         ((4096, 64), "channels_last", True, True),
+                         ((32, 64, 56, 56), "contiguous", False, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", SEMI_PERSISTENT_CASES,
+                         ids=[f"{_ids(s)}-{lay}" for s, lay, _, _ in SEMI_PERSISTENT_CASES])
+def test_semi_persistent_experiment(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_SEMI_PERSISTENT=1: where it applies, train_forward and train_backward each run
+    semi_persistent_rows_kernel alone; over many calls queued back to back with inputs that
+    change, each result repeats to the bit (a barrier passed early, or counters not left at 0,
+    would differ) and agrees with float64 and with the default's; the running statistics are
+    updated once. Elsewhere (float64 too), the default's kernels and bits."""
+    shape, layout, in32, in16 = case
+    applies = in16 if dtype in (torch.bfloat16, torch.float16) else in32
+    applies = applies and dtype != torch.float64
+    x, dy, w, b = _training_case(shape, dtype, layout)
+    clear_cuda_switches(monkeypatch)
+    names = _kernels_run(lambda: train_ops(x, dy, w, b))
+    default = train_ops(x, dy, w, b)
+    monkeypatch.setenv("BN_EXT_CUDA_SEMI_PERSISTENT", "1")
+    train_ops(x, dy, w, b)  # (the stream's counters made before the count)
+    semi_names = _kernels_run(lambda: train_ops(x, dy, w, b))
+    if not applies:
+        assert sorted(semi_names) == sorted(names)
+        assert same_bits(train_ops(x, dy, w, b), default)
+        return
+    assert len(semi_names) == 2, semi_names
+    assert all("semi_persistent_rows_kernel" in n for n in semi_names), semi_names
+    semi = train_ops(x, dy, w, b)
+    assert_training_matches_float64(semi, x, dy, w, b, others=default)
+    xs = [x * (1 + i / 8) for i in range(8)]
+    torch.cuda.synchronize()
+    rounds = [[train_ops(xi, dy, w, b) for xi in xs] for _ in range(2)]
+    for first, second in zip(*rounds, strict=True):
+        assert same_bits(first, second)
+    stats = _training_forward_each_way(monkeypatch, "BN_EXT_CUDA_SEMI_PERSISTENT", x, w, b)
+    assert int(stats["1"][-1]) == 5
+    for ours, theirs in zip(stats["1"][:-1], stats["0"][:-1], strict=True):
+        assert_close(ours, theirs, ours.dtype)  # y, mean, var and the running statistics
 
 
 @pytest.mark.parametrize("channels", [16, 256], ids=["cooperative", "one-block"])

@@ -108,6 +108,7 @@ def test_single_pass_kernels_run_and_match_float64(monkeypatch, dtype, case):
     fits in one, else cooperative), repeat to the bit, and agree with float64 and with the
     multi-pass kernels."""
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    clear_cuda_switches(monkeypatch)
     shape, layout = case
     x, dy, w, b = _case(shape, dtype, layout)
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
@@ -293,6 +294,21 @@ def _default_run(monkeypatch, switch, x, dy, w, b, kept=None):
     return default, default_grids
 
 
+def _running_stats_each_way(monkeypatch, switch, x, w, b):
+    """{value: (running_mean, running_var, num_batches_tracked)} after one train_forward with
+    momentum 0.1 from (0.5, 2.0, 4), with the switch at "0" and at "1"."""
+    mt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    results = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv(switch, value)
+        C = x.shape[1]
+        rm, rv = torch.full((C,), 0.5, dtype=mt), torch.full((C,), 2.0, dtype=mt)
+        nbt = torch.tensor(4, dtype=torch.long)
+        ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
+        results[value] = (rm, rv, nbt)
+    return results
+
+
 # (shape, layout, whether its contiguous reductions split a channel over G > 1 blocks on 16 SMs)
 FOLD_CASES = [
     ((8, 32, 56, 56), "contiguous", True),     # G = 4: one thread of the merge adds them all
@@ -338,14 +354,7 @@ def test_fold_finalize_experiment(monkeypatch, dtype, case):
         train_ops(*bigger)
 
     # The running statistics, updated by the channel's last block, to the default's bits.
-    mt = torch.float64 if dtype == torch.float64 else torch.float32
-    results = {}
-    for fold in ("0", "1"):
-        monkeypatch.setenv("BN_EXT_CUDA_FOLD_FINALIZE", fold)
-        rm, rv = torch.full((shape[1],), 0.5, dtype=mt), torch.full((shape[1],), 2.0, dtype=mt)
-        nbt = torch.tensor(4, dtype=torch.long)
-        ops.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
-        results[fold] = (rm, rv, nbt)
+    results = _running_stats_each_way(monkeypatch, "BN_EXT_CUDA_FOLD_FINALIZE", x, w, b)
     assert int(results["1"][2]) == 5
     assert same_bits(results["1"], results["0"])
 
@@ -646,6 +655,152 @@ def test_narrow_rows_experiment(monkeypatch, dtype, case):
             kept.append(train_ops(x, dy, w, b))
             want = _rows_grid(C, x.numel() // C, 4, sms) if narrow else default_last
             assert last_grid() == want, (sms, reverse)
+
+
+def _semi_persistent_items(shape, dtype, sms):
+    """Where BN_EXT_CUDA_SEMI_PERSISTENT=1 applies (channels-last, 32- or 16-bit, C a multiple
+    of the 16-byte vector's V, C / V <= 32), the items a thread of block 0, row 0 takes on `sms`
+    emulated SMs (persistent_kernels.cu: blocks (bx, by), bx = C / V rounded up to a power of
+    two, by = 256 / bx; G = min(2 blocks an SM, the row groups); items = rows r0 + i * G * by);
+    else None."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    V, C = 16 // itemsize, shape[1]
+    if itemsize == 8 or C % V or C // V > 32:
+        return None
+    rows = shape[0]
+    for d in shape[2:]:
+        rows *= d
+    bx = 1 << (C // V - 1).bit_length()
+    by = 256 // bx
+    G = min(2 * sms, -(-rows // by))
+    return -(-rows // (G * by))
+
+
+def _semi_persistent_held(dtype, backward, smem_per_sm=233472):
+    """The items a thread holds: kHeld in registers (backward: 3 in float32, 4 in 16-bit;
+    forward 8) and what half the emulated SM's shared memory holds less 1 KB reserved (the
+    emulator reports no static shared memory), items of 16 bytes of x (and dy) a thread of 256."""
+    registers = (3 if dtype == torch.float32 else 4) if backward else 8
+    stash = max(0, (smem_per_sm // 2 - 1024) // ((2 if backward else 1) * 16 * 256))
+    return registers + stash
+
+
+# (shape, layout): channels-last inputs with every share of a thread's items (streamed, stashed
+# in shared memory, kept in registers), ragged rows, idle columns (C / V not a power of two), one
+# block, more channels than blocks; and inputs the switch leaves alone.
+SEMI_PERSISTENT_CASES = [
+    ((48, 64, 32, 32), "channels_last"),  # 192 items (fp32), 96 (16-bit) on 16 SMs: streamed
+    ((8, 32, 28, 28), "channels_last"),   # 7 (fp32), 4 (16-bit): registers and shared memory
+    ((6, 48, 10, 10), "channels_last"),   # ragged rows; 12 (fp32) or 6 (16-bit) channel vectors
+    ((8, 64, 50), "channels_last"),       # a 3-D (N, L, C) input
+    ((2, 16, 1, 3), "channels_last"),     # 6 rows: one block
+    ((64, 24), "channels_last"),          # 2-D (N, C): 3 channel vectors in 16-bit
+    ((4, 256, 16, 16), "channels_last"),  # 16-bit: 32 channel vectors; fp32: 64, left alone
+    ((300, 6), "channels_last"),          # C not a multiple of the vector: left alone
+    ((8, 32, 28, 28), "contiguous"),      # left alone
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", SEMI_PERSISTENT_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in SEMI_PERSISTENT_CASES])
+def test_semi_persistent_experiment(monkeypatch, dtype, case):
+    """BN_EXT_CUDA_SEMI_PERSISTENT=1: train_forward and train_backward on a channels-last input
+    whose channels fit one tile each run one cooperative grid, on 16 SMs and on 1 (2 blocks:
+    each merges several channels); the results repeat to the bit, with other shapes run between
+    (the counters are left at 0), and agree with float64 and with the default's; the running
+    statistics are updated once. Elsewhere the default's grids and bits."""
+    shape, layout = case
+    clear_cuda_switches(monkeypatch)
+    x, dy, w, b = _case(shape, dtype, layout)
+    other = _case((4, 32, 6, 6), dtype, "channels_last")
+    applies = layout == "channels_last" and _semi_persistent_items(shape, dtype, 16) is not None
+    kept = []
+    for sms in ("16", "1"):
+        monkeypatch.setenv("BN_EXT_EMU_SMS", sms)
+        monkeypatch.delenv("BN_EXT_CUDA_SEMI_PERSISTENT", raising=False)
+        default, default_grids = _with_grids(lambda: train_ops(x, dy, w, b))
+        monkeypatch.setenv("BN_EXT_CUDA_SEMI_PERSISTENT", "1")
+        train_ops(*other)  # (the stream's counters exist from here on)
+        semi, grids = _with_grids(lambda: train_ops(x, dy, w, b))
+        kept += [default, semi]
+        if not applies:
+            assert grids == default_grids, sms
+            assert same_bits(semi, default), sms
+            continue
+        assert grids == (0, 2), sms
+        for _ in range(2):
+            train_ops(*other)
+            again = train_ops(x, dy, w, b)
+            kept.append(again)
+            assert same_bits(again, semi), sms
+        assert_training_matches_float64(semi, x, dy, w, b, others=default)
+
+    # The running statistics: updated once (by the launch after the kernel), as by default.
+    results = _running_stats_each_way(monkeypatch, "BN_EXT_CUDA_SEMI_PERSISTENT", x, w, b)
+    assert int(results["1"][2]) == 5
+    for ours, theirs in zip(results["1"][:2], results["0"][:2]):
+        assert_close(ours, theirs, ours.dtype, msg="running statistics")
+
+
+def test_semi_persistent_cases_reach_every_share():
+    """SEMI_PERSISTENT_CASES give a thread, on 16 SMs, more items than the registers and shared
+    memory hold (forward and backward), fewer than the registers hold, and both layouts the
+    switch leaves alone."""
+    for dtype in (torch.float32, torch.bfloat16):
+        items = [_semi_persistent_items(s, dtype, 16) for s, lay in SEMI_PERSISTENT_CASES
+                 if lay == "channels_last"]
+        held = min(_semi_persistent_held(dtype, backward) for backward in (True, False))
+        assert max(i for i in items if i is not None) > held, dtype
+        assert min(i for i in items if i is not None) < 3, dtype
+        assert None in items, dtype
+    assert "contiguous" in {lay for _, lay in SEMI_PERSISTENT_CASES}
+
+
+@pytest.mark.parametrize("smem", [0, 2 * (2 * 8192 + 1024)], ids=["registers-only", "stash-2-4"])
+def test_semi_persistent_stash_keeps_the_bits(smem):
+    """With less shared memory (BN_EXT_EMU_SMEM_PER_SM, in a child process: the stash is sized
+    once per process), or none (the registers alone), the semi-persistent kernel streams more of
+    a thread's items and holds fewer, with the same bits (a thread adds its items in the same
+    order wherever they are held) and the same single cooperative grid each way."""
+    code = (
+        "import ctypes, torch, bn_ext\n"
+        "ops = torch.ops.bn_ext\n"
+        "lib = ctypes.CDLL(bn_ext._C.__file__)\n"
+        "count, stash = lib.bn_ext_emu_launches, lib.bn_ext_emu_last_dynamic_bytes\n"
+        "count.restype = stash.restype = ctypes.c_int64\n"
+        "g = torch.Generator().manual_seed(21)\n"
+        "outs = []\n"
+        "for dt in (torch.float32, torch.bfloat16):\n"
+        "    x, dy = (torch.randn(16, 64, 32, 32, generator=g).to(dt)\n"
+        "             .contiguous(memory_format=torch.channels_last) for _ in range(2))\n"
+        "    w, b = torch.rand(64, generator=g) + 0.5, torch.randn(64, generator=g)\n"
+        "    before = count(1)\n"
+        "    y, mean, var = ops.train_forward(x, w, b, 1e-5)\n"
+        "    outs.append((y, mean, var, *ops.train_backward(dy, x, mean, var, w, 1e-5)))\n"
+        "    assert count(1) - before == 2, count(1) - before\n"
+        "    print(stash())\n"
+        "torch.save(outs, PATH)\n")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for budget in (smem, 233472):
+            path = os.path.join(tmp, f"{budget}.pt")
+            # every switch of the run's (CI's emulator modes set some) unset in the child
+            env = {**{v: "" for v in CUDA_SWITCHES}, "BN_EXT_CUDA_SEMI_PERSISTENT": "1",
+                   "BN_EXT_EMU_SMS": "16", "BN_EXT_EMU_BLOCKS_PER_SM": "2",
+                   "BN_EXT_EMU_SMEM_PER_SM": str(budget)}
+            out = run_python(code.replace("PATH", repr(path)), **env)
+            assert out.returncode == 0, out.stderr
+            # the backward's stash a block: 8 KB an item of x and dy, (budget / 2 - 1 KB) / 8 KB
+            stashed = max(0, (budget // 2 - 1024) // 8192) * 8192
+            assert out.stdout.split() == [str(stashed)] * 2, (budget, out.stdout)
+            results[budget] = torch.load(path)
+    # 32 items a thread (fp32) and 16 (bf16): all but the registers' streamed with no stash;
+    # with 2 (backward) or 4 (forward) stashed, more held; by default (14 and 28) none
+    # streamed in bf16.
+    for ours, default in zip(results[smem], results[233472], strict=True):
+        assert same_bits(ours, default)
 
 
 def _contiguous_split(shape, itemsize, aligned, sms, fit):

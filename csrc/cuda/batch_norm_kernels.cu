@@ -17,6 +17,8 @@
 //                      sums): the reads of backward_reduce, and backward_input's write
 //   train_backward     reduce [+ finalize] (which also write the coefficients), elementwise;
 //                      or one persistent kernel, as train_forward
+//   (both training ops: under BN_EXT_CUDA_SEMI_PERSISTENT=1, a channels-last input of one tile
+//   runs one semi-persistent kernel, the forward then running_stats)
 //   (both training ops: where BN_EXT_CUDA_MERGING_MAP=1 applies, a staged reduction is followed
 //   by one map that merges its partial sums, in place of finalize and elementwise)
 //   running_stats_update  one single-block kernel

@@ -369,6 +369,19 @@ __device__ __forceinline__ void start_lanes(M k0, M (&k)[V], M (&a1)[V], M (&a2)
   }
 }
 
+// The same for a channels-last thread's V channels, each lane shifted by its channel's shift
+// (shifts: the thread's V, from tile_shifts_rows), or by 0 where the thread has no channels.
+template <int V, typename M>
+__device__ __forceinline__ void start_tile_lanes(const M* shifts, bool active, M (&k)[V],
+                                                 M (&a1)[V], M (&a2)[V]) {
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    k[w] = active ? shifts[w] : M(0);
+    a1[w] = 0;
+    a2[w] = 0;
+  }
+}
+
 // The lanes of one channel merged in lane order.
 template <int V, typename M>
 __device__ __forceinline__ Sums<M> merge_lanes(const M (&a1)[V], const M (&a2)[V]) {

@@ -72,6 +72,16 @@ __device__ __forceinline__ math_t<T> lane_value(const Vec<T, V>& v, int w) {
 #define BN_EXT_EMU_CHECK_ALIGNED(p, bytes)
 #endif
 
+// A kernel's dynamic shared memory (the launch's bytes, 16-byte aligned) as `name`, an
+// unsigned char*; on the emulator the block's own buffer (runtime.cpp).
+#ifdef BN_EXT_CUDA_EMULATOR
+#define BN_EXT_DYNAMIC_SHARED(name) unsigned char* name = ::emu::dynamic_shared()
+#else
+#define BN_EXT_DYNAMIC_SHARED(name)                              \
+  extern __shared__ __align__(16) unsigned char name##_bytes[]; \
+  unsigned char* name = name##_bytes
+#endif
+
 template <int V, typename T>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
   BN_EXT_EMU_CHECK_ALIGNED(p, sizeof(Vec<T, V>));
@@ -406,6 +416,8 @@ void launch_eval_elementwise(Elementwise op, const Tensor& x, const Tensor& dy,
 //              faster on 33 of 36 ResNet-50 rows at batch 32, bench/results/README.md);
 //   kAll       "1": also the cooperative kernel, a channel over several blocks (measured slower
 //              than multi-pass: opt-in).
+// Unless kOff, BN_EXT_CUDA_SEMI_PERSISTENT=1 (an experiment) first tries the semi-persistent
+// channels-last kernel, which holds what fits on chip and reads the rest again.
 enum class SinglePass { kOff, kOneBlock, kAll };
 SinglePass single_pass_mode();
 
@@ -414,8 +426,9 @@ SinglePass single_pass_mode();
 // slice fits in one, else, under kAll, across a per-channel barrier), and the output is written
 // from the registers. They return false, having launched nothing, where that path does not apply
 // (the slice does not fit on chip, or the device lacks the cooperative launch that a channel
-// spread over several blocks needs). The forward also updates `running` (nullable; a fixed
-// momentum) where its kernel can, and then sets running_updated.
+// spread over several blocks needs; the semi-persistent kernel's: persistent_kernels.cu). The
+// forward also updates `running` (nullable; a fixed momentum) where its kernel can, and then
+// sets running_updated.
 bool launch_persistent_forward(SinglePass mode, const Tensor& x, const Geometry& g,
                                const Tensor& weight, const Tensor& bias, double eps,
                                const Tensor& y, const Tensor& mean, const Tensor& var,
@@ -424,6 +437,11 @@ bool launch_persistent_backward(SinglePass mode, const Tensor& dy, const Tensor&
                                 const Geometry& g, const Tensor& mean, const Tensor& var,
                                 const Tensor& weight, double eps, const Tensor& dx,
                                 const Tensor& grad_weight, const Tensor& grad_bias);
+
+// n unsigned counters at 0 on x's device, for the current stream's next kernel, which must
+// leave them at 0 again (merge_if_last's tickets; the semi-persistent kernel's barriers): the
+// stream's own buffer, so no launch zeroes it first (reduce_kernels.cu).
+Tensor zeroed_counters(int64_t n, const Tensor& like);
 
 // running_stats_update (bn_ext.h) in one single-block launch; n is read from `count` (a 0-d
 // device tensor) when it is defined, else it is `n`.

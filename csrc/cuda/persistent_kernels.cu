@@ -25,7 +25,9 @@
 // G - 1 blocks are resident and (by induction over the tiles before it) reach it too.
 //
 // Where a contiguous channel fits in one block (G = 1), an ordinary launch of one block per
-// channel replaces all this (persistent_channel_block_kernel, below).
+// channel replaces all this (persistent_channel_block_kernel, below). Where a channels-last
+// input's channels fit one tile but its rows do not fit on chip, BN_EXT_CUDA_SEMI_PERSISTENT=1
+// (an experiment) holds what fits and reads the rest again (semi_persistent_rows_kernel, below).
 //
 // Eligibility is decided here (channel_block() and persistent() return false, launching nothing):
 // 32-bit indices, cooperative launch (but for one block per channel), and one tile within the
@@ -81,6 +83,25 @@ __device__ __forceinline__ void store_partial(M* partial, int64_t C, int64_t G, 
                                               int64_t c, const Sums<M>& s) {
   partial[g * C + c] = s.s1;
   partial[(G + g) * C + c] = s.s2;
+}
+
+// A channels-last block's sums of its V channels a column: merged down the block's rows, and
+// stored by row 0 as block g's pairs (where its channels are in the tensor). Every thread of the
+// block calls it.
+template <int V, typename M, typename I>
+__device__ __forceinline__ void stage_tile_sums(const M (&a1)[V], const M (&a2)[V],
+                                                Sums<M>* smem, M* partial, I C, int64_t G,
+                                                int64_t g, I c0, bool active) {
+  Sums<M> v[V];
+#pragma unroll
+  for (int w = 0; w < V; ++w) v[w] = Sums<M>{a1[w], a2[w]};
+  column_merge<M, V>(v, smem);
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int w = 0; w < V; ++w) {
+      store_partial(partial, static_cast<int64_t>(C), G, g, c0 + w, v[w]);
+    }
+  }
 }
 
 // Contiguous (N, C, S): tile = channel c, its nv = N * S / V vectors; vector j at
@@ -201,31 +222,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     }
     M k[V], a1[V], a2[V];
-#pragma unroll
-    for (int w = 0; w < V; ++w) {
-      k[w] = active ? shifts[tx * V + w] : M(0);
-      a1[w] = 0;
-      a2[w] = 0;
-    }
+    start_tile_lanes<V>(shifts + tx * V, active, k, a1, a2);
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       if (active && r0 + i * step < rows) accumulate_vec<Op, V>(xs[i], ds[kDy ? i : 0], k, a1, a2);
     }
-    Sums<M> v[V];
-#pragma unroll
-    for (int w = 0; w < V; ++w) v[w] = Sums<M>{a1[w], a2[w]};
-    column_merge<M, V>(v, smem);
-    if (ty == 0 && active) {
-#pragma unroll
-      for (int w = 0; w < V; ++w) {
-        store_partial(partial, static_cast<int64_t>(C), G, g, c0 + w, v[w]);
-      }
-    }
+    stage_tile_sums<V>(a1, a2, smem, partial, C, G, g, c0, active);
 
     tile_barrier(arrived, t, static_cast<unsigned int>(G));
 
     // Every block of the tile: per channel the G pairs, g = ty, ty + by, ... ascending, then the
     // fixed tree down the block's rows.
+    Sums<M> v[V];
 #pragma unroll
     for (int w = 0; w < V; ++w) v[w] = Sums<M>{0, 0};
     if (active) {
@@ -264,6 +272,204 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     }
     __syncthreads();  // shifts, coefs and smem are reused by the next tile
+  }
+}
+
+// ---- Semi-persistent channels-last kernel (BN_EXT_CUDA_SEMI_PERSISTENT=1) ---------------------
+//
+// Where a channels-last input is too big to hold on chip, but its channels fit one tile (C / V
+// channel vectors within a warp's 32: up to 128 channels in 32-bit types, 256 in 16-bit), one
+// cooperative wave of G blocks (bx, by) covers it: block g's items are the row groups
+// q = i * G + g (rows [q * by, + by)), as the multi-pass reduction strides, so item i of every
+// block lies in the tensor's i-th G * by rows. A thread reads its items in order, kHeld at a
+// time, and adds them: its last kHeld (the tensor's end) stay in registers, up to stash_items
+// before them in shared memory, and the ones before those are dropped (streamed). The blocks
+// stage their sums, meet at a grid barrier, block c merges channel c's G pairs (finalize_kernel's
+// work, without a launch) and publishes its coefficients, and once all C are published every
+// block maps: its items in registers, then in shared memory, then the streamed ones read again,
+// last first (what the wave read last, likeliest still in L2). Memory sees x (and dy) once,
+// plus the streamed share again, and the output once: 3 passes backward (2 forward) where
+// everything is held (16-bit 32x64x56x56 on an H100: 12 items a thread, 16 held), 5 (3) at
+// worst. cuDNN's channels-last training kernels are of this kind ("semiPersist"), and led
+// the multi-pass path on those rows (0.83-0.87x, H100, a6e9ccd).
+//
+// Determinism: a thread adds its items in order, column_merge and the merge of the G pairs are
+// fixed trees; G is one wave of this kernel on the device. The counters (barrier, published
+// channels, blocks done) are the stream's zeroed ones; the last block done sets them back to 0,
+// when every block is past both waits.
+//
+// A thread's held items: kHeld in registers (16-byte vectors; 4 of x and dy in the float32
+// backward spilled around finish()'s float64 division on sm_80 and sm_90, nvcc 13.0), and up to
+// stash_items more in dynamic shared memory, as many as half an SM's holds beside the static
+// (two blocks an SM, by the registers: an H100's 228 KB holds 12-13 more of x and dy a thread,
+// 23-25 of x; semi_persistent() sizes it).
+template <typename T, typename Op>
+constexpr int kHeld = Op::kNeedsDy ? (sizeof(T) == 4 ? 3 : 4) : 8;
+
+// Waits (the whole block) until *count reaches target; what was stored before the increments
+// that reached it is then visible (read it with __ldcg).
+__device__ __forceinline__ void await_count(const unsigned int* count, unsigned int target) {
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    const volatile unsigned int* c = count;
+    while (*c < target) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+      __nanosleep(32);
+#endif
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// The map of vector xv (and dv) with lane w's channel's coefficients kc[w].
+template <typename Op, int V, typename T, typename M>
+__device__ __forceinline__ Vec<T, V> map_lanes(const Vec<T, V>& xv, const Vec<T, V>& dv,
+                                               const Coefs<M> (&kc)[V]) {
+  Vec<T, V> o;
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    const M dw = Op::kNeedsDy ? lane_value(dv, w) : M(0);
+    o.v[w] = static_cast<T>(elementwise_value<Op::kMap>(lane_value(xv, w), dw, kc[w]));
+  }
+  return o;
+}
+
+template <typename T, typename Op, typename I, int V>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    semi_persistent_rows_kernel(const Op op, const T* __restrict__ x, const T* __restrict__ dy,
+                                T* __restrict__ out, I rows, I C, int stash_items,
+                                math_t<T>* __restrict__ partial,
+                                Coefs<math_t<T>>* __restrict__ coefs,
+                                unsigned int* __restrict__ counters) {
+  using M = math_t<T>;
+  constexpr bool kDy = Op::kNeedsDy;
+  constexpr int K = kHeld<T, Op>, D = kDy ? 2 : 1;
+  __shared__ Sums<M> smem[kThreads / 2 * V];
+  __shared__ M groups[Op::kSampledShift ? kShiftGroups * 32 * V : 1], shifts[32 * V];
+  __shared__ Coefs<M> tile[32 * V];
+  // Stashed item s of thread tid: x at [s * D * kThreads + tid], dy one kThreads further
+  // (stash_items * D * kThreads vectors).
+  BN_EXT_DYNAMIC_SHARED(dynamic);
+  Vec<T, V>* stash = reinterpret_cast<Vec<T, V>*>(dynamic);
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int tid = ty * bx + tx;
+  const int64_t G = gridDim.x, g = blockIdx.x;
+  const int width = bx * V;
+  const int here = static_cast<int>(std::min<int64_t>(width, static_cast<int64_t>(C)));
+  const I c0 = static_cast<I>(tx * V);
+  const bool active = c0 < C;  // V divides C: a thread's channels are all in or all out
+  tile_shifts_rows<T, V>(op, 0, width, here, tx, ty, tid, active, groups, shifts);
+
+  // This thread's items: rows r0 + i * step, i < n. Items [kept, n) stay in registers,
+  // [stashed, kept) in shared memory; those below `stashed` are streamed.
+  const I step = static_cast<I>(G * by);
+  const I r0 = static_cast<I>(g * by) + ty;
+  const auto offset = [&](int i) { return (r0 + static_cast<I>(i) * step) * C + c0; };
+  const int n = active && r0 < rows ? static_cast<int>((rows - r0 + step - 1) / step) : 0;
+  const int kept = n > K ? n - K : 0;
+  const int stashed = kept > stash_items ? kept - stash_items : 0;
+  M k[V], a1[V], a2[V];
+  start_tile_lanes<V>(shifts + tx * V, active, k, a1, a2);
+  Vec<T, V> xs[K] = {};  // (items past n: mapped below with the others, never stored)
+  Vec<T, V> ds[kDy ? K : 1] = {};
+  // Chunks of K items from i0 up to `end`, in order: loaded, added, and (from `stashed` on)
+  // stashed.
+  const auto chunk = [&](int i0, int end) {
+#pragma unroll
+    for (int u = 0; u < K; ++u) {
+      if (i0 + u < end) {
+        xs[u] = load_vec<V>(x + offset(i0 + u));
+        if constexpr (kDy) ds[u] = load_vec<V>(dy + offset(i0 + u));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < K; ++u) {
+      const int i = i0 + u;
+      if (i < end) {
+        accumulate_vec<Op, V>(xs[u], ds[kDy ? u : 0], k, a1, a2);
+        if (i >= stashed && i < kept) {
+          stash[((i - stashed) * D) * kThreads + tid] = xs[u];
+          if constexpr (kDy) stash[((i - stashed) * D + 1) * kThreads + tid] = ds[u];
+        }
+      }
+    }
+  };
+  for (int i0 = 0; i0 < kept; i0 += K) chunk(i0, kept);
+  chunk(kept, n);
+  stage_tile_sums<V>(a1, a2, smem, partial, C, G, g, c0, active);
+  tile_barrier(counters, 0, static_cast<unsigned int>(G));  // (row 0 stored the pairs)
+
+  // Block c merges channel c (and c + G, ...): its G pairs over the block's threads, h = tid,
+  // tid + kThreads, ... ascending, then a fixed tree; finish() stores its outputs.
+  for (int64_t c = g; c < C; c += G) {
+    Sums<M> s[1] = {Sums<M>{0, 0}};
+    for (int64_t h = tid; h < G; h += kThreads) {
+      s[0] = merge(s[0], load_partial(partial, static_cast<int64_t>(C), G, h, c));
+    }
+    column_merge_as<M, 1>(s, smem, 1, kThreads, 0, tid);
+    if (tid == 0) coefs[c] = op.finish(c, shifts[c], s[0].s1, s[0].s2);
+  }
+  const int64_t mergers = std::min<int64_t>(G, C);
+  if (tid == 0 && g < mergers) {  // (thread 0 stored the coefficients itself)
+    __threadfence();
+    atomicAdd(counters + 1, 1u);
+  }
+  await_count(counters + 1, static_cast<unsigned int>(mergers));
+  if (tid < here) {
+    const M* p = reinterpret_cast<const M*>(coefs + tid);
+    tile[tid] = Coefs<M>{__ldcg(p), __ldcg(p + 1), __ldcg(p + 2), __ldcg(p + 3)};
+  }
+  __syncthreads();
+  if (tid == 0 && atomicAdd(counters + 2, 1u) == static_cast<unsigned int>(G - 1)) {
+    counters[0] = 0;  // every block is past both waits: the stream's next kernel finds 0s
+    counters[1] = 0;
+    counters[2] = 0;
+  }
+  if (!active) return;
+
+  // The items in registers, a channel's coefficients at a time, written over the inputs.
+#pragma unroll
+  for (int w = 0; w < V; ++w) {
+    const Coefs<M> kc = tile[tx * V + w];
+#pragma unroll
+    for (int u = 0; u < K; ++u) {
+      const M dw = kDy ? lane_value(ds[kDy ? u : 0], w) : M(0);
+      xs[u].v[w] = static_cast<T>(elementwise_value<Op::kMap>(lane_value(xs[u], w), dw, kc));
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < K; ++u) {
+    if (kept + u < n) store_vec<V>(out + offset(kept + u), xs[u]);
+  }
+  // Then, with the thread's V channels' coefficients in registers (the items' are free now),
+  // the stashed items, and the streamed ones read again, last first, two in flight.
+  Coefs<M> kc[V];
+#pragma unroll
+  for (int w = 0; w < V; ++w) kc[w] = tile[tx * V + w];
+  for (int i = stashed; i < kept; ++i) {
+    const int s = (i - stashed) * D;
+    const Vec<T, V> xv = stash[s * kThreads + tid];
+    const Vec<T, V> dv = kDy ? stash[(s + 1) * kThreads + tid] : xv;
+    store_vec<V>(out + offset(i), map_lanes<Op, V>(xv, dv, kc));
+  }
+  constexpr int kBack = 2;
+  for (int i = stashed - 1; i >= 0; i -= kBack) {
+    Vec<T, V> xb[kBack] = {};
+    Vec<T, V> db[kDy ? kBack : 1] = {};
+#pragma unroll
+    for (int u = 0; u < kBack; ++u) {
+      if (i - u >= 0) {
+        xb[u] = load_vec<V>(x + offset(i - u));
+        if constexpr (kDy) db[u] = load_vec<V>(dy + offset(i - u));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBack; ++u) {
+      if (i - u >= 0) {
+        store_vec<V>(out + offset(i - u), map_lanes<Op, V>(xb[u], db[kDy ? u : 0], kc));
+      }
+    }
   }
 }
 
@@ -506,6 +712,13 @@ int one_block_threads() {
   return env_is(kName, "256") ? kThreads : 0;
 }
 
+// Whether x, out and (for an op that reads it) dy start on 16-byte boundaries.
+template <typename T, typename Op>
+bool aligned16(const Tensor& x, const Tensor& dy, const Tensor& out) {
+  return is_aligned16(x.const_data_ptr<T>()) && is_aligned16(out.const_data_ptr<T>()) &&
+         (!Op::kNeedsDy || is_aligned16(dy.const_data_ptr<T>()));
+}
+
 // The one-block-per-channel launch where it applies: contiguous, 16-byte aligned, fewer than
 // 2^31 elements, at least as many channels as SMs, and a channel's slots within kThreads * kItems
 // (under BN_EXT_CUDA_TWO_SWEEPS=1, its elements within kTwoSweepMaxElems). Returns whether it
@@ -524,12 +737,10 @@ bool channel_block(const Op& op, const Tensor& x, const Tensor& dy, const Tensor
       g.C < sm_count()) {
     return false;
   }
+  if (!aligned16<T, Op>(x, dy, out)) return false;
   const T* xp = x.const_data_ptr<T>();
   const T* dyp = Op::kNeedsDy ? dy.const_data_ptr<T>() : nullptr;
   T* outp = out.mutable_data_ptr<T>();
-  if (!(is_aligned16(xp) && is_aligned16(outp) && (dyp == nullptr || is_aligned16(dyp)))) {
-    return false;
-  }
   const bool masked = g.S % V != 0;
   TORCH_INTERNAL_ASSERT(V == kMaxVec<T> || !masked);
   const int64_t per_run = masked ? (g.S + 2 * V - 2) / V : g.S / V;
@@ -598,14 +809,15 @@ bool plan_grid(int64_t tiles, int64_t work, int64_t per_item, int64_t items, int
 // from its pointer by the parameter's size, so each argument must have its parameter's type
 // exactly: checked here at compile time.
 template <typename... P, typename... A>
-bool launch_cooperative(void (*kernel)(P...), int64_t blocks, dim3 block, cudaStream_t stream,
-                        const A&... args) {
+bool launch_cooperative(void (*kernel)(P...), int64_t blocks, dim3 block, size_t shared_bytes,
+                        cudaStream_t stream, const A&... args) {
   static_assert(sizeof...(P) == sizeof...(A) && (std::is_same_v<std::remove_cv_t<P>, A> && ...),
                 "a cooperative launch's arguments must have its parameters' types");
   void* arg_ptrs[] = {const_cast<void*>(static_cast<const void*>(&args))...};
   const cudaError_t err =
       cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
-                                  dim3(static_cast<unsigned>(blocks)), block, arg_ptrs, 0, stream);
+                                  dim3(static_cast<unsigned>(blocks)), block, arg_ptrs,
+                                  shared_bytes, stream);
   if (err == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError();  // clear it: the multi-pass path runs instead
     return false;
@@ -627,8 +839,7 @@ bool persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& o
   const T* xp = x.const_data_ptr<T>();
   const T* dyp = Op::kNeedsDy ? dy.const_data_ptr<T>() : nullptr;
   T* outp = out.mutable_data_ptr<T>();
-  const bool aligned =
-      is_aligned16(xp) && is_aligned16(outp) && (dyp == nullptr || is_aligned16(dyp));
+  const bool aligned = aligned16<T, Op>(x, dy, out);
   const bool cl = g.layout == Layout::kChannelsLast;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<M>::value);
@@ -651,8 +862,8 @@ bool persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& o
       at::cuda::detail::IntDivider<I> div(static_cast<I>(per_run));
       M* pp = partial.mutable_data_ptr<M>();
       auto* ap = reinterpret_cast<unsigned int*>(arrived.mutable_data_ptr<int>());
-      launched = launch_cooperative(kernel, P * G, dim3(kThreads), stream, op, xp, dyp, outp, Ci,
-                                    Si, div, nvi, G, pp, ap);
+      launched = launch_cooperative(kernel, P * G, dim3(kThreads), 0, stream, op, xp, dyp, outp,
+                                    Ci, Si, div, nvi, G, pp, ap);
     } else {
       const auto kernel = persistent_channels_last_kernel<T, Op, I, V>;
       static std::array<std::atomic<int>, 64> occupancy{};
@@ -676,11 +887,86 @@ bool persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& o
       I rowsi = static_cast<I>(rows);
       M* pp = partial.mutable_data_ptr<M>();
       auto* ap = reinterpret_cast<unsigned int*>(arrived.mutable_data_ptr<int>());
-      launched = launch_cooperative(kernel, P * G, dim3(bx, by), stream, op, xp, dyp, outp, rowsi,
-                                    Ci, tiles, G, pp, ap);
+      launched = launch_cooperative(kernel, P * G, dim3(bx, by), 0, stream, op, xp, dyp, outp,
+                                    rowsi, Ci, tiles, G, pp, ap);
     }
   });
   return launched;
+}
+
+// BN_EXT_CUDA_SEMI_PERSISTENT=1 (read on every call; an experiment, off by default until a GPU
+// has timed it): the training ops on a channels-last input whose channels fit one tile run
+// semi_persistent_rows_kernel (above), before any other single-pass kernel.
+bool semi_persistent_on() { return env_is("BN_EXT_CUDA_SEMI_PERSISTENT", "1"); }
+
+// Launches the semi-persistent kernel where it applies: channels-last, 32- or 16-bit, 16-byte
+// aligned with C a multiple of the vector, C / V <= 32, fewer than 2^31 elements, and a device
+// with cooperative launches. G is one wave of the kernel (no more than the row groups). Returns
+// whether it launched.
+template <typename T, typename Op>
+bool semi_persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tensor& out,
+                     const Geometry& g) {
+  using M = math_t<T>;
+  using I = uint32_t;
+  constexpr int V = kMaxVec<T>;
+  if constexpr (std::is_same_v<M, double>) {
+    return false;
+  } else {
+    if (g.layout != Layout::kChannelsLast || x.numel() == 0 ||
+        x.numel() >= (int64_t(1) << 31) || g.C % V != 0 || g.C / V > 32 ||
+        !at::cuda::getCurrentDeviceProperties()->cooperativeLaunch ||
+        !aligned16<T, Op>(x, dy, out)) {
+      return false;
+    }
+    const T* xp = x.const_data_ptr<T>();
+    const T* dyp = Op::kNeedsDy ? dy.const_data_ptr<T>() : nullptr;
+    T* outp = out.mutable_data_ptr<T>();
+    const auto kernel = semi_persistent_rows_kernel<T, Op, I, V>;
+    // The stash: what half an SM's shared memory holds beside the kernel's static shared
+    // memory, in items of x (and dy) for each thread; asked once per device, as is the
+    // occupancy with it, which sizes the grid (none resident: not launched).
+    constexpr int64_t kItemBytes = (Op::kNeedsDy ? 2 : 1) * int64_t{sizeof(Vec<T, V>)} * kThreads;
+    static std::array<std::atomic<int>, 64> stash_cache{}, occupancy{};
+    const int stash_items = per_device(stash_cache, [&] {
+      const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+      cudaFuncAttributes attr;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      const int64_t half = static_cast<int64_t>(p->sharedMemPerMultiprocessor) / kMinBlocks;
+      const int64_t room = std::min<int64_t>(half, p->sharedMemPerBlockOptin) -
+                           static_cast<int64_t>(attr.sharedSizeBytes) -
+                           static_cast<int64_t>(p->reservedSharedMemPerBlock);
+      const int items = static_cast<int>(std::max<int64_t>(0, room / kItemBytes));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(items * kItemBytes)));
+      return items;
+    });
+    const size_t stash_bytes = static_cast<size_t>(stash_items * kItemBytes);
+    const int64_t per_sm = per_device(occupancy, [&] {
+      int n = 0;
+      C10_CUDA_CHECK(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, stash_bytes));
+      return n;
+    });
+    if (per_sm < 1) return false;
+    const int64_t C = g.C;
+    const int bx = next_pow2(C / V);
+    const int by = kThreads / bx;
+    const int64_t rows = g.N * g.S;
+    const int64_t G = std::min(per_sm * sm_count(), ceil_div(rows, by));
+    const auto opts = x.options().dtype(c10::CppTypeToScalarType<M>::value);
+    const Tensor partial = at::empty({2 * G * C}, opts);
+    const Tensor coefs = at::empty({4 * C}, opts);  // Coefs<M> a channel
+    const Tensor counters = zeroed_counters(3, x);
+    Op mop = op;
+    mop.coef = nullptr;  // the kernel keeps its coefficients
+    I rowsi = static_cast<I>(rows), Ci = static_cast<I>(C);
+    M* pp = partial.mutable_data_ptr<M>();
+    auto* cp = reinterpret_cast<Coefs<M>*>(coefs.mutable_data_ptr<M>());
+    auto* ap = reinterpret_cast<unsigned int*>(counters.mutable_data_ptr<int>());
+    return launch_cooperative(kernel, G, dim3(bx, by), stash_bytes,
+                              at::cuda::getCurrentCUDAStream(), mop, xp, dyp, outp, rowsi, Ci,
+                              stash_items, pp, cp, ap);
+  }
 }
 
 }  // namespace
@@ -706,9 +992,9 @@ bool launch_persistent_forward(SinglePass mode, const Tensor& x, const Geometry&
       running_updated = running != nullptr;
       return;
     }
-    if (mode != SinglePass::kAll) return;
     const auto op = stats_op<scalar_t>(x, g, weight, bias, eps, mean, var, Tensor());
-    launched = persistent<scalar_t>(op, x, Tensor(), y, g);
+    launched = (semi_persistent_on() && semi_persistent<scalar_t>(op, x, Tensor(), y, g)) ||
+               (mode == SinglePass::kAll && persistent<scalar_t>(op, x, Tensor(), y, g));
   });
   return launched;
 }
@@ -722,6 +1008,7 @@ bool launch_persistent_backward(SinglePass mode, const Tensor& dy, const Tensor&
     const auto op = grad_op<scalar_t>(g, mean, var, weight, eps, Tensor(), Tensor(), grad_weight,
                                       grad_bias, Tensor());
     launched = channel_block<scalar_t>(op, x, dy, dx, g) ||
+               (semi_persistent_on() && semi_persistent<scalar_t>(op, x, dy, dx, g)) ||
                (mode == SinglePass::kAll && persistent<scalar_t>(op, x, dy, dx, g));
   });
   return launched;

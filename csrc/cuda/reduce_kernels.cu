@@ -322,12 +322,7 @@ __global__ void __launch_bounds__(kThreads)
   tile_shifts_rows<T, V>(op, first, width, here, threadIdx.x, threadIdx.y, tid, active, groups,
                          shifts);
   M k[V], a1[V], a2[V];
-#pragma unroll
-  for (int w = 0; w < V; ++w) {
-    k[w] = active ? shifts[threadIdx.x * V + w] : M(0);
-    a1[w] = 0;
-    a2[w] = 0;
-  }
+  start_tile_lanes<V>(shifts + threadIdx.x * V, active, k, a1, a2);
   if (active) {
     const I step = static_cast<I>(gridDim.y) * blockDim.y;
     const I r = static_cast<I>(blockIdx.y) * blockDim.y + threadIdx.y;
@@ -536,32 +531,6 @@ int64_t channels_last_wave() {
 // over 64.
 bool fold_finalize() { return env_is("BN_EXT_CUDA_FOLD_FINALIZE", "1"); }
 
-// n counters at 0 for merge_if_last, in a buffer of the device and stream's own that every launch
-// leaves at 0 again (each channel's last block resets its counter), so no launch zeroes it first;
-// launches on one stream run one after another, so they never share it at once. A stream being
-// captured into a CUDA graph gets a fresh zeroed tensor instead (a graph may replay on another
-// stream while this one runs). The map is never freed (freeing at exit could come after CUDA's
-// teardown). A larger request replaces the stream's buffer: the caching allocator hands the old
-// one's memory only to later work on this stream, which runs after the launches that used it.
-// Streams are told apart by handle: two streams that run at once with one handle (a build with a
-// per-thread default stream; a stream destroyed with work in flight and its handle reused) would
-// share counters, which torch's own streams never do.
-Tensor zeroed_counters(int64_t n, const Tensor& like) {
-  const auto opts = like.options().dtype(at::kInt);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return at::zeros({n}, opts);
-  static std::mutex mutex;
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, Tensor>();
-  const std::lock_guard<std::mutex> lock(mutex);
-  Tensor& b = (*buffers)[{static_cast<int>(like.get_device()), stream}];
-  if (!b.defined() || b.numel() < n) {
-    b = at::zeros({std::max<int64_t>(n, b.defined() ? 2 * b.numel() : 0)}, opts);
-  }
-  return b;
-}
-
 // The op's reduction [+ finalize pass]. With `out` defined (train_forward's y, train_backward's
 // dx), where BN_EXT_CUDA_MERGING_MAP=1 applies (above), the merging map instead of the finalize
 // pass, writing `out`: returns whether it did, so that the caller's map is then not launched.
@@ -676,6 +645,32 @@ bool reduce(const Op& op, const Tensor& x, const Tensor& dy, const Geometry& g,
 }
 
 }  // namespace
+
+// n counters at 0 (common.cuh), in a buffer of the device and stream's own that every launch
+// leaves at 0 again (each channel's last block resets its counter), so no launch zeroes it first;
+// launches on one stream run one after another, so they never share it at once. A stream being
+// captured into a CUDA graph gets a fresh zeroed tensor instead (a graph may replay on another
+// stream while this one runs). The map is never freed (freeing at exit could come after CUDA's
+// teardown). A larger request replaces the stream's buffer: the caching allocator hands the old
+// one's memory only to later work on this stream, which runs after the launches that used it.
+// Streams are told apart by handle: two streams that run at once with one handle (a build with a
+// per-thread default stream; a stream destroyed with work in flight and its handle reused) would
+// share counters, which torch's own streams never do.
+Tensor zeroed_counters(int64_t n, const Tensor& like) {
+  const auto opts = like.options().dtype(at::kInt);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return at::zeros({n}, opts);
+  static std::mutex mutex;
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  Tensor& b = (*buffers)[{static_cast<int>(like.get_device()), stream}];
+  if (!b.defined() || b.numel() < n) {
+    b = at::zeros({std::max<int64_t>(n, b.defined() ? 2 * b.numel() : 0)}, opts);
+  }
+  return b;
+}
 
 bool launch_batch_stats(const Tensor& x, const Geometry& g, const Tensor& weight,
                         const Tensor& bias, double eps, const Tensor& mean, const Tensor& var,

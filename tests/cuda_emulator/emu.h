@@ -78,6 +78,9 @@ struct cudaDeviceProp {
   int multiProcessorCount;
   int maxThreadsPerMultiProcessor;
   int cooperativeLaunch;
+  size_t sharedMemPerMultiprocessor;  // BN_EXT_EMU_SMEM_PER_SM (default an H100's 228 KB)
+  size_t sharedMemPerBlockOptin;
+  size_t reservedSharedMemPerBlock;
 };
 
 const char* cudaGetErrorString(cudaError_t err);
@@ -103,14 +106,17 @@ void spin_wait();                                  // one round of a spin loop (
 void note_progress();                              // a block has arrived (atomicAdd)
 void check_aligned(const void* p, size_t bytes);   // a vector access's alignment
 void poison_shared(void* p, size_t bytes);         // all ones, once per block (build.py)
+unsigned char* dynamic_shared();                   // the block's dynamic shared memory
 int blocks_per_sm();                               // the emulated occupancy of every kernel
 int blocks_per_sm(const char* kernel_type);        // ... or of some (BN_EXT_EMU_BLOCKS_PER_SM_OF)
 int64_t index32_bound();                           // 0 with BN_EXT_EMU_INDEX64=1, else 2^31
 int64_t max_grid_x();                              // BN_EXT_EMU_MAX_GRID_X, else 2^31 - 1
 
 // The blocks of a grid, each running `block_body` in every thread (block by block, or all at
-// once for a cooperative launch).
-void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bool cooperative);
+// once for a cooperative launch), with `dynamic_bytes` of dynamic shared memory each (all ones
+// at first, as __shared__ variables).
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bool cooperative,
+              size_t dynamic_bytes = 0);
 
 // Type erasure for cudaLaunchCooperativeKernel, which gets `const void*` and `void** args`: the
 // kernel's parameter types are kept with its address when build.py's rewrite of
@@ -187,16 +193,28 @@ struct cudaLaunchConfig_t {
   unsigned int numAttrs;
 };
 
-// The fields of cudaFuncAttributes that csrc/cuda reads: the emulated kernels count as sm_90's.
+// The fields of cudaFuncAttributes that csrc/cuda reads: the emulated kernels count as sm_90's,
+// with no static shared memory (its size is not known here).
 struct cudaFuncAttributes {
   int ptxVersion;
   int binaryVersion;
+  size_t sharedSizeBytes;
 };
 
 template <typename K>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K) {
   attr->ptxVersion = 90;
   attr->binaryVersion = 90;
+  attr->sharedSizeBytes = 0;
+  return cudaSuccess;
+}
+
+// A kernel's dynamic shared memory may exceed 48 KB once this raises its limit; the emulator
+// holds launches to the device's per-block limit (cudaLaunchCooperativeKernel) whatever it is.
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+template <typename K>
+cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int) {
   return cudaSuccess;
 }
 

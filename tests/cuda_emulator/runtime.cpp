@@ -63,6 +63,7 @@ struct Block {
   Fiber* running = nullptr;
   const std::function<void()>* body = nullptr;
   std::unordered_set<const void*> poisoned;  // the __shared__ variables filled so far
+  std::vector<unsigned char> dynamic;        // the launch's dynamic shared memory
 };
 
 thread_local Block* tl_block = nullptr;
@@ -104,12 +105,14 @@ std::string where(const Fiber& f) {
   return std::string(f.wait_file) + ":" + std::to_string(f.wait_line);
 }
 
-void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 block_idx) {
+void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 block_idx,
+               size_t dynamic_bytes) {
   const size_t n = static_cast<size_t>(block.x) * block.y * block.z;
   TORCH_CHECK(n >= 1 && n <= 1024, "emulated launch: ", n, " threads per block");
   while (tl_stacks.size() < n) tl_stacks.emplace_back();
   Block b;
   b.body = &body;
+  b.dynamic.assign(dynamic_bytes, 0xFF);
   b.fibers.resize(n);
   for (size_t i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
@@ -180,6 +183,7 @@ std::atomic<int64_t> g_launches[2];
 // The threads per block of the last grid: which of a kernel's block sizes a launch chose; and
 // its blocks: how a launch sized its grid (and the blocks of the grid before it).
 std::atomic<int64_t> g_last_block_threads{0};
+std::atomic<int64_t> g_last_dynamic_bytes{0};
 std::atomic<int64_t> g_last_grid_blocks{0};
 std::atomic<int64_t> g_previous_grid_blocks{0};
 // Launches that asked to overlap the one before them (programmatic dependent launch).
@@ -238,6 +242,10 @@ void poison_shared(void* p, size_t bytes) {
   if (tl_block->poisoned.insert(p).second) std::memset(p, 0xFF, bytes);
 }
 
+unsigned char* dynamic_shared() {
+  return tl_block->dynamic.empty() ? nullptr : tl_block->dynamic.data();
+}
+
 int blocks_per_sm() { return env_int("BN_EXT_EMU_BLOCKS_PER_SM", 2); }
 
 // BN_EXT_EMU_BLOCKS_PER_SM_OF=TEXT:N: the occupancy that the runtime reports for the kernels whose
@@ -276,7 +284,8 @@ int64_t resident_blocks() {
 
 }  // namespace
 
-void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bool cooperative) {
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bool cooperative,
+              size_t dynamic_bytes) {
   TORCH_CHECK(grid.x <= 0x7FFFFFFFu && grid.y <= 65535 && grid.z <= 65535,
               "emulated launch: grid (", grid.x, ", ", grid.y, ", ", grid.z,
               ") is over the limits of 2^31 - 1 in x and 65535 in y and z");
@@ -288,11 +297,12 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bo
   }
   ++g_launches[cooperative ? 1 : 0];
   g_last_block_threads = int64_t(block.x) * block.y * block.z;
+  g_last_dynamic_bytes = static_cast<int64_t>(dynamic_bytes);
   g_previous_grid_blocks = g_last_grid_blocks.load();
   g_last_grid_blocks = int64_t(grid.x) * grid.y * grid.z;
   if (!cooperative) {
     if (reverse_order()) std::reverse(ids.begin(), ids.end());
-    for (const uint3& id : ids) run_block(block_body, grid, block, id);
+    for (const uint3& id : ids) run_block(block_body, grid, block, id, dynamic_bytes);
     return;
   }
   // All blocks at once, a host thread each (their barriers spin until the others arrive).
@@ -304,7 +314,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bo
     for (size_t i = 0; i < ids.size(); ++i) {
       threads.emplace_back([&, i] {
         try {
-          run_block(block_body, grid, block, ids[i]);
+          run_block(block_body, grid, block, ids[i], dynamic_bytes);
         } catch (...) {
           errors[i] = std::current_exception();
           g_grid_failed = true;
@@ -337,6 +347,10 @@ cudaDeviceProp* getCurrentDeviceProperties() {
   prop.multiProcessorCount = emu::env_int("BN_EXT_EMU_SMS", 4);
   prop.maxThreadsPerMultiProcessor = 2048;
   prop.cooperativeLaunch = 1;
+  // An H100's by default: 228 KB an SM, 1 KB of it reserved per block.
+  prop.sharedMemPerMultiprocessor = emu::env_int("BN_EXT_EMU_SMEM_PER_SM", 233472);
+  prop.reservedSharedMemPerBlock = 1024;
+  prop.sharedMemPerBlockOptin = std::max<size_t>(prop.sharedMemPerMultiprocessor, 1024) - 1024;
   return &prop;
 }
 
@@ -355,7 +369,7 @@ const char* cudaGetErrorString(cudaError_t err) {
 cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 cudaError_t cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 block, void** args,
-                                        size_t, cudaStream_t) {
+                                        size_t shared_bytes, cudaStream_t) {
   std::function<void(void**)> call;
   {
     std::lock_guard<std::mutex> lock(emu::g_kernels_mutex);
@@ -366,7 +380,10 @@ cudaError_t cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 bloc
   if (int64_t(grid.x) * grid.y * grid.z > emu::resident_blocks()) {
     return cudaErrorCooperativeLaunchTooLarge;
   }
-  emu::run_grid(grid, block, [&] { call(args); }, true);
+  if (shared_bytes > at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) {
+    return cudaErrorInvalidValue;
+  }
+  emu::run_grid(grid, block, [&] { call(args); }, true, shared_bytes);
   return cudaSuccess;
 }
 
@@ -386,6 +403,9 @@ extern "C" int64_t bn_ext_emu_dependent_launches() { return emu::g_dependent_lau
 
 // For ctypes: the threads per block of the last grid run.
 extern "C" int64_t bn_ext_emu_last_block_threads() { return emu::g_last_block_threads.load(); }
+
+// For ctypes: the dynamic shared memory of the last grid run, per block.
+extern "C" int64_t bn_ext_emu_last_dynamic_bytes() { return emu::g_last_dynamic_bytes.load(); }
 
 // For ctypes: the blocks of the last grid run.
 extern "C" int64_t bn_ext_emu_last_grid_blocks() { return emu::g_last_grid_blocks.load(); }
