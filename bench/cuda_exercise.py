@@ -154,9 +154,9 @@ for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
                     ops.train_backward(dy, x, mean, var, w, 1e-5)
             os.environ["BN_EXT_CUDA_PERSISTENT"] = "0"
         launches += 1
-# The semi-persistent kernel with every share of a thread's items: on 132 SMs (264 blocks) the
-# backward holds 8 items a thread (registers, shared memory) of 17-18 in float32, 8-9 in fp16,
-# and streams the rest.
+# The semi-persistent kernel on an input of more rows than the small cases': on 132 SMs (264
+# blocks, 16 of x and dy held a thread in registers and shared memory) the float32 backward
+# has 17-18 rows a thread and streams 1-2, fp16 holds all of its 8-9.
 if SINGLE_PASS:
     with mock.patch.dict(os.environ, {"BN_EXT_CUDA_PERSISTENT": "1",
                                       "BN_EXT_CUDA_SEMI_PERSISTENT": "1"}):

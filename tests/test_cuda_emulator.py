@@ -8,6 +8,7 @@ none, that they fall back where a channel does not fit, and that the launch plan
 to an H100's 132.
 """
 import ctypes
+import math
 import os
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def test_single_pass_kernels_run_and_match_float64(monkeypatch, dtype, case):
     fits in one, else cooperative), repeat to the bit, and agree with float64 and with the
     multi-pass kernels."""
     monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
-    clear_cuda_switches(monkeypatch)
+    monkeypatch.delenv("BN_EXT_CUDA_SEMI_PERSISTENT", raising=False)  # (CI's fourth mode's)
     shape, layout = case
     x, dy, w, b = _case(shape, dtype, layout)
     monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
@@ -691,6 +692,7 @@ def _semi_persistent_held(dtype, backward, smem_per_sm=233472):
 SEMI_PERSISTENT_CASES = [
     ((48, 64, 32, 32), "channels_last"),  # 192 items (fp32), 96 (16-bit) on 16 SMs: streamed
     ((8, 32, 28, 28), "channels_last"),   # 7 (fp32), 4 (16-bit): registers and shared memory
+    ((64, 16, 16, 16), "channels_last"),  # 32 blocks, 16 channels: blocks that merge none
     ((6, 48, 10, 10), "channels_last"),   # ragged rows; 12 (fp32) or 6 (16-bit) channel vectors
     ((8, 64, 50), "channels_last"),       # a 3-D (N, L, C) input
     ((2, 16, 1, 3), "channels_last"),     # 6 rows: one block
@@ -747,14 +749,23 @@ def test_semi_persistent_experiment(monkeypatch, dtype, case):
 def test_semi_persistent_cases_reach_every_share():
     """SEMI_PERSISTENT_CASES give a thread, on 16 SMs, more items than the registers and shared
     memory hold (forward and backward), fewer than the registers hold, and both layouts the
-    switch leaves alone."""
+    switch leaves alone; and grids of more blocks than channels (16 SMs: blocks that merge no
+    channel, as every GPU case has) and fewer (1 SM: blocks that merge several)."""
     for dtype in (torch.float32, torch.bfloat16):
-        items = [_semi_persistent_items(s, dtype, 16) for s, lay in SEMI_PERSISTENT_CASES
-                 if lay == "channels_last"]
-        held = min(_semi_persistent_held(dtype, backward) for backward in (True, False))
-        assert max(i for i in items if i is not None) > held, dtype
-        assert min(i for i in items if i is not None) < 3, dtype
-        assert None in items, dtype
+        cases = [s for s, lay in SEMI_PERSISTENT_CASES if lay == "channels_last"
+                 and _semi_persistent_items(s, dtype, 16) is not None]
+        items = [_semi_persistent_items(s, dtype, 16) for s in cases]
+        held = max(_semi_persistent_held(dtype, backward) for backward in (True, False))
+        assert max(items) > held, dtype
+        assert min(items) < 3, dtype
+        assert len(cases) < len(SEMI_PERSISTENT_CASES) - 1, dtype  # some left alone
+        V = 16 // torch.empty((), dtype=dtype).element_size()
+
+        def blocks(shape, sms):
+            rows = math.prod(shape) // shape[1]
+            return min(2 * sms, -(-rows // (256 // (1 << (shape[1] // V - 1).bit_length()))))
+        assert any(blocks(s, 16) > s[1] for s in cases), dtype
+        assert any(blocks(s, 1) < s[1] for s in cases), dtype
     assert "contiguous" in {lay for _, lay in SEMI_PERSISTENT_CASES}
 
 

@@ -923,8 +923,9 @@ bool semi_persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tens
     T* outp = out.mutable_data_ptr<T>();
     const auto kernel = semi_persistent_rows_kernel<T, Op, I, V>;
     // The stash: what half an SM's shared memory holds beside the kernel's static shared
-    // memory, in items of x (and dy) for each thread; asked once per device, as is the
-    // occupancy with it, which sizes the grid (none resident: not launched).
+    // memory, in items of x (and dy) for each thread; asked once per device (cached plus one,
+    // as per_device keeps no 0), as is the occupancy with it, which sizes the grid (none
+    // resident: not launched).
     constexpr int64_t kItemBytes = (Op::kNeedsDy ? 2 : 1) * int64_t{sizeof(Vec<T, V>)} * kThreads;
     static std::array<std::atomic<int>, 64> stash_cache{}, occupancy{};
     const int stash_items = per_device(stash_cache, [&] {
@@ -938,8 +939,8 @@ bool semi_persistent(const Op& op, const Tensor& x, const Tensor& dy, const Tens
       const int items = static_cast<int>(std::max<int64_t>(0, room / kItemBytes));
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(items * kItemBytes)));
-      return items;
-    });
+      return items + 1;
+    }) - 1;
     const size_t stash_bytes = static_cast<size_t>(stash_items * kItemBytes);
     const int64_t per_sm = per_device(occupancy, [&] {
       int n = 0;

@@ -109,6 +109,10 @@ void poison_shared(void* p, size_t bytes);         // all ones, once per block (
 unsigned char* dynamic_shared();                   // the block's dynamic shared memory
 int blocks_per_sm();                               // the emulated occupancy of every kernel
 int blocks_per_sm(const char* kernel_type);        // ... or of some (BN_EXT_EMU_BLOCKS_PER_SM_OF)
+// ... and no more than the SM's shared memory holds with that much dynamic shared memory a
+// block (and 1 KB reserved; static shared memory is not known here)
+int blocks_with_shared(int blocks, size_t dynamic_bytes);
+void set_dynamic_limit(const void* kernel, int bytes);  // cudaFuncSetAttribute's
 int64_t index32_bound();                           // 0 with BN_EXT_EMU_INDEX64=1, else 2^31
 int64_t max_grid_x();                              // BN_EXT_EMU_MAX_GRID_X, else 2^31 - 1
 
@@ -209,12 +213,13 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K) {
   return cudaSuccess;
 }
 
-// A kernel's dynamic shared memory may exceed 48 KB once this raises its limit; the emulator
-// holds launches to the device's per-block limit (cudaLaunchCooperativeKernel) whatever it is.
+// A kernel's dynamic shared memory may exceed 48 KB once this raises its limit: a cooperative
+// launch with more than the limit fails, as on a GPU (runtime.cpp).
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 template <typename K>
-cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int) {
+cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute, int bytes) {
+  ::emu::set_dynamic_limit(reinterpret_cast<const void*>(kernel), bytes);
   return cudaSuccess;
 }
 
@@ -267,7 +272,8 @@ inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __nanosleep(unsigned int) { ::emu::spin_wait(); }
 
 template <typename K>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int, size_t) {
-  *blocks = ::emu::blocks_per_sm(typeid(K).name());
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int,
+                                                          size_t dynamic_bytes) {
+  *blocks = ::emu::blocks_with_shared(::emu::blocks_per_sm(typeid(K).name()), dynamic_bytes);
   return cudaSuccess;
 }

@@ -275,14 +275,37 @@ int64_t index32_bound() {
 // GPU's (run_grid).
 int64_t max_grid_x() { return env_int("BN_EXT_EMU_MAX_GRID_X", 0x7FFFFFFF); }
 
+int blocks_with_shared(int blocks, size_t dynamic_bytes) {
+  if (dynamic_bytes == 0) return blocks;
+  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+  const size_t fit = p->sharedMemPerMultiprocessor / (dynamic_bytes + p->reservedSharedMemPerBlock);
+  return static_cast<int>(std::min<size_t>(blocks, fit));
+}
+
 namespace {
 
-// The blocks a cooperative grid may have: all resident at once.
-int64_t resident_blocks() {
-  return int64_t(blocks_per_sm()) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+std::mutex g_limits_mutex;
+std::unordered_map<const void*, int> g_dynamic_limits;  // cudaFuncSetAttribute's, by kernel
+
+// A kernel's dynamic shared memory limit: 48 KB unless cudaFuncSetAttribute set another.
+size_t dynamic_limit(const void* kernel) {
+  std::lock_guard<std::mutex> lock(g_limits_mutex);
+  const auto it = g_dynamic_limits.find(kernel);
+  return it == g_dynamic_limits.end() ? 48 * 1024 : static_cast<size_t>(it->second);
+}
+
+// The blocks a cooperative grid may have: all resident at once, with its dynamic shared memory.
+int64_t resident_blocks(size_t dynamic_bytes = 0) {
+  return int64_t(blocks_with_shared(blocks_per_sm(), dynamic_bytes)) *
+         at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 }  // namespace
+
+void set_dynamic_limit(const void* kernel, int bytes) {
+  std::lock_guard<std::mutex> lock(g_limits_mutex);
+  g_dynamic_limits[kernel] = bytes;
+}
 
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& block_body, bool cooperative,
               size_t dynamic_bytes) {
@@ -377,11 +400,12 @@ cudaError_t cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 bloc
     if (it == emu::kernels().end()) return cudaErrorInvalidDeviceFunction;
     call = it->second;
   }
-  if (int64_t(grid.x) * grid.y * grid.z > emu::resident_blocks()) {
-    return cudaErrorCooperativeLaunchTooLarge;
-  }
-  if (shared_bytes > at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) {
+  if (shared_bytes > at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin ||
+      shared_bytes > emu::dynamic_limit(kernel)) {
     return cudaErrorInvalidValue;
+  }
+  if (int64_t(grid.x) * grid.y * grid.z > emu::resident_blocks(shared_bytes)) {
+    return cudaErrorCooperativeLaunchTooLarge;
   }
   emu::run_grid(grid, block, [&] { call(args); }, true, shared_bytes);
   return cudaSuccess;
