@@ -828,8 +828,9 @@ def allocation_settings(device: str) -> Optional[str]:
 
 
 def training_path() -> str:
-    """bn_ext's CUDA training path under this process's BN_EXT_CUDA_PERSISTENT, and whether
-    the multi-pass path's later launches are dependent ones (BN_EXT_CUDA_PDL)."""
+    """bn_ext's CUDA training path under this process's BN_EXT_CUDA_PERSISTENT (and
+    BN_EXT_CUDA_SEMI_PERSISTENT), and whether the multi-pass path's later launches are dependent
+    ones (BN_EXT_CUDA_PDL)."""
     mode = os.environ.get("BN_EXT_CUDA_PERSISTENT")
     if mode == "0":
         path = "multi-pass (BN_EXT_CUDA_PERSISTENT=0)"
@@ -839,6 +840,9 @@ def training_path() -> str:
     else:
         path = ("the default: the one-block single-pass kernel where a contiguous channel fits "
                 "in a block, multi-pass elsewhere")
+    if mode != "0" and os.environ.get("BN_EXT_CUDA_SEMI_PERSISTENT") == "1":
+        path += ("; the semi-persistent kernel for channels-last inputs of one tile "
+                 "(BN_EXT_CUDA_SEMI_PERSISTENT=1)")
     if os.environ.get("BN_EXT_CUDA_PDL") == "0":
         return path + "; no dependent launches (BN_EXT_CUDA_PDL=0)"
     return path + "; the multi-pass launches after an op's first are dependent ones (sm_90 on)"

@@ -243,6 +243,9 @@ profile() {  # each kernel's time in the quick rows' passes, multi-pass, then si
   local out=$RESULTS/$GPU-profile.txt rc=0
   limited env BN_EXT_CUDA_PERSISTENT=0 "$PY" bench/cuda_profile.py >"$out" 2>&1 || rc=$?
   if [ "$rc" -eq 0 ] && [ "${BN_EXT_EXERCISE_SINGLE_PASS:-1}" = "1" ]; then
+    # the semi-persistent kernel first, on the channels-last 56x56 rows it is for
+    limited env BN_EXT_CUDA_SEMI_PERSISTENT=1 "$PY" bench/cuda_profile.py --peers bn_ext \
+      --pass fwd,bwd --rows 32x64x56x56:nhwc,32x256x56x56:nhwc >>"$out" 2>&1 || rc=$?
     limited env BN_EXT_CUDA_PERSISTENT=1 "$PY" bench/cuda_profile.py --peers bn_ext \
       --pass fwd,bwd >>"$out" 2>&1 || rc=$?
   fi
