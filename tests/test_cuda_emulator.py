@@ -658,23 +658,26 @@ def test_narrow_rows_experiment(monkeypatch, dtype, case):
             assert last_grid() == want, (sms, reverse)
 
 
-def _semi_persistent_items(shape, dtype, sms):
+def _semi_persistent_grid(shape, dtype, sms):
     """Where BN_EXT_CUDA_SEMI_PERSISTENT=1 applies (channels-last, 32- or 16-bit, C a multiple
-    of the 16-byte vector's V, C / V <= 32), the items a thread of block 0, row 0 takes on `sms`
-    emulated SMs (persistent_kernels.cu: blocks (bx, by), bx = C / V rounded up to a power of
-    two, by = 256 / bx; G = min(2 blocks an SM, the row groups); items = rows r0 + i * G * by);
-    else None."""
+    of the 16-byte vector's V, C / V <= 32), (G, items): its blocks on `sms` emulated SMs and the
+    items a thread of block 0, row 0 takes (persistent_kernels.cu: blocks (bx, by), bx = C / V
+    rounded up to a power of two, by = 256 / bx; G = min(2 blocks an SM, the row groups); items
+    = rows r0 + i * G * by); else None."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     V, C = 16 // itemsize, shape[1]
     if itemsize == 8 or C % V or C // V > 32:
         return None
-    rows = shape[0]
-    for d in shape[2:]:
-        rows *= d
-    bx = 1 << (C // V - 1).bit_length()
-    by = 256 // bx
+    rows = math.prod(shape) // C
+    by = 256 // (1 << (C // V - 1).bit_length())
     G = min(2 * sms, -(-rows // by))
-    return -(-rows // (G * by))
+    return G, -(-rows // (G * by))
+
+
+def _semi_persistent_items(shape, dtype, sms):
+    """The items of _semi_persistent_grid, or None where the switch does not apply."""
+    grid = _semi_persistent_grid(shape, dtype, sms)
+    return None if grid is None else grid[1]
 
 
 def _semi_persistent_held(dtype, backward, smem_per_sm=233472):
@@ -690,7 +693,7 @@ def _semi_persistent_held(dtype, backward, smem_per_sm=233472):
 # in shared memory, kept in registers), ragged rows, idle columns (C / V not a power of two), one
 # block, more channels than blocks; and inputs the switch leaves alone.
 SEMI_PERSISTENT_CASES = [
-    ((48, 64, 32, 32), "channels_last"),  # 192 items (fp32), 96 (16-bit) on 16 SMs: streamed
+    ((48, 64, 32, 32), "channels_last"),  # 96 items (fp32), 48 (16-bit) on 16 SMs: streamed
     ((8, 32, 28, 28), "channels_last"),   # 7 (fp32), 4 (16-bit): registers and shared memory
     ((64, 16, 16, 16), "channels_last"),  # 32 blocks, 16 channels: blocks that merge none
     ((6, 48, 10, 10), "channels_last"),   # ragged rows; 12 (fp32) or 6 (16-bit) channel vectors
@@ -759,13 +762,8 @@ def test_semi_persistent_cases_reach_every_share():
         assert max(items) > held, dtype
         assert min(items) < 3, dtype
         assert len(cases) < len(SEMI_PERSISTENT_CASES) - 1, dtype  # some left alone
-        V = 16 // torch.empty((), dtype=dtype).element_size()
-
-        def blocks(shape, sms):
-            rows = math.prod(shape) // shape[1]
-            return min(2 * sms, -(-rows // (256 // (1 << (shape[1] // V - 1).bit_length()))))
-        assert any(blocks(s, 16) > s[1] for s in cases), dtype
-        assert any(blocks(s, 1) < s[1] for s in cases), dtype
+        assert any(_semi_persistent_grid(s, dtype, 16)[0] > s[1] for s in cases), dtype
+        assert any(_semi_persistent_grid(s, dtype, 1)[0] < s[1] for s in cases), dtype
     assert "contiguous" in {lay for _, lay in SEMI_PERSISTENT_CASES}
 
 
