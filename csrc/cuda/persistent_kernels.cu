@@ -53,16 +53,23 @@ constexpr int kMinBlocks = 2;
 template <typename T, int V>
 constexpr int kItems = V == 1 ? 16 : (sizeof(math_t<T>) == 8 ? 16 : 32) / V;
 
-// The blocks of tile t arrive; returns when all G have. The whole block calls it. Partial sums
-// stored before it (by any thread of any of the G blocks) are visible after it, read with
-// __ldcg (L2; L1 is not coherent).
-__device__ __forceinline__ void tile_barrier(unsigned int* arrived, int64_t t, unsigned int G) {
+// The calling block adds 1 to *count, after what any of its threads stored before (thread 0,
+// after a fence). The whole block calls it.
+__device__ __forceinline__ void arrive(unsigned int* count) {
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     __threadfence();
-    atomicAdd(arrived + t, 1u);
-    const volatile unsigned int* count = arrived + t;
-    while (*count < G) {
+    atomicAdd(count, 1u);
+  }
+}
+
+// Waits (the whole block) until *count reaches target; what was stored before the arrivals
+// that reached it is then visible (read it with __ldcg: L1 is not coherent).
+__device__ __forceinline__ void await_count(const unsigned int* count, unsigned int target) {
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    const volatile unsigned int* c = count;
+    while (*c < target) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
       __nanosleep(32);
 #endif
@@ -70,6 +77,13 @@ __device__ __forceinline__ void tile_barrier(unsigned int* arrived, int64_t t, u
     __threadfence();
   }
   __syncthreads();
+}
+
+// The blocks of tile t arrive; returns when all G have. Partial sums stored before it (by any
+// thread of any of the G blocks) are visible after it.
+__device__ __forceinline__ void tile_barrier(unsigned int* arrived, int64_t t, unsigned int G) {
+  arrive(arrived + t);
+  await_count(arrived + t, G);
 }
 
 template <typename M>
@@ -306,22 +320,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 template <typename T, typename Op>
 constexpr int kHeld = Op::kNeedsDy ? (sizeof(T) == 4 ? 3 : 4) : 8;
 
-// Waits (the whole block) until *count reaches target; what was stored before the increments
-// that reached it is then visible (read it with __ldcg).
-__device__ __forceinline__ void await_count(const unsigned int* count, unsigned int target) {
-  __syncthreads();
-  if (threadIdx.x == 0 && threadIdx.y == 0) {
-    const volatile unsigned int* c = count;
-    while (*c < target) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
-      __nanosleep(32);
-#endif
-    }
-    __threadfence();
-  }
-  __syncthreads();
-}
-
 // The map of vector xv (and dv) with lane w's channel's coefficients kc[w].
 template <typename Op, int V, typename T, typename M>
 __device__ __forceinline__ Vec<T, V> map_lanes(const Vec<T, V>& xv, const Vec<T, V>& dv,
@@ -411,10 +409,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     if (tid == 0) coefs[c] = op.finish(c, shifts[c], s[0].s1, s[0].s2);
   }
   const int64_t mergers = std::min<int64_t>(G, C);
-  if (tid == 0 && g < mergers) {  // (thread 0 stored the coefficients itself)
-    __threadfence();
-    atomicAdd(counters + 1, 1u);
-  }
+  if (g < mergers) arrive(counters + 1);  // (g < mergers: the same for the whole block)
   await_count(counters + 1, static_cast<unsigned int>(mergers));
   if (tid < here) {
     const M* p = reinterpret_cast<const M*>(coefs + tid);
