@@ -17,8 +17,9 @@
 #               passes, multi-pass and single-pass, saved as bench/results/<gpu>-profile.txt;
 #   sanitizers  compute-sanitizer memcheck, racecheck and synccheck over bench/cuda_exercise.py,
 #               which calls every kernel, saved as bench/results/<gpu>-<tool>.txt;
-#   fuzz        tests/fuzz_float64.py on the GPU, multi-pass and then single-pass, random shapes,
-#               dtypes and layouts against float64, saved as bench/results/<gpu>-fuzz.txt.
+#   fuzz        tests/fuzz_float64.py on the GPU, multi-pass and then with every switch on (the
+#               single-pass kernels and the experiments), random shapes, dtypes and layouts
+#               against float64, saved as bench/results/<gpu>-fuzz.txt.
 #
 # BN_EXT_PROOF_QUICK=1 is the plan for a 15-minute lease: tests/test_cuda.py without the slow
 # test, the default path's quick benchmark, memcheck, the batch-256 rows, the counters (where ncu
@@ -320,7 +321,7 @@ counters() {
   return "$rc"
 }
 
-fuzz() {  # fuzz seconds-per-path: multi-pass, then single-pass unless it was left out
+fuzz() {  # fuzz seconds-per-path: multi-pass, then every switch unless single-pass was left out
   # Each path gets at most half the stage's limit, less 30 s of start-up, within LIMIT overall.
   local out=$RESULTS/$GPU-fuzz.txt rc=0 s=$1 half=$(( (LIMIT - 60) / 2 ))
   [ "$half" -lt "$s" ] && s=$half
@@ -330,9 +331,15 @@ fuzz() {  # fuzz seconds-per-path: multi-pass, then single-pass unless it was le
   limited env BN_EXT_CUDA_PERSISTENT=0 "$PY" tests/fuzz_float64.py --device cuda --seconds "$s" \
     >>"$out" 2>&1 || rc=$?
   if [ "${BN_EXT_EXERCISE_SINGLE_PASS:-1}" = "1" ] && [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ]; then
-    echo "# BN_EXT_CUDA_PERSISTENT=1" >>"$out"
-    limited env BN_EXT_CUDA_PERSISTENT=1 "$PY" tests/fuzz_float64.py --device cuda \
-      --seconds "$s" --seed 1 >>"$out" 2>&1 || rc=$?
+    # The second path is every kernel a switch can reach: the single-pass ones (the one-block,
+    # the cooperative and the semi-persistent kernels take what they fit), and the multi-pass
+    # experiments the rest, so that the switches no GPU has run yet meet random shapes there
+    # before one of them becomes a default.
+    local every=(BN_EXT_CUDA_PERSISTENT=1 BN_EXT_CUDA_SEMI_PERSISTENT=1 BN_EXT_CUDA_MERGING_MAP=1
+                 BN_EXT_CUDA_REVERSE_MAP=1 BN_EXT_CUDA_NARROW_ROWS=1 BN_EXT_CUDA_FIT_WAVE=1)
+    echo "# ${every[*]}" >>"$out"
+    limited env "${every[@]}" "$PY" tests/fuzz_float64.py --device cuda --seconds "$s" --seed 1 \
+      >>"$out" 2>&1 || rc=$?
   fi
   LIMIT=$total
   grep -E "^(FAIL|[0-9]+ cases)" "$out" | tail -n 5
