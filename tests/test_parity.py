@@ -329,6 +329,31 @@ def test_size_one_dims_with_odd_strides(name, x):
         assert_close(got, want.float(), torch.float32)
 
 
+@pytest.mark.parametrize("shape,fmt", [((3, 4, 1, 1), torch.channels_last),
+                                       ((3, 1, 2, 2), torch.channels_last),
+                                       ((2, 4, 1, 1, 1), torch.channels_last_3d)],
+                         ids=["N,C,1,1", "N,1,H,W", "N,C,1,1,1"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_an_input_in_both_layouts_keeps_its_strides(shape, fmt, training):
+    """Size-1 dims can make one tensor both NCHW- and channels_last-contiguous. The output and dx
+    keep the input's strides (README: torch's CPU kernel gives the output NCHW ones there); it is
+    the same memory either way, so both contiguity checks hold and the values are torch's."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(memory_format=fmt)
+    assert x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+    C = shape[1]
+    ours, theirs = [], []
+    for fn, out in ((bn_ext.batch_norm, ours), (torch.nn.functional.batch_norm, theirs)):
+        xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        y = fn(xi, torch.zeros(C), torch.ones(C), training=training, momentum=0.1, eps=1e-5)
+        (dx,) = torch.autograd.grad(y, xi, torch.ones_like(y))
+        out += [y, dx]
+    for t in ours:
+        assert t.stride() == x.stride()
+        assert t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+    for got, want in zip(ours, theirs):
+        assert_close(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(8, 64, 9, 9), (64, 3, 5, 5), (2, 2, 40, 40)])
