@@ -94,6 +94,29 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
   *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
 
+// Copies a 16-byte vector from global to shared memory with no register between: cp.async on
+// sm_80 and later (the copy is in flight while the thread goes on; .cg: through L2 only), a
+// plain copy elsewhere and on the emulator. What a thread copied is in shared memory, for that
+// thread, after its copy_async_wait_all(); for other threads, after a __syncthreads() too.
+template <int V, typename T>
+__device__ __forceinline__ void copy_async_16(Vec<T, V>* shared_dst, const T* global_src) {
+  static_assert(sizeof(Vec<T, V>) == 16, "cp.async of 16 bytes");
+  BN_EXT_EMU_CHECK_ALIGNED(global_src, 16);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto dst = static_cast<unsigned int>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src)
+               : "memory");
+#else
+  *shared_dst = load_vec<V>(global_src);
+#endif
+}
+
+__device__ __forceinline__ void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double fmadd(double a, double b, double c) { return fma(a, b, c); }
 

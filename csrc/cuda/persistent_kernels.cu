@@ -295,13 +295,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // channel vectors within a warp's 32: up to 128 channels in 32-bit types, 256 in 16-bit), one
 // cooperative wave of G blocks (bx, by) covers it: block g's items are the row groups
 // q = i * G + g (rows [q * by, + by)), as the multi-pass reduction strides, so item i of every
-// block lies in the tensor's i-th G * by rows. A thread reads its items in order, kHeld at a
-// time, and adds them: its last kHeld (the tensor's end) stay in registers, up to stash_items
-// before them in shared memory, and the ones before those are dropped (streamed). The blocks
+// block lies in the tensor's i-th G * by rows. A thread reads each of its items once and adds
+// them in order: its last kHeld (the tensor's end) stay in registers, up to stash_items before
+// them in shared memory, and the ones before those are dropped (streamed). The stash is copied
+// in first, with cp.async, all of it in flight at once (through registers alone a thread has
+// only its kHeld items in flight: 48-64 KB an SM), while the streamed items go through
+// registers kHeld at a time; then the stash is added, then the registers. The
+// blocks
 // stage their sums, meet at a grid barrier, block c merges channel c's G pairs (finalize_kernel's
 // work, without a launch) and publishes its coefficients, and once all C are published every
 // block maps: its items in registers, then in shared memory, then the streamed ones read again,
-// last first (what the wave read last, likeliest still in L2). Memory sees x (and dy) once,
+// last first (what the wave read last, likeliest still in L2: the streamed items are read after
+// the stash's copies are issued). Memory sees x (and dy) once,
 // plus the streamed share again, and the output once: 3 passes backward (2 forward) where
 // everything is held (16-bit 32x64x56x56 on an H100: 12 items a thread, 16 held), 5 (3) at
 // worst. cuDNN's channels-last training kernels are of this kind ("semiPersist"), and led
@@ -371,8 +376,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   start_tile_lanes<V>(shifts + tx * V, active, k, a1, a2);
   Vec<T, V> xs[K] = {};  // (items past n: mapped below with the others, never stored)
   Vec<T, V> ds[kDy ? K : 1] = {};
-  // Chunks of K items from i0 up to `end`, in order: loaded, added, and (from `stashed` on)
-  // stashed.
+  // Chunks of K items from i0 up to `end`, in order: loaded and added.
   const auto chunk = [&](int i0, int end) {
 #pragma unroll
     for (int u = 0; u < K; ++u) {
@@ -383,17 +387,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
 #pragma unroll
     for (int u = 0; u < K; ++u) {
-      const int i = i0 + u;
-      if (i < end) {
-        accumulate_vec<Op, V>(xs[u], ds[kDy ? u : 0], k, a1, a2);
-        if (i >= stashed && i < kept) {
-          stash[((i - stashed) * D) * kThreads + tid] = xs[u];
-          if constexpr (kDy) stash[((i - stashed) * D + 1) * kThreads + tid] = ds[u];
-        }
-      }
+      if (i0 + u < end) accumulate_vec<Op, V>(xs[u], ds[kDy ? u : 0], k, a1, a2);
     }
   };
-  for (int i0 = 0; i0 < kept; i0 += K) chunk(i0, kept);
+  // The stashed items are copied to shared memory first, all at once and with no register
+  // between (cp.async): in flight while the streamed ones are loaded and added through
+  // registers. They are added after those, so a thread adds its items in order, 0 to n - 1,
+  // whatever the stash holds.
+  const auto stashed_vec = [&](int i, int input) -> Vec<T, V>& {
+    return stash[((i - stashed) * D + input) * kThreads + tid];
+  };
+  for (int i = stashed; i < kept; ++i) {
+    copy_async_16<V>(&stashed_vec(i, 0), x + offset(i));
+    if constexpr (kDy) copy_async_16<V>(&stashed_vec(i, 1), dy + offset(i));
+  }
+  for (int i0 = 0; i0 < stashed; i0 += K) chunk(i0, stashed);
+  copy_async_wait_all();
+  for (int i = stashed; i < kept; ++i) {
+    accumulate_vec<Op, V>(stashed_vec(i, 0), stashed_vec(i, kDy ? 1 : 0), k, a1, a2);
+  }
   chunk(kept, n);
   stage_tile_sums<V>(a1, a2, smem, partial, C, G, g, c0, active);
   tile_barrier(counters, 0, static_cast<unsigned int>(G));  // (row 0 stored the pairs)
@@ -443,10 +455,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
   for (int w = 0; w < V; ++w) kc[w] = tile[tx * V + w];
   for (int i = stashed; i < kept; ++i) {
-    const int s = (i - stashed) * D;
-    const Vec<T, V> xv = stash[s * kThreads + tid];
-    const Vec<T, V> dv = kDy ? stash[(s + 1) * kThreads + tid] : xv;
-    store_vec<V>(out + offset(i), map_lanes<Op, V>(xv, dv, kc));
+    store_vec<V>(out + offset(i),
+                 map_lanes<Op, V>(stashed_vec(i, 0), stashed_vec(i, kDy ? 1 : 0), kc));
   }
   constexpr int kBack = 2;
   for (int i = stashed - 1; i >= 0; i -= kBack) {
