@@ -300,14 +300,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // them in shared memory, and the ones before those are dropped (streamed). The stash is copied
 // in first, with cp.async, all of it in flight at once (through registers alone a thread has
 // only its kHeld items in flight: 48-64 KB an SM), while the streamed items go through
-// registers kHeld at a time; then the stash is added, then the registers. The
-// blocks
-// stage their sums, meet at a grid barrier, block c merges channel c's G pairs (finalize_kernel's
+// registers kHeld at a time; then the stash is added, then the registers. The blocks stage
+// their sums, meet at a grid barrier, block c merges channel c's G pairs (finalize_kernel's
 // work, without a launch) and publishes its coefficients, and once all C are published every
 // block maps: its items in registers, then in shared memory, then the streamed ones read again,
 // last first (what the wave read last, likeliest still in L2: the streamed items are read after
-// the stash's copies are issued). Memory sees x (and dy) once,
-// plus the streamed share again, and the output once: 3 passes backward (2 forward) where
+// the stash's copies are issued). Memory sees x (and dy) once, plus the streamed share again,
+// and the output once: 3 passes backward (2 forward) where
 // everything is held (16-bit 32x64x56x56 on an H100: 12 items a thread, 16 held), 5 (3) at
 // worst. cuDNN's channels-last training kernels are of this kind ("semiPersist"), and led
 // the multi-pass path on those rows (0.83-0.87x, H100, a6e9ccd).
