@@ -1,6 +1,6 @@
 // The CUDA emulator's runtime: blocks of fibers, launches, and the emulated device (emu.h).
 //
-// A block runs as one fiber (ucontext) per thread on the calling host thread. The scheduler
+// A block runs as one fiber per thread on the calling host thread. The scheduler
 // resumes each live fiber in turn until it finishes or reaches a barrier; when every live fiber
 // waits at the same __syncthreads, the next round begins. Live threads at different barriers, or
 // at a barrier while another thread has returned, are an error.
@@ -9,11 +9,14 @@
 // rethrows it on the host, so a Python test sees a RuntimeError rather than a crashed process.
 #include "emu.h"
 
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <cstdlib>
 #include <exception>
@@ -48,8 +51,20 @@ struct Stack {
   }
 };
 
+// A suspended fiber, or the scheduler while a fiber runs. On x86-64 a switch is a few instructions
+// (switch_stacks, below). glibc's swapcontext, used elsewhere, also saves and restores the signal
+// mask, a system call each way: 44 million of them in one fit-wave test, which spent a third of
+// its time in the kernel.
+struct Context {
+#if defined(__x86_64__)
+  void* sp = nullptr;  // the callee-saved registers and the FP control words lie there
+#else
+  ucontext_t uc;
+#endif
+};
+
 struct Fiber {
-  ucontext_t context;
+  Context context;
   Thread thread;
   bool done = false;
   const char* wait_file = nullptr;  // the __syncthreads it waits at
@@ -58,7 +73,7 @@ struct Fiber {
 };
 
 struct Block {
-  ucontext_t scheduler;
+  Context scheduler;
   std::vector<Fiber> fibers;
   Fiber* running = nullptr;
   const std::function<void()>* body = nullptr;
@@ -89,6 +104,49 @@ bool reverse_order() {
   return v != nullptr && std::string(v) == "reverse";
 }
 
+#if defined(__x86_64__)
+// switch_stacks(&from, to): pushes the System V callee-saved registers (rbp, rbx, r12-r15), then
+// MXCSR and the x87 control word (the FP environment a function may rely on keeping), stores the
+// stack pointer in *from, and does the reverse from `to`; its `ret` lands where `to` was left.
+extern "C" void bn_emu_switch_stacks(void** from, void* to);
+asm(R"(
+    .text
+    .p2align 4
+    .globl bn_emu_switch_stacks
+    .hidden bn_emu_switch_stacks
+    .type bn_emu_switch_stacks, @function
+bn_emu_switch_stacks:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size bn_emu_switch_stacks, .-bn_emu_switch_stacks
+)");
+
+void switch_to(Context& from, Context& to) { bn_emu_switch_stacks(&from.sp, to.sp); }
+#else
+void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// A fiber's first frame: runs the block's body as this thread, then hands the host thread back
+// to the scheduler for good (a finished fiber is never resumed).
 void fiber_main() {
   Block* b = tl_block;
   Fiber* f = b->running;
@@ -98,7 +156,34 @@ void fiber_main() {
     f->error = std::current_exception();
   }
   f->done = true;
-  // Returning resumes uc_link: the scheduler.
+  switch_to(f->context, b->scheduler);
+  std::abort();
+}
+
+// Readies `f` to start in fiber_main on `stack` at its first switch_to.
+void start_context(Fiber& f, Stack& stack) {
+#if defined(__x86_64__)
+  // The frame switch_stacks pops, below fiber_main's address for its `ret`, and a null return
+  // address for fiber_main (which never returns), so that fiber_main starts as if called: its
+  // stack pointer 8 past a multiple of 16.
+  const uintptr_t top = (reinterpret_cast<uintptr_t>(stack.bytes.get()) + kStackBytes) &
+                        ~uintptr_t{15};
+  void** sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;
+  *--sp = reinterpret_cast<void*>(&fiber_main);
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12-r15
+  uint32_t control[2];                           // this thread's MXCSR and x87 control word
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control[0]), "=m"(control[1]));
+  sp -= 1;
+  std::memcpy(sp, control, sizeof(control));
+  f.context.sp = sp;
+#else
+  getcontext(&f.context.uc);
+  f.context.uc.uc_stack.ss_sp = stack.bytes.get();
+  f.context.uc.uc_stack.ss_size = kStackBytes;
+  f.context.uc.uc_link = nullptr;
+  makecontext(&f.context.uc, fiber_main, 0);
+#endif
 }
 
 std::string where(const Fiber& f) {
@@ -121,11 +206,7 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 b
     f.thread.block_idx = block_idx;
     f.thread.block_dim = block;
     f.thread.grid_dim = grid;
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = tl_stacks[i].bytes.get();
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &b.scheduler;
-    makecontext(&f.context, fiber_main, 0);
+    start_context(f, tl_stacks[i]);
   }
   Block* outer = tl_block;
   tl_block = &b;
@@ -140,7 +221,7 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 block, uint3 b
       Fiber& f = b.fibers[reverse ? n - 1 - k : k];
       if (f.done) continue;
       b.running = &f;
-      swapcontext(&b.scheduler, &f.context);
+      switch_to(b.scheduler, f.context);
       error = f.error;  // the first error ends the block: its shared data is incomplete
     }
     if (error) break;
@@ -207,7 +288,7 @@ void syncthreads(const char* file, int line) {
   Fiber* f = tl_block->running;
   f->wait_file = file;
   f->wait_line = line;
-  swapcontext(&f->context, &tl_block->scheduler);
+  switch_to(f->context, tl_block->scheduler);
 }
 
 std::atomic<int64_t> g_progress{0};
