@@ -16,8 +16,8 @@
 #   4. checks: the import works with no GPU, bn_ext.has_cuda_kernels() is True, the CPU kernels
 #      of this CUDA-enabled build run, and (when cuobjdump is found) the fat binary holds
 #      sm_80, sm_90 and PTX.
-# Set BN_EXT_CUDA_TESTS=1 to also run the whole test suite in that environment (CUDA tests skip);
-# .ci/run does.
+# Set BN_EXT_CUDA_TESTS=1 to also run the whole test suite in that environment (CUDA tests skip;
+# BN_EXT_CI_WORKERS pytest-xdist workers, default one a core); .ci/run does.
 # Any failure exits non-zero with the end of the build log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,10 +58,11 @@ $VENV; $free_gb GB is free (set BN_EXT_CUDA_VENV to a venv elsewhere, or free so
   PIP_CONSTRAINT=/dev/null "$PY" -m pip install -q --no-cache-dir "torch===$TORCH_VERSION" \
     ninja numpy setuptools wheel
 fi
-# The README's test dependencies.
+# The README's test dependencies, and pytest-xdist (the suite runs on a worker a core, as in
+# .ci/run).
 if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ] && \
-    ! "$PY" -c "import pytest, hypothesis, onnx, onnxscript, onnxruntime" 2>/dev/null; then
-  "$PY" -m pip install -q pytest hypothesis onnx onnxscript onnxruntime
+    ! "$PY" -c "import pytest, hypothesis, onnx, onnxscript, onnxruntime, xdist" 2>/dev/null; then
+  "$PY" -m pip install -q pytest hypothesis onnx onnxscript onnxruntime pytest-xdist
 fi
 # The checks and tests import the installed bn_ext, from an empty folder (a folder of /tmp named
 # like a module would shadow it: an empty /tmp/z3 once broke torch's import of z3).
@@ -158,7 +159,8 @@ fi
 
 if [ "${BN_EXT_CUDA_TESTS:-0}" = "1" ]; then
   log "test suite in the CUDA environment"
-  (cd "$AWAY" && "$PY" -m pytest "$STAGE/tests" -q -p no:cacheprovider)
+  (cd "$AWAY" && "$PY" -m pytest "$STAGE/tests" -q -p no:cacheprovider \
+    -n "${BN_EXT_CI_WORKERS:-auto}")
 fi
 
 log "passed in $(( $(date +%s) - start )) s"
