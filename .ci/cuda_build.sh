@@ -15,7 +15,7 @@
 #      TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" (sm_80 and sm_90 machine code, compute_90 PTX);
 #   4. checks: the import works with no GPU, bn_ext.has_cuda_kernels() is True, the CPU kernels
 #      of this CUDA-enabled build run, and (when cuobjdump is found) the fat binary holds
-#      sm_80, sm_90 and PTX.
+#      sm_90, and with the default list sm_80 and PTX too.
 # Set BN_EXT_CUDA_TESTS=1 to also run the whole test suite in that environment (CUDA tests skip;
 # BN_EXT_CI_WORKERS pytest-xdist workers, default one a core); .ci/run does.
 # Any failure exits non-zero with the end of the build log.

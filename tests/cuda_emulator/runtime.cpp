@@ -51,10 +51,10 @@ struct Stack {
   }
 };
 
-// A suspended fiber, or the scheduler while a fiber runs. On x86-64 a switch is a few instructions
-// (switch_stacks, below). glibc's swapcontext, used elsewhere, also saves and restores the signal
-// mask, a system call each way: 44 million of them in one fit-wave test, which spent a third of
-// its time in the kernel.
+// A suspended fiber, or the scheduler while a fiber runs. On x86-64 a switch is a few
+// instructions (bn_emu_switch_stacks, below). glibc's swapcontext, used elsewhere, also saves and
+// restores the signal mask, a system call each way: 44 million of them in one fit-wave test,
+// which spent a third of its time in the kernel.
 struct Context {
 #if defined(__x86_64__)
   void* sp = nullptr;  // the callee-saved registers and the FP control words lie there
@@ -105,9 +105,10 @@ bool reverse_order() {
 }
 
 #if defined(__x86_64__)
-// switch_stacks(&from, to): pushes the System V callee-saved registers (rbp, rbx, r12-r15), then
-// MXCSR and the x87 control word (the FP environment a function may rely on keeping), stores the
-// stack pointer in *from, and does the reverse from `to`; its `ret` lands where `to` was left.
+// bn_emu_switch_stacks(&from, to): pushes the System V callee-saved registers (rbp, rbx,
+// r12-r15), then MXCSR and the x87 control word (the FP environment a function may rely on
+// keeping), stores the stack pointer in *from, and does the reverse from `to`; its `ret` lands
+// where `to` was left.
 extern "C" void bn_emu_switch_stacks(void** from, void* to);
 asm(R"(
     .text
@@ -163,9 +164,9 @@ void fiber_main() {
 // Readies `f` to start in fiber_main on `stack` at its first switch_to.
 void start_context(Fiber& f, Stack& stack) {
 #if defined(__x86_64__)
-  // The frame switch_stacks pops, below fiber_main's address for its `ret`, and a null return
-  // address for fiber_main (which never returns), so that fiber_main starts as if called: its
-  // stack pointer 8 past a multiple of 16.
+  // The frame bn_emu_switch_stacks pops, below fiber_main's address for its `ret`, and a null
+  // return address for fiber_main (which never returns), so that fiber_main starts as if
+  // called: its stack pointer 8 past a multiple of 16.
   const uintptr_t top = (reinterpret_cast<uintptr_t>(stack.bytes.get()) + kStackBytes) &
                         ~uintptr_t{15};
   void** sp = reinterpret_cast<void**>(top);
