@@ -6,6 +6,10 @@ input-rank checks are torch's; only forward runs on bn_ext's kernels.
 """
 from __future__ import annotations
 
+import functools
+import types
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -118,7 +122,40 @@ def _swap(module: nn.Module, cls: type) -> nn.Module:
     if not isinstance(module, LazyModuleMixin):
         for key in ("_parameters", "_buffers", "_modules"):
             new.__dict__[key] = dict(module.__dict__[key])
+    # Instance attributes that call the old layer would run it, with its own `training` flag,
+    # which model.eval() no longer reaches: an old layer in eval would still update its stats.
+    for key, value in module.__dict__.items():
+        if key not in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[key] = _rebound(value, module, new)
+    if new.__dict__.get("_compiled_call_impl") is not None:
+        # nn.Module.compile() compiled the old layer's bound _call_impl; its options are not
+        # recoverable from the compiled function, so the new layer is left uncompiled.
+        new._compiled_call_impl = None
+        warnings.warn(f"bn_ext: a {type(module).__name__} compiled in place with "
+                      f"Module.compile() was replaced by an uncompiled one ({cls.__module__}."
+                      f"{cls.__name__}): call .compile() on it, or on the model, again")
     return new
+
+
+def _rebound(value, old: nn.Module, new: nn.Module):
+    """`value` calling `new` where it called `old`: a method bound to `old`, or a
+    functools.partial over it (an instance-level forward, as accelerate's hooks install:
+    `module.forward = partial(new_forward, module)` with `module._old_forward` the bound method).
+    A method of old's class is looked up by name on new's class, so that a wrapped forward runs
+    new's kernels; a function the user bound is bound to `new` as it is."""
+    if isinstance(value, types.MethodType) and value.__self__ is old:
+        func = value.__func__
+        name = getattr(func, "__name__", None)
+        if name is not None and getattr(type(old), name, None) is func:
+            func = getattr(type(new), name)
+        return types.MethodType(func, new)
+    if isinstance(value, functools.partial) and any(a is old for a in value.args):
+        args = tuple(new if a is old else a for a in value.args)
+        rebuilt = functools.partial(value.func, *args, **value.keywords)
+        # functools.update_wrapper's attributes (__wrapped__: the old bound forward) as well
+        rebuilt.__dict__.update({k: _rebound(v, old, new) for k, v in value.__dict__.items()})
+        return rebuilt
+    return value
 
 
 def convert_model(module: nn.Module) -> nn.Module:
@@ -128,7 +165,9 @@ def convert_model(module: nn.Module) -> nn.Module:
     BatchNorm on their first call (one already initialized is a torch BatchNorm, converted as such).
 
     The new layers hold the same Parameter and buffer objects, so an optimizer built before the
-    conversion keeps working; the training flag, device, dtype and hooks are kept. Subclasses of
+    conversion keeps working; the training flag, device, dtype and hooks are kept, and instance
+    attributes that call the old layer (a forward wrapper such as accelerate's hooks) call the
+    new one; one compiled in place by Module.compile() is not (a warning says so). Subclasses of
     torch's classes (bn_ext's own, for one) are left alone. Returns the converted module, which
     is a new object only when `module` itself is a BatchNorm.
     """

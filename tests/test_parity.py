@@ -4,6 +4,8 @@ Compared after every step: outputs, input and parameter gradients, running stati
 num_batches_tracked.
 """
 import copy
+import functools
+import types
 
 import pytest
 import torch
@@ -879,6 +881,64 @@ def test_convert_model_alias_and_shared_layer():
     assert bn_ext.convert_model(net) is net
     assert type(net.bn) is bn_ext.BatchNorm2d
     assert net.alias is net.bn and net.branch[0] is net.bn
+
+
+def attach_forward_wrapper(module, log):
+    """An instance-level forward, as accelerate's add_hook_to_module installs one: the layer's
+    bound forward kept as _old_forward, forward a partial over the layer."""
+    module._old_forward = module.forward
+
+    def new_forward(layer, *args, **kwargs):
+        log.append(type(layer))
+        return layer._old_forward(*args, **kwargs)
+
+    module.forward = functools.update_wrapper(functools.partial(new_forward, module),
+                                              module._old_forward)
+
+
+def test_convert_model_rebinds_instance_attributes_to_the_new_layer(monkeypatch):
+    # Copied as they were, the wrapper would call the old torch layer, whose `training` flag
+    # model.eval() no longer reaches: an "eval" call updated the running statistics.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    wrapper_calls = []
+    attach_forward_wrapper(model[0], wrapper_calls)
+    model[0].is_training = types.MethodType(lambda self: self.training, model[0])
+    bn_ext.convert_model(model)
+    model.eval()
+    assert not model[0].is_training()
+    calls = count_bn_ext_calls(monkeypatch)
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    y = model(x)
+    assert calls == [x.shape] and wrapper_calls == [bn_ext.BatchNorm2d]
+    assert int(model[0].num_batches_tracked) == 0
+    assert_close(y, torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3),
+                                                   model[0].weight, model[0].bias),
+                 torch.float32)
+    assert model[0].forward.__wrapped__.__self__ is model[0]
+    bn_ext.revert_model(model)  # and back: torch's forward, on the layer that now holds it
+    model.train()
+    y = model(x)
+    assert calls == [x.shape] and wrapper_calls == [bn_ext.BatchNorm2d, torch.nn.BatchNorm2d]
+    assert int(model[0].num_batches_tracked) == 1 and model[0].is_training()
+    assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True), torch.float32)
+
+
+def test_convert_model_of_a_layer_compiled_in_place():
+    # nn.Module.compile() keeps a compiled call of the old layer; the new one is left uncompiled,
+    # with a warning, rather than running the old layer (nothing is compiled here: .compile()
+    # compiles on the first call).
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    model[0].compile()
+    with pytest.warns(UserWarning, match=r"Module.compile\(\)"):
+        bn_ext.convert_model(model)
+    assert type(model[0]) is bn_ext.BatchNorm2d and model[0]._compiled_call_impl is None
+    model.eval()
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    assert_close(model(x), torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3),
+                                                          model[0].weight, model[0].bias),
+                 torch.float32)
+    assert int(model[0].num_batches_tracked) == 0
 
 
 def test_revert_model_gives_torch_layers_back():
