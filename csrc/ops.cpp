@@ -480,10 +480,13 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
   Tensor var = math_output(input);
   if (input.numel() == 0) {
     if (update && num_batches_tracked.has_value() && num_batches_tracked->defined()) {
-      {
+      // counted as any batch: prepare_count refuses a count that wraps to 0 under momentum=None
+      const Count counted = prepare_count(num_batches_tracked, momentum);
+      if (counted.kernel_count.defined()) {
         at::AutoDispatchBelowADInplaceOrView below;  // the one bump is bump_count_version's
         num_batches_tracked->add_(1);
       }
+      finish_count(counted, num_batches_tracked);
       bump_count_version(num_batches_tracked);
     }
     return {out.result, mean, var};

@@ -1091,16 +1091,18 @@ def test_momentum_outside_unit_interval_as_torch(device, momentum):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_count_that_wraps_to_zero(device, momentum):
+@pytest.mark.parametrize("batch", [4, 0], ids=["batch4", "empty"])
+def test_count_that_wraps_to_zero(device, momentum, batch):
     """A uint8 num_batches_tracked of 255 wraps to 0 when counted. momentum=None averages over
     that count: torch's module divides by it (ZeroDivisionError, the count already bumped), and
     bn_ext refuses with a ValueError, every buffer as it was, where the factor 1/0 would have
     written NaN into the running statistics. A float momentum counts on, wrapping as torch's
-    add_(1) does."""
+    add_(1) does. An empty batch only counts, and is refused or counted the same way (it used
+    to wrap the count silently with momentum=None)."""
     ref, ours = make_pair(4, 3, device, torch.float32, momentum=momentum)
     for m in (ref, ours):
         m.num_batches_tracked = torch.tensor(255, dtype=torch.uint8, device=device)
-    x = make_input((4, 3, 5, 5), torch.float32, device)
+    x = make_input((batch, 3, 5, 5), torch.float32, device)
     if momentum is None:
         with pytest.raises(ZeroDivisionError):
             ref(x)
