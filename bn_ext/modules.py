@@ -139,7 +139,8 @@ def _swap(module: nn.Module, cls: type) -> nn.Module:
 
 def _rebound(value, old: nn.Module, new: nn.Module):
     """`value` calling `new` where it called `old`: a method bound to `old`, or a
-    functools.partial over it (an instance-level forward, as accelerate's hooks install:
+    functools.partial over it or over such a method (an instance-level forward, as accelerate's
+    hooks install:
     `module.forward = partial(new_forward, module)` with `module._old_forward` the bound method).
     A method of old's class is looked up by name on new's class, so that a wrapped forward runs
     new's kernels; a function the user bound is bound to `new` as it is."""
@@ -149,9 +150,14 @@ def _rebound(value, old: nn.Module, new: nn.Module):
         if name is not None and getattr(type(old), name, None) is func:
             func = getattr(type(new), name)
         return types.MethodType(func, new)
-    if isinstance(value, functools.partial) and any(a is old for a in value.args):
+    if isinstance(value, functools.partial):
+        func = _rebound(value.func, old, new)
+        if func is value.func and not any(
+                v is old for v in (*value.args, *value.keywords.values())):
+            return value
         args = tuple(new if a is old else a for a in value.args)
-        rebuilt = functools.partial(value.func, *args, **value.keywords)
+        keywords = {k: new if v is old else v for k, v in value.keywords.items()}
+        rebuilt = functools.partial(func, *args, **keywords)
         # functools.update_wrapper's attributes (__wrapped__: the old bound forward) as well
         rebuilt.__dict__.update({k: _rebound(v, old, new) for k, v in value.__dict__.items()})
         return rebuilt

@@ -904,12 +904,16 @@ def test_convert_model_rebinds_instance_attributes_to_the_new_layer(monkeypatch)
     wrapper_calls = []
     attach_forward_wrapper(model[0], wrapper_calls)
     model[0].is_training = types.MethodType(lambda self: self.training, model[0])
+    model[0].flag_of = functools.partial(lambda layer: layer.training, layer=model[0])
+    model[0].run = functools.partial(model[0]._old_forward)  # over a method bound to it
     bn_ext.convert_model(model)
     model.eval()
-    assert not model[0].is_training()
+    assert not model[0].is_training() and not model[0].flag_of()
     calls = count_bn_ext_calls(monkeypatch)
     x = torch.randn(4, 3, 5, 5) * 3 + 2
     y = model(x)
+    assert torch.equal(model[0].run(x), y)
+    del calls[1]
     assert calls == [x.shape] and wrapper_calls == [bn_ext.BatchNorm2d]
     assert int(model[0].num_batches_tracked) == 0
     assert_close(y, torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3),
