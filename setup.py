@@ -111,8 +111,8 @@ def extensions():
     _default_arch_list()
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # --warn-on-spills: ptxas names every kernel that spills registers to local memory (a
-    # bandwidth-bound kernel should not); .ci/cuda_build.sh fails on any outside the single-pass
-    # kernels, which hold a tile in registers.
+    # bandwidth-bound kernel should not); .ci/cuda_build.sh fails on any outside the two
+    # cooperative single-pass kernels, which hold a tile in registers.
     # --fmad=false: no multiply-add that the source does not write (fmaf/fma), as in the host
     # emulator's build (-ffp-contract=off), so that the emulator's results are the GPU's bits. On
     # sm_90 it changes only float64 code (the float kernels' fused multiply-adds are all explicit).

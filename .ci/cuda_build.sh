@@ -88,17 +88,17 @@ grep -q "building CPU + CUDA kernels" "$LOG" || die "setup.py did not build the 
 $(grep -m1 'bn_ext: building' "$LOG" || echo 'no build line')"
 
 # Register spills, as ptxas reports them (--warn-on-spills, set in setup.py): none is allowed
-# outside the single-pass kernels, which hold a tile of the input in registers by design. (A
-# rebuild reports only the files it recompiled; CI's fresh clone compiles them all.)
+# outside the two cooperative single-pass kernels, which hold a tile of the input in registers
+# by design; the other single-pass kernels (one-block, two-sweep, semi-persistent) may not spill
+# either. (A rebuild reports only the files it recompiled; CI's fresh clone compiles them all.)
 spilled=$(grep -o "spilled to local memory in function '[^']*'" "$LOG" \
   | sed "s/.*function '//; s/'\$//" | sort -u || true)
 if [ -n "$spilled" ]; then
   echo "kernels that spill registers (sm_80 or sm_90):"
   echo "$spilled" | c++filt | sed -E 's/\(anonymous namespace\):://g; s/(bn_ext|cuda|detail):://g;
     s/^void //; s/>\(.*/>/; s/^/  /' | cut -c1-150
-  # The one-block kernel (persistent_channel_block_kernel) is on the default path: not exempt.
   outside=$(echo "$spilled" | grep -vE "persistent_(contiguous|channels_last)_kernel" || true)
-  [ -z "$outside" ] || die "kernels outside the single-pass path spill registers (above)"
+  [ -z "$outside" ] || die "kernels other than the two cooperative ones spill registers (above)"
 fi
 
 log "checks"

@@ -1,4 +1,5 @@
 """torch.library.opcheck on every op, the op split against references, and torch.compile."""
+import copy
 import os
 
 import pytest
@@ -498,15 +499,19 @@ def test_export_dynamic_batch_and_spatial_sizes(training):
     torch.testing.assert_close(exported.running_var, ref.running_var)
 
 
-def test_aot_inductor_package(tmp_path):
-    """An AOTInductor package of an exported eval model calls bn_ext's op (the loading process
-    must have imported bn_ext, as this one has)."""
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_aot_inductor_package(tmp_path, training):
+    """An AOTInductor package of an exported model calls bn_ext's ops (the loading process must
+    have imported bn_ext, as this one has): in eval normalize with the running statistics, in
+    training train_forward with the batch's."""
     torch.manual_seed(0)
     model = _Net()
     model(torch.randn(4, 3, 6, 6))  # running statistics away from their initial values
-    model.eval()
+    model.train(training)
     x = torch.randn(4, 3, 6, 6)
-    ep = torch.export.export(model, (x,))
+    ep = torch.export.export(copy.deepcopy(model), (x,))
+    assert any(f"bn_ext.{'train_forward' if training else 'normalize'}" in str(n.target)
+               for n in ep.graph.nodes)
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
     runner = torch._inductor.aoti_load_package(path)
     torch.testing.assert_close(runner(x), model(x), rtol=1e-4, atol=1e-5)
