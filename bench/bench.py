@@ -37,7 +37,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
-from unittest import mock
 
 T_PROCESS = time.monotonic()  # --deadline-s counts from here (torch's import included)
 
@@ -249,6 +248,7 @@ class CudaTimer:
                           f"included), median")
             return
         self.short_holds = 0  # samples dropped because the hold ended too soon
+        self.short_kept = 0   # such samples kept, the hold at its cap
         self._hold_scale = 1
         self._flush_buf = torch.empty(self.FLUSH_BYTES // 4, device="cuda") if l2_flush else None
         self._cycles_per_s = self._sleep_rate()
@@ -289,13 +289,16 @@ class CudaTimer:
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()
-            if s.query() and self._hold_scale < 1024:
+            if s.query():
                 # The start event fired before the host had queued the whole call (the clock
                 # rose after calibration, or the host was slow): this sample could hold launch
-                # gaps. Drop it and hold twice as long from now on.
-                self._hold_scale *= 2
-                self.short_holds += 1
-                continue
+                # gaps. Drop it and hold twice as long from now on; with the hold at its cap,
+                # keep it, counted.
+                if self._hold_scale < 1024:
+                    self._hold_scale *= 2
+                    self.short_holds += 1
+                    continue
+                self.short_kept += 1
             e.record()
             pairs.append((s, e))
         torch.cuda.synchronize()
@@ -434,6 +437,26 @@ def cudnn_enabled(flag: Optional[bool]):
         torch.backends.cudnn.enabled = old
 
 
+@contextlib.contextmanager
+def environment(values: Optional[dict]):
+    """`values` set in os.environ while it runs, and those keys alone put back after. (Patching
+    the whole environment, mock.patch.dict, puts it back by clear() and update(), a putenv per
+    variable: ~85 us with 35 variables, which was timed in every CPU sample of every peer.)"""
+    if not values:
+        yield
+        return
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def cudnn_eligible(x: torch.Tensor, module: nn.Module, training: bool) -> bool:
     """Whether torch's batch_norm picks cuDNN for this input (not for bfloat16, nor for an (N, C)
     input): where it does not, the cudnn column would time the native kernel a second time."""
@@ -467,9 +490,16 @@ class Instance:
         if peer.kind == "compile":
             self.call = torch.compile(self.module, mode=compile_mode, dynamic=False)
 
-    @contextlib.contextmanager
     def context(self):
-        with cudnn_enabled(self.peer.cudnn), mock.patch.dict(os.environ, self.peer.env or {}):
+        """What the peer runs under, entered inside every timed call: nothing at all for a peer
+        that sets nothing (torch's on the CPU, bn_ext's default)."""
+        if self.peer.cudnn is None and not self.peer.env:
+            return contextlib.nullcontext()
+        return self._switched()
+
+    @contextlib.contextmanager
+    def _switched(self):
+        with cudnn_enabled(self.peer.cudnn), environment(self.peer.env):
             yield
 
     def set_running_stats(self, mean: torch.Tensor, var: torch.Tensor):
@@ -827,6 +857,14 @@ def allocation_settings(device: str) -> Optional[str]:
             f"with 4 KiB pages unless it is 1)")
 
 
+def kernel_switches() -> dict:
+    """The environment variables that choose bn_ext's kernels or its outputs' memory (and
+    torch's, THP_MEM_ALLOC_ENABLE), as this process has them."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith(("BN_EXT_CUDA_", "BN_EXT_CPU_")) or
+            k in ("BN_EXT_HUGE_PAGES", "THP_MEM_ALLOC_ENABLE")}
+
+
 def training_path() -> str:
     """bn_ext's CUDA training path under this process's BN_EXT_CUDA_PERSISTENT (and
     BN_EXT_CUDA_SEMI_PERSISTENT), and whether the multi-pass path's later launches are dependent
@@ -879,9 +917,16 @@ def header(args, meta: dict) -> list:
               ]
     if meta.get("allocation"):
         lines.append(f"- allocation: {meta['allocation']}")
+    if meta.get("switches"):
+        lines.append("- set in the environment: " + ", ".join(
+            f"{k}={v}" for k, v in meta["switches"].items()))
     if meta.get("short_holds") is not None:
         lines.append(f"- samples dropped because the GPU hold ended before the host had queued "
                      f"the call (then held twice as long): {meta['short_holds']}")
+    if meta.get("short_kept"):
+        lines.append(f"- samples kept although the GPU hold ended before the host had queued "
+                     f"the call (the hold at its cap, 1024x; these may include host launch "
+                     f"gaps): {meta['short_kept']}")
     if meta.get("resumed"):
         lines.append(f"- resumed: {meta['resumed']}")
     for v in variant_peers(getattr(args, "variant", None)):
@@ -966,7 +1011,9 @@ def summary(rows: list, peers: list, args) -> list:
         return ["## Summary", "", f"No timed rows ({len(rows)} planned; see the statuses above)."]
     lines = ["## Summary", "",
              "Geometric-mean speedup of bn_ext over each peer (rows where both were timed; "
-             "n = rows).", "",
+             "n = rows bn_ext was timed on; a peer timed on fewer, as cudnn, which is n/a on "
+             "bf16 and (N, C) rows, has its count in brackets; vs best: the fastest torch peer "
+             "timed on each row).", "",
              "| dtype | pass | n | " + " | ".join(f"vs {p}" for p in others) + " | vs best |"
              + "".join(f" vs {p} |" for p in own),
              "|" + "---|" * (4 + len(others) + len(own))]
@@ -976,12 +1023,16 @@ def summary(rows: list, peers: list, args) -> list:
             if not sel:
                 continue
             cells = [dname, pas, str(len(sel))]
+
+            def mean_cell(values):
+                values = [v for v in values if v]
+                counted = f" ({len(values)})" if 0 < len(values) < len(sel) else ""
+                return fmt_x(geomean(values)) + counted
             for p in others:
-                cells.append(fmt_x(geomean([r.speedup(p) for r in sel if r.speedup(p)])))
-            cells.append(fmt_x(geomean([r.best_speedup(others) for r in sel
-                                        if r.best_speedup(others)])))
+                cells.append(mean_cell([r.speedup(p) for r in sel]))
+            cells.append(mean_cell([r.best_speedup(others) for r in sel]))
             for p in own:
-                cells.append(fmt_x(geomean([r.speedup(p) for r in sel if r.speedup(p)])))
+                cells.append(mean_cell([r.speedup(p) for r in sel]))
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     losers = [r for r in ok if any((r.speedup(p) or 1.0) < 1.0 for p in others)]
@@ -1295,7 +1346,7 @@ def main(argv=None):
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         timer=timer.label, copy_gbs=copy_bps / 1e9, cache_mb=cache_bytes(args.device) / MB,
-        allocation=allocation_settings(args.device))
+        allocation=allocation_settings(args.device), switches=kernel_switches())
 
     META["copy_gbs_start"] = META["copy_gbs_end"] = META["copy_gbs"]
     os.makedirs(args.out, exist_ok=True)
@@ -1316,6 +1367,7 @@ def main(argv=None):
     META["compile_s"] = compile_s
     if isinstance(timer, CudaTimer) and timer.do_bench is None:
         META["short_holds"] = timer.short_holds
+        META["short_kept"] = timer.short_kept
     # Measured again at the end; the higher of the two is the reference (a loaded machine
     # only ever makes the copy slower).
     META["copy_gbs_end"] = copy_bandwidth(args.device, timer) / 1e9
@@ -1354,6 +1406,20 @@ def load_earlier(path: str, args) -> dict:
         raise SystemExit(f"--resume: {path} was timed with {saved['meta'].get('timer')!r}, this "
                          f"run with {META['timer']!r}; run it the same way, or under another "
                          f"--name")
+    # Nor would rows of other code, another build of it, another torch, or other switches: the
+    # header states this run's for every row. (A file from before "switches" was kept has none.)
+    def sha(build):
+        return (build or "").split(", built")[0]
+    was_meta = saved["meta"]
+    for what, before, after in [
+            ("repo", was_meta.get("git"), META.get("git")),
+            ("build", sha(was_meta.get("build")), sha(META.get("build"))),
+            ("torch", was_meta.get("torch"), META.get("torch")),
+            ("switches", was_meta.get("switches", META.get("switches")), META.get("switches"))]:
+        if before != after:
+            raise SystemExit(f"--resume: {path} was measured with {what} {before!r}, this run "
+                             f"has {after!r}; rows of both would share one header: time them "
+                             f"under another --name")
     done = {(r.shape, r.layout, r.dtype, r.pas): r for r in rows if r.status == "ok"}
     META["resumed"] = (f"{len(done)} timed rows taken over from the run of "
                        f"{saved['meta'].get('date')} (repo {saved['meta'].get('git')}) in this "

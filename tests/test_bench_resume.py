@@ -1,5 +1,6 @@
 """bench/bench.py's partial results and --resume, without timing anything: a GPU lease that runs
 out mid-benchmark must leave a table marked partial, and --resume must take its rows over."""
+import contextlib
 import json
 import os
 import statistics
@@ -116,6 +117,41 @@ def test_resume_refuses_rows_timed_another_way(setup):
         bench.load_earlier(base + ".json", args)
 
 
+@pytest.mark.parametrize("key,other", [
+    ("git", "def"), ("build", "_C.abi3.so sha256 999, built today"), ("torch", "y"),
+    ("switches", {"BN_EXT_CUDA_PERSISTENT": "1"})])
+def test_resume_refuses_rows_of_other_code_or_switches(setup, key, other):
+    # The header states one repo, build, torch and set of switches for every row.
+    args, _, peers, rows, base = setup
+    bench.META["build"] = "_C.abi3.so sha256 123, built yesterday"
+    bench.META["switches"] = {}
+    bench.write_results(base, args, rows, peers, len(rows), final=True)
+    bench.META["build"] = "_C.abi3.so sha256 123, built today"  # the same build: resumed
+    assert len(bench.load_earlier(base + ".json", args)) == len(rows)
+    bench.META[key] = other
+    with pytest.raises(SystemExit, match=f"measured with {'repo' if key == 'git' else key} "):
+        bench.load_earlier(base + ".json", args)
+
+
+def test_a_peer_that_sets_nothing_times_no_context(monkeypatch):
+    # Patching the whole environment in every timed call cost ~85 us a call (a putenv per
+    # variable); a peer that sets nothing enters nothing, and a variant's switch is set and
+    # taken back alone.
+    args, _ = bench.parse_args(["--device", "cpu", "--variant", "v:BN_EXT_TEST_SWITCH=1"])
+    peers = {p.name: p for p in bench.selected_peers(args)}
+    w, b = torch.ones(3), torch.zeros(3)
+    for name in ("bn_ext", "eager"):
+        inst = bench.Instance(peers[name], 4, 3, "cpu", w, b, "default")
+        assert type(inst.context()) is type(contextlib.nullcontext())
+    inst = bench.Instance(peers["v"], 4, 3, "cpu", w, b, "default")
+    monkeypatch.setenv("BN_EXT_OTHER", "kept")
+    monkeypatch.delenv("BN_EXT_TEST_SWITCH", raising=False)
+    before = dict(os.environ)
+    with inst.context():
+        assert os.environ["BN_EXT_TEST_SWITCH"] == "1" and os.environ["BN_EXT_OTHER"] == "kept"
+    assert dict(os.environ) == before
+
+
 def _fake_groups(monkeypatch, seconds: float, timed: list):
     """run_group replaced by one that takes `seconds` and records which group it was."""
     def fake(args, shape, layout, dtype, peers, group_rows, timer, bar, log, copy_fn=None):
@@ -195,6 +231,10 @@ def test_single_pass_run_times_the_multi_pass_path_beside_it(monkeypatch):
     assert second[9:12] == ["1.50x", "1.50x", "**0.50x**"]
     text = "\n".join(bench.summary(rows, peers, args))
     assert "| fp32 | fwd | 2 | 2.45x | 2.45x | 1.00x |" in text
+    rows[1].times["cudnn"] = None  # timed on one row of the two: its count in brackets
+    assert "| fp32 | fwd | 2 | 4.00x (1) | 4.00x (1) | 1.00x |" in "\n".join(
+        bench.summary(rows, peers, args))
+    rows[1].times["cudnn"] = 3.0
     assert "Rows below 1.0x against at least one peer: 0 of 2" in text
     assert "Rows where bn_ext is slower than its multi-pass path: 1 of 2" in text
     assert "- 9x9x9x9 nchw fp32 fwd: 2000.0 vs 1000.0 ms (0.50x)" in text
