@@ -5,8 +5,8 @@
     python bench/bench_sync.py --world 2 --reps 30 --shapes 8x64x56x56 32x2048x7x7
 
 Bytes (computed from what each collective is handed, per BatchNorm layer and training step):
-  bn_ext   forward  all_reduce of 2C + 2 float64: count, rejected flag, per channel the sums of
-                    n * mean and of n * (var + mean^2)
+  bn_ext   forward  all_reduce of 2C + 3 float64: count, rejected flag, float64 ranks, per
+                    channel the sums of n * mean and of n * (var + mean^2)
            backward all_reduce of 2C math-type values (sum_dy, sum_dy_xmu)
   torch    forward  all_gather of 2C + 1 values of the input dtype per rank (mean, invstd, count);
                     every rank receives W * (2C + 1) of them
@@ -55,7 +55,7 @@ def resnet50_bn_channels():
 
 def bytes_per_layer(C, W, in_bytes=4):
     """{protocol: (forward buffer, backward buffer, sent per rank)} for one layer and step."""
-    ours_f, ours_b = (2 * C + 2) * 8, 2 * C * in_bytes
+    ours_f, ours_b = (2 * C + 3) * 8, 2 * C * in_bytes
     torch_f_own, torch_b = (2 * C + 1) * in_bytes, 2 * C * in_bytes
     ring_ar = 2 * (W - 1) / W
     return {
@@ -211,7 +211,7 @@ def _worker(rank, world, store, shapes, reps, warmup, threads, queue):
         row = _median_ms({name: (lambda m=m: step(m)) for name, m in mods.items()}, reps, warmup)
 
         # the collectives alone
-        ours_f = torch.zeros(2 * C + 2, dtype=torch.float64)
+        ours_f = torch.zeros(2 * C + 3, dtype=torch.float64)
         ours_b = torch.zeros(2 * C)
         theirs = torch.zeros(2 * C + 1)
         theirs_out = [torch.empty_like(theirs) for _ in range(world)]

@@ -2,7 +2,7 @@
 
 Training with a world of more than one rank runs the bn_ext ops with two collectives per step:
 
-    forward   batch_stats (local)  ->  ONE all_reduce (float64, 2*C + 2 values)  ->  normalize,
+    forward   batch_stats (local)  ->  ONE all_reduce (float64, 2*C + 3 values)  ->  normalize,
               running_stats_update with the global statistics and count
     backward  backward_reduce (local)  ->  ONE all_reduce of (sum_dy, sum_dy_xmu), 2*C values
               ->  backward_input with the global count
@@ -50,14 +50,19 @@ num_features, unsupported dtype, another device than the layer's, a parameter or
 that BatchNorm or the ops after the collective would refuse, momentum or eps of the wrong type or
 value, a failing local kernel) still takes part in the all_reduce, with the flag set, and then
 raises its own error; every other rank sees the flag and raises as well. So does a group whose
-whole batch has one value per channel (BatchNorm's ValueError). Nothing is written to the running
-statistics or num_batches_tracked before that check. The ops that run after the collective
+whole batch has one value per channel (BatchNorm's ValueError), and one whose ranks mix float64
+input with other dtypes (the backward's all_reduce, in each rank's math dtype, would differ in
+size; float32, float16 and bfloat16 input, all float32 math, may mix). Nothing is written to the
+running statistics or num_batches_tracked before that check. The ops that run after the collective
 (normalize, running_stats_update) are checked before it, with their fake kernels' mirror of the
 C++ checks (_fake.py). An error that only a later step can find (running out of memory in the
 backward, say) leaves the peers waiting in the backward's collective, which fails after the
-process group's timeout: a bound, not a clean error. Reading the flag needs no device
-synchronisation when the buffer is on the CPU (gloo); on an accelerator it is checked with
-torch._assert_async, which fails the device stream instead of stalling the host.
+process group's timeout: a bound, not a clean error. As with torch's SyncBatchNorm, the ranks
+must agree on what no collective checks: all in training or all in eval, and whether the input
+needs a gradient (a rank that skips the backward's all_reduce leaves its peers' to pair with its
+next collective). Reading the flag needs no device synchronisation when the buffer is on the CPU
+(gloo); on an accelerator it is checked with torch._assert_async, which fails the device stream
+instead of stalling the host.
 
 Under torch.compile the layer compiles into the model's graph, fullgraph=True included: the
 flag is checked by torch._assert_async on the CPU too (a host read would break the graph), so
@@ -85,8 +90,11 @@ from .functional import (_SUPPORTED_DTYPES, _as_float, _check_arg_types,
                          _check_one_param_dtype, _cumulative_momentum, _math_dtype, _ops)
 from .modules import _BatchNormForward, _fx_leaf
 
-# Header of the forward buffer: [count, number of ranks that rejected their input].
-_HEADER = 2
+# Header of the forward buffer: [count, number of ranks that rejected their input, number of
+# ranks that compute in float64]. The backward's all_reduce is in each rank's math dtype
+# (float64 for float64 input, else float32), so a group that mixes float64 with other input
+# sends buffers of two sizes there, which crashes gloo: the forward refuses it on every rank.
+_HEADER = 3
 
 
 def _host_readable(t: Tensor) -> bool:
@@ -192,6 +200,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 torch.mul(mean, n, out=buf[_HEADER:_HEADER + num_features])
                 torch.addcmul(var, mean, mean, out=buf[_HEADER + num_features:])
                 buf[_HEADER + num_features:].mul_(n)
+                if _math_dtype(input.dtype) == torch.float64:
+                    buf[2].fill_(1)
             except Exception as exc:  # the kernel refused: still take part, then raise
                 error = exc
         if error is not None:
@@ -199,6 +209,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=process_group)
         if error is not None:
             raise error
+        world = _group_world_size(process_group)
         if _host_readable(buf):
             rejected = int(buf[1])
             if rejected:
@@ -206,6 +217,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     f"SyncBatchNorm: {rejected} other rank(s) of the process group rejected "
                     f"their input (see their error); this rank's call was abandoned and its "
                     f"running statistics left unchanged")
+            in_float64 = int(buf[2])
+            if 0 < in_float64 < world:
+                raise RuntimeError(
+                    f"SyncBatchNorm: {in_float64} of the process group's {world} ranks have "
+                    f"float64 input and the others not (this rank: {input.dtype}); the "
+                    f"backward's all_reduce would differ in size between them. Give every rank "
+                    f"the same dtype (float32, float16 and bfloat16 may mix); the running "
+                    f"statistics are unchanged")
             if int(buf[0]) == 1:
                 # BatchNorm's ValueError for the batch of the whole group (its unbiased
                 # variance would be 0/0, a NaN running_var), raised by every rank alike
@@ -214,9 +233,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     f"1 over the whole process group (input size {tuple(input.shape)} on this "
                     f"rank); the running statistics are unchanged")
         else:
-            torch._assert_async((buf[1] == 0) & (buf[0] != 1),
+            torch._assert_async((buf[1] == 0) & (buf[0] != 1) & ((buf[2] == 0) | (buf[2] == world)),
                                 "SyncBatchNorm: another rank rejected its input, or the process "
-                                "group's batch has 1 value per channel")
+                                "group's batch has 1 value per channel, or its ranks mix float64 "
+                                "input with other dtypes")
 
         # Global statistics, in float64 until here (see the module docstring).
         total = buf[0]
@@ -248,7 +268,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grad_out, input, mean, var, weight, ctx.eps)
         grad_input = None
         if need_input:
-            # Every rank of the group runs this: they share the graph, so need_input agrees.
+            # Each rank decides by its own graph, as in torch's SyncBatchNorm: a rank whose input
+            # needs no gradient while its peers' do skips this collective, and theirs pairs with
+            # its next one (a crash or a hang; module docstring).
             c = sum_dy.numel()
             both = torch.cat([sum_dy, sum_dy_xmu])
             dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.process_group)

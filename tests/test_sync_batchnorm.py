@@ -262,7 +262,7 @@ def case_all_ranks_empty(rank, world):
 
 
 def case_one_collective_each_way(rank, world):
-    """Forward: one all_reduce of 2C + 2 float64; backward: one of 2C math-type values."""
+    """Forward: one all_reduce of 2C + 3 float64; backward: one of 2C math-type values."""
     C = 6
     sbn = SyncBatchNorm(C)
     x = torch.randn(3, C, 4, 4, requires_grad=True)
@@ -270,7 +270,7 @@ def case_one_collective_each_way(rank, world):
         y = sbn(x)
     with _count_all_reduce() as bwd:
         y.sum().backward()
-    assert fwd == [(2 * C + 2) * 8], fwd
+    assert fwd == [(2 * C + 3) * 8], fwd
     assert bwd == [2 * C * 4], bwd
     # no input gradient wanted: the backward needs no collective at all
     x2 = torch.randn(3, C, 4, 4)
@@ -526,6 +526,32 @@ def case_double_backward_refused(rank, world):
         raise AssertionError("double backward should be refused")
 
 
+def case_float64_mixed_with_other_dtypes(rank, world):
+    """float64 input on rank 0, float32 (bfloat16 on a third rank) elsewhere: the backward's
+    all_reduce, in each rank's math dtype, would send 16 C bytes from rank 0 and 8 C from the
+    others, which aborted the processes in gloo. Refused by the forward on every rank, on the CPU
+    branch and the accelerator one; float32 and 16-bit input, all float32 math, do mix."""
+    import bn_ext.sync_batchnorm as module
+    dtype = [torch.float64, torch.float32, torch.bfloat16, torch.float32][rank]
+    sbn = SyncBatchNorm(4, dtype=torch.float64 if rank == 0 else torch.float32)
+    x = torch.randn(3, 4, 2, 2).to(dtype)
+    real = module._host_readable
+    for readable in (real, lambda t: False):
+        module._host_readable = readable
+        try:
+            _expect_on_every_rank(sbn, x, RuntimeError,
+                                  "have float64 input and the others not" if readable is real
+                                  else "mix float64 input with other dtypes")
+        finally:
+            module._host_readable = real
+    if rank == 0:  # every rank in 32 or 16 bits: trained, forward and backward
+        sbn = SyncBatchNorm(4)
+        x = torch.randn(3, 4, 2, 2)
+    xg = x.detach().requires_grad_()
+    sbn(xg).sum().backward()
+    assert int(sbn.num_batches_tracked) == 1 and torch.isfinite(xg.grad).all()
+
+
 def case_accelerator_code_path(rank, world):
     """The branch for tensors whose values the host cannot read for free (GPUs), run on the CPU:
     the flag check is torch._assert_async and an empty group's stats are restored by a where."""
@@ -706,12 +732,14 @@ WORLDS = {
         "case_bad_eps_and_momentum_types", "case_count_that_wraps",
         "case_one_value_over_the_group", "case_eps_zero_refused",
         "case_statistics_set_to_none_still_count",
-        "case_double_backward_refused", "case_accelerator_code_path", "case_torch_compile",
+        "case_double_backward_refused", "case_float64_mixed_with_other_dtypes",
+        "case_accelerator_code_path", "case_torch_compile",
         "case_ddp_trajectory", "case_rank_never_calls_times_out"],
     3: ["case_uneven_fp64", "case_uneven_fp32", "case_empty_rank",
         "case_empty_rank_fp32_momentum_none", "case_channels_last", "case_momentum_none",
         "case_large_mean_fp32", "case_large_mean_ranks_apart_fp32", "case_bad_channel_count",
-        "case_ddp_trajectory", "case_one_value_over_the_group", "case_one_channel"],
+        "case_ddp_trajectory", "case_one_value_over_the_group", "case_one_channel",
+        "case_float64_mixed_with_other_dtypes"],
     4: ["case_uneven_fp32", "case_empty_rank", "case_empty_rank_fp32_momentum_none",
         "case_input_2d_and_3d", "case_bad_dtype", "case_accelerator_code_path"],
 }
