@@ -139,11 +139,11 @@ def _swap(module: nn.Module, cls: type) -> nn.Module:
 
 def _rebound(value, old: nn.Module, new: nn.Module):
     """`value` calling `new` where it called `old`: a method bound to `old`, or a
-    functools.partial over it or over such a method (an instance-level forward, as accelerate's
-    hooks install:
-    `module.forward = partial(new_forward, module)` with `module._old_forward` the bound method).
-    A method of old's class is looked up by name on new's class, so that a wrapped forward runs
-    new's kernels; a function the user bound is bound to `new` as it is."""
+    functools.partial over it or over such a method. accelerate's hooks, for one, install an
+    instance-level forward, `module.forward = partial(new_forward, module)`, with the bound
+    method kept as `module._old_forward`. A method of old's class is looked up by name on new's
+    class, so that a wrapped forward runs new's kernels; a function the user bound is bound to
+    `new` as it is."""
     if isinstance(value, types.MethodType) and value.__self__ is old:
         func = value.__func__
         name = getattr(func, "__name__", None)
