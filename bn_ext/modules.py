@@ -118,15 +118,12 @@ def _swap(module: nn.Module, cls: type) -> nn.Module:
     a .to() (new buffer objects in the new layer's dict) a checkpoint would not load.
     """
     new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
+    # Instance attributes that call the old layer would run it, with its own `training` flag,
+    # which model.eval() no longer reaches: an old layer in eval would still update its stats.
+    new.__dict__.update({k: _rebound(v, module, new) for k, v in module.__dict__.items()})
     if not isinstance(module, LazyModuleMixin):
         for key in ("_parameters", "_buffers", "_modules"):
             new.__dict__[key] = dict(module.__dict__[key])
-    # Instance attributes that call the old layer would run it, with its own `training` flag,
-    # which model.eval() no longer reaches: an old layer in eval would still update its stats.
-    for key, value in module.__dict__.items():
-        if key not in ("_parameters", "_buffers", "_modules"):
-            new.__dict__[key] = _rebound(value, module, new)
     if new.__dict__.get("_compiled_call_impl") is not None:
         # nn.Module.compile() compiled the old layer's bound _call_impl; its options are not
         # recoverable from the compiled function, so the new layer is left uncompiled.
