@@ -33,7 +33,8 @@ else  # another torch (CI also builds against the newest): its own environment a
 fi
 LOG=$STAGE.log
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
+DEFAULT_ARCH_LIST="8.0;9.0+PTX"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$DEFAULT_ARCH_LIST}
 
 log() { printf '\n--- cuda_build: %s (%s) ---\n' "$*" "$(date -u +%H:%M:%S)"; }
 die() { echo "cuda_build: FAILED: $*" >&2; exit 1; }
@@ -127,7 +128,7 @@ if [ -n "$OBJDUMP" ]; then
   elves=$("$OBJDUMP" -lelf "$SO")
   ptx=$("$OBJDUMP" -lptx "$SO")
   echo "$elves" | grep -q "sm_90" || die "no sm_90 code in $SO"
-  if [ "$TORCH_CUDA_ARCH_LIST" = "8.0;9.0+PTX" ]; then  # the default (CI's newest torch: 9.0)
+  if [ "$TORCH_CUDA_ARCH_LIST" = "$DEFAULT_ARCH_LIST" ]; then  # (CI's newest torch: 9.0 alone)
     echo "$elves" | grep -q "sm_80" || die "no sm_80 code in $SO"
     echo "$ptx" | grep -q "sm_90" || die "no compute_90 PTX in $SO"
   fi
