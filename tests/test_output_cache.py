@@ -167,6 +167,14 @@ def test_limit_drops_oldest_blocks_first():
     assert r.stdout.split() == [str(9 * MiB), str(2 * MiB), "1"]
 
 
+def test_limit_drops_as_many_oldest_blocks_as_it_takes():
+    # 1, 1.25 and 1.5 MiB cached (3.75 MiB), then a 4 MiB block freed: 7.75 > 5, and dropping
+    # the oldest block alone still leaves 6.75 > 5, so all three go
+    r = _probe(5, heights=(64, 80, 96, 256))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(5 * MiB), str(4 * MiB), "1"]
+
+
 def test_cache_can_be_switched_off():
     r = _probe(0)
     assert r.returncode == 0, r.stderr

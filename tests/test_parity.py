@@ -466,6 +466,21 @@ def test_contiguous_channel_tiles_match_float64(shape, dtype):
     assert_sum_close(sum_dy_xmu, gd * (xd - mean.double().view(1, C, 1, 1)))
 
 
+@pytest.mark.parametrize("C", [1, 9], ids=["chunks-over-threads", "channels-over-threads"])
+def test_long_run_statistics_error_does_not_grow_with_the_run(C):
+    """A run of more than a chunk's elements (here 2^18, one run to a chunk) is summed in float
+    vector accumulators that are flushed into double every kFlushEvery steps, so the statistics
+    stay within a few float32 ulps of float64 however long the run (float accumulators left
+    unflushed down the run would err by ~5e-7 in var here, growing with the run). batch_stats
+    with float64 statistics, so that the mean's own rounding to float32 does not hide the sums'."""
+    x = make_input((2, C, 1, 1 << 18), torch.float32, "cpu", seed=17, mean=3.5)
+    mean, var = ops.batch_stats(x, dtype=torch.float64)
+    ref_var, ref_mean = torch.var_mean(x.double(), [0, 2, 3], correction=0)
+    torch.testing.assert_close(var, ref_var, rtol=1e-7, atol=0)
+    mean_err = (mean - ref_mean).abs() / ref_var.sqrt()
+    assert mean_err.max().item() < 1e-8, mean_err
+
+
 def _last_level_cache_bytes():
     """The largest cache cpu0 lists in sysfs, as the kernels read it (8 MiB if none is listed)."""
     best = 0
@@ -543,7 +558,12 @@ for shape, dtype, cl in cases:
     rm, rv = torch.randn(C, dtype=pd), torch.rand(C, dtype=pd) + 0.5
     y, mean, var = ops.train_forward(x, w, b, 1e-5)
     dx, gw, gb = ops.train_backward(g, x, mean, var, w, 1e-5)
-    out.append([ops.normalize(x, rm, rv, w, b, 1e-5), y, mean, var, dx, gw, gb])
+    # absent weight and bias (1 and 0) in every pass, and weight without bias
+    y0, mean0, var0 = ops.train_forward(x, None, None, 1e-5)
+    dx0, gw0, gb0 = ops.train_backward(g, x, mean0, var0, None, 1e-5)
+    out.append([ops.normalize(x, rm, rv, w, b, 1e-5), y, mean, var, dx, gw, gb,
+                ops.normalize(x, rm, rv, None, None, 1e-5), y0, mean0, var0, dx0, gw0, gb0,
+                ops.train_forward(x, w, None, 1e-5)[0]])
 torch.save(out, OUT)
 """
 
@@ -552,7 +572,8 @@ torch.save(out, OUT)
 def test_streaming_threshold_from_env_changes_no_bit(tmp_path):
     """BN_EXT_CPU_STREAM_MB=0 makes every pass stream (and the NCHW training passes tile-fuse)
     however small the tensor: the outputs, statistics and gradients must be the default paths'
-    bits, for every layout and dtype."""
+    bits, for every layout and dtype, with and without weight and bias (the tile-fused passes
+    take their own defaults for absent ones)."""
     path = tmp_path / "streamed.pt"
     code = f"OUT = {str(path)!r}\n" + _STREAM_CASES
     r = run_python(code, timeout=300, BN_EXT_CPU_STREAM_MB="0")
@@ -562,7 +583,9 @@ def test_streaming_threshold_from_env_changes_no_bit(tmp_path):
     streamed = torch.load(path)
     default = torch.load(tmp_path / "default.pt")
     names = ["eval y", "y", "mean", "var", "dx", "grad_weight", "grad_bias"]
+    names += [f"{name}, no weight or bias" for name in names] + ["y, no bias"]
     for i, (a, b) in enumerate(zip(streamed, default)):
+        assert len(a) == len(b) == len(names), i
         for name, p, q in zip(names, a, b):
             assert p.stride() == q.stride(), (i, name)
             assert torch.equal(p, q), (i, name, (p.double() - q.double()).abs().max())
