@@ -466,6 +466,8 @@ def test_contiguous_channel_tiles_match_float64(shape, dtype):
     assert_sum_close(sum_dy_xmu, gd * (xd - mean.double().view(1, C, 1, 1)))
 
 
+@pytest.mark.skipif(CUDA_EMULATED, reason="the CPU kernels' flush to double; the CUDA kernels "
+                    "sum shifted floats in many short per-thread chains instead")
 @pytest.mark.parametrize("C", [1, 9], ids=["chunks-over-threads", "channels-over-threads"])
 def test_long_run_statistics_error_does_not_grow_with_the_run(C):
     """A run of more than a chunk's elements (here 2^18, one run to a chunk) is summed in float
