@@ -146,6 +146,31 @@ def _last_block_threads():
     return _emu_counter("bn_ext_emu_last_block_threads")()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("extra", [0, 1], ids=["fills", "one-more"])
+def test_one_block_kernel_at_its_block_sizes_edges(monkeypatch, dtype, block, extra):
+    """A contiguous channel of exactly as many whole vectors as `block` threads hold (kItems a
+    thread) runs in blocks of `block` threads, and one of a vector more in the next size up, where
+    every vector is still read, summed and written: results as float64's and as the multi-pass
+    kernels'. (An off-by-one in the host's choice would leave the last vector out.)"""
+    monkeypatch.setenv("BN_EXT_EMU_SMS", "16")
+    clear_cuda_switches(monkeypatch)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    V = 16 // itemsize
+    slots = block * (16 if itemsize == 8 else 32) // V + extra
+    shape = (1, 16, slots * V)  # one run a channel, of whole vectors
+    assert _single_pass_plan(shape, dtype, "contiguous") == block * (1 + extra)
+    x, dy, w, b = _case(shape, dtype, "contiguous")
+    monkeypatch.setenv("BN_EXT_CUDA_PERSISTENT", "0")
+    multi = train_ops(x, dy, w, b)
+    monkeypatch.delenv("BN_EXT_CUDA_PERSISTENT")
+    results, grids = _with_grids(lambda: train_ops(x, dy, w, b))
+    assert grids == (2, 0) and _last_block_threads() == block * (1 + extra)
+    assert_training_matches_float64(results, x, dy, w, b, others=multi)
+
+
 # 16-bit channels whose runs start on 8-byte but not 16-byte boundaries (S % 8 == 4), each with
 # a batch at which the narrow kernel (8-byte vectors, 8 a thread) holds the channel in 64
 # threads where the masked one (16-byte vectors, 4 a thread, (S + 14) / 8 a run) needs 128.

@@ -5,6 +5,7 @@ num_batches_tracked.
 """
 import copy
 import functools
+import math
 import types
 
 import pytest
@@ -274,6 +275,33 @@ def test_variance_with_an_outlier_first_element(device, layout):
     relative; a 32-sample one ~3x at most."""
     x = make_input((16, 8, 32, 32), torch.float32, device, layout, mean=1e4, std=1.0)
     x[0, :, 0, 0] += 50
+    mean, var = ops.batch_stats(x)
+    vr, mr = torch.var_mean(x.double(), [0, 2, 3], correction=0)
+    torch.testing.assert_close(var.double(), vr, rtol=2e-5, atol=0)
+    torch.testing.assert_close(mean.double(), mr, rtol=1e-7, atol=0)
+
+
+def _shift_sample_elements(count, S, samples):
+    """The first `samples` of the 32 elements (in (n, s) order) whose mean is a channel's shift k,
+    as bn_ext.h picks them: e_j = (G / 2 + j G) mod W, W = min(count, max(S, 32)), G the largest
+    integer <= W * 40503 / 2^16 with no factor in common with W."""
+    W = min(count, max(S, 32))
+    G = W * 40503 // 65536
+    while G > 1 and math.gcd(G, W) != 1:
+        G -= 1
+    return [(G // 2 + j * G) % W for j in range(samples)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_variance_with_outliers_among_the_shift_samples(device, layout):
+    """As above, with the outliers where the shift's samples are: the first group of 4 of the 32
+    (bn_ext.h) lies 50 std out, so k is mean + 6.25 std (amplifying ~40x) if the kernel averages
+    all 32 samples, but mean + 50 std (~2500x, missing 2e-5 relative) if its shift took any group
+    for all eight."""
+    x = make_input((16, 8, 32, 32), torch.float32, device, layout, mean=1e4, std=1.0)
+    for e in _shift_sample_elements(16 * 32 * 32, 32 * 32, 4):
+        x[0, :, e // 32, e % 32] += 50
     mean, var = ops.batch_stats(x)
     vr, mr = torch.var_mean(x.double(), [0, 2, 3], correction=0)
     torch.testing.assert_close(var.double(), vr, rtol=2e-5, atol=0)
