@@ -76,6 +76,11 @@ SINGLE_PASS_CASES = [
 ]
 
 
+def _vectors_a_thread(itemsize, V):
+    """kItems, the one-block kernel's vectors a thread: 32 values (16 in float64) over V."""
+    return (16 if itemsize == 8 else 32) // V
+
+
 def _single_pass_plan(shape, dtype, layout, sms=16):
     """The single-pass path's kernel for a case on `sms` SMs: the block size (64, 128 or 256)
     where a contiguous channel fits in one block of 256 threads and the channels are at least as
@@ -95,7 +100,7 @@ def _single_pass_plan(shape, dtype, layout, sms=16):
     if itemsize == 2 and S % V != 0 and S % (V // 2) == 0:
         V //= 2
     slots = shape[0] * (S // V if S % V == 0 else (S + 2 * V - 2) // V)
-    items = (16 if itemsize == 8 else 32) // V
+    items = _vectors_a_thread(itemsize, V)
     return next((block for block in (64, 128, 256) if slots <= block * items), "cooperative")
 
 
@@ -159,7 +164,7 @@ def test_one_block_kernel_at_its_block_sizes_edges(monkeypatch, dtype, block, ex
     clear_cuda_switches(monkeypatch)
     itemsize = torch.empty((), dtype=dtype).element_size()
     V = 16 // itemsize
-    slots = block * (16 if itemsize == 8 else 32) // V + extra
+    slots = block * _vectors_a_thread(itemsize, V) + extra
     shape = (1, 16, slots * V)  # one run a channel, of whole vectors
     assert _single_pass_plan(shape, dtype, "contiguous") == block * (1 + extra)
     x, dy, w, b = _case(shape, dtype, "contiguous")

@@ -266,21 +266,6 @@ def test_eval_normalize_rounds_at_the_outputs_scale(device, layout, mean):
     assert err <= 8 * 2.0 ** -24 * ref.abs().max().item(), err
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_variance_with_an_outlier_first_element(device, layout):
-    """The statistics shift their sums by k, the mean of 32 samples of a channel (bn_ext.h); the
-    sums' rounding reaches var amplified by 1 + (k - mean)^2 / var. Here every channel's first
-    element lies 50 std out (mean 1e4): a one-element shift amplifies ~2000x, missing 2e-5
-    relative; a 32-sample one ~3x at most."""
-    x = make_input((16, 8, 32, 32), torch.float32, device, layout, mean=1e4, std=1.0)
-    x[0, :, 0, 0] += 50
-    mean, var = ops.batch_stats(x)
-    vr, mr = torch.var_mean(x.double(), [0, 2, 3], correction=0)
-    torch.testing.assert_close(var.double(), vr, rtol=2e-5, atol=0)
-    torch.testing.assert_close(mean.double(), mr, rtol=1e-7, atol=0)
-
-
 def _shift_sample_elements(count, S, samples):
     """The first `samples` of the 32 elements (in (n, s) order) whose mean is a channel's shift k,
     as bn_ext.h picks them: e_j = (G / 2 + j G) mod W, W = min(count, max(S, 32)), G the largest
@@ -294,14 +279,21 @@ def _shift_sample_elements(count, S, samples):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_variance_with_outliers_among_the_shift_samples(device, layout):
-    """As above, with the outliers where the shift's samples are: the first group of 4 of the 32
-    (bn_ext.h) lies 50 std out, so k is mean + 6.25 std (amplifying ~40x) if the kernel averages
-    all 32 samples, but mean + 50 std (~2500x, missing 2e-5 relative) if its shift took any group
-    for all eight."""
-    x = make_input((16, 8, 32, 32), torch.float32, device, layout, mean=1e4, std=1.0)
-    for e in _shift_sample_elements(16 * 32 * 32, 32 * 32, 4):
-        x[0, :, e // 32, e % 32] += 50
+@pytest.mark.parametrize("outliers", ["first_element", "shift_samples"])
+def test_variance_with_outliers(device, layout, outliers):
+    """The statistics shift their sums by k, the mean of 32 samples of a channel (bn_ext.h); the
+    sums' rounding reaches var amplified by 1 + (k - mean)^2 / var. Each channel (mean 1e4, std 1)
+    gets outliers 50 std out:
+    - first_element: its first element. A one-element shift amplifies ~2000x, missing 2e-5
+      relative; a 32-sample one ~3x at most.
+    - shift_samples: the first group of 4 of the shift's 32 samples. k is mean + 6.25 std
+      (~40x) if the kernel averages all 32, but mean + 50 std (~2500x, missing 2e-5) if its shift
+      took any one group for all eight."""
+    N, C, H, W = 16, 8, 32, 32
+    x = make_input((N, C, H, W), torch.float32, device, layout, mean=1e4, std=1.0)
+    elements = [0] if outliers == "first_element" else _shift_sample_elements(N * H * W, H * W, 4)
+    for e in elements:  # e < H * W: all in sample 0
+        x[0, :, e // W, e % W] += 50
     mean, var = ops.batch_stats(x)
     vr, mr = torch.var_mean(x.double(), [0, 2, 3], correction=0)
     torch.testing.assert_close(var.double(), vr, rtol=2e-5, atol=0)
