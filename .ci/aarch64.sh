@@ -5,8 +5,9 @@
 # cross g++ that runs natively; then `bn-ext-check` and the test suite, as on x86.
 # Why: there ATen's Vectorized is NEON's 128 bits (4 floats, 2 doubles, 8 bfloat16), a width no
 # x86 build has (AVX2 and the portable build: 8 floats; AVX-512: 16), and setup.py takes its
-# other branch (no x86 ISA flags). At 189fbf1 the suite passed there, 1227 tests on two
-# emulated workers in 12 minutes, but for two that the emulation fails (left out below).
+# other branch (no x86 ISA flags). At 3e5cb1c the suite below passed there: 1156 tests on two
+# emulated workers in 14 minutes (the stage: 19). Two tests that fail only under the emulation
+# are left out (below).
 #
 # Needs root for apt (qemu-user, the cross compiler, Debian's arm64 Python packages, which are
 # unpacked into a folder, not installed) and the registries. Everything it writes is in one
@@ -121,15 +122,21 @@ step "bn-ext-check"
 
 step "the test suite"
 # Left out as in CI's emulated CUDA runs: the tools' and packaging's tests (no kernel), ONNX's
-# (not installed here). Left out by -k, as the emulation's failures: a fork while another
-# thread holds a lock (the child hung under qemu-user now and then; so did a fork whose child
-# made no bn_ext call), and the RSS given back by malloc_trim (qemu-user takes madvise as a
-# hint and frees nothing).
+# (not installed here). Left out for time (under qemu every process takes 20 s to import
+# torch): SyncBatchNorm's, whose distributed cases start several (its Python is the same on
+# every machine; its kernels are the ops the other files test), and the AOTInductor package
+# (torch.compile's inductor build still runs, test_compile_inductor). In CI at 3e5cb1c the
+# stage took 20 minutes with them, and all of CI 62. Left out by -k, as the emulation's
+# failures: a fork while another thread holds a lock (the child hung under qemu-user now and
+# then; so did a fork whose child made no bn_ext call), and the RSS given back by malloc_trim
+# (qemu-user takes madvise as a hint and frees nothing).
 EMULATION_ONLY="not test_fork_while_another_thread_holds_the_cache_lock"
 EMULATION_ONLY+=" and not test_empty_cpu_cache_returns_memory_to_the_system"
+EMULATION_ONLY+=" and not test_aot_inductor_package"
 cd "$W"
 "$W/python" -m pytest "$ROOT/tests" -q -p no:cacheprovider "$@" \
   --ignore "$ROOT/tests/test_onnx.py" --ignore "$ROOT/tests/test_mutation_tool.py" \
   --ignore "$ROOT/tests/test_bench_resume.py" --ignore "$ROOT/tests/test_packaging.py" \
-  --ignore "$ROOT/tests/test_ci_checks.py" -k "$EMULATION_ONLY"
+  --ignore "$ROOT/tests/test_ci_checks.py" --ignore "$ROOT/tests/test_sync_batchnorm.py" \
+  -k "$EMULATION_ONLY" --durations=10
 step "passed"
