@@ -334,10 +334,23 @@ def _is_float_arg(value) -> bool:
 
 
 def _type_name(value) -> str:
-    """The name torch's argument parser gives a refused value's type: CPython's tp_name, the bare
-    name of a class defined in Python (Fraction, Tensor) and of a builtin, the module-qualified
-    name of another extension type (numpy.ndarray)."""
+    """The name torch's argument parser gives a refused value's type: CPython's tp_name. That is
+    the bare name of a class defined in Python (Fraction, Tensor) and of a builtin, and the name
+    an extension declared its type with otherwise: numpy.ndarray, and decimal.Decimal from Python
+    3.13 on, where _decimal's types became heap types declared by a spec (in 3.12: Decimal)."""
     t = type(value)
+    try:
+        import ctypes
+
+        # A type object is a PyVarObject: a PyObject (object's own basic size, the larger
+        # free-threaded header included), then ob_size, then tp_name.
+        at = id(t) + object.__basicsize__ + ctypes.sizeof(ctypes.c_ssize_t)
+        name = ctypes.c_char_p.from_address(at).value.decode()
+        if name.rpartition(".")[2] == t.__name__:  # read where CPython keeps it
+            return name
+    except (ImportError, AttributeError, ValueError, UnicodeDecodeError):
+        pass
+    # Without a readable tp_name: the rule of Python 3.12 and older.
     if t.__module__ == "builtins" or t.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE
         return t.__name__
     return f"{t.__module__}.{t.__qualname__}"

@@ -362,6 +362,45 @@ def test_argument_types_as_torch(arg, value, training):
             assert int(ours_m.num_batches_tracked) == int(ref_m.num_batches_tracked)
 
 
+def _refused_values():
+    import array
+    import collections
+    import datetime
+    import decimal
+    import enum
+    import functools
+    import io
+
+    class Plain:
+        pass
+
+    class Colour(enum.Enum):
+        RED = 1
+
+    # builtins, classes defined in Python, static extension types, and extension heap types
+    # declared by a spec: re.Pattern, array.array and functools.partial in every version,
+    # decimal.Decimal, collections.deque and _io.StringIO from Python 3.13 on
+    return ["0.1", b"0.1", [0.1], (0.1,), {0.1}, 0.1j, Plain(), Plain, Colour.RED,
+            decimal.Decimal("0.1"), collections.deque(), collections.OrderedDict(),
+            datetime.timedelta(1), array.array("d", [0.1]), functools.partial(float, 0.1),
+            io.StringIO(), re.compile("x"), range(1), torch.device("cpu"), torch.float32]
+
+
+@pytest.mark.parametrize("value", _refused_values(), ids=lambda v: type(v).__name__)
+def test_refused_type_named_as_torch(value):
+    """torch's parser names a refused value's type by CPython's tp_name: bare for builtins and
+    classes defined in Python, as declared for extension types. Telling them apart by the
+    heap-type flag named re.Pattern 'Pattern', and decimal.Decimal 'Decimal' on Python 3.13."""
+    x = torch.randn(6, 3, 2)
+    with pytest.raises(TypeError) as ref:
+        torch.nn.functional.batch_norm(x, None, None, training=True, momentum=value)
+    with pytest.raises(TypeError) as ours:
+        bn_ext.batch_norm(x, None, None, training=True, momentum=value)
+    expected = re.search(r"must be float, not (.+)$", str(ref.value)).group(1)
+    assert str(ours.value).endswith(f"argument 'momentum' must be float, not {expected}"), (
+        str(ours.value), str(ref.value))
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
 @pytest.mark.parametrize("value", [[1.0, 1.0, 1.0], 1.0, "abc"], ids=["list", "float", "str"])
