@@ -16,6 +16,8 @@
 #   4. checks: the import works with no GPU, bn_ext.has_cuda_kernels() is True, the CPU kernels
 #      of this CUDA-enabled build run, and (when cuobjdump is found) the fat binary holds
 #      sm_90, and with the default list sm_80 and PTX too.
+# BN_EXT_CUDA_PYTHON names the interpreter that creates a new environment (default python3); CI
+# builds against the newest torch under Python 3.13.
 # Set BN_EXT_CUDA_TESTS=1 to also run the whole test suite in that environment (CUDA tests skip;
 # BN_EXT_CI_WORKERS pytest-xdist workers, default one a core); .ci/run does.
 # Any failure exits non-zero with the end of the build log.
@@ -44,7 +46,7 @@ start=$(date +%s)
 
 log "environment $VENV"
 if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+  "${BN_EXT_CUDA_PYTHON:-python3}" -m venv "$VENV"
 fi
 PY=$VENV/bin/python
 if ! "$PY" -c "import torch, ninja, setuptools, wheel, sys; sys.exit(0 if torch.version.cuda and \
@@ -69,8 +71,8 @@ fi
 # like a module would shadow it: an empty /tmp/z3 once broke torch's import of z3).
 AWAY=$(mktemp -d)
 trap 'rm -rf "$AWAY"' EXIT
-"$PY" -c "import torch; assert torch.version.cuda, 'torch in $VENV has no CUDA'; \
-print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+"$PY" -c "import sys, torch; assert torch.version.cuda, 'torch in $VENV has no CUDA'; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'Python', sys.version.split()[0])"
 "$CUDA_HOME/bin/nvcc" --version | tail -n 1
 
 log "copy of the tree in $STAGE"
