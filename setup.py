@@ -6,7 +6,10 @@ found, unless BN_EXT_FORCE_CPU=1. See README.md, "Build options", for every swit
 import glob
 import os
 import platform
+import shlex
 import shutil
+import subprocess
+import tempfile
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -78,6 +81,38 @@ def _cpu_isa_flags():
     return []
 
 
+def _openmp_flags():
+    """-fopenmp for compiling and linking, where the C++ compiler takes it.
+
+    at::parallel_for is a header template whose OpenMP backend is `#pragma omp parallel`: without
+    -fopenmp it silently runs on one thread. The link records libgomp.so.1, which resolves to the
+    copy torch has already loaded (same soname), so the extension shares torch's thread pool.
+    Some compilers refuse it: Apple's clang ("unsupported option"), a clang with no OpenMP
+    runtime installed ('omp.h' not found). There the CPU kernels are built without OpenMP, on one
+    thread, with a warning, rather than not at all. The probe builds a small OpenMP program with
+    the compiler torch's build uses ($CXX, else c++).
+    """
+    cxx = shlex.split(cpp_extension.get_cxx_compiler())
+    program = ("#include <omp.h>\nint main() {\n  int n = 0;\n#pragma omp parallel\n"
+               "  n = omp_get_num_threads();\n  return n > 0 ? 0 : 1;\n}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(program)
+        try:
+            proc = subprocess.run(cxx + ["-fopenmp", src, "-o", os.path.join(tmp, "probe")],
+                                  capture_output=True, text=True, timeout=120)
+            ok, why = proc.returncode == 0, (proc.stderr or proc.stdout).strip()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            ok, why = False, str(e)
+    if ok:
+        return ["-fopenmp"], ["-fopenmp"]
+    first = why.splitlines()[0] if why else "no message"
+    print(f"bn_ext: WARNING: {' '.join(cxx)} cannot build an OpenMP program with -fopenmp "
+          f"({first}); the CPU kernels are built without OpenMP and run on one thread")
+    return [], []
+
+
 def _default_arch_list():
     """With no GPU to detect, build for Ampere and Hopper, plus PTX so newer GPUs can JIT."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -99,11 +134,8 @@ def extensions():
     # (C++17 in torch 2.11, C++20 from 2.13 on; torch 2.15's headers do not compile as C++17).
     cxx = ["-O3", "-fvisibility=hidden", "-DPy_LIMITED_API=0x03090000"]
     cxx += _cpu_isa_flags()
-    # at::parallel_for is a header template whose OpenMP backend is `#pragma omp parallel`: without
-    # -fopenmp it silently runs on one thread. The link records libgomp.so.1, which resolves to the
-    # copy torch has already loaded (same soname), so the extension shares torch's thread pool.
-    cxx += ["-fopenmp"]
-    link = ["-fopenmp"]
+    openmp_cxx, link = _openmp_flags()
+    cxx += openmp_cxx
     if not use_cuda:
         return [cpp_extension.CppExtension(
             "bn_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,

@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     print(f"bn_ext {bn_ext.__version__}, torch {torch.__version__}, device {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}, "
           f"CUDA kernels built: {bn_ext.has_cuda_kernels()}")
+    if not bn_ext.ops.built_with_openmp():
+        print("warning: the CPU kernels were built without OpenMP (the compiler refused "
+              "-fopenmp) and run on one thread")
     torch.manual_seed(0)
     print("correctness:")
     check_gradients(device)

@@ -899,6 +899,16 @@ std::vector<int64_t> cpu_cache_stats() { return cpu::output_cache_stats(); }
 
 void _hold_cpu_cache_lock(double seconds) { cpu::hold_output_cache_lock(seconds); }
 
+// Whether the CPU kernels' at::parallel_for runs on OpenMP's threads: setup.py leaves -fopenmp
+// out where the compiler refuses it (Apple's clang), and the loops then run on one thread.
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 #ifdef BN_EXT_WITH_CUDA
 bool built_with_cuda() { return true; }
 #else
@@ -955,6 +965,7 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
   m.def("_hold_cpu_cache_lock(float seconds) -> ()", &_hold_cpu_cache_lock);  // tests only
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("built_with_openmp() -> bool", &built_with_openmp);
 }
 
 #define BN_EXT_REGISTER_IMPLS(m)                              \

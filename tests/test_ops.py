@@ -62,6 +62,17 @@ def _requiring_grad(*tensors):
     return tuple(t.detach().clone().requires_grad_() for t in tensors)
 
 
+@pytest.mark.skipif(os.environ.get("BN_EXT_CUDA_EMULATED") == "1",
+                    reason="the emulator's build is made without setup.py's flags")
+def test_cpu_kernels_built_with_openmp():
+    """setup.py leaves -fopenmp out, with a warning, where the compiler cannot build an OpenMP
+    program: at::parallel_for then runs on one thread. CI's compilers can, so a probe that
+    wrongly failed would leave every CI build on one thread, silently but for this test."""
+    assert bn_ext.ops.built_with_openmp(), (
+        "this bn_ext was built without OpenMP (its compiler could not build an OpenMP program "
+        "with -fopenmp): its CPU kernels run on one thread")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=["fp32", "fp64", "bf16"])

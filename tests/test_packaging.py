@@ -57,3 +57,35 @@ def test_sdist_holds_the_package_build_and_test_files(sdist_files):
     missing = sorted(wanted - sdist_files)
     assert not missing, f"the sdist lacks {missing}"
     assert not any("__pycache__" in n or n.endswith((".so", ".pyc")) for n in sdist_files)
+
+
+def _setup_py_says(tmp_path, cxx=None):
+    """What setup.py prints as it chooses its flags (`setup.py --name` builds nothing)."""
+    if not os.path.exists(os.path.join(ROOT, "setup.py")):
+        pytest.skip("not run from a source tree")
+    env = dict(os.environ, BN_EXT_FORCE_CPU="1")
+    env.pop("CXX", None)
+    if cxx is not None:
+        env["CXX"] = cxx
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_openmp_where_the_compiler_takes_it(tmp_path):
+    # c++ (g++ here) builds OpenMP programs: no warning (test_ops checks the installed build)
+    assert "without OpenMP" not in _setup_py_says(tmp_path)
+
+
+def test_openmp_left_out_where_the_compiler_refuses_it(tmp_path):
+    # Apple's clang: "clang: error: unsupported option '-fopenmp'". The build goes on without
+    # OpenMP (the CPU kernels on one thread), and says so, rather than failing.
+    fake = tmp_path / "apple-clang++"
+    fake.write_text("#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = -fopenmp ]; then\n"
+                    "    echo \"clang: error: unsupported option '-fopenmp'\" >&2; exit 1\n"
+                    "  fi\ndone\nexec c++ \"$@\"\n")
+    fake.chmod(0o755)
+    said = _setup_py_says(tmp_path, cxx=str(fake))
+    assert ("cannot build an OpenMP program with -fopenmp (clang: error: unsupported option "
+            "'-fopenmp'); the CPU kernels are built without OpenMP and run on one thread") in said
