@@ -15,6 +15,11 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The oldest CPython whose stable ABI the extension uses. torch's BuildExtension defines
+# Py_LIMITED_API itself for a py_limited_api extension, as its own oldest CPython (3.10 in torch
+# 2.11 to 2.15); the same value here, so that the two definitions agree (clang warned of the
+# redefinition, and the later one, torch's, won) and so that the wheel's abi3 tag says the same.
+LIMITED_API = getattr(cpp_extension, "min_supported_cpython", "0x03090000")
 
 
 def _flag(name):
@@ -132,7 +137,7 @@ def extensions():
     # host-compiler flag (nvcc never sees Python.h).
     # No -std here or for nvcc: torch's BuildExtension adds the C++ standard its own headers need
     # (C++17 in torch 2.11, C++20 from 2.13 on; torch 2.15's headers do not compile as C++17).
-    cxx = ["-O3", "-fvisibility=hidden", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-fvisibility=hidden", f"-DPy_LIMITED_API={LIMITED_API}"]
     cxx += _cpu_isa_flags()
     openmp_cxx, link = _openmp_flags()
     cxx += openmp_cxx
@@ -178,7 +183,7 @@ setup(
     package_data={"bn_ext": ["*.pyi", "py.typed"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": f"cp3{int(LIMITED_API, 16) >> 16 & 0xFF}"}},
     entry_points={"console_scripts": ["bn-ext-check = bn_ext.__main__:main"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],

@@ -18,8 +18,9 @@
 #include "bn_ext.h"
 
 // Importing bn_ext._C only needs to run the TORCH_LIBRARY registrations below; the module itself
-// is empty (the extension-cpp pattern, which keeps us on the limited Python API).
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
+// is empty (the extension-cpp pattern, which keeps us on the limited Python API). In C++,
+// PyMODINIT_FUNC is already extern "C".
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&def);
 }
