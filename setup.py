@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -175,6 +176,23 @@ def extensions():
         extra_link_args=link, py_limited_api=True)]
 
 
+class BuildPyWithTorchVersion(build_py):
+    """Also writes bn_ext/_build_info.py into the build: the torch the extension is compiled
+    against, which bn_ext compares with the torch it imports. Without --no-build-isolation, pip
+    builds against a torch it fetches for the build (the newest release), not the one installed;
+    the extension then fails to load, or loads into a torch whose C++ ABI is not its own."""
+
+    def run(self):
+        super().run()
+        import torch
+
+        path = os.path.join(self.build_lib, "bn_ext", "_build_info.py")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write('"""Written by setup.py: the torch this bn_ext was compiled against."""\n'
+                    f"TORCH_VERSION = {torch.__version__!r}\n")
+
+
 setup(
     name="bn_ext",
     version="0.1.0",
@@ -182,7 +200,8 @@ setup(
     packages=find_packages(include=["bn_ext", "bn_ext.*"]),
     package_data={"bn_ext": ["*.pyi", "py.typed"]},
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True),
+              "build_py": BuildPyWithTorchVersion},
     options={"bdist_wheel": {"py_limited_api": f"cp3{int(LIMITED_API, 16) >> 16 & 0xFF}"}},
     entry_points={"console_scripts": ["bn-ext-check = bn_ext.__main__:main"]},
     python_requires=">=3.9",

@@ -30,14 +30,46 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+
+def _torch_built_against() -> Optional[str]:
+    """The torch this bn_ext was compiled against, where it is not the one imported (setup.py
+    records it in _build_info.py; an editable install or the emulator's build has none)."""
+    try:
+        from ._build_info import TORCH_VERSION
+    except ImportError:
+        return None
+    return None if TORCH_VERSION == torch.__version__ else TORCH_VERSION
+
+
+def _another_torch(built: str) -> str:
+    return (f"bn_ext was compiled against torch {built}, and torch {torch.__version__} is "
+            "installed: rebuild it against the installed torch with `pip install "
+            "--no-build-isolation .` (without that flag pip compiles against a torch it fetches "
+            "for the build, the newest release)")
+
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.bn_ext)
-except ImportError as e:  # pragma: no cover - an install problem, not a code path
+except ImportError as e:  # an install problem, not a code path
+    if _torch_built_against() is not None:
+        raise ImportError(f"{_another_torch(_torch_built_against())}. bn_ext._C could not be "
+                          f"loaded: {e}") from e
     raise ImportError(
         "bn_ext's compiled extension (bn_ext._C) could not be imported. Build it with "
         "`pip install --no-build-isolation .` (or `-e .` to work in the source tree); if you did, "
         "you may be importing the source folder from the repository root instead of the "
         f"installed package. Original error: {e}") from e
+
+
+def _release(version: str) -> list:
+    return version.split("+")[0].split(".")[:2]
+
+
+if (_torch_built_against() is not None
+        and _release(_torch_built_against()) != _release(torch.__version__)):
+    # It loaded, but torch's C++ ABI is not kept from one release to the next.
+    warnings.warn(_another_torch(_torch_built_against()) + "; a call may crash until then",
+                  RuntimeWarning, stacklevel=2)
 
 # importing _fake registers the ops' fake kernels
 from ._fake import (_SUPPORTED_DTYPES, _check_backward_args, _check_channel_vector, _check_eps,

@@ -1,8 +1,10 @@
-"""The source distribution carries everything a build from it needs.
+"""What the build and its packages carry, and what setup.py decides.
 
-setup.py names only the sources it compiles on the machine that makes the sdist (no .cu file where
-torch has no CUDA) and no headers at all; MANIFEST.in adds the rest. Without it an sdist made on a
-CPU machine failed to build anywhere (csrc/bn_ext.h missing) and had no CUDA kernels to build.
+The source distribution carries everything a build from it needs. setup.py names only the sources
+it compiles on the machine that makes the sdist (no .cu file where torch has no CUDA) and no
+headers at all; MANIFEST.in adds the rest. Without it an sdist made on a CPU machine failed to
+build anywhere (csrc/bn_ext.h missing) and had no CUDA kernels to build. setup.py also probes the
+compiler for OpenMP, and records the torch it compiles against, which bn_ext checks at import.
 """
 import os
 import subprocess
@@ -10,6 +12,8 @@ import sys
 import tarfile
 
 import pytest
+import torch
+from conftest import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,3 +93,60 @@ def test_openmp_left_out_where_the_compiler_refuses_it(tmp_path):
     said = _setup_py_says(tmp_path, cxx=str(fake))
     assert ("cannot build an OpenMP program with -fopenmp (clang: error: unsupported option "
             "'-fopenmp'); the CPU kernels are built without OpenMP and run on one thread") in said
+
+
+def test_build_records_the_torch_it_compiles_against(tmp_path):
+    # build_py (no compiling) writes bn_ext/_build_info.py into the build
+    if not os.path.exists(os.path.join(ROOT, "setup.py")):
+        pytest.skip("not run from a source tree")
+    env = dict(os.environ, BN_EXT_FORCE_CPU="1")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recorded = {}
+    exec((tmp_path / "bn_ext" / "_build_info.py").read_text(), recorded)
+    assert recorded["TORCH_VERSION"] == torch.__version__
+
+
+# In a child process: bn_ext._build_info says another torch (and, for the second, bn_ext._C
+# cannot be loaded, as when an extension built against a CUDA torch meets a CPU one).
+_FAKE_BUILD = """
+import sys, types, warnings
+info = types.ModuleType("bn_ext._build_info")
+info.TORCH_VERSION = {version!r}
+sys.modules["bn_ext._build_info"] = info
+if {no_extension}:
+    sys.modules["bn_ext._C"] = None
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        import bn_ext
+    except ImportError as e:
+        print("ImportError:", e)
+for w in caught:
+    if issubclass(w.category, RuntimeWarning):
+        print("RuntimeWarning:", w.message)
+"""
+
+
+@pytest.mark.parametrize("version,warned", [("1.0.0", True), ("{release}.99+other", False)],
+                         ids=["release", "patch"])
+def test_import_warns_of_a_build_for_another_torch_release(version, warned):
+    release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    proc = run_python(_FAKE_BUILD.format(version=version.format(release=release),
+                                         no_extension=False))
+    assert proc.returncode == 0, proc.stderr
+    said = ("RuntimeWarning: bn_ext was compiled against torch 1.0.0, and torch "
+            f"{torch.__version__} is installed: rebuild it against the installed torch with "
+            "`pip install --no-build-isolation .`")
+    assert (said in proc.stdout) == warned, proc.stdout
+    assert "ImportError" not in proc.stdout and ("RuntimeWarning" in proc.stdout) == warned
+
+
+def test_import_error_names_the_torch_the_build_was_for():
+    proc = run_python(_FAKE_BUILD.format(version="9.9.0+cu999", no_extension=True))
+    assert proc.returncode == 0, proc.stderr
+    assert (f"ImportError: bn_ext was compiled against torch 9.9.0+cu999, and torch "
+            f"{torch.__version__} is installed: rebuild it") in proc.stdout, proc.stdout
+    assert "bn_ext._C could not be loaded" in proc.stdout
