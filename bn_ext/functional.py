@@ -41,8 +41,11 @@ def _torch_built_against() -> Optional[str]:
     return None if TORCH_VERSION == torch.__version__ else TORCH_VERSION
 
 
-def _another_torch(built: str) -> str:
-    return (f"bn_ext was compiled against torch {built}, and torch {torch.__version__} is "
+_BUILT_FOR = _torch_built_against()
+
+
+def _another_torch() -> str:
+    return (f"bn_ext was compiled against torch {_BUILT_FOR}, and torch {torch.__version__} is "
             "installed: rebuild it against the installed torch with `pip install "
             "--no-build-isolation .` (without that flag pip compiles against a torch it fetches "
             "for the build, the newest release)")
@@ -51,9 +54,8 @@ def _another_torch(built: str) -> str:
 try:
     from . import _C  # noqa: F401  (registers torch.ops.bn_ext)
 except ImportError as e:  # an install problem, not a code path
-    if _torch_built_against() is not None:
-        raise ImportError(f"{_another_torch(_torch_built_against())}. bn_ext._C could not be "
-                          f"loaded: {e}") from e
+    if _BUILT_FOR is not None:
+        raise ImportError(f"{_another_torch()}. bn_ext._C could not be loaded: {e}") from e
     raise ImportError(
         "bn_ext's compiled extension (bn_ext._C) could not be imported. Build it with "
         "`pip install --no-build-isolation .` (or `-e .` to work in the source tree); if you did, "
@@ -65,11 +67,10 @@ def _release(version: str) -> list:
     return version.split("+")[0].split(".")[:2]
 
 
-if (_torch_built_against() is not None
-        and _release(_torch_built_against()) != _release(torch.__version__)):
+if _BUILT_FOR is not None and _release(_BUILT_FOR) != _release(torch.__version__):
     # It loaded, but torch's C++ ABI is not kept from one release to the next.
-    warnings.warn(_another_torch(_torch_built_against()) + "; a call may crash until then",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(_another_torch() + "; a call may crash until then", RuntimeWarning,
+                  stacklevel=2)
 
 # importing _fake registers the ops' fake kernels
 from ._fake import (_SUPPORTED_DTYPES, _check_backward_args, _check_channel_vector, _check_eps,
@@ -382,7 +383,7 @@ def _type_name(value) -> str:
             return name
     except (ImportError, AttributeError, ValueError, UnicodeDecodeError):
         pass
-    # Without a readable tp_name: the rule of Python 3.12 and older.
+    # Without a readable tp_name, a guess (wrong for extension heap types: re.Pattern).
     if t.__module__ == "builtins" or t.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE
         return t.__name__
     return f"{t.__module__}.{t.__qualname__}"

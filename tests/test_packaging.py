@@ -29,17 +29,27 @@ def _tree(*folders, exts):
     return found
 
 
-@pytest.fixture(scope="module")
-def sdist_files(tmp_path_factory):
+def _setup_py(*args, cxx=None):
+    """Runs `setup.py args` in the source tree as a CPU machine would (BN_EXT_FORCE_CPU=1), with
+    the C++ compiler `cxx` (default: c++); what it printed."""
     if not os.path.exists(os.path.join(ROOT, "setup.py")):
         pytest.skip("not run from a source tree")
+    env = dict(os.environ, BN_EXT_FORCE_CPU="1")
+    env.pop("CXX", None)
+    if cxx is not None:
+        env["CXX"] = cxx
+    proc = subprocess.run([sys.executable, "setup.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def sdist_files(tmp_path_factory):
     out = tmp_path_factory.mktemp("sdist")
     # egg_info's folder in tmp too, so that the source tree is left as it was.
-    cmd = [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(out),
-           "sdist", "--formats=gztar", "--dist-dir", str(out)]
-    env = dict(os.environ, BN_EXT_FORCE_CPU="1")  # the sdist a CPU machine makes
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _setup_py("-q", "egg_info", "--egg-base", str(out), "sdist", "--formats=gztar",
+              "--dist-dir", str(out))
     (archive,) = [f for f in os.listdir(out) if f.endswith(".tar.gz")]
     with tarfile.open(os.path.join(out, archive)) as tar:
         names = tar.getnames()
@@ -63,23 +73,10 @@ def test_sdist_holds_the_package_build_and_test_files(sdist_files):
     assert not any("__pycache__" in n or n.endswith((".so", ".pyc")) for n in sdist_files)
 
 
-def _setup_py_says(tmp_path, cxx=None):
-    """What setup.py prints as it chooses its flags (`setup.py --name` builds nothing)."""
-    if not os.path.exists(os.path.join(ROOT, "setup.py")):
-        pytest.skip("not run from a source tree")
-    env = dict(os.environ, BN_EXT_FORCE_CPU="1")
-    env.pop("CXX", None)
-    if cxx is not None:
-        env["CXX"] = cxx
-    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
-
-
-def test_openmp_where_the_compiler_takes_it(tmp_path):
-    # c++ (g++ here) builds OpenMP programs: no warning (test_ops checks the installed build)
-    assert "without OpenMP" not in _setup_py_says(tmp_path)
+def test_openmp_where_the_compiler_takes_it():
+    # c++ (g++ here) builds OpenMP programs: no warning (test_ops checks the installed build);
+    # `setup.py --name` builds nothing
+    assert "without OpenMP" not in _setup_py("--name")
 
 
 def test_openmp_left_out_where_the_compiler_refuses_it(tmp_path):
@@ -90,20 +87,14 @@ def test_openmp_left_out_where_the_compiler_refuses_it(tmp_path):
                     "    echo \"clang: error: unsupported option '-fopenmp'\" >&2; exit 1\n"
                     "  fi\ndone\nexec c++ \"$@\"\n")
     fake.chmod(0o755)
-    said = _setup_py_says(tmp_path, cxx=str(fake))
+    said = _setup_py("--name", cxx=str(fake))
     assert ("cannot build an OpenMP program with -fopenmp (clang: error: unsupported option "
             "'-fopenmp'); the CPU kernels are built without OpenMP and run on one thread") in said
 
 
 def test_build_records_the_torch_it_compiles_against(tmp_path):
     # build_py (no compiling) writes bn_ext/_build_info.py into the build
-    if not os.path.exists(os.path.join(ROOT, "setup.py")):
-        pytest.skip("not run from a source tree")
-    env = dict(os.environ, BN_EXT_FORCE_CPU="1")
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib",
-                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _setup_py("-q", "build_py", "--build-lib", str(tmp_path))
     recorded = {}
     exec((tmp_path / "bn_ext" / "_build_info.py").read_text(), recorded)
     assert recorded["TORCH_VERSION"] == torch.__version__
