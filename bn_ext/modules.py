@@ -49,6 +49,12 @@ class _BatchNormForward:
         self._check_input_dim(input)
         tracking = self.training and self.track_running_stats
         nbt = self.num_batches_tracked if tracking else None
+        if nbt is not None and nbt.requires_grad and nbt.is_leaf and torch.is_grad_enabled():
+            # torch's forward counts with nbt.add_(1) here, which autograd refuses for such a
+            # leaf; bn_ext's count is made inside the op, where autograd would not see it
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                               "operation. (bn_ext: the layer's num_batches_tracked requires "
+                               "grad; torch's layer refuses to count it too)")
         momentum = self.momentum
         if momentum is None and nbt is None:
             momentum = 0.0  # as torch: no count to average over, the statistics stay put

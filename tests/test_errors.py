@@ -492,6 +492,34 @@ def test_running_statistics_requiring_grad_refused_as_torch(device, training, na
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", ["BatchNorm2d", "SyncBatchNorm"])
+def test_count_requiring_grad_refused_as_torch(device, cls):
+    # A float num_batches_tracked that requires grad: torch's forward counts with add_(1), which
+    # autograd refuses for a leaf that requires grad (grad mode on), before anything else runs;
+    # bn_ext counts inside the op, out of autograd's sight, and used to count it silently.
+    # (SyncBatchNorm without a process group; torch's refuses CPU input before it counts.)
+    m, ref = getattr(bn_ext, cls)(3, device=device), torch.nn.BatchNorm2d(3, device=device)
+    for layer in (m, ref):
+        layer.num_batches_tracked = torch.tensor(2.0, device=device, requires_grad=True)
+    x = torch.randn(4, 3, 3, 3, device=device)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        ref(x)
+    before = _snapshot(m)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        m(x)
+    _assert_unchanged(m, before)
+    # Without grad mode torch counts it, and so does bn_ext; eval counts nothing.
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x))
+    for layer in (m, ref):
+        assert layer.num_batches_tracked.item() == 3.0
+        layer.eval()
+        layer(x)
+        assert layer.num_batches_tracked.item() == 3.0
+    torch.testing.assert_close(m.running_mean, ref.running_mean)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_inference_tensor_buffers_updated_only_in_inference_mode(device, grad):
     # A layer built under torch.inference_mode() holds inference tensors: torch refuses to update
