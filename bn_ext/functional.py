@@ -356,14 +356,15 @@ def _check_tensor_args(weight, bias, running_mean, running_var) -> None:
 
 def _is_float_arg(value) -> bool:
     """Whether torch's argument parser takes `value` for a float argument: a Python float or
-    int (bool included), a numpy scalar of those kinds, a 0-d tensor that does not require grad,
-    or a symbolic number (tracing). Not a str, Fraction or Decimal, which float() would take."""
+    int (bool included), a numpy scalar of those kinds or complex (its real part taken, numpy
+    warning ComplexWarning, as float() does), a 0-d tensor that does not require grad, or a
+    symbolic number (tracing). Not a str, Fraction, Decimal or Python complex."""
     if isinstance(value, (float, int, torch.SymFloat, torch.SymInt)):
         return True
     if isinstance(value, Tensor):
         return value.dim() == 0 and not value.requires_grad
     np = sys.modules.get("numpy")  # not imported: value cannot be a numpy scalar
-    return np is not None and isinstance(value, np.generic) and value.dtype.kind in "biuf"
+    return np is not None and isinstance(value, np.generic) and value.dtype.kind in "biufc"
 
 
 def _type_name(value) -> str:

@@ -306,7 +306,8 @@ def _arg_values():
     return [("training", v) for v in (1, 0.0, None, np.bool_(True), torch.tensor(True))] + [
         (name, v) for name in ("momentum", "eps") for v in (
             "0.1", fractions.Fraction(1, 10), decimal.Decimal("0.1"), np.float32(0.1),
-            np.int64(1), np.array(0.1), np.array([0.1]), torch.tensor(0.1),
+            np.int64(1), np.complex64(0.1), np.complex128(0.1 + 2j), complex(0.1),
+            np.array(0.1), np.array([0.1]), torch.tensor(0.1),
             torch.tensor(0.1, requires_grad=True), torch.tensor([0.1]), True, 1)]
 
 
